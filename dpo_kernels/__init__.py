@@ -1,0 +1,19 @@
+"""dpo_kernels: exact, fast and memory-lean Direct Preference Optimization.
+
+Public API:
+    sequence_logprobs, token_logprobs   per-sequence / per-token label log-probs from logits (Triton)
+    dpo_loss                            the fused DPO loss, metrics and gradient in one op (C++/CUDA)
+    linear_sequence_logprobs            sequence log-probs from hidden states without materializing logits
+    DPOLoss, FusedLinearDPOLoss         nn.Modules to drop into a training loop
+    reference                           plain-PyTorch references of all of the above
+"""
+from dpo_kernels import reference
+from dpo_kernels.ops.sequence_logprobs import sequence_logprobs, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "reference",
+    "sequence_logprobs",
+    "token_logprobs",
+]

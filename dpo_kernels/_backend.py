@@ -1,0 +1,36 @@
+"""Which implementation runs an op: the Triton kernels or the PyTorch fallback.
+
+`DPO_KERNELS_BACKEND=triton|torch|auto` (default auto: Triton for CUDA tensors, PyTorch for CPU tensors). Forcing
+`triton` on CPU tensors needs `TRITON_INTERPRET=1`, set before Triton is imported; the tests do this.
+"""
+import os
+
+import torch
+
+_CHOICES = ("auto", "triton", "torch")
+
+
+def backend_choice() -> str:
+    choice = os.environ.get("DPO_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"DPO_KERNELS_BACKEND must be one of {_CHOICES}, got {choice!r}")
+    return choice
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when `tensor`'s op should run the Triton kernels."""
+    choice = backend_choice()
+    if choice == "torch":
+        return False
+    if choice == "auto":
+        return tensor.is_cuda
+    if not tensor.is_cuda and not triton_interpreted():
+        raise ValueError(
+            "DPO_KERNELS_BACKEND=triton was asked for CPU tensors; set TRITON_INTERPRET=1 before importing "
+            "triton to run the kernels in the interpreter, or use DPO_KERNELS_BACKEND=torch"
+        )
+    return True
