@@ -1,0 +1,245 @@
+"""HuggingFace causal LMs without their `[*, V]` logits: backbone hidden states + the lm_head, and sequence log-probs.
+
+A causal LM computes `logits = head(backbone(input_ids))`. The fused engine wants the two halves apart: the last
+hidden states `[R, T, H]` and the head's weight `[V, H]` (and bias). The helpers here split any transformers 5.x
+causal LM that way, including PEFT-wrapped ones, and keep one contract:
+
+    F.linear(backbone_hidden_states(model, ...), *output_head(model)) == model(...).logits
+
+A constant logit multiplier (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's `lm_head_multiplier`)
+is linear, so it is folded into the hidden states and the bias. Final-logit soft-capping (Gemma 2/3/4:
+`tanh(z / c) * c`) is not a linear map of `h @ W^T`, so those models are refused with a ValueError; use the logits
+path (`dpo_kernels.sequence_logprobs` on `model(...).logits`) for them.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "backbone_hidden_states",
+    "check_output_head",
+    "logit_multiplier",
+    "output_head",
+    "sequence_logprobs",
+    "unwrap_model",
+]
+
+# Config fields that mean "logits pass through a non-linear cap": the fused engine cannot reproduce them.
+_SOFTCAP_FIELDS = ("final_logit_softcapping", "logit_softcapping", "output_softcapping")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The HF `PreTrainedModel` inside `model`: strips DDP/FSDP-style `.module`, `torch.compile`'s `_orig_mod` and
+    PEFT's `PeftModel` (`get_base_model()`). LoRA layers stay in place, so adapters (and `disable_adapter()`) still act.
+    """
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+            if inner is model:
+                break
+            model = inner
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def logit_multiplier(model: nn.Module) -> float:
+    """The constant `s` in `logits = s * (h @ W^T + b)` (1.0 for most models).
+
+    Raises ValueError for models whose final logits are soft-capped (not a linear function of the hidden states).
+    """
+    model = unwrap_model(model)
+    configs = [c for c in (getattr(model, "config", None), _text_config(model)) if c is not None]
+    for config in configs:
+        for field in _SOFTCAP_FIELDS:
+            if getattr(config, field, None):
+                raise ValueError(
+                    f"{type(model).__name__} soft-caps its logits (config.{field}={getattr(config, field)}): "
+                    "tanh capping is not linear in the hidden states, so the fused linear engine cannot reproduce it. "
+                    "Use the logits path instead (dpo_kernels.sequence_logprobs on model(...).logits)."
+                )
+    scale = 1.0
+    config = configs[-1] if configs else None
+    if config is not None:
+        if getattr(config, "logit_scale", None) is not None and "cohere" in str(getattr(config, "model_type", "")):
+            scale *= float(config.logit_scale)
+        if getattr(config, "logits_scaling", None) is not None:
+            scale /= float(config.logits_scaling)
+    base = getattr(model, "model", None)
+    if base is not None and getattr(base, "lm_head_multiplier", None) is not None:
+        scale *= float(base.lm_head_multiplier)
+    return scale
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head's `(weight [V, H], bias [V] or None)`, as the fused engine consumes them.
+
+    The weight is the module's own parameter (tied to the input embeddings when the model ties them), so gradients
+    reach it. A constant logit multiplier is folded into the returned bias (and into `backbone_hidden_states`).
+    Raises ValueError when the head is missing, is not a plain linear map (e.g. a LoRA-adapted lm_head), or the
+    model soft-caps its logits.
+    """
+    scale = logit_multiplier(model)
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        head = getattr(inner, "lm_head", None)
+    if head is None:
+        raise ValueError(
+            f"{type(inner).__name__} has no output embeddings (lm_head); the fused engine needs a causal LM head"
+        )
+    # PEFT's modules_to_save wrapper keeps the trained copy of the head under the active adapter's name.
+    if hasattr(head, "modules_to_save") and hasattr(head, "active_adapter"):
+        active = head.active_adapter
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        if not getattr(head, "disable_adapters", False) and active in head.modules_to_save:
+            head = head.modules_to_save[active]
+        else:
+            head = head.original_module
+    if any(hasattr(head, attr) for attr in ("lora_A", "base_layer", "lora_embedding_A")):
+        raise ValueError(
+            "the lm_head carries a LoRA adapter, so its weight alone is not the head; merge the adapter into the "
+            "lm_head or leave lm_head out of target_modules to use the fused engine"
+        )
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"the lm_head ({type(head).__name__}) has no 2-D weight; it is not a linear head")
+    bias = getattr(head, "bias", None)
+    if bias is not None and scale != 1.0:
+        bias = bias * scale
+    return weight, bias
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    inner = unwrap_model(model)
+    base = getattr(inner, "base_model", inner)
+    # `base_model` is the module under `base_model_prefix` (LlamaModel inside LlamaForCausalLM; the multimodal model
+    # inside a VLM, which takes pixel_values); without one, transformers' own decoder lookup.
+    if base is not inner and isinstance(base, nn.Module):
+        return base
+    if hasattr(inner, "get_decoder"):
+        decoder = inner.get_decoder()
+        if decoder is not inner:
+            return decoder
+    raise ValueError(
+        f"cannot find the backbone of {type(inner).__name__}: expected a causal LM with a base model "
+        "(`model.model`) or `get_decoder()`"
+    )
+
+
+def backbone_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """The last hidden states that the lm_head would read, without computing logits.
+
+    Args:
+        model: an HF causal LM (or a PEFT / compiled / DDP wrapper of one).
+        input_ids: `[R, T]` int64 (or None with `inputs_embeds` in `model_kwargs`).
+        attention_mask: `[R, T]` or None (padding-free batches pass `position_ids` instead).
+        model_kwargs: forwarded to the backbone (`position_ids`, `pixel_values`, ...); `use_cache` is off.
+    Returns:
+        `[R, T, H]` in the model's dtype, with any constant logit multiplier folded in, so that
+        `F.linear(hidden, *output_head(model))` equals the model's logits.
+    """
+    scale = logit_multiplier(model)
+    backbone = _backbone(model)
+    model_kwargs.setdefault("use_cache", False)
+    if attention_mask is not None:
+        model_kwargs["attention_mask"] = attention_mask
+    outputs = backbone(input_ids=input_ids, return_dict=True, **model_kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden * scale if scale != 1.0 else hidden
+
+
+@torch.no_grad()
+def check_output_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      *, rtol: float = 1e-3, atol: float = 1e-3) -> None:
+    """Runs the model both ways on a small batch and raises ValueError if hidden @ W^T + b differs from its logits.
+
+    A one-off guard for architectures this module does not know (an unusual logit transform would otherwise change
+    the loss silently). Costs one full forward of the batch; call it once, on a few short rows.
+    """
+    weight, bias = output_head(model)
+    hidden = backbone_hidden_states(model, input_ids, attention_mask)
+    ours = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=rtol, atol=atol):
+        diff = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("nan")
+        raise ValueError(
+            f"{type(unwrap_model(model)).__name__}'s logits are not hidden @ lm_head.weight^T + bias "
+            f"(max abs difference {diff:.3e}); this model needs the logits path"
+        )
+
+
+def _adapters_disabled(model: nn.Module):
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    average: bool = False,
+    ignore_index: int = -100,
+    shift: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    reference: bool = False,
+    disable_adapters: bool = False,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """Per-sequence label log-probs of an HF causal LM through the fused linear engine (no `[*, V]` logits).
+
+    Args:
+        model: HF causal LM (PEFT / compiled / DDP wrappers accepted).
+        input_ids: `[R, T]` int64; or, with `cu_seqlens`, packed `[1, N]` (padding-free, with `position_ids`
+            restarting at 0 per sequence in `model_kwargs`).
+        attention_mask: `[R, T]` or None.
+        labels: `[R, T]` int64 (`[1, N]` or `[N]` when packed); `ignore_index` marks unscored positions.
+        average: mean over valid tokens instead of the sum.
+        shift: position t scores `labels[t+1]` (HF convention); within each sequence when packed.
+        cu_seqlens: `[R+1]` int32 sequence boundaries of a packed batch, or None.
+        reference: run under `torch.no_grad()` (reference model, evaluation).
+        disable_adapters: run with the PEFT adapters disabled (a PEFT policy is its own reference).
+        model_kwargs: forwarded to the backbone.
+    Returns:
+        `[R]` float32 log-probs (differentiable w.r.t. the model unless `reference`).
+    """
+    from dpo_kernels.integrations._engine import linear_logprobs
+
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [R, T] (or [1, N] packed), got shape {tuple(input_ids.shape)}")
+    if cu_seqlens is None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+    grad_ctx = torch.no_grad() if reference else contextlib.nullcontext()
+    adapter_ctx = _adapters_disabled(model) if disable_adapters else contextlib.nullcontext()
+    with grad_ctx, adapter_ctx:
+        hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+        weight, bias = output_head(model)
+        if cu_seqlens is not None:
+            hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        return linear_logprobs(hidden.to(weight.dtype), weight, labels, bias=bias, ignore_index=ignore_index,
+                               shift=shift, average=average, cu_seqlens=cu_seqlens)
