@@ -1,0 +1,70 @@
+"""Input checks shared by the ops: each raises a ValueError naming the problem before any kernel launches."""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_ndim(t: torch.Tensor, ndim: int, name: str, layout: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        hint = f" {layout}" if layout else ""
+        raise ValueError(f"{name} must have {ndim} dimensions{hint}, got shape {tuple(t.shape)}")
+
+
+def check_float_dtype(t: torch.Tensor, name: str, allowed=FLOAT_DTYPES) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{name} must be one of {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_integer_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise ValueError(f"{name} must be an integer tensor (int64), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """All named tensors (None entries skipped) live on one device."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"tensors must be on the same device: {where}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
+    """Every label is `ignore_index` or in `[0, vocab)`.
+
+    One small reduction over `labels`; on CUDA its `.item()` synchronizes with the device once per call.
+    """
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        value = labels[tuple(first)].item()
+        raise ValueError(
+            f"{name}{first} = {value} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+        )
+
+
+def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    """`logits [R, T, V]` float32/bfloat16/float16 and `labels [R, T]` integer on the same device, labels in range."""
+    check_ndim(logits, 3, "logits", "[R, T, V]")
+    check_ndim(labels, 2, "labels", "[R, T]")
+    check_float_dtype(logits, "logits")
+    check_integer_dtype(labels, "labels")
+    check_ignore_index(ignore_index)
+    check_same_device(logits=logits, labels=labels)
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits [R, T] = {tuple(logits.shape[:2])}"
+        )
+    if logits.shape[2] == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    check_labels_in_range(labels, logits.shape[2], ignore_index)
