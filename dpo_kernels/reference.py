@@ -53,3 +53,125 @@ def sequence_logprobs(
     _, shifted_labels = _shifted(logits, labels, shift)
     count = (shifted_labels != ignore_index).sum(-1)
     return torch.where(count > 0, total / count.clamp_min(1).to(total.dtype), torch.zeros_like(total))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DPO loss (helper B). Formulas follow TRL 1.16's DPOTrainer._compute_loss line by line; see dpo_kernels.ops.dpo_loss
+# for the papers and where this package departs from TRL (sigmoid's label smoothing, simpo, dpop).
+# ---------------------------------------------------------------------------------------------------------------------
+from dpo_kernels.ops._dpo_loss_api import (  # noqa: E402  (kept beside the loss it serves)
+    DPOLossOutput,
+    compute_dtype,
+    validate_spec,
+    validate_tensors,
+)
+
+
+def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
+    loss = -torch.nn.functional.logsigmoid(z) * (1 - eps)
+    return loss - torch.nn.functional.logsigmoid(-z) * eps if eps != 0 else loss
+
+
+def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr):
+    logsigmoid = torch.nn.functional.logsigmoid
+    beta = spec.beta
+    chosen, rejected = pc - rc, pr - rr
+    delta = chosen - rejected
+    if name == "sigmoid":
+        return _smoothed_logistic(beta * delta, eps)
+    if name == "hinge":
+        return torch.relu(1 - beta * delta)
+    if name == "ipo":
+        d = chosen / lc.clamp(min=1.0) - rejected / lr.clamp(min=1.0)
+        return (d - 1 / (2 * beta)) ** 2
+    if name == "exo_pair":
+        z = beta * delta
+        eps_t = torch.tensor(eps, dtype=z.dtype)
+        return torch.sigmoid(z) * (logsigmoid(z) - torch.log1p(-eps_t)) + torch.sigmoid(-z) * (
+            logsigmoid(-z) - torch.log(eps_t)
+        )
+    if name == "nca_pair":
+        cr, rr_ = beta * chosen, beta * rejected
+        return -logsigmoid(cr) - 0.5 * logsigmoid(-cr) - 0.5 * logsigmoid(-rr_)
+    if name == "robust":
+        z = beta * delta
+        return (-(1 - eps) * logsigmoid(z) + eps * logsigmoid(-z)) / (1 - 2 * eps)
+    if name == "bco_pair":
+        return -logsigmoid(beta * chosen) - logsigmoid(-beta * rejected)
+    if name == "sppo_hard":
+        return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    if name == "aot":
+        d = torch.sort(pc - pr, stable=True).values - torch.sort(rc - rr, stable=True).values
+        return _smoothed_logistic(beta * d, eps)
+    if name == "aot_unpaired":
+        d = torch.sort(chosen, stable=True).values - torch.sort(rejected, stable=True).values
+        return _smoothed_logistic(beta * d, eps)
+    if name == "apo_zero":
+        return 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+    if name == "apo_down":
+        return torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * delta))
+    if name == "discopop":
+        z = beta * delta
+        mix = torch.sigmoid(z / spec.tau)
+        return -logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+    if name == "sigmoid_norm":
+        d = chosen / lc.clamp(min=1.0) - rejected / lr.clamp(min=1.0)
+        return -logsigmoid(beta * d)
+    if name == "sft":
+        return (-pc.sum() / lc.sum()).expand(pc.shape[0])
+    if name == "simpo":
+        return _smoothed_logistic(beta * (pc / lc.clamp(min=1.0) - pr / lr.clamp(min=1.0)) - spec.gamma, eps)
+    if name == "dpop":
+        return -logsigmoid(beta * (delta - spec.dpop_lambda * torch.relu(rc - pc)))
+    raise AssertionError(name)
+
+
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    **loss_params,
+) -> DPOLossOutput:
+    """Plain-PyTorch DPO loss with autograd; same signature and validation as `dpo_kernels.dpo_loss`.
+
+    Computes in float64 when any log-prob input is float64, else in float32. Reference log-probs are constants
+    (detached), as in TRL where they come from a no-grad forward.
+    """
+    validate_tensors(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+        rejected_lengths,
+    )
+    spec = validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params)
+    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    if ref_chosen_logps is None:
+        rc = rr = torch.zeros_like(pc).detach()
+    else:
+        rc, rr = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
+    lc = None if chosen_lengths is None else chosen_lengths.to(dtype)
+    lr = None if rejected_lengths is None else rejected_lengths.to(dtype)
+
+    loss = 0.0
+    losses = torch.zeros_like(pc)
+    for name, weight, eps in zip(spec.loss_types, spec.loss_weights, spec.label_smoothing):
+        per_pair = _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr)
+        loss = loss + per_pair.mean() * weight
+        losses = losses + per_pair.detach() * weight
+
+    chosen_rewards = spec.beta * (pc - rc).detach()
+    rejected_rewards = spec.beta * (pr - rr).detach()
+    return DPOLossOutput(
+        loss=loss,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        reward_accuracy=(chosen_rewards > rejected_rewards).to(dtype).mean(),
+        reward_margin=(chosen_rewards - rejected_rewards).mean(),
+        losses=losses,
+    )

@@ -1,0 +1,188 @@
+"""The DPO loss's public types and input validation, shared by the C++ op wrapper and the PyTorch reference.
+
+Kept free of the extension so that `dpo_kernels.reference` imports without `dpo_kernels._C` being built.
+"""
+import math
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+# The order is the integer code the C++ op receives (csrc/dpo_loss_math.h, enum LossType): append only.
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "sft",
+    "simpo",
+    "dpop",
+)
+
+# Losses whose loss depends on the chosen-minus-rejected margin only, with no per-sequence length: the gradient
+# w.r.t. the rejected log-prob is the negation of the chosen one for every pair.
+_TIED = frozenset({"sigmoid", "hinge", "exo_pair", "robust", "aot", "discopop"})
+# Losses where one pair's loss or gradient depends on other pairs: aot/aot_unpaired sort the batch, sft averages over
+# all chosen tokens of the batch.
+_COUPLED = frozenset({"aot", "aot_unpaired", "sft"})
+# Which losses read `label_smoothing` (the others ignore it, as TRL does).
+_USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo"})
+_NEEDS_BOTH_LENGTHS = frozenset({"ipo", "sigmoid_norm", "simpo"})
+_NEEDS_CHOSEN_LENGTHS = frozenset({"sft"})
+
+DEFAULT_LOSS_PARAMS = {"gamma": 0.5, "tau": 0.05, "dpop_lambda": 50.0}
+_KNOWN_LOSS_PARAMS = frozenset(DEFAULT_LOSS_PARAMS) | {"loss_weights"}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class DPOLossOutput(NamedTuple):
+    """Result of `dpo_loss`. Only `loss` carries gradient; everything else is detached.
+
+    loss:             `[]` mean over pairs of the (weighted sum of the) per-pair losses.
+    chosen_rewards:   `[B]` `beta * (policy_chosen - ref_chosen)` (ref 0 when reference-free).
+    rejected_rewards: `[B]` `beta * (policy_rejected - ref_rejected)`.
+    reward_accuracy:  `[]` fraction of pairs with `chosen_rewards > rejected_rewards` (strict).
+    reward_margin:    `[]` mean of `chosen_rewards - rejected_rewards`.
+    losses:           `[B]` per-pair loss whose mean is `loss` (for aot/aot_unpaired the i-th entry is the i-th
+                      sorted position, as in TRL; for sft every entry is the batch's sft loss).
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+    losses: torch.Tensor
+
+
+class LossTraits(NamedTuple):
+    tied: bool
+    couples_batch: bool
+
+
+class LossSpec(NamedTuple):
+    """Validated, normalized hyper-parameters of one call."""
+
+    loss_types: tuple
+    loss_weights: tuple
+    label_smoothing: tuple
+    beta: float
+    gamma: float
+    tau: float
+    dpop_lambda: float
+
+
+def loss_traits(loss_type) -> LossTraits:
+    """Structural facts about a loss (or a list of losses combined) that kernels may exploit."""
+    names = _loss_type_list(loss_type)
+    return LossTraits(
+        tied=all(n in _TIED for n in names),
+        couples_batch=any(n in _COUPLED for n in names),
+    )
+
+
+def _loss_type_list(loss_type) -> tuple:
+    names = (loss_type,) if isinstance(loss_type, str) else loss_type
+    if not isinstance(names, Sequence) or isinstance(names, str) or len(names) == 0:
+        raise ValueError(f"loss_type must be a loss name or a non-empty list of names from {LOSS_TYPES}")
+    for name in names:
+        if name not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {name!r}; expected one of {LOSS_TYPES}")
+    return tuple(names)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def _per_loss(name: str, value, count: int) -> tuple:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries but there are {count} loss types")
+        return tuple(_real(name, v) for v in value)
+    return (_real(name, value),) * count
+
+
+def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params) -> LossSpec:
+    unknown = set(loss_params) - _KNOWN_LOSS_PARAMS
+    if unknown:
+        raise ValueError(f"unknown loss parameter(s) {sorted(unknown)}; expected some of {sorted(_KNOWN_LOSS_PARAMS)}")
+    names = _loss_type_list(loss_type)
+    beta = _real("beta", beta)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    weights = loss_params.get("loss_weights")
+    weights = (1.0,) * len(names) if weights is None else _per_loss("loss_weights", list(weights), len(names))
+    smoothing = _per_loss("label_smoothing", label_smoothing, len(names))
+    params = {k: _real(k, loss_params.get(k, v)) for k, v in DEFAULT_LOSS_PARAMS.items()}
+    for name, eps in zip(names, smoothing):
+        if name == "robust" and not 0.0 <= eps < 0.5:
+            raise ValueError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {eps}")
+        if name == "exo_pair" and not 0.0 < eps < 1.0:
+            raise ValueError(
+                f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper suggests 1e-3), got {eps}"
+            )
+        if name in _USES_LABEL_SMOOTHING and not 0.0 <= eps <= 1.0:
+            raise ValueError(f"loss_type {name!r} needs 0 <= label_smoothing <= 1, got {eps}")
+        if name == "discopop" and params["tau"] <= 0:
+            raise ValueError(f"loss_type 'discopop' needs tau > 0, got {params['tau']}")
+        if name == "simpo" and params["gamma"] < 0:
+            raise ValueError(f"loss_type 'simpo' needs gamma >= 0, got {params['gamma']}")
+        if name == "dpop" and params["dpop_lambda"] < 0:
+            raise ValueError(f"loss_type 'dpop' needs dpop_lambda >= 0, got {params['dpop_lambda']}")
+        if name in _NEEDS_BOTH_LENGTHS and (chosen_lengths is None or rejected_lengths is None):
+            raise ValueError(f"loss_type {name!r} is length-normalized: pass chosen_lengths and rejected_lengths")
+        if name in _NEEDS_CHOSEN_LENGTHS and chosen_lengths is None:
+            raise ValueError(f"loss_type {name!r} averages over chosen tokens: pass chosen_lengths")
+    return LossSpec(names, weights, smoothing, beta, params["gamma"], params["tau"], params["dpop_lambda"])
+
+
+def _check_tensor(name: str, t, like: torch.Tensor | None, *, lengths: bool = False):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if lengths:
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"{name} must hold integer or floating token counts, got dtype {t.dtype}")
+    elif t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [B], got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but policy_chosen_logps has {tuple(like.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {like.device}")
+
+
+def validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
+    _check_tensor("policy_chosen_logps", policy_chosen, None)
+    if policy_chosen.numel() == 0:
+        raise ValueError("policy_chosen_logps is empty: the batch needs at least one pair")
+    _check_tensor("policy_rejected_logps", policy_rejected, policy_chosen)
+    if (ref_chosen is None) != (ref_rejected is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    if ref_chosen is not None:
+        _check_tensor("ref_chosen_logps", ref_chosen, policy_chosen)
+        _check_tensor("ref_rejected_logps", ref_rejected, policy_chosen)
+    if chosen_lengths is not None:
+        _check_tensor("chosen_lengths", chosen_lengths, policy_chosen, lengths=True)
+    if rejected_lengths is not None:
+        _check_tensor("rejected_lengths", rejected_lengths, policy_chosen, lengths=True)
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float64 when any log-prob input is float64, else float32 (fp16/bf16 are upcast, as in the reference)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
