@@ -8,11 +8,15 @@ Public API:
     reference                           plain-PyTorch references of all of the above
 """
 from dpo_kernels import reference
+from dpo_kernels.ops.dpo_loss import LOSS_TYPES, DPOLossOutput, dpo_loss
 from dpo_kernels.ops.sequence_logprobs import sequence_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LOSS_TYPES",
+    "DPOLossOutput",
+    "dpo_loss",
     "reference",
     "sequence_logprobs",
     "token_logprobs",
