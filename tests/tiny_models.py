@@ -80,7 +80,9 @@ def build_llama(tokenizer_or_vocab, *, hidden: int = 32, layers: int = 2, heads:
 
 
 def preference_rows(n: int, *, seed: int = 0) -> list[dict]:
-    """`n` rows of `{prompt, chosen, rejected}` plain text drawn from WORDS (deterministic for a seed)."""
+    """`n` rows of `{prompt, chosen, rejected}` plain text drawn from WORDS (deterministic for a seed).
+
+    Responses start with a space: the trainer joins prompt and response as they are (as TRL does)."""
     rng = random.Random(seed)
     colors = ["blue", "green", "yellow", "white", "black", "red"]
     things = ["sky", "grass", "sun", "snow", "night", "cat", "dog", "bird", "fish"]
@@ -91,8 +93,8 @@ def preference_rows(n: int, *, seed: int = 0) -> list[dict]:
         extra = " ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(0, 4)))
         rows.append({
             "prompt": f"what is the color of the {thing} ? {extra}".strip(),
-            "chosen": f"the {thing} is {good} .",
-            "rejected": f"the {thing} is {bad} and {rng.choice(colors)} .",
+            "chosen": f" the {thing} is {good} .",
+            "rejected": f" the {thing} is {bad} and {rng.choice(colors)} .",
         })
     return rows
 
@@ -102,8 +104,8 @@ def conversational_rows(n: int, *, seed: int = 0) -> list[dict]:
     return [
         {
             "prompt": [{"role": "user", "content": r["prompt"]}],
-            "chosen": [{"role": "assistant", "content": r["chosen"]}],
-            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
         }
         for r in preference_rows(n, seed=seed)
     ]
