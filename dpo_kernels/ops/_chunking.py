@@ -1,0 +1,118 @@
+"""Which tokens the fused linear engine projects, in which order, in which chunks.
+
+Compaction keeps only the positions that score a valid label. Tokens are then laid out sequence by sequence
+(`natural` order) or pair by pair (`paired`: chosen i, rejected B+i, chosen i+1, ...), and the chunk planner cuts
+that list into chunks of at most `C` tokens.
+
+Chunk-size and mode rule (`memory_budget`):
+    None     the logits buffer `[C, V]` in the input dtype may take 2 GiB, and C <= 8192 tokens
+             (C = 8192 at V = 128256 in bf16, where the buffer is 1.96 GiB).
+    int      bytes the `[C, V]` buffer may take: C = max(1, min(8192, budget // (V * itemsize))).
+    "low"    C as for None, but the DPO loss takes the recompute path (forward 2NHV saving nothing,
+             backward recomputes each chunk's logits: 8NHV in all, no [V, H] accumulators).
+A pair whose tokens fit in C is handled in a resident chunk; a longer pair streams through chunks with one fp32
+`[V, H]` accumulator (two when the loss's chosen and rejected coefficients are not tied), which the budget does
+not count (the same size as the fp32 weight-gradient accumulator that is there anyway).
+"""
+from typing import NamedTuple
+
+import torch
+
+DEFAULT_BUFFER_BYTES = 2 << 30
+MAX_CHUNK_TOKENS = 8192
+
+
+class TokenLayout(NamedTuple):
+    """The valid (scored) tokens of a batch, in engine order. `N` below is their number."""
+
+    rows: torch.Tensor  # [N] int64: row of the flattened hidden states that scores the token
+    targets: torch.Tensor  # [N] int64: the label it scores
+    seq: torch.Tensor  # [N] int64: its sequence
+    slot: torch.Tensor  # [N] int64: its index among its sequence's valid tokens
+    counts: torch.Tensor  # [R] int64: valid tokens per sequence
+    counts_host: list  # the same as Python ints
+    max_count: int
+
+
+def _scored_positions(labels, cu_seqlens, ignore_index, shift):
+    """Natural-order (row index, target, sequence) of every position that scores a valid label."""
+    if cu_seqlens is None:
+        R, T = labels.shape
+        scored = labels[:, 1:] if shift else labels
+        seq, pos = (scored != ignore_index).nonzero(as_tuple=True)
+        return seq * T + pos, scored[seq, pos], seq
+    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    seq_of_pos = torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths)
+    scored = labels
+    if shift:
+        # Position p scores labels[p + 1] of the same sequence; each sequence's last position scores nothing.
+        scored = torch.cat([labels[1:], labels.new_full((1,), ignore_index)])
+        last = cu_seqlens[1:].long()[lengths > 0] - 1
+        scored = scored.index_fill(0, last, ignore_index)
+    (rows,) = (scored != ignore_index).nonzero(as_tuple=True)
+    return rows, scored[rows], seq_of_pos[rows]
+
+
+def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired) -> TokenLayout:
+    rows, targets, seq = _scored_positions(labels, cu_seqlens, ignore_index, shift)
+    counts = torch.bincount(seq, minlength=num_seqs)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=rows.device) - starts[seq]
+    if paired:
+        half = num_seqs // 2
+        key = (seq % half) * 2 + (seq >= half).long()
+        order = torch.sort(key, stable=True).indices
+        rows, targets, seq, slot = rows[order], targets[order], seq[order], slot[order]
+    counts_host = counts.tolist()
+    return TokenLayout(rows, targets, seq, slot, counts, counts_host, max(counts_host, default=0))
+
+
+def chunk_tokens(vocab: int, itemsize: int, memory_budget) -> int:
+    """C, the most tokens one chunk projects (see the module docstring)."""
+    if memory_budget is None or memory_budget == "low":
+        budget = DEFAULT_BUFFER_BYTES
+    elif isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget > 0:
+        budget = memory_budget
+    else:
+        raise ValueError(f"memory_budget must be None, 'low' or a positive number of bytes, got {memory_budget!r}")
+    return max(1, min(MAX_CHUNK_TOKENS, budget // (vocab * itemsize)))
+
+
+def even_chunks(total: int, chunk: int):
+    """(start, end) of consecutive chunks of at most `chunk` tokens."""
+    return [(s, min(total, s + chunk)) for s in range(0, total, chunk)]
+
+
+class PairGroup(NamedTuple):
+    """Consecutive tokens of whole pairs: resident (one chunk) or, for one long pair, streaming (several)."""
+
+    start: int
+    end: int
+    pairs: range
+    chunks: list
+    streaming: bool
+
+
+def plan_pairs(pair_counts, chunk: int):
+    """Greedy: whole pairs fill a resident chunk up to `chunk` tokens; a longer pair becomes a streaming group."""
+    groups, start, first = [], 0, 0
+    size = 0
+    for i, n in enumerate(pair_counts):
+        if n > chunk:
+            if size:
+                groups.append(PairGroup(start, start + size, range(first, i), [(start, start + size)], False))
+                start += size
+            groups.append(PairGroup(start, start + n, range(i, i + 1), _offset(even_chunks(n, chunk), start), True))
+            start, first, size = start + n, i + 1, 0
+            continue
+        if size + n > chunk:
+            groups.append(PairGroup(start, start + size, range(first, i), [(start, start + size)], False))
+            start, first, size = start + size, i, 0
+        size += n
+    if size or first < len(pair_counts):
+        groups.append(PairGroup(start, start + size, range(first, len(pair_counts)), [(start, start + size)], False))
+    return groups
+
+
+def _offset(chunks, base):
+    return [(base + s, base + e) for s, e in chunks]

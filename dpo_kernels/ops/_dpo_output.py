@@ -1,0 +1,36 @@
+"""The result type of the DPO modules (`DPOLoss`, `FusedLinearDPOLoss`) and of `fused_linear_dpo`."""
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class DPOOutput(NamedTuple):
+    """One DPO step's loss and metrics. Only `loss` carries gradient; every other field is detached.
+
+    loss:               `[]` float32, the DPO loss (mean over pairs of the per-pair losses).
+    chosen_logps:       `[B]` float32 policy log-probs of the chosen responses (sums, or means with `average`).
+    rejected_logps:     `[B]` float32, the same for the rejected responses.
+    chosen_rewards:     `[B]` `beta * (chosen_logps - ref_chosen_logps)` (ref 0 when reference-free).
+    rejected_rewards:   `[B]` `beta * (rejected_logps - ref_rejected_logps)`.
+    reward_accuracy:    `[]` fraction of pairs with `chosen_rewards > rejected_rewards`.
+    reward_margin:      `[]` mean of `chosen_rewards - rejected_rewards`.
+    losses:             `[B]` per-pair losses whose mean is `loss`.
+    ref_chosen_logps:   `[B]` float32 reference log-probs used, or None when reference-free.
+    ref_rejected_logps: `[B]` or None, likewise.
+    chosen_lengths:     `[B]` int64 number of scored (valid-label) tokens of each chosen response.
+    rejected_lengths:   `[B]` int64, likewise for the rejected responses.
+    """
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+    losses: torch.Tensor
+    ref_chosen_logps: Optional[torch.Tensor]
+    ref_rejected_logps: Optional[torch.Tensor]
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
