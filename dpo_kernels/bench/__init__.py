@@ -1,0 +1,12 @@
+"""Benchmarks and profilers: the comparison sweep (`dpo-kernels bench`) and the memory profiler
+(`dpo-kernels profile-memory`).
+
+Modules, one job each:
+    inputs      realistic, peaked inputs shared by every provider (Zipf-like vocabulary, a likely label token)
+    providers/  one DPO step per provider and op (this package, eager, torch.compile, TRL, Liger, CCE)
+    timing      median time and peak extra memory of a step; the bandwidth and GEMM floors
+    compare     the comparison sweep: provider x size -> time, memory, fraction of the floor, error vs eager
+    memory      the memory profiler: peak memory of one DPO step against sequence length
+    report      JSON, Markdown and PNG writers, each stamped with device, versions and date
+    cli         the `bench` and `profile-memory` subcommands
+"""

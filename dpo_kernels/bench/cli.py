@@ -1,0 +1,153 @@
+"""`dpo-kernels bench` and `dpo-kernels profile-memory`.
+
+`add_subcommands(subparsers)` registers both on the package's `dpo-kernels` command; `python -m dpo_kernels.bench.cli`
+runs them on their own.
+"""
+import argparse
+import datetime
+import os
+import re
+import sys
+
+import torch
+
+from dpo_kernels.bench.providers import OPS
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def _csv(value: str) -> list:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _int_list(value: str) -> list:
+    try:
+        out = [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 4:
+        raise argparse.ArgumentTypeError(f"sequence lengths must be integers >= 4, got {value!r}")
+    return out
+
+
+def _dtype(value: str) -> torch.dtype:
+    if value not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(_DTYPES)}, got {value!r}")
+    return _DTYPES[value]
+
+
+def default_output_dir(device: torch.device) -> str:
+    """benchmarks/results/<date>-<device>/ (under the current directory)."""
+    from dpo_kernels.bench.report import device_name
+
+    name = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return os.path.join("benchmarks", "results", f"{date}-{name}")
+
+
+def _device(args) -> torch.device:
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _check_providers(names, ops) -> None:
+    known = {p.name for op in ops for p in OPS[op]}
+    unknown = [n for n in names or () if n not in known]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(known)}")
+
+
+def run_bench(args) -> int:
+    from dpo_kernels.bench import compare
+
+    device = _device(args)
+    ops = args.ops
+    bad = [op for op in ops if op not in OPS]
+    if bad:
+        raise ValueError(f"unknown op(s) {bad}; choose from {sorted(OPS)}")
+    _check_providers(args.providers, ops)
+    sizes = None
+    if args.tiny:
+        sizes = {"linear": (compare.Size(1, 32, 32, 257),), "logits": (compare.Size(1, 32, 0, 257),),
+                 "loss": (compare.Size(8),)}
+    out = args.output_dir or default_output_dir(device)
+    iterations = (args.warmup, args.iters) if args.iters else None
+    written = compare.run_sweep(ops, out, sizes=sizes, provider_names=args.providers, dtype=args.dtype,
+                                device=device, compile_backend=args.compile_backend, iterations=iterations)
+    for op, paths in written.items():
+        print(f"[bench] {op}: " + ", ".join(paths.values()))
+    return 0
+
+
+def run_profile_memory(args) -> int:
+    from dpo_kernels.bench import memory
+
+    device = _device(args)
+    _check_providers(args.providers, ["linear"])
+    result = memory.profile_memory(args.seq_lens, hidden=args.hidden, vocab=args.vocab, pairs=args.pairs,
+                                   provider_names=args.providers, device=device, dtype=args.dtype,
+                                   isolate=args.isolate, compile_backend=args.compile_backend)
+    out = args.output_dir or default_output_dir(device)
+    paths = memory.write(result, out)
+    print("\n".join(memory.markdown_lines(result)))
+    print("[memory] " + ", ".join(paths.values()))
+    return 0
+
+
+def _common(p) -> None:
+    p.add_argument("--output-dir", default=None,
+                   help="where the JSON, Markdown and PNG files go (default benchmarks/results/<date>-<device>/)")
+    p.add_argument("--providers", type=_csv, default=None,
+                   help="comma-separated provider names (default: all; not installed ones are skipped with a note)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", type=_dtype, default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the torch_compile provider (default inductor)")
+
+
+def add_subcommands(subparsers) -> None:
+    """Registers `bench` and `profile-memory` on an argparse subparsers object; each sets `func`."""
+    bench = subparsers.add_parser(
+        "bench", help="side-by-side comparison sweep of every op and provider",
+        description="Times one DPO step (fwd+bwd) per provider and size on the same realistic inputs and writes, per "
+                    "op, <op>.json, <op>.md and <op>.png: median ms, peak extra memory, fraction of the floor and the "
+                    "error vs eager. Sizes: DESIGN.md section 7 on CUDA, small ones on the CPU.")
+    _common(bench)
+    bench.add_argument("--ops", type=_csv, default=["linear", "logits", "loss"],
+                       help="comma-separated ops: linear, logits, loss (default: all)")
+    bench.add_argument("--tiny", action="store_true", help="one tiny size per op (a smoke run, seconds on a CPU)")
+    bench.add_argument("--warmup", type=int, default=1, help="warm-up steps when --iters is given")
+    bench.add_argument("--iters", type=int, default=None, help="timed steps (default 5, 50 for the loss)")
+    bench.set_defaults(func=run_bench)
+
+    mem = subparsers.add_parser(
+        "profile-memory", help="peak memory of one DPO step against sequence length",
+        description="Measures the peak extra memory of one fused-linear DPO step (fwd+bwd) per provider per "
+                    "sequence length; a provider stops at its first out of memory. Writes memory.json, memory.md "
+                    "and memory.png. Defaults: on CUDA T=1024..65536, H=4096, V=128256 (bf16); on the CPU "
+                    "T=256..2048, H=64, V=4096 (fp32), one fresh subprocess per measurement (peak RSS).")
+    _common(mem)
+    mem.add_argument("--seq-lens", type=_int_list, default=None, help="comma-separated sequence lengths T")
+    mem.add_argument("--hidden", type=int, default=None, help="hidden size H")
+    mem.add_argument("--vocab", type=int, default=None, help="vocabulary size V")
+    mem.add_argument("--pairs", type=int, default=1, help="preference pairs per step (2 rows each)")
+    mem.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                     help="one fresh subprocess per measurement (default: on the CPU only)")
+    mem.set_defaults(func=run_profile_memory)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpo_kernels.bench.cli", description=__doc__.splitlines()[0])
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

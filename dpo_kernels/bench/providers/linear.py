@@ -1,0 +1,96 @@
+"""Providers of the fused-linear step: hidden `[2B, T, H]` and lm_head weight `[V, H]` -> sequence log-probs ->
+DPO loss -> grad_hidden and grad_weight.
+
+`inputs.labels` follow the HuggingFace convention (shift inside the op); `inputs.targets` are aligned with the
+positions, for APIs that do not shift (TRL's chunked function, Liger, CCE). Both describe the same scored tokens.
+"""
+import inspect
+
+import torch
+
+from dpo_kernels.bench.providers.common import BETA, Provider, compiled, dpo_head, masked_token_sum
+
+# TRL 1.16's fused LM head uses this vocabulary chunk (trl/trainer/utils.py, _CHUNKED_LOGPROB_CHUNK_SIZE).
+TRL_VOCAB_CHUNK = 32768
+
+
+def _eager_loss(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return dpo_head(masked_token_sum(picked, targets))
+
+
+def _build_fused(memory_budget):
+    def build(inputs, **_):
+        from dpo_kernels import FusedLinearDPOLoss
+
+        loss_fn = FusedLinearDPOLoss(beta=BETA, memory_budget=memory_budget)
+        return lambda: loss_fn(inputs.hidden, inputs.weight, inputs.labels).loss
+
+    return build
+
+
+def build_eager(inputs, **_):
+    return lambda: _eager_loss(inputs.hidden, inputs.weight, inputs.targets)
+
+
+def build_compile(inputs, compile_backend="inductor", **_):
+    fn = compiled(_eager_loss, compile_backend)
+    return lambda: fn(inputs.hidden, inputs.weight, inputs.targets)
+
+
+def build_trl(inputs, **_):
+    # What TRL 1.16's DPOTrainer runs on a Triton device: compact the scored positions, chunked online-LSE
+    # log-probs, recompute in backward (trl/trainer/utils.py add_fused_lm_head).
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    mask = inputs.targets != -100
+
+    def forward():
+        token = ChunkedLogProbFunction.apply(
+            inputs.hidden[mask], inputs.weight, None, inputs.targets[mask], 1.0, TRL_VOCAB_CHUNK, None, 1.0, ()
+        )[0]
+        return dpo_head(token.new_zeros(mask.shape).masked_scatter(mask, token).sum(-1))
+
+    return forward
+
+
+def build_liger(inputs, **_):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    wanted = dict(beta=BETA, use_ref_model=False, compute_nll_loss=False, average_log_prob=False)
+    accepted = inspect.signature(LigerFusedLinearDPOLoss.__init__).parameters
+    loss_fn = LigerFusedLinearDPOLoss(**{k: v for k, v in wanted.items() if k in accepted})
+
+    def forward():
+        out = loss_fn(inputs.weight, inputs.hidden, inputs.targets)
+        return out[0] if isinstance(out, tuple) else out
+
+    return forward
+
+
+def build_cce(inputs, **_):
+    from cut_cross_entropy import linear_cross_entropy
+
+    def forward():
+        nll = linear_cross_entropy(inputs.hidden, inputs.weight, inputs.targets, reduction="none")
+        return dpo_head(masked_token_sum(-nll.float(), inputs.targets))
+
+    return forward
+
+
+PROVIDERS = (
+    Provider("dpo_kernels", "dpo_kernels.FusedLinearDPOLoss (default memory budget)", _build_fused(None),
+             requires=("dpo_kernels:FusedLinearDPOLoss",)),
+    Provider("dpo_kernels_low", "dpo_kernels.FusedLinearDPOLoss(memory_budget='low'), recompute mode",
+             _build_fused("low"), requires=("dpo_kernels:FusedLinearDPOLoss",)),
+    Provider("eager", "(hidden @ W.T).float() -> log_softmax -> gather, eager PyTorch", build_eager),
+    Provider("torch_compile", "the eager step under torch.compile", build_compile),
+    Provider("trl", "TRL 1.16 ChunkedLogProbFunction (DPOTrainer's fused LM head)", build_trl,
+             requires=("trl.kernels.chunked_logprob",), install_hint="pip install trl==1.16.*"),
+    Provider("liger", "Liger-Kernel 0.8.5 LigerFusedLinearDPOLoss", build_liger, requires=("liger_kernel",),
+             devices=("cuda",), install_hint="pip install liger-kernel==0.8.5"),
+    Provider("cce", "Cut Cross-Entropy 25.1 linear_cross_entropy(reduction='none')", build_cce,
+             requires=("cut_cross_entropy",), devices=("cuda",),
+             install_hint="pip install cut-cross-entropy==25.1.*"),
+)

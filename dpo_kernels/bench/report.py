@@ -1,0 +1,101 @@
+"""Writers of the benchmark outputs: JSON, a Markdown table and a PNG, each stamped with device, versions and date."""
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+
+import torch
+
+GIB = float(1 << 30)
+_PACKAGES = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "dpo_kernels")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def stamp(device: torch.device) -> dict:
+    """Device, library versions (None where not installed), CUDA version, git commit and the UTC date and time."""
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": {p: _version(p) for p in _PACKAGES},
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+    }
+
+
+def stamp_line(s: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v)
+    commit = f", commit {s['git_commit']}" if s.get("git_commit") else ""
+    return f"{s['device']}; {versions}; CUDA {s['cuda']}{commit}; {s['date']}"
+
+
+def write_json(path: str, payload: dict) -> str:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=_jsonable)
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def write_markdown(path: str, lines: list) -> str:
+    with open(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def new_figure(width: float = 8.0, height: float = 4.5):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def save_figure(fig, ax, path: str, title: str, s: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=10)
+    fig.text(0.01, 0.01, stamp_line(s), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
