@@ -41,6 +41,8 @@ _USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_
 _NEEDS_BOTH_LENGTHS = frozenset({"ipo", "sigmoid_norm", "simpo"})
 _NEEDS_CHOSEN_LENGTHS = frozenset({"sft"})
 
+# csrc/dpo_loss_math.h kMaxTerms.
+MAX_LOSS_TERMS = 16
 DEFAULT_LOSS_PARAMS = {"gamma": 0.5, "tau": 0.05, "dpop_lambda": 50.0}
 _KNOWN_LOSS_PARAMS = frozenset(DEFAULT_LOSS_PARAMS) | {"loss_weights"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -96,6 +98,8 @@ def _loss_type_list(loss_type) -> tuple:
     names = (loss_type,) if isinstance(loss_type, str) else loss_type
     if not isinstance(names, Sequence) or isinstance(names, str) or len(names) == 0:
         raise ValueError(f"loss_type must be a loss name or a non-empty list of names from {LOSS_TYPES}")
+    if len(names) > MAX_LOSS_TERMS:
+        raise ValueError(f"at most {MAX_LOSS_TERMS} loss types can be combined, got {len(names)}")
     for name in names:
         if name not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {name!r}; expected one of {LOSS_TYPES}")

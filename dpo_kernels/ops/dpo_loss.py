@@ -1,25 +1,191 @@
-"""The fused DPO loss (temporary: backed by the PyTorch reference until the C++ op lands)."""
+"""The fused DPO loss: one C++/CUDA op (`torch.ops.dpo_kernels.dpo_loss_forward`) computes the batch-mean loss, the
+per-pair losses, the rewards, the reward accuracy and margin, and the per-sequence coefficients dloss/dlogp in one
+pass; the backward only scales those coefficients by the upstream gradient.
+
+The per-loss math lives in csrc/dpo_loss_math.h, shared by the CPU and CUDA kernels. `dpo_kernels.reference.dpo_loss`
+is the plain-PyTorch oracle with the same signature.
+"""
 import torch
 
-from dpo_kernels import reference
-from dpo_kernels.ops._dpo_loss_api import LOSS_TYPES, DPOLossOutput, LossTraits, loss_traits
+from dpo_kernels.ops._dpo_loss_api import (
+    LOSS_TYPES,
+    DPOLossOutput,
+    LossTraits,
+    compute_dtype,
+    loss_traits,
+    validate_spec,
+    validate_tensors,
+)
 
 __all__ = ["LOSS_TYPES", "DPOLossOutput", "LossTraits", "dpo_loss", "dpo_loss_and_grads", "loss_traits"]
 
+try:
+    from dpo_kernels import _C  # noqa: F401  (importing it registers torch.ops.dpo_kernels.*)
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
-             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None,
-             **loss_params) -> DPOLossOutput:
-    return reference.dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                              beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                              chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **loss_params)
+    _LOAD_ERROR = None
+except ImportError as error:  # keep `import dpo_kernels` working; the op explains itself when called
+    _LOAD_ERROR = error
+
+_OP_NAME = "dpo_kernels::dpo_loss_forward"
 
 
-def dpo_loss_and_grads(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
-                       **kwargs):
-    with torch.enable_grad():
-        pc = policy_chosen_logps.detach().float().requires_grad_()
-        pr = policy_rejected_logps.detach().float().requires_grad_()
-        out = dpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, **kwargs)
-        gc, gr = torch.autograd.grad(out.loss, (pc, pr))
-    return out._replace(loss=out.loss.detach()), gc, gr
+def _require_extension():
+    if _LOAD_ERROR is not None:
+        raise ImportError(
+            "dpo_kernels._C (the compiled DPO loss op) is not built or failed to load "
+            f"({_LOAD_ERROR}). Build it with `make install` or `pip install --no-build-isolation -e .` "
+            "(in a checkout: `python setup.py build_ext --inplace`)."
+        )
+
+
+if _LOAD_ERROR is None:
+
+    @torch.library.register_fake(_OP_NAME)
+    def _dpo_loss_forward_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                               rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
+                               dpop_lambda):
+        scalar = policy_chosen.new_empty(())
+        vector = torch.empty_like(policy_chosen, memory_format=torch.contiguous_format)
+        return (scalar, vector, vector.clone(), vector.clone(), scalar.clone(), scalar.clone(), vector.clone(),
+                vector.clone())
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[6], output[7])
+
+    def _backward(ctx, grad_loss, *unused_grads):
+        # Only `loss` is differentiable (the wrapper detaches the rest); ref log-probs and lengths are constants.
+        grad_chosen, grad_rejected = ctx.saved_tensors
+        return (grad_loss * grad_chosen, grad_loss * grad_rejected) + (None,) * 11
+
+    torch.library.register_autograd(_OP_NAME, _backward, setup_context=_setup_context)
+
+
+def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
+             beta, label_smoothing, loss_params):
+    validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
+    spec = validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params)
+    _require_extension()
+    dtype = compute_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+
+    def cast(t, detach=False):
+        if t is None:
+            return None
+        return (t.detach() if detach else t).to(dtype)
+
+    return torch.ops.dpo_kernels.dpo_loss_forward(
+        cast(policy_chosen),
+        cast(policy_rejected),
+        cast(ref_chosen, detach=True),
+        cast(ref_rejected, detach=True),
+        cast(chosen_lengths, detach=True),
+        cast(rejected_lengths, detach=True),
+        [LOSS_TYPES.index(name) for name in spec.loss_types],
+        list(spec.loss_weights),
+        list(spec.label_smoothing),
+        spec.beta,
+        spec.gamma,
+        spec.tau,
+        spec.dpop_lambda,
+    )
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    **loss_params,
+) -> DPOLossOutput:
+    r"""Direct Preference Optimization loss and metrics in one fused op (C++ on CPU, one CUDA launch on GPU).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: `[B]` float16/bfloat16/float32/float64, differentiable:
+            the policy's summed log-probs of each pair's chosen and rejected response.
+        ref_chosen_logps, ref_rejected_logps: `[B]` float, or both None (reference-free: taken as 0). Constants:
+            no gradient flows into them.
+        beta: > 0, the KL coefficient (IPO's tau, SimPO's beta).
+        loss_type: one name from `LOSS_TYPES`, or a list of names combined as `sum_k loss_weights[k] * mean(loss_k)`
+            (TRL's `DPOConfig.loss_type` list).
+        label_smoothing: a float, or one per loss type; read by sigmoid, robust, exo_pair, aot, aot_unpaired and
+            simpo, ignored by the others (as TRL ignores it).
+        chosen_lengths, rejected_lengths: `[B]` integer or float counts of response tokens, needed by ipo,
+            sigmoid_norm and simpo (both) and sft (chosen); clamped to >= 1 where they divide, as in TRL.
+        loss_params: `loss_weights` (one float per loss type, default 1), `gamma` (simpo margin, >= 0, default 0.5),
+            `tau` (discopop temperature, > 0, default 0.05), `dpop_lambda` (dpop, >= 0, default 50).
+    Returns:
+        `DPOLossOutput(loss [], chosen_rewards [B], rejected_rewards [B], reward_accuracy [], reward_margin [],
+        losses [B])` in float32 (float64 if any log-prob input is float64). Only `loss` has a gradient.
+
+    Losses, with `c = pc - rc`, `r = pr - rr`, `z = beta (c - r)`, `eps = label_smoothing`, `sig` the logistic:
+
+    - sigmoid (DPO, Rafailov et al. 2023): `-logsig(z)`; with `eps > 0` the conservative DPO of the paper's
+      authors (cDPO, Mitchell 2023) `-(1-eps) logsig(z) - eps logsig(-z)`. TRL 1.16 ignores label_smoothing here:
+      pass `label_smoothing=0` (or a per-loss list) to reproduce TRL.
+    - hinge (SLiC, Zhao et al. 2023): `relu(1 - z)`.
+    - ipo (Azar et al. 2023): `(c/lc - r/lr - 1/(2 beta))^2`. TRL length-normalizes the log-ratios (confirmed with
+      the IPO authors); the paper's Eq. 17 uses the sums. We follow TRL.
+    - exo_pair (EXO, Ji et al. 2024): `sig(z)(logsig(z) - log(1-eps)) + sig(-z)(logsig(-z) - log eps)`, 0 < eps < 1.
+    - nca_pair (NCA, Chen et al. 2024): `-logsig(beta c) - logsig(-beta c)/2 - logsig(-beta r)/2`.
+    - robust (rDPO, Chowdhury et al. 2024): `(-(1-eps) logsig(z) + eps logsig(-z)) / (1 - 2 eps)`, 0 <= eps < 0.5.
+    - bco_pair (BCO, Jung et al. 2024): `-logsig(beta c) - logsig(-beta r)`. Stateless: TRL 1.16's bco_pair has no
+      running reward mean (older TRL subtracted one), so there is no state to emulate.
+    - sppo_hard (SPPO, Wu et al. 2024, hard-label version): `(c - 1/(2 beta))^2 + (r + 1/(2 beta))^2`.
+    - aot / aot_unpaired (AOT, Melnyk et al. 2024): the sigmoid loss (with eps) on
+      `beta (sort(pc - pr) - sort(rc - rr))`, resp. `beta (sort(c) - sort(r))`, the sorts over the batch. The sorts
+      run before the kernel (ATen sort, stable, in the op's host code) because a sort is not a per-pair map; the
+      kernel gathers each pair's gradient from the sorted position it landed on.
+    - apo_zero / apo_down (APO, D'Oosterlinck et al. 2024): `1 - sig(beta c) + sig(beta r)` /
+      `sig(beta c) + 1 - sig(z)`.
+    - discopop (DiscoPOP, Lu et al. 2024): `-logsig(z)(1 - m) + exp(-z) m`, `m = sig(z / tau)`.
+    - sigmoid_norm (length-normalized DPO, as TRL): `-logsig(beta (c/lc - r/lr))`.
+    - sft (NLL of the chosen responses, as TRL adds it, e.g. RPO, Pang et al. 2024): `-sum(pc) / sum(lc)` over the
+      batch (every pair's entry of `losses` is this value).
+    - simpo (SimPO, Meng et al. 2024; reference-free, ignores ref): sigmoid loss (with eps) on
+      `beta (pc/lc - pr/lr) - gamma`.
+    - dpop (DPO-Positive, Pal et al. 2024): `-logsig(beta (c - r - dpop_lambda * max(0, rc - pc)))`.
+
+    Rewards are `beta * (policy - ref)` for every loss type, and accuracy counts `chosen_rewards > rejected_rewards`,
+    as TRL logs them. TRL's `f_divergence_type`, `ld_alpha` and `use_weighting` are not part of this op.
+    """
+    out = _call_op(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+                   rejected_lengths, loss_type, beta, label_smoothing, loss_params)
+    loss, losses, chosen_rewards, rejected_rewards, accuracy, margin = out[:6]
+    return DPOLossOutput(
+        loss=loss,
+        chosen_rewards=chosen_rewards.detach(),
+        rejected_rewards=rejected_rewards.detach(),
+        reward_accuracy=accuracy.detach(),
+        reward_margin=margin.detach(),
+        losses=losses.detach(),
+    )
+
+
+def dpo_loss_and_grads(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    **loss_params,
+):
+    """`dpo_loss` without autograd, plus dloss/dlogp for an upstream gradient of 1.
+
+    Same arguments as `dpo_loss`. Returns `(DPOLossOutput, grad_chosen [B], grad_rejected [B])`, all detached; the
+    grads are float32 (float64 for float64 inputs). For the fused linear engine, which forms its own backward.
+    """
+    detach = (lambda t: None if t is None else t.detach())
+    out = _call_op(detach(policy_chosen_logps), detach(policy_rejected_logps), ref_chosen_logps, ref_rejected_logps,
+                   chosen_lengths, rejected_lengths, loss_type, beta, label_smoothing, loss_params)
+    loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected = out
+    return DPOLossOutput(loss, chosen_rewards, rejected_rewards, accuracy, margin, losses), grad_chosen, grad_rejected

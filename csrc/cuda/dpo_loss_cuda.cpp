@@ -1,0 +1,44 @@
+// The torch-facing CUDA binding, compiled only by the CUDA build: prepares the buffers with ATen on the current
+// stream (aot's sorts, sft's sums), then makes the one kernel launch.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/dpo_loss_kernel.h"
+#include "dpo_loss_op.h"
+
+namespace dpo_kernels {
+namespace {
+
+DpoLossResult dpo_loss_forward_cuda(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
+                                    const std::optional<at::Tensor>& ref_chosen,
+                                    const std::optional<at::Tensor>& ref_rejected,
+                                    const std::optional<at::Tensor>& chosen_lengths,
+                                    const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
+                                    at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
+                                    double beta, double gamma, double tau, double dpop_lambda) {
+  TORCH_CHECK(policy_chosen.is_cuda(), "dpo_loss_forward (CUDA) got a tensor on ", policy_chosen.device());
+  const c10::cuda::CUDAGuard guard(policy_chosen.device());
+  DpoLossBuffers b = prepare_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                                      rejected_lengths, loss_types, loss_weights, label_smoothing);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err;
+  if (b.policy_chosen.scalar_type() == at::kDouble) {
+    err = launch_dpo_loss_forward(make_dpo_loss_args<double>(b, loss_types, loss_weights, label_smoothing, beta,
+                                                             gamma, tau, dpop_lambda),
+                                  stream);
+  } else {
+    err = launch_dpo_loss_forward(make_dpo_loss_args<float>(b, loss_types, loss_weights, label_smoothing, beta,
+                                                            gamma, tau, dpop_lambda),
+                                  stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "dpo_loss_forward: kernel launch failed: ", cudaGetErrorString(err));
+  return results(b);
+}
+
+}  // namespace
+}  // namespace dpo_kernels
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
+  m.impl("dpo_loss_forward", &dpo_kernels::dpo_loss_forward_cuda);
+}

@@ -1,0 +1,16 @@
+// The CUDA DPO loss launcher: raw pointers in DpoLossArgs, the caller's stream. No ATen here, so the .cu file builds
+// with nvcc alone (the CPU torch wheel ships no CUDA headers of its own).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "dpo_loss_math.h"
+
+namespace dpo_kernels {
+
+// One launch: every pair's loss, rewards and dloss/dlogp, and the batch means (loss, accuracy, margin), reduced in
+// a fixed order so the result is bitwise reproducible. Returns the launch's error code.
+template <typename T>
+cudaError_t launch_dpo_loss_forward(const DpoLossArgs<T>& args, cudaStream_t stream);
+
+}  // namespace dpo_kernels

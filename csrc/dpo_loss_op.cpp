@@ -1,0 +1,165 @@
+// The op's schema and the host code shared by the CPU and CUDA implementations.
+#include "dpo_loss_op.h"
+
+#include <torch/library.h>
+
+namespace dpo_kernels {
+namespace {
+
+at::Tensor optional_or_undefined(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->sizes() == like.sizes(), "dpo_loss: ", name, " has shape ", t->sizes(),
+              " but policy_chosen_logps has ", like.sizes());
+  TORCH_CHECK(t->device() == like.device(), "dpo_loss: ", name, " is on ", t->device(),
+              " but policy_chosen_logps is on ", like.device());
+  TORCH_CHECK(t->scalar_type() == like.scalar_type(), "dpo_loss: ", name, " has dtype ", t->scalar_type(),
+              " but policy_chosen_logps has ", like.scalar_type(), "; the Python wrapper casts them");
+  return t->contiguous();
+}
+
+bool uses(at::IntArrayRef types, LossType type) {
+  for (int64_t t : types) {
+    if (t == type) return true;
+  }
+  return false;
+}
+
+// Sorted values and, for each element, the position it was sorted to (the inverse permutation), so that the kernel
+// only gathers. A stable sort makes ties deterministic.
+std::tuple<at::Tensor, at::Tensor> sort_with_rank(const at::Tensor& x) {
+  auto [values, order] = at::sort(x, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor rank = at::empty_like(order);
+  rank.scatter_(0, order, at::arange(x.size(0), order.options()));
+  return {values.contiguous(), rank};
+}
+
+}  // namespace
+
+DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
+                                const std::optional<at::Tensor>& ref_chosen,
+                                const std::optional<at::Tensor>& ref_rejected,
+                                const std::optional<at::Tensor>& chosen_lengths,
+                                const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
+                                at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing) {
+  TORCH_CHECK(policy_chosen.dim() == 1 && policy_chosen.numel() > 0,
+              "dpo_loss: policy_chosen_logps must be a non-empty 1-D [B] tensor, got shape ", policy_chosen.sizes());
+  TORCH_CHECK(policy_chosen.scalar_type() == at::kFloat || policy_chosen.scalar_type() == at::kDouble,
+              "dpo_loss: the op computes in float32 or float64, got ", policy_chosen.scalar_type());
+  const int64_t num_terms = static_cast<int64_t>(loss_types.size());
+  TORCH_CHECK(num_terms >= 1 && num_terms <= kMaxTerms, "dpo_loss: between 1 and ", kMaxTerms,
+              " loss types, got ", num_terms);
+  TORCH_CHECK(static_cast<int64_t>(loss_weights.size()) == num_terms &&
+                  static_cast<int64_t>(label_smoothing.size()) == num_terms,
+              "dpo_loss: loss_weights and label_smoothing need one entry per loss type");
+  for (int64_t t : loss_types) {
+    TORCH_CHECK(t >= 0 && t < kNumLossTypes, "dpo_loss: unknown loss type code ", t);
+  }
+  DpoLossBuffers b;
+  b.policy_chosen = policy_chosen.contiguous();
+  b.policy_rejected = optional_or_undefined(policy_rejected, policy_chosen, "policy_rejected_logps");
+  b.ref_chosen = optional_or_undefined(ref_chosen, policy_chosen, "ref_chosen_logps");
+  b.ref_rejected = optional_or_undefined(ref_rejected, policy_chosen, "ref_rejected_logps");
+  TORCH_CHECK(b.ref_chosen.defined() == b.ref_rejected.defined(),
+              "dpo_loss: pass both reference log-prob tensors or neither");
+  b.chosen_lengths = optional_or_undefined(chosen_lengths, policy_chosen, "chosen_lengths");
+  b.rejected_lengths = optional_or_undefined(rejected_lengths, policy_chosen, "rejected_lengths");
+  const bool needs_both = uses(loss_types, kIpo) || uses(loss_types, kSigmoidNorm) || uses(loss_types, kSimpo);
+  TORCH_CHECK(!needs_both || (b.chosen_lengths.defined() && b.rejected_lengths.defined()),
+              "dpo_loss: ipo, sigmoid_norm and simpo are length-normalized: pass chosen and rejected lengths");
+  TORCH_CHECK(!uses(loss_types, kSft) || b.chosen_lengths.defined(), "dpo_loss: sft needs chosen_lengths");
+
+  const at::Tensor& pc = b.policy_chosen;
+  const at::Tensor& pr = b.policy_rejected;
+  const at::Tensor chosen_ratio = b.ref_chosen.defined() ? pc - b.ref_chosen : pc;
+  const at::Tensor rejected_ratio = b.ref_rejected.defined() ? pr - b.ref_rejected : pr;
+  if (uses(loss_types, kAot)) {
+    std::tie(b.aot_sorted_policy, b.aot_rank) = sort_with_rank(pc - pr);
+    b.aot_sorted_ref = b.ref_chosen.defined()
+                           ? std::get<0>(at::sort(b.ref_chosen - b.ref_rejected, true, 0, false)).contiguous()
+                           : at::zeros_like(pc);
+  }
+  if (uses(loss_types, kAotUnpaired)) {
+    std::tie(b.aotu_sorted_chosen, b.aotu_rank_chosen) = sort_with_rank(chosen_ratio);
+    std::tie(b.aotu_sorted_rejected, b.aotu_rank_rejected) = sort_with_rank(rejected_ratio);
+  }
+  if (uses(loss_types, kSft)) {
+    b.sft_sums = at::stack({pc.sum(), b.chosen_lengths.sum()}).contiguous();
+  }
+  b.loss = at::empty({}, pc.options());
+  b.reward_accuracy = at::empty({}, pc.options());
+  b.reward_margin = at::empty({}, pc.options());
+  b.losses = at::empty_like(pc);
+  b.chosen_rewards = at::empty_like(pc);
+  b.rejected_rewards = at::empty_like(pc);
+  b.grad_chosen = at::empty_like(pc);
+  b.grad_rejected = at::empty_like(pc);
+  return b;
+}
+
+template <typename T>
+static const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
+                                  at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
+                                  double dpop_lambda) {
+  DpoLossArgs<T> a{};
+  a.batch = b.policy_chosen.size(0);
+  a.policy_chosen = b.policy_chosen.data_ptr<T>();
+  a.policy_rejected = b.policy_rejected.data_ptr<T>();
+  a.ref_chosen = ptr_or_null<T>(b.ref_chosen);
+  a.ref_rejected = ptr_or_null<T>(b.ref_rejected);
+  a.chosen_lengths = ptr_or_null<T>(b.chosen_lengths);
+  a.rejected_lengths = ptr_or_null<T>(b.rejected_lengths);
+  a.num_terms = static_cast<int>(loss_types.size());
+  for (int i = 0; i < a.num_terms; ++i) {
+    a.types[i] = static_cast<int>(loss_types[i]);
+    a.weights[i] = static_cast<T>(loss_weights[i]);
+    a.smoothing[i] = static_cast<T>(label_smoothing[i]);
+  }
+  a.beta = static_cast<T>(beta);
+  a.gamma = static_cast<T>(gamma);
+  a.tau = static_cast<T>(tau);
+  a.dpop_lambda = static_cast<T>(dpop_lambda);
+  a.aot_sorted_policy = ptr_or_null<T>(b.aot_sorted_policy);
+  a.aot_sorted_ref = ptr_or_null<T>(b.aot_sorted_ref);
+  a.aot_rank = ptr_or_null<int64_t>(b.aot_rank);
+  a.aotu_sorted_chosen = ptr_or_null<T>(b.aotu_sorted_chosen);
+  a.aotu_sorted_rejected = ptr_or_null<T>(b.aotu_sorted_rejected);
+  a.aotu_rank_chosen = ptr_or_null<int64_t>(b.aotu_rank_chosen);
+  a.aotu_rank_rejected = ptr_or_null<int64_t>(b.aotu_rank_rejected);
+  a.sft_sums = ptr_or_null<T>(b.sft_sums);
+  a.losses = b.losses.data_ptr<T>();
+  a.chosen_rewards = b.chosen_rewards.data_ptr<T>();
+  a.rejected_rewards = b.rejected_rewards.data_ptr<T>();
+  a.grad_chosen = b.grad_chosen.data_ptr<T>();
+  a.grad_rejected = b.grad_rejected.data_ptr<T>();
+  a.loss = b.loss.data_ptr<T>();
+  a.reward_accuracy = b.reward_accuracy.data_ptr<T>();
+  a.reward_margin = b.reward_margin.data_ptr<T>();
+  return a;
+}
+
+template DpoLossArgs<float> make_dpo_loss_args<float>(DpoLossBuffers&, at::IntArrayRef, at::ArrayRef<double>,
+                                                      at::ArrayRef<double>, double, double, double, double);
+template DpoLossArgs<double> make_dpo_loss_args<double>(DpoLossBuffers&, at::IntArrayRef, at::ArrayRef<double>,
+                                                        at::ArrayRef<double>, double, double, double, double);
+
+DpoLossResult results(const DpoLossBuffers& b) {
+  return {b.loss, b.losses, b.chosen_rewards, b.rejected_rewards, b.reward_accuracy, b.reward_margin, b.grad_chosen,
+          b.grad_rejected};
+}
+
+}  // namespace dpo_kernels
+
+TORCH_LIBRARY(dpo_kernels, m) {
+  // One call: the batch-mean loss and its per-pair terms, the rewards and metrics, and dloss/dlogp per sequence.
+  m.def(
+      "dpo_loss_forward(Tensor policy_chosen, Tensor policy_rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
+      "Tensor? chosen_lengths, Tensor? rejected_lengths, int[] loss_types, float[] loss_weights, "
+      "float[] label_smoothing, float beta, float gamma, float tau, float dpop_lambda) -> "
+      "(Tensor loss, Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor reward_accuracy, "
+      "Tensor reward_margin, Tensor grad_chosen, Tensor grad_rejected)");
+}
