@@ -66,11 +66,11 @@ def plot_curves(metrics_path, png_path) -> Path | None:
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for prefix, style in (("", "-"), ("eval/", "o-")):
             points = [(r["step"], r[prefix + key]) for r in records if r.get(prefix + key) is not None]
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, style, label="eval" if prefix else "train", markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")

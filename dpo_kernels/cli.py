@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -121,7 +122,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "choices" not in kwargs and "metavar" not in kwargs:
-            kwargs["metavar"] = {int: "N", float: "X"}.get(kwargs.get("type"), "NAME" if name in ("loss_type", "lr_scheduler") else "PATH")
+            word = "NAME" if name in ("loss_type", "lr_scheduler") else "PATH"
+            kwargs["metavar"] = {int: "N", float: "X"}.get(kwargs.get("type"), word)
         if "(default" not in text:
             text += " (required)" if default == "" else f" (default: {default})"
         # SUPPRESS keeps unset flags out of the namespace, so that a config file's value is not overwritten by a

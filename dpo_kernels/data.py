@@ -224,7 +224,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for r, (seq, p) in enumerate(zip(seqs, prompt_lens)):
+    for r, (seq, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
         ids = torch.tensor(seq, dtype=torch.long)
         input_ids[r, : len(seq)] = ids
         attention_mask[r, : len(seq)] = 1

@@ -347,10 +347,10 @@ def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, 
         batch = to_device(collate([data.examples[i] for i in indices], pad_id), ctx.device)
         ref_c, ref_r = ref.logps("eval", indices, batch)
         out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)
-        totals = [t + v * len(indices) for t, v in zip(totals, batch_metrics(out))]
+        totals = [t + v * len(indices) for t, v in zip(totals, batch_metrics(out), strict=True)]
         count += len(indices)
     module.train()
-    return {f"eval/{k}": v / count for k, v in zip(METRIC_KEYS, totals)}
+    return {f"eval/{k}": v / count for k, v in zip(METRIC_KEYS, totals, strict=True)}
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -446,7 +446,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
                 out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)  # forward
                 (out.loss / c.grad_accum).backward()                                                    # backward
             finite = finite and bool(torch.isfinite(out.loss.detach()).item())
-            sums = [s + v / c.grad_accum for s, v in zip(sums, batch_metrics(out))]
+            sums = [s + v / c.grad_accum for s, v in zip(sums, batch_metrics(out), strict=True)]
             tokens += int(batch["num_tokens"])
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)                                  # clip
@@ -466,7 +466,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
         metrics = ctx.mean(sums + [float(tokens)])
         elapsed = time.perf_counter() - t0
         record = {"step": step, "epoch": step * c.grad_accum / plan.micro_per_epoch,
-                  **dict(zip(METRIC_KEYS, metrics[:-1])), "grad_norm": grad_norm, "lr": lr,
+                  **dict(zip(METRIC_KEYS, metrics[:-1], strict=True)), "grad_norm": grad_norm, "lr": lr,
                   "tokens_per_sec": metrics[-1] * ctx.world / max(elapsed, 1e-9), "skipped_steps": skipped}
         if not finite:
             record["loss"] = float("nan")

@@ -58,7 +58,8 @@ def build_tokenizer(save_dir: str | Path | None = None, *, kind: str = "word") -
 
 
 def build_llama(tokenizer_or_vocab, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0,
-                save_dir: str | Path | None = None, tie_word_embeddings: bool = False, **config_kwargs) -> LlamaForCausalLM:
+                save_dir: str | Path | None = None, tie_word_embeddings: bool = False,
+                **config_kwargs) -> LlamaForCausalLM:
     """A randomly initialised LlamaForCausalLM (fp32, eager attention, no dropout); saved when a dir is given."""
     if isinstance(tokenizer_or_vocab, int):
         vocab, pad, bos, eos = tokenizer_or_vocab, 0, 2, 3
