@@ -113,7 +113,8 @@ def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr):
     if name == "discopop":
         z = beta * delta
         mix = torch.sigmoid(z / spec.tau)
-        return -logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+        # TRL writes exp(-z) * mix, which is inf * 0 = NaN once exp(-z) overflows; this is the same value, finite.
+        return -logsigmoid(z) * (1 - mix) + torch.exp(logsigmoid(z / spec.tau) - z)
     if name == "sigmoid_norm":
         d = chosen / lc.clamp(min=1.0) - rejected / lr.clamp(min=1.0)
         return -logsigmoid(beta * d)

@@ -1,0 +1,187 @@
+"""The DPO loss as a torch.library op: opcheck, torch.compile, gradcheck, input validation, and the CUDA sources
+compile-checked with nvcc."""
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import dpo_kernels
+from dpo_kernels import reference
+from dpo_kernels.ops.dpo_loss import LOSS_TYPES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SMOOTHED = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1, "simpo": 0.1}
+
+
+def _inputs(batch, dtype=torch.float64, device="cpu"):
+    rc = -torch.rand(batch, dtype=dtype, device=device) * 100 - 5
+    rr = -torch.rand(batch, dtype=dtype, device=device) * 100 - 5
+    pc = rc + torch.randn(batch, dtype=dtype, device=device)
+    pr = rr + torch.randn(batch, dtype=dtype, device=device)
+    lc = torch.randint(1, 50, (batch,), device=device).to(dtype)
+    lr = torch.randint(1, 50, (batch,), device=device).to(dtype)
+    return pc, pr, rc, rr, lc, lr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "loss_types",
+    [[i] for i in range(len(LOSS_TYPES))] + [[0, 14, 8], [9, 15, 16]],
+    ids=lambda t: "+".join(LOSS_TYPES[i] for i in t),
+)
+def test_opcheck(loss_types, device):
+    pc, pr, rc, rr, lc, lr = _inputs(11, torch.float32, device)
+    smoothing = [SMOOTHED.get(LOSS_TYPES[i], 0.0) for i in loss_types]
+    weights = [1.0 + 0.5 * k for k in range(len(loss_types))]
+    args = (pc.requires_grad_(), pr.requires_grad_(), rc, rr, lc, lr, loss_types, weights, smoothing, 0.1, 0.5,
+            0.05, 50.0)
+    torch.library.opcheck(torch.ops.dpo_kernels.dpo_loss_forward, args)
+
+
+def test_opcheck_reference_free():
+    pc, pr, _, _, lc, lr = _inputs(5, torch.float32)
+    torch.library.opcheck(torch.ops.dpo_kernels.dpo_loss_forward,
+                          (pc.requires_grad_(), pr, None, None, lc, None, [14, 0], [1.0, 1.0], [0.0, 0.0], 0.1, 0.5,
+                           0.05, 50.0))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["ipo", "aot"]], ids=["sigmoid", "ipo+aot"])
+def test_torch_compile_fullgraph(loss_type):
+    pc, pr, rc, rr, lc, lr = _inputs(9, torch.float32)
+
+    def step(pc, pr):
+        out = dpo_kernels.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type=loss_type, chosen_lengths=lc,
+                                   rejected_lengths=lr)
+        return out.loss, out.reward_accuracy, out.chosen_rewards
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    got = compiled(a, b)
+    got[0].backward()
+    a2, b2 = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    want = step(a2, b2)
+    want[0].backward()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gradcheck_float64(loss_type, device):
+    pc, pr, rc, rr, lc, lr = _inputs(6, torch.float64, device)
+    kwargs = dict(beta=0.5, loss_type=loss_type, label_smoothing=SMOOTHED.get(loss_type, 0.0), chosen_lengths=lc,
+                  rejected_lengths=lr)
+
+    def loss(pc, pr):
+        return dpo_kernels.dpo_loss(pc, pr, rc, rr, **kwargs).loss
+
+    assert torch.autograd.gradcheck(loss, (pc.requires_grad_(), pr.requires_grad_()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [1, 513, 1_000_003])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "aot", "sft", "ipo"])
+def test_cuda_matches_cpu(loss_type, batch):
+    pc, pr, rc, rr, lc, lr = _inputs(batch, torch.float64)
+    kwargs = dict(loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)
+    cpu = dpo_kernels.ops.dpo_loss.dpo_loss_and_grads(pc, pr, rc, rr, **kwargs)
+    dev = [t.cuda() for t in (pc, pr, rc, rr, lc, lr)]
+    gpu = dpo_kernels.ops.dpo_loss.dpo_loss_and_grads(*dev[:4], chosen_lengths=dev[4], rejected_lengths=dev[5],
+                                                      loss_type=loss_type)
+    for c, g in zip(cpu[0] + cpu[1:], gpu[0] + gpu[1:]):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-10, atol=1e-12)
+    again = dpo_kernels.ops.dpo_loss.dpo_loss_and_grads(*dev[:4], chosen_lengths=dev[4], rejected_lengths=dev[5],
+                                                        loss_type=loss_type)
+    assert torch.equal(again[0].loss, gpu[0].loss), "the CUDA reduction must be deterministic"
+
+
+def _good():
+    pc, pr, rc, rr, lc, lr = _inputs(4, torch.float32)
+    return dict(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                chosen_lengths=lc, rejected_lengths=lr)
+
+
+def _with(**changes):
+    args = _good()
+    kwargs = {k: args.pop(k) for k in ("chosen_lengths", "rejected_lengths")}
+    for key, value in changes.items():
+        (args if key in args else kwargs)[key] = value
+    positional = [args[k] for k in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+                                    "ref_rejected_logps")]
+    return positional, kwargs
+
+
+BAD_INPUTS = {
+    "mismatched shapes": (dict(policy_rejected_logps=torch.zeros(5)), "shape"),
+    "2-D input": (dict(policy_chosen_logps=torch.zeros(2, 2)), "1-D"),
+    "empty batch": (dict(policy_chosen_logps=torch.zeros(0), policy_rejected_logps=torch.zeros(0)), "empty"),
+    "integer log-probs": (dict(policy_chosen_logps=torch.zeros(4, dtype=torch.int64)), "dtype"),
+    "not a tensor": (dict(policy_rejected_logps=[0.0] * 4), "torch.Tensor"),
+    "mixed devices": (dict(ref_chosen_logps=torch.zeros(4, device="meta")), "meta"),
+    "one reference only": (dict(ref_rejected_logps=None), "both"),
+    "boolean lengths": (dict(chosen_lengths=torch.ones(4, dtype=torch.bool)), "token counts"),
+    "lengths of wrong shape": (dict(rejected_lengths=torch.ones(3)), "rejected_lengths"),
+    "missing lengths (ipo)": (dict(loss_type="ipo", rejected_lengths=None), "length-normalized"),
+    "missing lengths (sigmoid_norm)": (dict(loss_type="sigmoid_norm", chosen_lengths=None), "length-normalized"),
+    "missing lengths (simpo)": (dict(loss_type="simpo", chosen_lengths=None), "length-normalized"),
+    "missing lengths (sft)": (dict(loss_type="sft", chosen_lengths=None), "chosen_lengths"),
+    "unknown loss type": (dict(loss_type="kto"), "unknown loss_type"),
+    "empty loss list": (dict(loss_type=[]), "non-empty"),
+    "too many loss types": (dict(loss_type=["sigmoid"] * 17), "at most"),
+    "beta zero": (dict(beta=0.0), "beta"),
+    "beta negative": (dict(beta=-0.1), "beta"),
+    "beta NaN": (dict(beta=float("nan")), "beta"),
+    "beta bool": (dict(beta=True), "beta"),
+    "robust eps 0.5": (dict(loss_type="robust", label_smoothing=0.5), "0 <= label_smoothing < 0.5"),
+    "robust eps negative": (dict(loss_type="robust", label_smoothing=-0.1), "0 <= label_smoothing < 0.5"),
+    "exo_pair eps 0": (dict(loss_type="exo_pair", label_smoothing=0.0), "0 < label_smoothing < 1"),
+    "sigmoid eps > 1": (dict(loss_type="sigmoid", label_smoothing=1.5), "0 <= label_smoothing <= 1"),
+    "discopop tau 0": (dict(loss_type="discopop", tau=0.0), "tau > 0"),
+    "simpo gamma negative": (dict(loss_type="simpo", gamma=-1.0), "gamma >= 0"),
+    "dpop lambda negative": (dict(loss_type="dpop", dpop_lambda=-1.0), "dpop_lambda >= 0"),
+    "weights length": (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), "loss_weights"),
+    "smoothing length": (dict(loss_type=["sigmoid", "hinge"], label_smoothing=[0.0] * 3), "label_smoothing"),
+    "weight infinite": (dict(loss_weights=[float("inf")]), "loss_weights"),
+    "unknown loss parameter": (dict(discopop_tau=0.1), "unknown loss parameter"),
+}
+
+
+@pytest.mark.parametrize("fn", [dpo_kernels.dpo_loss, reference.dpo_loss], ids=["op", "reference"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_value_error(case, fn):
+    changes, message = BAD_INPUTS[case]
+    positional, kwargs = _with(**changes)
+    with pytest.raises(ValueError, match=message):
+        fn(*positional, **kwargs)
+
+
+def test_raw_op_checks_its_arguments():
+    pc, pr, rc, rr, lc, lr = _inputs(4, torch.float32)
+    op = torch.ops.dpo_kernels.dpo_loss_forward
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(pc, pr, rc.double(), rr, None, None, [0], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+    with pytest.raises(RuntimeError, match="length-normalized"):
+        op(pc, pr, rc, rr, None, None, [2], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+    with pytest.raises(RuntimeError, match="unknown loss type code"):
+        op(pc, pr, rc, rr, None, None, [99], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+
+
+def _nvcc():
+    return shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))),
+                         ids=os.path.basename)
+def test_cuda_sources_compile_with_nvcc(source, tmp_path):
+    """The device code includes only CUDA headers and csrc/dpo_loss_math.h, so nvcc alone must compile it."""
+    cmd = [_nvcc(), "-arch=sm_90", "-std=c++17", "-O3", "-Werror", "all-warnings", "-I", os.path.join(ROOT, "csrc"),
+           "-c", source, "-o", str(tmp_path / "out.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{result.stderr[-4000:]}"
