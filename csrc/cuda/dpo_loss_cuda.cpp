@@ -1,6 +1,6 @@
 // The torch-facing CUDA binding, compiled only by the CUDA build: prepares the buffers with ATen on the current
 // stream (aot's sorts, sft's sums), then makes the one kernel launch.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -21,7 +21,7 @@ DpoLossResult dpo_loss_forward_cuda(const at::Tensor& policy_chosen, const at::T
   const c10::cuda::CUDAGuard guard(policy_chosen.device());
   DpoLossBuffers b = prepare_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
                                       rejected_lengths, loss_types, loss_weights, label_smoothing);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err;
   if (b.policy_chosen.scalar_type() == at::kDouble) {
     err = launch_dpo_loss_forward(make_dpo_loss_args<double>(b, loss_types, loss_weights, label_smoothing, beta,
