@@ -6,8 +6,9 @@ causal LM that way, including PEFT-wrapped ones, and keep one contract:
 
     F.linear(backbone_hidden_states(model, ...), *output_head(model)) == model(...).logits
 
-A constant logit multiplier (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's `lm_head_multiplier`)
-is linear, so it is folded into the hidden states and the bias. Final-logit soft-capping (Gemma 2/3/4:
+A constant logit multiplier (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's `lm_head_multiplier`,
+`output_multiplier`)
+is linear, so it is folded into the hidden states and the bias (the fields TRL 1.16's fused LM head reads). Final-logit soft-capping (Gemma 2/3/4:
 `tanh(z / c) * c`) is not a linear map of `h @ W^T`, so those models are refused with a ValueError; use the logits
 path (`dpo_kernels.sequence_logprobs` on `model(...).logits`) for them.
 """
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dpo_kernels.ops.fused_linear import linear_sequence_logprobs
 
 __all__ = [
     "backbone_hidden_states",
@@ -76,17 +79,17 @@ def logit_multiplier(model: nn.Module) -> float:
                     "tanh capping is not linear in the hidden states, so the fused linear engine cannot reproduce it. "
                     "Use the logits path instead (dpo_kernels.sequence_logprobs on model(...).logits)."
                 )
-    scale = 1.0
+    # The same fields TRL 1.16's fused LM head reads, with the same meaning (logits = scale * lm_head(h)).
     config = configs[-1] if configs else None
-    if config is not None:
-        if getattr(config, "logit_scale", None) is not None and "cohere" in str(getattr(config, "model_type", "")):
-            scale *= float(config.logit_scale)
-        if getattr(config, "logits_scaling", None) is not None:
-            scale /= float(config.logits_scaling)
-    base = getattr(model, "model", None)
-    if base is not None and getattr(base, "lm_head_multiplier", None) is not None:
-        scale *= float(base.lm_head_multiplier)
-    return scale
+    scale = None
+    for field in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if scale is None and config is not None:
+            scale = getattr(config, field, None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by it; HyperCLOVA X multiplies.
+        scaling = float(config.logits_scaling)
+        scale = scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
+    return 1.0 if scale is None else float(scale)
 
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -209,6 +212,7 @@ def sequence_logprobs(
     cu_seqlens: torch.Tensor | None = None,
     reference: bool = False,
     disable_adapters: bool = False,
+    memory_budget: int | str | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Per-sequence label log-probs of an HF causal LM through the fused linear engine (no `[*, V]` logits).
@@ -224,12 +228,11 @@ def sequence_logprobs(
         cu_seqlens: `[R+1]` int32 sequence boundaries of a packed batch, or None.
         reference: run under `torch.no_grad()` (reference model, evaluation).
         disable_adapters: run with the PEFT adapters disabled (a PEFT policy is its own reference).
+        memory_budget: the fused engine's `[C, V]` buffer size (see `dpo_kernels.linear_sequence_logprobs`).
         model_kwargs: forwarded to the backbone.
     Returns:
         `[R]` float32 log-probs (differentiable w.r.t. the model unless `reference`).
     """
-    from dpo_kernels.integrations._engine import linear_logprobs
-
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [R, T] (or [1, N] packed), got shape {tuple(input_ids.shape)}")
     if cu_seqlens is None and labels.shape != input_ids.shape:
@@ -241,5 +244,6 @@ def sequence_logprobs(
         weight, bias = output_head(model)
         if cu_seqlens is not None:
             hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        return linear_logprobs(hidden.to(weight.dtype), weight, labels, bias=bias, ignore_index=ignore_index,
-                               shift=shift, average=average, cu_seqlens=cu_seqlens)
+        return linear_sequence_logprobs(hidden.to(weight.dtype), weight, labels, bias=bias,
+                                        ignore_index=ignore_index, shift=shift, average=average,
+                                        cu_seqlens=cu_seqlens, memory_budget=memory_budget)

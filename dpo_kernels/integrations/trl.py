@@ -1,0 +1,400 @@
+"""TRL drop-in: `FusedDPOTrainer` (a `trl.DPOTrainer`) and `patch_dpo_trainer(trainer)` for a built one.
+
+The only change for a TRL user is the class name:
+
+    from dpo_kernels.integrations.trl import FusedDPOTrainer as DPOTrainer
+
+Everything else (DPOConfig, datasets, PEFT, callbacks, logging) is TRL's. What changes is how one step gets the
+per-sequence log-probs and the loss: the backbone's last hidden states and the lm_head weight go to the fused linear
+engine (no `[2B, T, V]` logits), the reference's log-probs come from the same engine under no_grad (or the
+precomputed column), and the loss and rewards from `dpo_kernels.dpo_loss`. The logged metrics have TRL's names and
+values (`logits/*` without logits; `entropy` and `mean_token_accuracy` from one extra no-grad pass over the valid
+tokens, which `token_metrics=False` skips, and then those two metrics are not logged).
+
+Honoured `DPOConfig` options: `loss_type` (one or a list, with `loss_weights`), `beta`, `label_smoothing` (where TRL
+reads it: exo_pair, robust, aot, aot_unpaired), `discopop_tau`, `precompute_ref_log_probs`, a `ref_model`, a PEFT
+policy whose disabled (or "ref") adapter is the reference, `max_length` / `truncation_mode` (TRL's collator),
+gradient accumulation, `sync_ref_model`, gradient checkpointing, and `padding_free=True`, which TRL 1.16 turns off
+and this trainer implements: rows are packed into one sequence with restarting `position_ids` and `cu_seqlens`.
+Options it does not implement (`ld_alpha`, `f_divergence_type` other than reverse_kl, `use_weighting`, an MoE
+router auxiliary loss, vision datasets, prompt-learning PEFT, soft-capped logits) make it use TRL's own computation,
+with one warning naming the option.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+try:
+    import trl
+    from accelerate.utils import is_peft_model
+    from trl import DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "dpo_kernels.integrations.trl needs TRL: pip install 'dpo_kernels[trl]' (trl>=1.16,<1.17)"
+    ) from exc
+
+import dpo_kernels
+from dpo_kernels.integrations import hf
+from dpo_kernels.integrations._forward_patch import install_head_forward
+from dpo_kernels.integrations._packing import next_token_labels, pack_rows
+from dpo_kernels.integrations._token_metrics import token_sums
+
+__all__ = ["TESTED_TRL_VERSIONS", "FusedDPOMixin", "FusedDPOTrainer", "patch_dpo_trainer"]
+
+TESTED_TRL_VERSIONS = ("1.16.0",)
+
+# The losses in which TRL 1.16 reads `label_smoothing` (its sigmoid ignores it; dpo_kernels' sigmoid would not).
+_TRL_SMOOTHED = frozenset({"exo_pair", "robust", "aot", "aot_unpaired"})
+# Losses that TRL normalizes by `completion_mask.sum()` (unshifted), and the one that averages shifted tokens.
+_UNSHIFTED_LENGTHS = frozenset({"ipo", "sigmoid_norm"})
+_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+
+
+class _Layout:
+    """One batch as the engine sees it: padded `[R, T]`, or packed into `[1, N]` for padding-free training."""
+
+    def __init__(self, model_kwargs: dict, labels: torch.Tensor, packed: bool):
+        self.rows = labels.shape[0]
+        if packed:
+            batch = pack_rows(model_kwargs["input_ids"], model_kwargs["attention_mask"], labels)
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("attention_mask", "position_ids")}
+            model_kwargs.update(input_ids=batch.input_ids, position_ids=batch.position_ids)
+            self.labels, self.cu_seqlens = batch.labels, batch.cu_seqlens
+        else:
+            self.labels, self.cu_seqlens = labels, None
+        self.model_kwargs = model_kwargs
+
+    def flat_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1]) if self.cu_seqlens is not None else hidden
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    # TRL's fused head computes in the autocast dtype when autocast is on, else in the hidden states' dtype.
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+@contextlib.contextmanager
+def _head_precision(hidden: torch.Tensor):
+    # The engine accumulates in fp32 on purpose; autocast must not round its inner GEMMs back to bf16.
+    with torch.autocast(hidden.device.type, enabled=False):
+        yield
+
+
+class FusedDPOMixin:
+    """The overrides that make a `trl.DPOTrainer` (or a subclass of it) use dpo_kernels' fused engine.
+
+    Model calls run under `accelerator.autocast()`: accelerate puts mixed precision into a wrapper around
+    `model.forward`, and a model prepared before the fused forward was installed (TRL prepares the reference model
+    in its __init__) would otherwise run the fused mode outside that wrapper.
+    """
+
+    def _dpo_kernels_setup(self) -> None:
+        if getattr(self, "_dk_ready", False):
+            return
+        options = getattr(self, "_dk_options", {})
+        self._dk_token_metrics = options.get("token_metrics", True)
+        self._dk_memory_budget = options.get("memory_budget")
+        self._dk_padding_free = bool(self.args.padding_free)
+        self._dk_unsupported = self._dk_unsupported_options()
+        if self._dk_unsupported:
+            names = "; ".join(self._dk_unsupported)
+            suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if self._dk_padding_free else ""
+            warnings.warn(
+                f"dpo_kernels: {names} is not supported by the fused engine; this trainer uses TRL's own "
+                f"computation for every step{suffix}.",
+                stacklevel=3,
+            )
+        else:
+            install_head_forward(hf.unwrap_model(self.model))
+            if self.ref_model is not None:
+                install_head_forward(hf.unwrap_model(self.ref_model))
+            self.padding_free = self._dk_padding_free
+        self._dk_ready = True
+
+    def _dk_unsupported_options(self) -> list[str]:
+        args = self.args
+        found = []
+        if args.ld_alpha is not None:
+            found.append(f"ld_alpha={args.ld_alpha}")
+        if args.f_divergence_type != "reverse_kl":
+            found.append(f"f_divergence_type={args.f_divergence_type!r}")
+        if args.use_weighting:
+            found.append("use_weighting=True")
+        if getattr(self, "aux_loss_enabled", False):
+            found.append("the MoE router auxiliary loss (router_aux_loss_coef)")
+        if getattr(self, "_is_vision_dataset", False):
+            found.append("a vision dataset")
+        unknown = [name for name in self.loss_types if name not in dpo_kernels.LOSS_TYPES]
+        if unknown:
+            found.append(f"loss_type={unknown}")
+        else:
+            try:
+                from dpo_kernels.ops._dpo_loss_api import validate_spec
+
+                ones = torch.ones(1)
+                validate_spec(self.loss_types, self.beta, self._dk_label_smoothing(), ones, ones, self._dk_params())
+            except ValueError as exc:
+                found.append(f"these loss settings ({exc})")
+        model = self.model
+        if is_peft_model(model):
+            config = model.peft_config.get(model.active_adapter) if hasattr(model, "peft_config") else None
+            if getattr(config, "is_prompt_learning", False):
+                found.append("prompt-learning PEFT (virtual tokens)")
+        for name, candidate in (("the policy", model), ("the reference model", self.ref_model)):
+            if candidate is None:
+                continue
+            try:
+                hf.output_head(candidate)
+            except ValueError as exc:
+                found.append(f"{name}'s output head ({exc})")
+        return found
+
+    def _dk_label_smoothing(self) -> list[float]:
+        return [self.label_smoothing if name in _TRL_SMOOTHED else 0.0 for name in self.loss_types]
+
+    def _dk_params(self) -> dict:
+        return {"loss_weights": list(self.loss_weights), "tau": self.args.discopop_tau}
+
+    # -- reference log-probs -------------------------------------------------------------------------------------
+
+    def _dk_logps(self, model, layout: _Layout) -> torch.Tensor:
+        def head_fn(hidden, weight, bias):
+            dtype = _compute_dtype(hidden)
+            with _head_precision(hidden):
+                return dpo_kernels.linear_sequence_logprobs(
+                    layout.flat_hidden(hidden).to(dtype), weight.to(dtype), layout.labels,
+                    bias=None if bias is None else bias.to(dtype), cu_seqlens=layout.cu_seqlens,
+                    memory_budget=self._dk_memory_budget,
+                )
+
+        with self.accelerator.autocast():
+            return model(**layout.model_kwargs, dpo_kernels_head_fn=head_fn)
+
+    def _dk_reference_logps(self, layout: _Layout):
+        ref_kwargs = {k: v for k, v in layout.model_kwargs.items() if k != "output_router_logits"}
+        layout.model_kwargs = ref_kwargs
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                adapter = "ref" if "ref" in unwrapped.peft_config else None
+                with use_adapter(unwrapped, adapter_name=adapter):
+                    logps = self._dk_logps(self.model, layout)
+            else:
+                logps = self._dk_logps(self.ref_model, layout)
+        return logps.chunk(2, dim=0)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's precompute hook, through the fused engine (same values, no logits)."""
+        self._dpo_kernels_setup()
+        if self._dk_unsupported:
+            return super().compute_ref_log_probs(model, inputs)
+        model_kwargs, labels = self._dk_model_inputs(inputs)
+        layout = _Layout(model_kwargs, labels, self._dk_padding_free)
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = "ref" if "ref" in unwrapped.peft_config else None
+            adapter_context = use_adapter(unwrapped, adapter_name=adapter)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            logps = self._dk_logps(model, layout)
+        return logps.chunk(2, dim=0)
+
+    # -- the loss ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _dk_model_inputs(inputs):
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        return model_kwargs, labels
+
+    def _dk_lengths(self, completion_mask: torch.Tensor):
+        # TRL divides ipo / sigmoid_norm by completion_mask.sum() (unshifted) but averages sft over the shifted
+        # mask; the two differ only when a completion starts at position 0. One dpo_loss call takes one length, so
+        # such batches compute each loss type with its own length.
+        unshifted = completion_mask.sum(dim=1).float()
+        shifted = completion_mask[:, 1:].sum(dim=1).float()
+        names = set(self.loss_types)
+        if "sft" in names and names & _UNSHIFTED_LENGTHS and not torch.equal(unshifted, shifted):
+            return None
+        return shifted if "sft" in names else unshifted
+
+    def _dk_fused_loss(self, completion_mask: torch.Tensor):
+        """The fast path (gradients formed in the forward, 6NHV) when its lengths are TRL's, else None.
+
+        `FusedLinearDPOLoss` hands length-normalized losses the number of scored tokens, which is TRL's
+        `completion_mask.sum()` unless a completion starts at position 0 (its first token is never scored).
+        """
+        if set(self.loss_types) & _UNSHIFTED_LENGTHS and completion_mask[:, 0].any():
+            return None
+        return dpo_kernels.FusedLinearDPOLoss(
+            beta=self.beta, loss_type=list(self.loss_types), label_smoothing=self._dk_label_smoothing(),
+            memory_budget=self._dk_memory_budget, **self._dk_params(),
+        )
+
+    def _dk_loss(self, policy_logps, ref_chosen, ref_rejected, completion_mask):
+        chosen, rejected = policy_logps.chunk(2, dim=0)
+        lengths = self._dk_lengths(completion_mask)
+        params = self._dk_params()
+        smoothing = self._dk_label_smoothing()
+        if lengths is not None:
+            lc, lr = lengths.chunk(2, dim=0)
+            return dpo_kernels.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
+                                        loss_type=list(self.loss_types), label_smoothing=smoothing,
+                                        chosen_lengths=lc, rejected_lengths=lr, **params)
+        total = None
+        unshifted, shifted = completion_mask.sum(dim=1).float(), completion_mask[:, 1:].sum(dim=1).float()
+        for name, weight, eps in zip(self.loss_types, self.loss_weights, smoothing):
+            lc, lr = (shifted if name == "sft" else unshifted).chunk(2, dim=0)
+            out = dpo_kernels.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=name,
+                                       label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
+                                       tau=params["tau"])
+            total = out._replace(loss=out.loss * weight) if total is None else total._replace(
+                loss=total.loss + out.loss * weight)
+        return total
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        self._dpo_kernels_setup()
+        if self._dk_unsupported:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        model_kwargs, labels = self._dk_model_inputs(inputs)
+        rows = labels.shape[0]
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self._dk_reference_logps(_Layout(dict(model_kwargs), labels,
+                                                                        self._dk_padding_free))
+        layout = _Layout(model_kwargs, labels, self._dk_padding_free)
+
+        fused = self._dk_fused_loss(completion_mask)
+
+        def head_fn(hidden, weight, bias):
+            dtype = _compute_dtype(hidden)
+            flat = layout.flat_hidden(hidden).to(dtype)
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with _head_precision(hidden):
+                if fused is not None:
+                    result = fused(flat, weight, layout.labels, bias=bias, cu_seqlens=layout.cu_seqlens,
+                                   ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+                else:
+                    result = dpo_kernels.linear_sequence_logprobs(flat, weight, layout.labels, bias=bias,
+                                                                  cu_seqlens=layout.cu_seqlens,
+                                                                  memory_budget=self._dk_memory_budget)
+                next_labels, row = next_token_labels(layout.labels, layout.cu_seqlens)
+                sums = token_sums(flat.reshape(-1, flat.shape[-1]), weight, bias, next_labels, row, rows // 2,
+                                  full=self._dk_token_metrics)
+            return result, sums
+
+        with self.accelerator.autocast():
+            result, sums = model(**layout.model_kwargs, dpo_kernels_head_fn=head_fn)
+        if fused is not None:
+            out, policy_logps = result, torch.cat([result.chosen_logps, result.rejected_logps])
+        else:
+            policy_logps = result
+            out = self._dk_loss(policy_logps, ref_chosen, ref_rejected, completion_mask)
+        self._dk_log_metrics(mode, inputs, policy_logps, out, sums)
+        loss = out.loss
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` recomputes the logits with an extra forward pass (as TRL does).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _dk_log_metrics(self, mode, inputs, policy_logps, out, sums) -> None:
+        gather_sum = lambda x: self.accelerator.gather_for_metrics(x).sum()  # noqa: E731
+        metrics = self._metrics[mode]
+        if sums.entropy_sum is not None:
+            total = gather_sum(sums.chosen_tokens + sums.rejected_tokens)
+            entropy = gather_sum(sums.entropy_sum)
+            metrics["entropy"].append((entropy / total).item() if total > 0 else 0.0)
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        chosen_tokens, rejected_tokens = gather_sum(sums.chosen_tokens).item(), gather_sum(sums.rejected_tokens).item()
+        chosen_logits, rejected_logits = gather_sum(sums.chosen_logit_sum).item(), gather_sum(
+            sums.rejected_logit_sum).item()
+        metrics["logits/chosen"].append(chosen_logits / chosen_tokens if chosen_tokens > 0 else 0.0)
+        metrics["logits/rejected"].append(rejected_logits / rejected_tokens if rejected_tokens > 0 else 0.0)
+        if sums.chosen_top1 is not None:
+            correct = gather_sum(sums.chosen_top1)
+            metrics["mean_token_accuracy"].append((correct / chosen_tokens).item() if chosen_tokens > 0 else 0.0)
+        chosen_rewards = self.accelerator.gather(out.chosen_rewards)
+        rejected_rewards = self.accelerator.gather(out.rejected_rewards)
+        metrics["rewards/chosen"].append(chosen_rewards.mean().item())
+        metrics["rewards/rejected"].append(rejected_rewards.mean().item())
+        metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+        metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        chosen_logps, rejected_logps = policy_logps.detach().chunk(2, dim=0)
+        metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps).mean().item())
+        metrics["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
+
+
+class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
+    """`trl.DPOTrainer` with the fused linear log-prob engine and the fused DPO loss; same arguments, plus:
+
+    Args:
+        token_metrics: log `entropy` and `mean_token_accuracy` as TRL does (one extra no-grad pass over the
+            valid tokens, 2·N·H·V FLOPs); False skips the pass and those two metrics.
+        memory_budget: the fused engine's `[C, V]` logits buffer in bytes, or "low" for the recompute path
+            (`dpo_kernels.FusedLinearDPOLoss`); None is its default (2 GiB, C <= 8192 tokens).
+    """
+
+    def __init__(self, *args, token_metrics: bool = True, memory_budget: int | str | None = None, **kwargs):
+        self._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget}
+        config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        # TRL 1.16 switches padding_free off with a warning during its __init__; this trainer implements it, so keep
+        # the flag out of TRL's sight and restore it once TRL is set up.
+        padding_free = bool(getattr(config, "padding_free", False))
+        if padding_free:
+            config.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if padding_free:
+                config.padding_free = True
+        self._dk_ready = False
+        self._dpo_kernels_setup()
+
+
+def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True,
+                      memory_budget: int | str | None = None) -> DPOTrainer:
+    """Turns an already-built `trl.DPOTrainer` (or subclass) into a fused one, in place; returns it.
+
+    Reference log-probs that TRL already precomputed are kept (they are the same numbers).
+    """
+    if not isinstance(trainer, DPOTrainer):
+        raise ValueError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
+    if not isinstance(trainer, FusedDPOMixin):
+        cls = type(trainer)
+        trainer.__class__ = type(f"Fused{cls.__name__}", (FusedDPOMixin, cls), {})
+    trainer._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget}
+    trainer._dk_ready = False
+    trainer._dpo_kernels_setup()
+    return trainer
+
+
+if trl.__version__ not in TESTED_TRL_VERSIONS:
+    warnings.warn(
+        f"dpo_kernels.integrations.trl was tested with TRL {', '.join(TESTED_TRL_VERSIONS)}; found {trl.__version__}",
+        stacklevel=2,
+    )
