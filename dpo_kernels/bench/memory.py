@@ -203,7 +203,8 @@ def plot(result: dict, path: str) -> str:
                         markeredgewidth=2)
                 ax.annotate("OOM", (r["seq_len"], top * 1.5), fontsize=7, textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    if any((r.get("peak_extra_gib") or 0) > 0 for r in result["rows"]):
+        ax.set_yscale("log")  # tiny CPU runs can measure 0 (no new pages): keep a linear axis for them
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("peak extra memory (GiB)")
     ax.legend(fontsize=7)
