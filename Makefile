@@ -27,7 +27,7 @@ demo: install
 	$(PYTHON) python/demo/run_demo.py
 
 bench: install
-	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,min,max,rounds --benchmark-sort=name
+	$(PYTHON) -m pytest benchmarks -q -o python_files='bench_*.py' --benchmark-only --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
 gpu-check: install
 	bash benchmarks/gpu_check.sh

@@ -1,0 +1,8 @@
+"""Fused linear DPO from hidden states `[2B, T, H]` and the lm_head `[V, H]`, fwd+bwd, per provider."""
+import pytest
+from conftest import cases
+
+
+@pytest.mark.parametrize("provider, size", cases("linear"))
+def test_fused_linear_dpo(dpo_step, provider, size):
+    dpo_step("linear", provider, size)
