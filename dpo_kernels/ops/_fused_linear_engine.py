@@ -15,8 +15,9 @@ from dpo_kernels.ops._chunking import even_chunks, plan_pairs
 from dpo_kernels.ops._fp32_gemm import addmm_fp32_, mm_fp32
 from dpo_kernels.ops.logsoftmax_pass import logsoftmax_pass
 
-# Extra columns of the weight-gradient GEMM's right operand when the bias needs a gradient: one column holds the
-# per-token coefficient (its product with D^T is the bias gradient), the rest keep rows 16-byte aligned for cuBLAS.
+# Extra columns of the weight-gradient GEMM's right operand when the bias needs a gradient: the per-token
+# coefficient c, split as c_hi + c_lo in the operand's dtype so that bf16 does not round c (D^T c_hi + D^T c_lo is
+# the bias gradient); the remaining zero columns keep rows 16-byte aligned for cuBLAS.
 _BIAS_COLUMNS = 8
 
 
@@ -39,7 +40,12 @@ class Grads:
         out = h.new_zeros(h.shape[0], self.width)
         if self.need_w:
             out[:, : self.H] = h if coef is None else h.float() * coef.unsqueeze(1)
-        out[:, self.width - _BIAS_COLUMNS] = 1.0 if coef is None else coef
+        col = self.width - _BIAS_COLUMNS
+        if coef is None:
+            out[:, col] = 1.0
+        else:
+            out[:, col] = coef
+            out[:, col + 1] = coef - out[:, col].float()
         return out
 
     def add_weight_gemm(self, d, operand):
@@ -58,7 +64,8 @@ class Grads:
         if self.need_w:
             grad_w = self.acc[:, : self.H].to(weight_dtype).contiguous()
         if self.need_b:
-            grad_b = self.acc[:, self.width - _BIAS_COLUMNS].to(weight_dtype).contiguous()
+            col = self.width - _BIAS_COLUMNS
+            grad_b = (self.acc[:, col] + self.acc[:, col + 1]).to(weight_dtype)
         return grad_w, grad_b
 
 

@@ -1,0 +1,370 @@
+"""Fused linear DPO and linear_sequence_logprobs against the float64 eager reference (torch path, CPU tensors).
+
+Truth: `hidden.double() @ weight.double().T + bias` -> reference.sequence_logprobs -> reference.dpo_loss, with
+autograd for the gradients. Baseline: the same eager code in the inputs' dtype. The accuracy rule is
+tests/accuracy.py. The helpers here are shared by the other tests/test_fused_linear_*.py files.
+"""
+import math
+
+import pytest
+import torch
+
+import dpo_kernels
+from dpo_kernels import LOSS_TYPES, reference
+from dpo_kernels.ops import _fused_linear_engine as engine
+from tests.accuracy import assert_within_rule
+
+IGNORE = -100
+# (dtype, atol) pairs of the accuracy rule.
+DTYPE_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+LOSS_PARAMS = {"exo_pair": {"label_smoothing": 1e-2}, "robust": {"label_smoothing": 0.1}}
+REFERENCE_FREE = {"simpo"}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: these tensors are tiny, and on a shared 2-core runner OpenMP threads mostly spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_batch(B, T, H, V, dtype=torch.float32, *, prompt=3, empty_rows=(1,), seed=0):
+    """Hidden states giving peaked logits, labels with a prompt prefix, right padding and empty responses.
+
+    Returns (hidden [2B, T, H], weight [V, H], bias [V], labels [2B, T], lengths [2B] of the unpadded rows,
+    ref_chosen [B], ref_rejected [B]).
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (3.0 / math.sqrt(H))).to(dtype)
+    bias = (torch.randn(V, generator=g) * 0.5).to(dtype)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    lengths = torch.randint(prompt + 1, T + 1, (2 * B,), generator=g)
+    lengths[0] = T
+    labels[:, :prompt] = IGNORE
+    for r in range(2 * B):
+        labels[r, lengths[r]:] = IGNORE
+    for r in empty_rows:
+        labels[r] = IGNORE
+    ref = torch.randn(2 * B, generator=g) * 3 - 30
+    return hidden, weight, bias, labels, lengths, ref[:B], ref[B:]
+
+
+def eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average, dtype=None, **params):
+    """Plain PyTorch DPO (in `dtype`, float64 for the truth): (DPOLossOutput, logps [2B], grads (h, W, b)).
+
+    Differentiates only w.r.t. the policy tensors given (bias None: no bias)."""
+    dtype = dtype or hidden.dtype
+    h, w = hidden.to(dtype, copy=True).requires_grad_(), weight.to(dtype, copy=True).requires_grad_()
+    b = None if bias is None else bias.to(dtype, copy=True).requires_grad_()
+    logits = torch.nn.functional.linear(h, w, b)  # what an HF lm_head computes
+    logps = reference.sequence_logprobs(logits, labels, ignore_index=IGNORE, average=average)
+    counts = (labels[:, 1:] != IGNORE).sum(-1)
+    B = labels.shape[0] // 2
+    rc = None if ref_c is None else ref_c.to(logps.dtype)
+    rr = None if ref_r is None else ref_r.to(logps.dtype)
+    out = reference.dpo_loss(logps[:B], logps[B:], rc, rr, loss_type=loss_type, chosen_lengths=counts[:B],
+                             rejected_lengths=counts[B:], **params)
+    inputs = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(out.loss, inputs)
+    return out, logps.detach(), grads
+
+
+def run_fused(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average, memory_budget=None,
+              cu_seqlens=None, **params):
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = dpo_kernels.fused_linear_dpo(h, w, labels, bias=b, cu_seqlens=cu_seqlens, ref_chosen_logps=ref_c,
+                                       ref_rejected_logps=ref_r, loss_type=loss_type, average=average,
+                                       memory_budget=memory_budget, **params)
+    out.loss.backward()
+    grads = [t.grad for t in (h, w, b) if t is not None]
+    return out, grads
+
+
+def check_against_truth(out, grads, truth, baseline, dtype, grad_names=("hidden", "weight", "bias")):
+    atol = DTYPE_ATOL[dtype]
+    t_out, t_logps, t_grads = truth
+    b_out, b_logps, b_grads = baseline
+    B = t_logps.numel() // 2
+    assert out.loss.dtype == torch.float32 and out.chosen_logps.dtype == torch.float32
+    assert_within_rule(out.loss, t_out.loss, b_out.loss, atol=atol, name="loss")
+    assert_within_rule(out.chosen_logps, t_logps[:B], b_logps[:B], atol=atol, name="chosen_logps")
+    assert_within_rule(out.rejected_logps, t_logps[B:], b_logps[B:], atol=atol, name="rejected_logps")
+    assert_within_rule(out.chosen_rewards, t_out.chosen_rewards, b_out.chosen_rewards, atol=atol, name="chosen_rw")
+    assert_within_rule(out.rejected_rewards, t_out.rejected_rewards, b_out.rejected_rewards, atol=atol,
+                       name="rejected_rw")
+    assert_within_rule(out.losses, t_out.losses, b_out.losses, atol=atol, name="losses")
+    for name, g, tg, bg in zip(grad_names, grads, t_grads, b_grads):
+        assert g is not None and g.dtype == dtype, f"{name}: gradient missing or not in {dtype}"
+        assert_within_rule(g, tg, bg, atol=atol, name=f"grad_{name}")
+
+
+def budget(tokens, V, dtype):
+    """The memory_budget that gives chunks of `tokens` tokens."""
+    return tokens * V * torch.tensor([], dtype=dtype).element_size()
+
+
+# Modes: one resident chunk for the batch, resident chunks of whole pairs, streaming (chunks shorter than every
+# pair), recompute.
+MODES = {"resident": lambda T, V, dt: None, "pairs": lambda T, V, dt: budget(2 * T, V, dt),
+         "streaming": lambda T, V, dt: budget(4, V, dt), "low": lambda T, V, dt: "low"}
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_fp32(loss_type, mode, average):
+    B, T, H, V = 3, 11, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=1)
+    if loss_type in REFERENCE_FREE:
+        ref_c = ref_r = None
+    params = LOSS_PARAMS.get(loss_type, {})
+    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=average,
+                      dtype=torch.float64, **params)
+    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=average, **params)
+    out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=average,
+                           memory_budget=MODES[mode](T, V, torch.float32), **params)
+    check_against_truth(out, grads, truth, base, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["resident", "streaming", "low"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_down"])
+def test_half_precision(dtype, mode, loss_type):
+    B, T, H, V = 2, 13, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, dtype, seed=2)
+    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
+                      dtype=torch.float64)
+    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
+    out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
+                           memory_budget=MODES[mode](T, V, dtype))
+    check_against_truth(out, grads, truth, base, dtype)
+
+
+def test_large_odd_vocab_few_tokens():
+    B, T, H, V = 1, 9, 24, 32003
+    hidden, weight, bias, _, _, ref_c, ref_r = make_batch(B, T, H, V, empty_rows=(), seed=3)
+    # Full rows: 8 scored tokens each, so the streaming chunks below are 8 rows (CPU BLAS sums K=32003 less
+    # accurately for matrices of fewer than 4 rows, which would blur the comparison).
+    labels = torch.randint(0, V, (2 * B, T))
+    labels[:, 0] = IGNORE
+    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
+                      dtype=torch.float64)
+    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    for memory_budget in (None, budget(8, V, torch.float32)):
+        out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
+                               memory_budget=memory_budget)
+        check_against_truth(out, grads, truth, base, torch.float32)
+
+
+def test_without_bias_and_partial_requires_grad():
+    B, T, H, V = 2, 9, 24, 1000
+    hidden, weight, _, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=4)
+    truth = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
+                      dtype=torch.float64)
+    base = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    for mode in ("resident", "streaming", "low"):
+        for which in ("hidden", "weight"):
+            h, w = hidden.clone(), weight.clone()
+            target = h if which == "hidden" else w
+            target.requires_grad_()
+            out = dpo_kernels.fused_linear_dpo(h, w, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+                                               memory_budget=MODES[mode](T, V, torch.float32))
+            out.loss.backward()
+            idx = 0 if which == "hidden" else 1
+            assert_within_rule(target.grad, truth[2][idx], base[2][idx], atol=1e-6, name=f"{mode} grad_{which}")
+            assert (h if which == "weight" else w).grad is None
+
+
+def test_no_grad_forward_matches():
+    B, T, H, V = 2, 9, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=5)
+    out_grad, _ = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    with torch.no_grad():
+        out = dpo_kernels.fused_linear_dpo(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_c,
+                                           ref_rejected_logps=ref_r)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, out_grad.loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out.chosen_logps, out_grad.chosen_logps, rtol=0, atol=0)
+
+
+def test_upstream_gradient_scales():
+    B, T, H, V = 2, 9, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=6)
+    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
+                      dtype=torch.float64)
+    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    for mode in ("resident", "streaming", "low"):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        out = dpo_kernels.fused_linear_dpo(h, w, labels, bias=b, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+                                           memory_budget=MODES[mode](T, V, torch.float32))
+        (out.loss * -2.5).backward()
+        for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), truth[2], base[2]):
+            assert_within_rule(g, -2.5 * tg, -2.5 * bg, atol=1e-6, name=f"{mode} grad_{name}")
+
+
+def to_packed(hidden, labels, lengths):
+    """The padded batch as packed sequences: ([N, H], [N], cu_seqlens [R + 1] int32)."""
+    rows = range(hidden.shape[0])
+    packed_h = torch.cat([hidden[r, : lengths[r]] for r in rows])
+    packed_l = torch.cat([labels[r, : lengths[r]] for r in rows])
+    cu = torch.zeros(hidden.shape[0] + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return packed_h, packed_l, cu
+
+
+@pytest.mark.parametrize("mode", ["resident", "streaming", "low"])
+def test_packed_equals_padded(mode):
+    B, T, H, V = 3, 10, 24, 1000
+    hidden, weight, bias, labels, lengths, ref_c, ref_r = make_batch(B, T, H, V, seed=7)
+    memory_budget = MODES[mode](T, V, torch.float32)
+    padded, (gh, gw, gb) = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="ipo", average=True,
+                                     memory_budget=memory_budget)
+    ph, pl, cu = to_packed(hidden, labels, lengths)
+    packed, (pgh, pgw, pgb) = run_fused(ph, weight, bias, pl, ref_c, ref_r, loss_type="ipo", average=True,
+                                        memory_budget=memory_budget, cu_seqlens=cu)
+    for name in ("loss", "chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-6, atol=1e-6, msg=name)
+    torch.testing.assert_close(pgw, gw, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(pgb, gb, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(pgh, to_packed(gh, labels, lengths)[0], rtol=1e-5, atol=1e-7)
+    # Padding positions get no gradient.
+    for r in range(2 * B):
+        assert not gh[r, lengths[r]:].any()
+
+
+def test_output_fields_and_lengths():
+    B, T, H, V = 2, 9, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=8)
+    out = dpo_kernels.FusedLinearDPOLoss(beta=0.2)(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_c,
+                                                   ref_rejected_logps=ref_r)
+    counts = (labels[:, 1:] != IGNORE).sum(-1)
+    assert out.chosen_lengths.tolist() == counts[:B].tolist()
+    assert out.rejected_lengths.tolist() == counts[B:].tolist()
+    assert torch.equal(out.ref_chosen_logps, ref_c) and torch.equal(out.ref_rejected_logps, ref_r)
+    torch.testing.assert_close(out.chosen_rewards, 0.2 * (out.chosen_logps - ref_c))
+    accuracy = (out.chosen_rewards > out.rejected_rewards).float().mean()
+    torch.testing.assert_close(out.reward_accuracy, accuracy)
+    torch.testing.assert_close(out.reward_margin, (out.chosen_rewards - out.rejected_rewards).mean())
+    assert set(out._fields) >= {"loss", "reward_accuracy", "reward_margin", "ref_chosen_logps", "chosen_lengths"}
+    free = dpo_kernels.fused_linear_dpo(hidden, weight, labels, bias=bias)
+    assert free.ref_chosen_logps is None
+    torch.testing.assert_close(free.chosen_rewards, 0.1 * free.chosen_logps)
+
+
+@pytest.mark.parametrize("mode", ["resident", "streaming"])
+def test_reference_from_hidden_states(mode):
+    B, T, H, V = 2, 9, 24, 1000
+    hidden, weight, bias, labels, _, _, _ = make_batch(B, T, H, V, seed=9)
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    ref_weight = weight + 0.05 * torch.randn_like(weight)
+    with torch.no_grad():
+        ref = reference.sequence_logprobs(ref_hidden.double() @ ref_weight.double().T, labels).float()
+    memory_budget = MODES[mode](T, V, torch.float32)
+    expected, grads = run_fused(hidden, weight, bias, labels, ref[:B], ref[B:], loss_type="sigmoid", average=False,
+                                memory_budget=memory_budget)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    out = dpo_kernels.fused_linear_dpo(h, w, labels, bias=b, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                       memory_budget=memory_budget)
+    out.loss.backward()
+    torch.testing.assert_close(out.ref_chosen_logps, ref[:B], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, grads[0], rtol=1e-4, atol=1e-7)
+    # ref_weight defaults to the policy's head (a shared, frozen lm_head).
+    shared = dpo_kernels.fused_linear_dpo(hidden, weight, labels, ref_hidden=ref_hidden)
+    with torch.no_grad():
+        want = reference.sequence_logprobs(ref_hidden.double() @ weight.double().T, labels).float()
+    torch.testing.assert_close(shared.ref_rejected_logps, want[B:], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["resident", "streaming", "low"])
+def test_deterministic(mode):
+    B, T, H, V = 2, 12, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, torch.bfloat16, seed=10)
+    runs = [run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="bco_pair", average=False,
+                      memory_budget=MODES[mode](T, V, torch.bfloat16)) for _ in range(2)]
+    (a, ga), (b, gb) = runs
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.chosen_logps, b.chosen_logps)
+    for x, y in zip(ga, gb):
+        assert torch.equal(x, y)
+
+
+def test_modes_really_run(monkeypatch):
+    """The budgets used above do select the mode they are named after."""
+    B, T, H, V = 2, 9, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=11)
+    calls = []
+    for name in ("_stream_pair", "recompute_grads", "fused_dpo"):
+        original = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    expect = {"resident": {"fused_dpo"}, "pairs": {"fused_dpo"}, "streaming": {"fused_dpo", "_stream_pair"},
+              "low": {"recompute_grads"}}
+    for mode, wanted in expect.items():
+        calls.clear()
+        run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
+                  memory_budget=MODES[mode](T, V, torch.float32))
+        assert set(calls) == wanted, (mode, calls)
+    # aot couples the pairs through their log-probs: without the whole batch resident it recomputes.
+    calls.clear()
+    run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="aot", average=False,
+              memory_budget=MODES["streaming"](T, V, torch.float32))
+    assert set(calls) == {"recompute_grads"}
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_linear_sequence_logprobs(average, packed):
+    R, T, H, V = 5, 10, 24, 1000
+    hidden, weight, bias, labels, lengths, _, _ = make_batch(3, T, H, V, seed=12)
+    hidden, labels, lengths = hidden[:R], labels[:R], lengths[:R]
+    upstream = torch.randn(R)
+    h64, w64, b64 = (t.double().requires_grad_() for t in (hidden, weight, bias))
+    truth = reference.sequence_logprobs(h64 @ w64.T + b64, labels, average=average)
+    t_grads = torch.autograd.grad((truth * upstream).sum(), (h64, w64, b64))
+    h32, w32, b32 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    base = reference.sequence_logprobs(h32 @ w32.T + b32, labels, average=average)
+    b_grads = torch.autograd.grad((base * upstream).sum(), (h32, w32, b32))
+    for memory_budget in (None, budget(3, V, torch.float32)):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        if packed:
+            ph, pl, cu = to_packed(h, labels, lengths)
+            out = dpo_kernels.linear_sequence_logprobs(ph, w, pl, bias=b, average=average, cu_seqlens=cu,
+                                                       memory_budget=memory_budget)
+        else:
+            out = dpo_kernels.linear_sequence_logprobs(h, w, labels, bias=b, average=average,
+                                                       memory_budget=memory_budget)
+        assert out.dtype == torch.float32 and out.shape == (R,)
+        assert_within_rule(out, truth, base, atol=1e-6, name="logps")
+        (out * upstream).sum().backward()
+        for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), t_grads, b_grads):
+            assert_within_rule(g, tg, bg, atol=1e-6, name=f"grad_{name}")
+
+
+def test_linear_sequence_logprobs_no_shift_and_empty_packed_sequence():
+    H, V = 24, 1000
+    hidden = torch.randn(9, H)
+    weight = torch.randn(V, H) * 0.5
+    labels = torch.randint(0, V, (9,))
+    labels[4] = IGNORE
+    cu = torch.tensor([0, 4, 4, 9])  # the middle sequence is empty
+    out = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, shift=False, average=True)
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    want = torch.stack([logp[:4].mean(), torch.zeros((), dtype=torch.float64), logp[5:].mean()])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    shifted = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, cu_seqlens=cu)
+    # With shift each sequence's last position scores nothing: sequence 0 scores labels 1..3 from positions 0..2.
+    want0 = sum(torch.log_softmax(hidden[p].double() @ weight.double().T, -1)[labels[p + 1]] for p in range(3))
+    torch.testing.assert_close(shifted[0].double(), want0, rtol=1e-5, atol=1e-5)
+    assert shifted[1].item() == 0.0
+
+
+def test_all_responses_empty():
+    B, T, H, V = 2, 7, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, empty_rows=range(4), seed=13)
+    out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=True)
+    assert torch.equal(out.chosen_logps, torch.zeros(B)) and torch.equal(out.rejected_logps, torch.zeros(B))
+    assert torch.isfinite(out.loss)
+    assert all(not g.any() for g in grads)
