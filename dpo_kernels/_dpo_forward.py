@@ -35,8 +35,21 @@ def response_lengths(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
-def _logits(model, input_ids, attention_mask):
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def _hidden_and_head(model, input_ids, attention_mask, autocast_dtype):
+    """Backbone hidden states (under autocast when asked) and the lm_head, all in one dtype: autocast's, else the
+    head's. The fused engine then runs outside autocast, on explicit dtypes, as the lm_head GEMM it replaces would."""
+    enabled = autocast_dtype is not None
+    with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+        hidden = hf.backbone_hidden_states(model, input_ids, attention_mask)
+    weight, bias = hf.output_head(model)
+    dtype = autocast_dtype or weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _logits(model, input_ids, attention_mask, autocast_dtype):
+    enabled = autocast_dtype is not None
+    with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 class DPOForward(nn.Module):
@@ -46,48 +59,32 @@ class DPOForward(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"loss backend must be one of {BACKENDS}, got {backend!r}")
+        from dpo_kernels.losses import FusedLinearDPOLoss
+
         self.model = model
         self.backend = backend
         self.loss_kwargs = dict(loss_kwargs)
         self.autocast_dtype = autocast_dtype
-        self._fused = None
-        if backend == "fused-linear":
-            import dpo_kernels
-
-            fused_cls = getattr(dpo_kernels, "FusedLinearDPOLoss", None)
-            if fused_cls is not None:
-                self._fused = fused_cls(**self.loss_kwargs)
-
-    def _autocast(self, device: torch.device):
-        enabled = self.autocast_dtype is not None
-        return torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+        self.fused = FusedLinearDPOLoss(**self.loss_kwargs) if backend == "fused-linear" else None
 
     def forward(self, input_ids, attention_mask, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> StepOutput:
         import dpo_kernels
 
         half = input_ids.shape[0] // 2
-        lengths = response_lengths(labels)
-        with self._autocast(input_ids.device):
-            if self._fused is not None:
-                hidden = hf.backbone_hidden_states(self.model, input_ids, attention_mask)
-                weight, bias = hf.output_head(self.model)
-                out = self._fused(hidden.to(weight.dtype), weight, labels, bias=bias,
-                                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
-                logps = torch.cat([out.chosen_logps, out.rejected_logps])
+        if self.fused is not None:
+            hidden, weight, bias = _hidden_and_head(self.model, input_ids, attention_mask, self.autocast_dtype)
+            out = self.fused(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
+                             ref_rejected_logps=ref_rejected_logps)
+            logps = torch.cat([out.chosen_logps, out.rejected_logps])
+        else:
+            if self.backend == "logits":
+                logps_fn, loss_fn = dpo_kernels.sequence_logprobs, dpo_kernels.dpo_loss
             else:
-                if self.backend == "fused-linear":
-                    # The fused loss module is not available: the fused log-prob engine + the loss op.
-                    logps = hf.sequence_logprobs(self.model, input_ids, attention_mask, labels)
-                    loss_fn = dpo_kernels.dpo_loss
-                elif self.backend == "logits":
-                    logps = dpo_kernels.sequence_logprobs(_logits(self.model, input_ids, attention_mask), labels)
-                    loss_fn = dpo_kernels.dpo_loss
-                else:
-                    logps = dpo_kernels.reference.sequence_logprobs(
-                        _logits(self.model, input_ids, attention_mask), labels)
-                    loss_fn = dpo_kernels.reference.dpo_loss
-                out = loss_fn(logps[:half], logps[half:], ref_chosen_logps, ref_rejected_logps,
-                              chosen_lengths=lengths[:half], rejected_lengths=lengths[half:], **self.loss_kwargs)
+                logps_fn, loss_fn = dpo_kernels.reference.sequence_logprobs, dpo_kernels.reference.dpo_loss
+            logps = logps_fn(_logits(self.model, input_ids, attention_mask, self.autocast_dtype), labels)
+            lengths = response_lengths(labels)
+            out = loss_fn(logps[:half], logps[half:], ref_chosen_logps, ref_rejected_logps,
+                          chosen_lengths=lengths[:half], rejected_lengths=lengths[half:], **self.loss_kwargs)
         logps = logps.detach().float()
         return StepOutput(out.loss, logps[:half], logps[half:], out.chosen_rewards, out.rejected_rewards,
                           out.reward_accuracy, out.reward_margin)
@@ -99,12 +96,10 @@ def sequence_logps(model: nn.Module, backend: str, input_ids, attention_mask, la
     """No-grad per-row log-probs `[2B]` fp32 of `model` (the reference model), with the backend's log-prob op."""
     import dpo_kernels
 
-    enabled = autocast_dtype is not None
-    with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-        if backend == "fused-linear":
-            logps = hf.sequence_logprobs(model, input_ids, attention_mask, labels, reference=True)
-        elif backend == "logits":
-            logps = dpo_kernels.sequence_logprobs(_logits(model, input_ids, attention_mask), labels)
-        else:
-            logps = dpo_kernels.reference.sequence_logprobs(_logits(model, input_ids, attention_mask), labels)
+    if backend == "fused-linear":
+        hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, autocast_dtype)
+        logps = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, bias=bias)
+    else:
+        logps_fn = dpo_kernels.sequence_logprobs if backend == "logits" else dpo_kernels.reference.sequence_logprobs
+        logps = logps_fn(_logits(model, input_ids, attention_mask, autocast_dtype), labels)
     return logps.float()
