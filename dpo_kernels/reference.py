@@ -161,7 +161,7 @@ def dpo_loss(
 
     loss = 0.0
     losses = torch.zeros_like(pc)
-    for name, weight, eps in zip(spec.loss_types, spec.loss_weights, spec.label_smoothing):
+    for name, weight, eps in zip(spec.loss_types, spec.loss_weights, spec.label_smoothing, strict=True):
         per_pair = _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr)
         loss = loss + per_pair.mean() * weight
         losses = losses + per_pair.detach() * weight

@@ -53,7 +53,7 @@ def check_all(inputs, atol_scale=1e-6, **kwargs):
         truth = getattr(truth_out, field)
         atol = atol_scale * max(1.0, truth.abs().max().item() if truth.numel() else 1.0)
         assert_within_rule(getattr(op_out, field), truth, getattr(base_out, field), atol=atol, name=field)
-    for name, got, truth, base in zip(("grad_chosen", "grad_rejected"), op_grads, truth_grads, base_grads):
+    for name, got, truth, base in zip(("grad_chosen", "grad_rejected"), op_grads, truth_grads, base_grads, strict=True):
         assert got.dtype == inputs[0].dtype, f"{name} dtype {got.dtype} != input dtype {inputs[0].dtype}"
         atol = atol_scale * max(1e-3, truth.abs().max().item())
         assert_within_rule(got, truth, base, atol=atol, name=name)
@@ -227,7 +227,8 @@ def test_matches_trl_loss_formulas():
     if spec is None:
         pytest.skip("trl is not installed")
     source = (pathlib.Path(spec.origin).parent / "trainer" / "dpo_trainer.py").read_text()
-    assert 'loss_type == "bco_pair"' in source and "running" not in source  # bco_pair is stateless in 1.16
+    bco_block = source.split('loss_type == "bco_pair"')[1].split("elif")[0]
+    assert "running" not in bco_block and "RunningMoments" not in source  # bco_pair is stateless in TRL 1.16
     F = torch.nn.functional
     pc, pr, rc, rr, _, _ = make_inputs(31)
     beta = 0.1

@@ -65,7 +65,7 @@ def test_torch_compile_fullgraph(loss_type):
     a2, b2 = pc.clone().requires_grad_(), pr.clone().requires_grad_()
     want = step(a2, b2)
     want[0].backward()
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     torch.testing.assert_close(a.grad, a2.grad)
     torch.testing.assert_close(b.grad, b2.grad)
@@ -94,7 +94,7 @@ def test_cuda_matches_cpu(loss_type, batch):
     dev = [t.cuda() for t in (pc, pr, rc, rr, lc, lr)]
     gpu = dpo_kernels.ops.dpo_loss.dpo_loss_and_grads(*dev[:4], chosen_lengths=dev[4], rejected_lengths=dev[5],
                                                       loss_type=loss_type)
-    for c, g in zip(cpu[0] + cpu[1:], gpu[0] + gpu[1:]):
+    for c, g in zip(cpu[0] + cpu[1:], gpu[0] + gpu[1:], strict=True):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-10, atol=1e-12)
     again = dpo_kernels.ops.dpo_loss.dpo_loss_and_grads(*dev[:4], chosen_lengths=dev[4], rejected_lengths=dev[5],
                                                         loss_type=loss_type)

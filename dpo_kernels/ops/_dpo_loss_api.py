@@ -132,7 +132,7 @@ def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_len
     weights = (1.0,) * len(names) if weights is None else _per_loss("loss_weights", list(weights), len(names))
     smoothing = _per_loss("label_smoothing", label_smoothing, len(names))
     params = {k: _real(k, loss_params.get(k, v)) for k, v in DEFAULT_LOSS_PARAMS.items()}
-    for name, eps in zip(names, smoothing):
+    for name, eps in zip(names, smoothing, strict=True):
         if name == "robust" and not 0.0 <= eps < 0.5:
             raise ValueError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {eps}")
         if name == "exo_pair" and not 0.0 < eps < 1.0:

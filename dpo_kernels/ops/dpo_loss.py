@@ -65,6 +65,11 @@ def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_le
     validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
     spec = validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params)
     _require_extension()
+    if policy_chosen.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, "CUDA"):
+        raise RuntimeError(
+            "dpo_kernels._C was built without CUDA (torch had no CUDA or nvcc was not found at build time); "
+            "rebuild on the GPU machine with `pip install --no-build-isolation --no-deps -e .`"
+        )
     dtype = compute_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
     def cast(t, detach=False):
