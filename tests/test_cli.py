@@ -1,0 +1,105 @@
+"""The `dpo-kernels` command: --help, config file precedence, a real run through main(), errors as exit codes."""
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import preference_rows, tiny_setup, write_jsonl
+
+from dpo_kernels import cli
+
+REQUIRED_FLAGS = ["--model", "--data", "--eval-data", "--output-dir", "--config", "--max-steps", "--epochs",
+                  "--batch-size", "--grad-accum", "--lr", "--beta", "--loss-type", "--loss-weights",
+                  "--label-smoothing", "--gamma", "--tau", "--dpop-lambda", "--max-length", "--max-prompt-length",
+                  "--save-every", "--resume", "--seed", "--loss-backend", "--precompute-ref", "--ref-model",
+                  "--distributed", "--skip-bad-rows", "--gradient-checkpointing", "--loss-param"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("tiny_cli"), rows=8)
+
+
+def parse(argv):
+    return cli.config_from_args(cli.build_parser().parse_args(["train", *argv]))
+
+
+def test_python_m_dpo_kernels_train_help():
+    proc = subprocess.run([sys.executable, "-m", "dpo_kernels", "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for flag in REQUIRED_FLAGS:
+        assert flag in proc.stdout, f"{flag} missing from --help"
+    assert "default: fused-linear" in proc.stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_top_level_help_lists_train(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    assert "train" in capsys.readouterr().out
+    assert cli.main([]) == 2  # no subcommand: help and a usage error
+
+
+def test_config_file_values_are_overridden_by_flags(tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": "m", "data": "d.jsonl", "lr": 1e-4, "beta": 0.3, "max-steps": 7,
+                               "loss_type": "sigmoid,sft", "loss_weights": "1,0.25", "precompute_ref": True}))
+    c = parse(["--config", str(cfg), "--lr", "2e-5", "--no-precompute-ref", "--loss-param", "gamma=0.7"])
+    assert (c.model, c.data, c.beta, c.max_steps) == ("m", "d.jsonl", 0.3, 7)
+    assert c.lr == 2e-5 and c.precompute_ref is False
+    assert c.loss_weights == [1.0, 0.25] and c.loss_params == {"gamma": 0.7}
+    defaults = parse(["--model", "m", "--data", "d"])
+    assert defaults.loss_backend == "fused-linear" and defaults.lr == cli_default("lr")
+
+
+def cli_default(name):
+    from dpo_kernels.trainer import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def test_yaml_config_and_resume_forms(tmp_path):
+    pytest.importorskip("yaml")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: m\ndata: d.jsonl\nbatch-size: 3\n")
+    assert parse(["--config", str(cfg)]).batch_size == 3
+    assert parse(["--config", str(cfg), "--resume"]).resume == "latest"
+    assert parse(["--config", str(cfg), "--resume", "out/checkpoint-4"]).resume == "out/checkpoint-4"
+
+
+def test_unknown_config_key_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": "m", "data": "d", "learning_rate": 1e-3}))
+    assert cli.main(["train", "--config", str(cfg)]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_train_through_main(tiny, tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"max_length": 32, "max_prompt_length": 24, "lr": 1e-3, "batch_size": 2}))
+    out = tmp_path / "out"
+    rc = cli.main(["train", "--config", str(cfg), "--model", tiny["model"], "--data", tiny["data"],
+                   "--eval-data", tiny["data"], "--output-dir", str(out), "--max-steps", "2", "--save-every", "1",
+                   "--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5", "--no-progress", "--no-plot"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["global_step"] == 2 and "eval/loss" in summary
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert "step 2/2 | loss" in printed
+    # Continue from an explicit checkpoint path with a longer schedule.
+    rc = cli.main(["train", "--config", str(cfg), "--model", tiny["model"], "--data", tiny["data"],
+                   "--output-dir", str(out), "--max-steps", "3", "--resume", str(out / "checkpoint-2"),
+                   "--no-progress", "--no-plot"])
+    assert rc == 0 and (out / "checkpoint-3").is_dir()
+
+
+def test_bad_row_exits_with_file_and_row(tiny, tmp_path, capsys):
+    rows = preference_rows(4)
+    rows[3] = {"prompt": "what ?", "chosen": None, "rejected": " red ."}
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    rc = cli.main(["train", "--model", tiny["model"], "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl, row 3" in err and "missing field" in err
