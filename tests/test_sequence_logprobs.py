@@ -14,8 +14,10 @@ from tests.accuracy import assert_within_rule
 
 IGNORE = -100
 BACKENDS = ["triton", "torch"]
-# (dtype, atol): the kernel may differ from float64 by 2x plain PyTorch's error in that dtype plus atol.
-DTYPE_ATOL = [(torch.float32, 1e-6), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
+# (dtype, atol): the kernel may differ from float64 by 2x plain PyTorch's error in that dtype plus atol. Every dtype
+# reduces in fp32, and sequence sums reach |100| where one fp32 ulp is 7.6e-6, so atol is that for all three (a
+# real bug, e.g. a wrong row's lse or a missed zero, is of the order of a softmax probability, >= 1e-4 here).
+DTYPE_ATOL = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -111,7 +113,7 @@ def test_token_matches_reference(backend, dtype, atol, shift):
 def test_token_non_contiguous_upstream(backend):
     logits, labels = make_inputs(2, 6, 1000, torch.float32)
     upstream = torch.randn(5, 2).t()  # [2, 5] with strides (1, 2)
-    check_against_reference("token_logprobs", logits, labels, upstream, 1e-6)
+    check_against_reference("token_logprobs", logits, labels, upstream, 1e-5)
 
 
 def test_large_vocab_torch(force_backend):
@@ -125,7 +127,7 @@ def test_large_vocab_triton(force_backend):
     force_backend("triton")
     logits, labels = make_inputs(1, 3, 32003, torch.float32, prompt=1, empty_row=None)
     labels[0, 2] = 32002  # the very last vocabulary entry
-    check_against_reference("sequence_logprobs", logits, labels, torch.tensor([0.7]), 1e-6)
+    check_against_reference("sequence_logprobs", logits, labels, torch.tensor([0.7]), 1e-5)
 
 
 def test_fallback_chunking(force_backend, monkeypatch):
@@ -134,7 +136,7 @@ def test_fallback_chunking(force_backend, monkeypatch):
     logits, labels = make_inputs(3, 9, 1000, torch.float32)
     for chunk in (2500, 20_000):  # 2 positions per chunk; 2 rows (of 8 positions) per chunk
         monkeypatch.setattr(op, "_CHUNK_ELEMENTS", chunk)
-        check_against_reference("sequence_logprobs", logits, labels, torch.randn(3), 1e-6)
+        check_against_reference("sequence_logprobs", logits, labels, torch.randn(3), 1e-5)
 
 
 def test_strided_views(backend):
@@ -186,6 +188,7 @@ def test_deterministic(backend):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy inside the interpreter
 def test_non_finite_logits(backend):
     R, T, V = 4, 6, 1000
     logits, labels = make_inputs(R, T, V, torch.float32, prompt=1, empty_row=None)
@@ -197,7 +200,7 @@ def test_non_finite_logits(backend):
     out = dpo_kernels.sequence_logprobs(logits, labels)
     truth = reference.sequence_logprobs(logits.double(), labels)
     assert torch.isnan(out[0]) and not torch.isfinite(out[1]) and out[2].item() == float("-inf")
-    assert_within_rule(out, truth, reference.sequence_logprobs(logits, labels), atol=1e-6)
+    assert_within_rule(out, truth, reference.sequence_logprobs(logits, labels), atol=1e-5)
     masked = logits[3:].clone().requires_grad_()
     dpo_kernels.sequence_logprobs(masked, labels[3:]).sum().backward()
     assert torch.isfinite(masked.grad).all()
@@ -208,7 +211,7 @@ def test_masked_leading_tile(backend):
     logits = torch.randn(1, 2, 9000)
     logits[0, 0, :8192] = float("-inf")
     labels = torch.tensor([[8500, 3]])
-    check_against_reference("token_logprobs", logits, labels, torch.randn(1, 2), 1e-6, shift=False)
+    check_against_reference("token_logprobs", logits, labels, torch.randn(1, 2), 1e-5, shift=False)
 
 
 def test_empty_and_degenerate_shapes(backend):
@@ -228,7 +231,7 @@ def test_int32_labels_and_ignore_index(backend):
     labels = labels.masked_fill(labels == IGNORE, 0)  # ignore_index 0: label 0 marks the unscored positions
     out = dpo_kernels.sequence_logprobs(logits, labels.int(), ignore_index=0, average=True)
     truth = reference.sequence_logprobs(logits.double(), labels, ignore_index=0, average=True)
-    assert_within_rule(out, truth, reference.sequence_logprobs(logits, labels, ignore_index=0, average=True), atol=1e-6)
+    assert_within_rule(out, truth, reference.sequence_logprobs(logits, labels, ignore_index=0, average=True), atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -273,7 +276,7 @@ def test_int64_row_offsets(backend):
     expected = dpo_kernels.token_logprobs(compact, labels, shift=False)
     assert torch.equal(dpo_kernels.token_logprobs(logits, labels, shift=False), expected)
     truth = reference.token_logprobs(compact.double(), labels, shift=False)
-    assert_within_rule(expected, truth, reference.token_logprobs(compact, labels, shift=False), atol=1e-6)
+    assert_within_rule(expected, truth, reference.token_logprobs(compact, labels, shift=False), atol=1e-5)
 
     weights = torch.tensor([[0.5], [1.0], [-2.0]])
     compact.requires_grad_()

@@ -1,0 +1,43 @@
+"""Property test: random small shapes, masks and options agree with the float64 reference on both backends."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.test_sequence_logprobs import (  # noqa: F401  (the fixture is autouse for this module too)
+    BACKENDS,
+    DTYPE_ATOL,
+    IGNORE,
+    _interpreter_rounds_to_nearest_bf16,
+    check_against_reference,
+)
+
+
+@st.composite
+def cases(draw):
+    R, T = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    V = draw(st.sampled_from([1, 2, 7, 100, 257, 1000]))
+    dtype, atol = draw(st.sampled_from(DTYPE_ATOL))
+    seed = draw(st.integers(0, 2**31 - 1))
+    keep = draw(st.floats(0.0, 1.0))
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(R, T, V, generator=gen) * draw(st.sampled_from([0.5, 4.0]))).to(dtype)
+    labels = torch.randint(0, V, (R, T), generator=gen)
+    labels[torch.rand(R, T, generator=gen) >= keep] = IGNORE
+    options = {"shift": draw(st.booleans())}
+    name = draw(st.sampled_from(["sequence_logprobs", "token_logprobs"]))
+    if name == "sequence_logprobs":
+        options["average"] = draw(st.booleans())
+        upstream = torch.randn(R, generator=gen)
+    else:
+        upstream = torch.randn(R, T - 1 if options["shift"] else T, generator=gen)
+    return name, logits, labels, upstream, atol, options
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_random_cases_match_reference(force_backend, backend, case):
+    force_backend(backend)
+    name, logits, labels, upstream, atol, options = case
+    check_against_reference(name, logits, labels, upstream, atol, **options)
