@@ -100,11 +100,10 @@ class FusedDPOMixin:
         options = getattr(self, "_dk_options", {})
         self._dk_token_metrics = options.get("token_metrics", True)
         self._dk_memory_budget = options.get("memory_budget")
-        self._dk_padding_free = bool(self.args.padding_free)
         self._dk_unsupported = self._dk_unsupported_options()
         if self._dk_unsupported:
             names = "; ".join(self._dk_unsupported)
-            suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if self._dk_padding_free else ""
+            suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if self.args.padding_free else ""
             warnings.warn(
                 f"dpo_kernels: {names} is not supported by the fused engine; this trainer uses TRL's own "
                 f"computation for every step{suffix}.",
@@ -114,8 +113,12 @@ class FusedDPOMixin:
             install_head_forward(hf.unwrap_model(self.model))
             if self.ref_model is not None:
                 install_head_forward(hf.unwrap_model(self.ref_model))
-            self.padding_free = self._dk_padding_free
+            self.padding_free = bool(self.args.padding_free)
         self._dk_ready = True
+
+    @property
+    def _dk_padding_free(self) -> bool:
+        return bool(self.args.padding_free)
 
     def _dk_unsupported_options(self) -> list[str]:
         args = self.args
@@ -372,8 +375,8 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
         finally:
             if padding_free:
                 config.padding_free = True
-        self._dk_ready = False
         self._dpo_kernels_setup()
+        self.padding_free = padding_free and not self._dk_unsupported
 
 
 def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True,
