@@ -374,3 +374,13 @@ def test_all_responses_empty():
     assert torch.equal(out.chosen_logps, torch.zeros(B)) and torch.equal(out.rejected_logps, torch.zeros(B))
     assert torch.isfinite(out.loss)
     assert all(not g.any() for g in grads)
+
+
+def test_backward_twice_is_refused():
+    B, T, H, V = 1, 6, 24, 1000
+    hidden, weight, _, labels, _, _, _ = make_batch(B, T, H, V, empty_rows=(), seed=14)
+    hidden.requires_grad_()
+    out = dpo_kernels.fused_linear_dpo(hidden, weight, labels)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.loss.backward()
