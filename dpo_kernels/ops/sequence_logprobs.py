@@ -79,15 +79,15 @@ def token_logprobs_fwd_kernel(
 
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
-    # Ignored rows run zero iterations: their logits are never read.
-    v_end = tl.where(valid, V, 0)
-    for v0 in range(0, v_end, BLOCK_V):
-        x = tl.load(row_ptr + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # A tile of all -inf (masked vocabulary) must not produce exp(-inf - -inf) = NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
-        m = m_new
+    # Ignored rows (prompt, padding: often a third of all rows) are never read.
+    if valid:
+        for v0 in range(0, V, BLOCK_V):
+            x = tl.load(row_ptr + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # A tile of all -inf (masked vocabulary) must not produce exp(-inf - -inf) = NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
+            m = m_new
     lse = m + tl.log(tl.where(valid, s, 1.0))
     x_label = tl.load(row_ptr + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
     tl.store(tok_ptr + row, tl.where(valid, x_label - lse, 0.0))
