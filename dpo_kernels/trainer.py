@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,6 +219,15 @@ def load_model(path, dtype: torch.dtype, device: torch.device):
     return model.to(device)
 
 
+def enable_checkpointing(model) -> None:
+    # transformers >= 5.x renames gradient_checkpointing_enable to activation_checkpointing_enable.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def decoder_layer_types(model) -> tuple[type, ...]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
@@ -395,7 +405,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
 
     policy = load_model(resume_dir or c.model, dtype, ctx.device)
     if c.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)
     policy.train()
     dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype)
     model = _distributed.wrap(dpo, ctx, decoder_layer_types(policy))
@@ -460,7 +470,10 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
             skipped += 1
             nonfinite_run += 1
         optimizer.zero_grad(set_to_none=True)                                                          # zero_grad
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (the step is spent); torch warns about the order.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            scheduler.step()
         step += 1
 
         metrics = ctx.mean(sums + [float(tokens)])

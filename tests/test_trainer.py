@@ -33,16 +33,28 @@ def final_weights(result):
     return load_file(str(Path(result.final_checkpoint) / "model.safetensors"))
 
 
+RUNS = [  # name, loss backend, precision, extra settings
+    ("truth", "reference", "fp64", {}),
+    ("baseline", "reference", "fp32", {}),
+    ("fused-linear", "fused-linear", "fp32", {}),
+    ("logits", "logits", "fp32", {}),
+    ("fused-linear+checkpointing", "fused-linear", "fp32", {"gradient_checkpointing": True}),
+    ("baseline-bf16", "reference", "bf16", {}),  # CPU bf16 autocast: the eager error the bf16 runs may double
+    ("fused-linear-bf16", "fused-linear", "bf16", {}),
+    ("logits-bf16", "logits", "bf16", {}),
+]
+
+
 def test_backends_match_the_float64_reference_on_the_first_step(tiny, tmp_path):
     runs = {}
-    for name, backend, precision in [("truth", "reference", "fp64"), ("baseline", "reference", "fp32"),
-                                     ("fused-linear", "fused-linear", "fp32"), ("logits", "logits", "fp32")]:
-        runs[name] = train(config(tiny, tmp_path / name, loss_backend=backend, precision=precision,
-                                  max_steps=1, loss_type="sigmoid,sft", loss_weights=[1.0, 0.5])).history[0]
-    for backend in ("fused-linear", "logits"):
+    for name, backend, precision, extra in RUNS:
+        runs[name] = train(config(tiny, tmp_path / name, loss_backend=backend, precision=precision, max_steps=1,
+                                  loss_type="sigmoid,sft", loss_weights=[1.0, 0.5], **extra)).history[0]
+    for name, _, precision, _ in RUNS[2:]:
+        baseline = "baseline-bf16" if precision == "bf16" else "baseline"
         for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
             pick = lambda n: torch.tensor(runs[n][key], dtype=torch.float64)  # noqa: E731
-            assert_within_rule(pick(backend), pick("truth"), pick("baseline"), atol=1e-5, name=f"{backend} {key}")
+            assert_within_rule(pick(name), pick("truth"), pick(baseline), atol=1e-5, name=f"{name} {key}")
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path):
