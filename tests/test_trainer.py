@@ -53,8 +53,8 @@ def test_backends_match_the_float64_reference_on_the_first_step(tiny, tmp_path):
     for name, _, precision, _ in RUNS[2:]:
         baseline = "baseline-bf16" if precision == "bf16" else "baseline"
         for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
-            pick = lambda n: torch.tensor(runs[n][key], dtype=torch.float64)  # noqa: E731
-            assert_within_rule(pick(name), pick("truth"), pick(baseline), atol=1e-5, name=f"{name} {key}")
+            got, truth, base = (torch.tensor(runs[n][key], dtype=torch.float64) for n in (name, "truth", baseline))
+            assert_within_rule(got, truth, base, atol=1e-5, name=f"{name} {key}")
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path):
