@@ -4,6 +4,7 @@ Every case runs under the Triton kernels (the CPU interpreter here, the GPU wher
 PyTorch fallback. Truth = the reference on the same logits in float64; baseline = the reference in the logits' own
 dtype; the accuracy rule is tests/accuracy.py.
 """
+
 import pytest
 import torch
 
@@ -26,8 +27,8 @@ def _interpreter_rounds_to_nearest_bf16():
     the interpreted kernels up to 1 ulp off and fail the accuracy rule for a reason the GPU does not have. Make the
     interpreter round like the GPU for the duration of this module."""
     try:
-        from triton.runtime import interpreter
         import triton.language as tl
+        from triton.runtime import interpreter
     except ImportError:
         yield
         return

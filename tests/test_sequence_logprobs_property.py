@@ -1,4 +1,5 @@
 """Property test: random small shapes, masks and options agree with the float64 reference on both backends."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

@@ -1,4 +1,5 @@
 """Input checks shared by the ops: each raises a ValueError naming the problem before any kernel launches."""
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,9 +49,7 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, n
     if bool(bad.any()):
         first = bad.nonzero()[0].tolist()
         value = labels[tuple(first)].item()
-        raise ValueError(
-            f"{name}{first} = {value} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
-        )
+        raise ValueError(f"{name}{first} = {value} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
 def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
@@ -62,9 +61,7 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     check_ignore_index(ignore_index)
     check_same_device(logits=logits, labels=labels)
     if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits [R, T] = {tuple(logits.shape[:2])}"
-        )
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits [R, T] = {tuple(logits.shape[:2])}")
     if logits.shape[2] == 0:
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
     check_labels_in_range(labels, logits.shape[2], ignore_index)
