@@ -161,7 +161,8 @@ def test_memory_profile_in_fresh_subprocesses_sees_the_eager_logits():
     assert rows["eager"]["status"] == "ok", rows["eager"]
     assert rows["eager"]["peak_extra_bytes"] >= logits_bytes, rows["eager"]
     assert rows["dpo_kernels"]["status"] == "ok", rows["dpo_kernels"]
-    assert rows["dpo_kernels"]["peak_extra_bytes"] < rows["eager"]["peak_extra_bytes"] / 2, rows
+    # Here all 1536 scored tokens fit one default chunk, so the fused path saves "only" the log-softmax copies.
+    assert rows["dpo_kernels"]["peak_extra_bytes"] < 0.75 * rows["eager"]["peak_extra_bytes"], rows
     assert "subprocess" in result["method"]
 
 
@@ -197,3 +198,13 @@ def test_package_command_exposes_the_subcommands():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--seq-lens" in out.stdout and "--vocab" in out.stdout
+
+
+def test_gpu_check_script_parses_and_names_every_stage():
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.sh")
+    out = subprocess.run(["bash", "-n", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    text = open(script).read()
+    for stage in ("install", "cuda-tests", "bench-linear", "bench-logits", "bench-loss", "trl-step", "memory"):
+        assert f"stage {stage} " in text, stage
+    assert "--seq-lens 1024,2048,4096,8192,16384,32768,65536 --hidden 4096 --vocab 128256" in text

@@ -102,7 +102,7 @@ def time_step(step, device: torch.device, *, warmup: int = 2, iters: int = 5, cl
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, iters: int = 10) -> float:
     """Measured device copy rate in bytes/s, counting the read and the write (what a streaming kernel moves)."""
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 24)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
