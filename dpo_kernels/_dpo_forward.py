@@ -55,7 +55,8 @@ def _logits(model, input_ids, attention_mask, autocast_dtype):
 class DPOForward(nn.Module):
     """Wraps a causal LM; `forward(batch tensors, ref log-probs)` returns the loss and the DPO metrics."""
 
-    def __init__(self, model: nn.Module, backend: str, loss_kwargs: dict, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, backend: str, loss_kwargs: dict, autocast_dtype: torch.dtype | None = None,
+                 memory_budget: int | str | None = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"loss backend must be one of {BACKENDS}, got {backend!r}")
@@ -65,7 +66,9 @@ class DPOForward(nn.Module):
         self.backend = backend
         self.loss_kwargs = dict(loss_kwargs)
         self.autocast_dtype = autocast_dtype
-        self.fused = FusedLinearDPOLoss(**self.loss_kwargs) if backend == "fused-linear" else None
+        self.fused = None
+        if backend == "fused-linear":
+            self.fused = FusedLinearDPOLoss(memory_budget=memory_budget, **self.loss_kwargs)
 
     def forward(self, input_ids, attention_mask, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> StepOutput:
         import dpo_kernels

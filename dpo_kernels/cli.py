@@ -35,7 +35,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
     "precompute_ref": ("compute reference log-probs once before training, cache them on disk (keyed by "
                        "model and data) and reuse them in later runs; frees the reference model's memory", {}),
     "ref_cache_dir": ("directory of the reference log-prob cache (default: OUTPUT_DIR/ref-cache)", {}),
-    "reference_free": ("no reference model: reference log-probs are 0 (e.g. for SimPO)", {}),
+    "reference_free": ("no reference model: reference log-probs are 0 (implied by --loss-type simpo)", {}),
     "model_dtype": ("dtype the weights are loaded and trained in", {"choices": ["float32", "bfloat16", "float16",
                                                                                "float64"]}),
     "max_steps": ("optimizer steps to run; -1 runs --epochs epochs", {"type": int}),
@@ -71,6 +71,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
     "loss_backend": ("fused-linear: hidden states + lm_head, never the [2B,T,V] logits; logits: model logits "
                      "through the Triton log-prob kernel; reference: plain PyTorch (for checking)",
                      {"choices": ["fused-linear", "logits", "reference"]}),
+    "memory_budget": ("fused-linear only: bytes for its [chunk, V] logits buffer, or 'low' to recompute in the "
+                      "backward (least memory) (default: 2 GiB)", {}),
     "precision": ("auto = bf16 autocast on CUDA, none on CPU; fp64 is for tests",
                   {"choices": ["auto", "bf16", "fp32", "fp64"]}),
     "gradient_checkpointing": ("recompute activations in backward to save memory", {}),
@@ -122,7 +124,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "choices" not in kwargs and "metavar" not in kwargs:
-            word = "NAME" if name in ("loss_type", "lr_scheduler") else "PATH"
+            word = {"loss_type": "NAME", "lr_scheduler": "NAME", "memory_budget": "BYTES|low"}.get(name, "PATH")
             kwargs["metavar"] = {int: "N", float: "X"}.get(kwargs.get("type"), word)
         if "(default" not in text:
             text += " (required)" if default == "" else f" (default: {default})"

@@ -47,7 +47,8 @@ class TrainConfig:
     ref_model: str | None = None           # a separate frozen reference; None = frozen copy of the initial policy
     precompute_ref: bool = False           # one no-grad pass of the reference, cached on disk, reused by later runs
     ref_cache_dir: str | None = None       # where precomputed reference log-probs live (default OUTPUT_DIR/ref-cache)
-    reference_free: bool = False           # no reference model at all (reference log-probs are 0), e.g. for SimPO
+    reference_free: bool = False           # no reference model at all (reference log-probs are 0); implied when
+                                           # every loss type is reference-free (simpo)
     model_dtype: str = "float32"           # dtype the weights are loaded (and trained) in: float32 | bfloat16 | ...
     # --- length of the run ---
     max_steps: int = -1                    # optimizer steps; -1 = run `epochs` epochs
@@ -82,6 +83,8 @@ class TrainConfig:
     skip_bad_rows: bool = False            # drop (and count) malformed rows instead of stopping with an error
     # --- how the step runs ---
     loss_backend: str = "fused-linear"     # fused-linear (hidden states + lm_head) | logits | reference (plain torch)
+    memory_budget: int | str | None = None  # fused-linear: bytes for its [chunk, V] logits buffer (default 2 GiB),
+                                           # or "low" (recompute in backward: least memory, a third more FLOPs)
     precision: str = "auto"                # auto (bf16 autocast on CUDA, none on CPU) | bf16 | fp32 | fp64 (tests)
     gradient_checkpointing: bool = False
     distributed: str = "none"              # none | ddp | fsdp (launch with torchrun)
@@ -148,13 +151,33 @@ def check_config(c: TrainConfig) -> None:
     from dpo_kernels import reference
 
     one = torch.zeros(1, dtype=torch.float64)
-    reference.dpo_loss(one, one, None if c.reference_free else one, None if c.reference_free else one,
-                       chosen_lengths=one + 1, rejected_lengths=one + 1, **loss_kwargs(c))
+    ref = None if is_reference_free(c) else one
+    reference.dpo_loss(one, one, ref, ref, chosen_lengths=one + 1, rejected_lengths=one + 1, **loss_kwargs(c))
+    if c.memory_budget is not None and c.memory_budget != "low":
+        try:
+            if int(c.memory_budget) <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"memory_budget must be a positive number of bytes or 'low', got {c.memory_budget!r}") \
+                from None
+
+
+REFERENCE_FREE_LOSSES = frozenset({"simpo"})
+
+
+def loss_types(c: TrainConfig) -> list[str]:
+    return [t.strip() for t in c.loss_type.split(",") if t.strip()]
+
+
+def is_reference_free(c: TrainConfig) -> bool:
+    return c.reference_free or set(loss_types(c)) <= REFERENCE_FREE_LOSSES
 
 
 def loss_kwargs(c: TrainConfig) -> dict:
     """Keyword arguments of dpo_kernels.dpo_loss from the config."""
-    types = [t.strip() for t in c.loss_type.split(",") if t.strip()]
+    types = loss_types(c)
+    if not types:
+        raise ValueError("loss_type is empty")
     kwargs = {"beta": c.beta, "loss_type": types[0] if len(types) == 1 else types,
               "label_smoothing": c.label_smoothing}
     if c.loss_weights is not None:
@@ -280,13 +303,14 @@ class Reference:
 
     def __init__(self, c: TrainConfig, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int):
         self.c, self.ctx, self.pad_id = c, ctx, pad_id
+        self.free = is_reference_free(c)
         self.model_id = c.ref_model or c.model
         self.dtype, self.autocast_dtype = dtype, autocast_dtype
         self.cache_dir = Path(c.ref_cache_dir) if c.ref_cache_dir else out_dir / "ref-cache"
         self.model = None
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_files: dict[str, str] = {}
-        if not c.reference_free and not c.precompute_ref:
+        if not self.free and not c.precompute_ref:
             self.model = self._load()
 
     def _load(self):
@@ -321,7 +345,7 @@ class Reference:
 
     def logps(self, name: str, indices: list[int], batch: dict):
         """`(ref_chosen [B], ref_rejected [B])` fp32, or `(None, None)` when reference-free."""
-        if self.c.reference_free:
+        if self.free:
             return None, None
         if self.model is None:
             chosen, rejected = self.tables[name]
@@ -398,7 +422,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
 
     dtype, autocast_dtype = precision_settings(c, ctx.device)
     ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad_id)
-    if c.precompute_ref:
+    if c.precompute_ref and not ref.free:
         ref.precompute("train", train_data)
         if eval_data is not None:
             ref.precompute("eval", eval_data)
@@ -407,7 +431,8 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
     if c.gradient_checkpointing:
         enable_checkpointing(policy)
     policy.train()
-    dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype)
+    budget = c.memory_budget if c.memory_budget in (None, "low") else int(c.memory_budget)
+    dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype, memory_budget=budget)
     model = _distributed.wrap(dpo, ctx, decoder_layer_types(policy))
 
     params = [p for p in model.parameters() if p.requires_grad]

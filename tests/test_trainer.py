@@ -39,6 +39,7 @@ RUNS = [  # name, loss backend, precision, extra settings
     ("fused-linear", "fused-linear", "fp32", {}),
     ("logits", "logits", "fp32", {}),
     ("fused-linear+checkpointing", "fused-linear", "fp32", {"gradient_checkpointing": True}),
+    ("fused-linear-recompute", "fused-linear", "fp32", {"memory_budget": "low"}),
     ("baseline-bf16", "reference", "bf16", {}),  # CPU bf16 autocast: the eager error the bf16 runs may double
     ("fused-linear-bf16", "fused-linear", "bf16", {}),
     ("logits-bf16", "logits", "bf16", {}),
@@ -120,6 +121,17 @@ def test_precomputed_reference_is_cached_and_reused(tiny, tmp_path, monkeypatch)
     second = train(config(tiny, tmp_path / "pre2", max_steps=1, precompute_ref=True, ref_cache_dir=str(cache)))
     assert second.history[0]["loss"] == first.history[0]["loss"]
     assert list(cache.glob("*.safetensors")) == files
+
+
+def test_reference_free_loss_loads_no_reference(tiny, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a reference model was loaded for a reference-free loss")
+
+    monkeypatch.setattr(trainer.Reference, "_load", no_model)
+    result = train(config(tiny, tmp_path / "simpo", loss_type="simpo", gamma=0.5, max_steps=1))
+    r = result.history[0]
+    # Reference-free rewards are beta * policy log-probs.
+    assert math.isclose(r["rewards/chosen"], 0.1 * r["logps/chosen"], rel_tol=1e-5)
 
 
 def test_metrics_jsonl_eval_and_plot(tiny, tmp_path):
