@@ -56,7 +56,7 @@ def test_sequence_logprobs_and_grads_match_float64(tied):
     assert_within_rule(got, truth, baseline, atol=1e-5, name="logps")
 
     upstream = torch.linspace(-1.0, 1.5, ids.shape[0])
-    for m, out in ((model, got), (truth_model, truth), (baseline_model, baseline)):
+    for out in (got, truth, baseline):
         (out * upstream.to(out.dtype)).sum().backward()
     for name in ("lm_head.weight", "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
         params = [dict(m.named_parameters()).get(name) for m in (model, truth_model, baseline_model)]

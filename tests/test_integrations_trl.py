@@ -16,9 +16,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
-from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
-
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
 RTOL = 1e-4
 METRIC_ATOL = 1e-6

@@ -6,11 +6,11 @@ causal LM that way, including PEFT-wrapped ones, and keep one contract:
 
     F.linear(backbone_hidden_states(model, ...), *output_head(model)) == model(...).logits
 
-A constant logit multiplier (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's `lm_head_multiplier`,
-`output_multiplier`)
-is linear, so it is folded into the hidden states and the bias (the fields TRL 1.16's fused LM head reads). Final-logit soft-capping (Gemma 2/3/4:
-`tanh(z / c) * c`) is not a linear map of `h @ W^T`, so those models are refused with a ValueError; use the logits
-path (`dpo_kernels.sequence_logprobs` on `model(...).logits`) for them.
+A constant logit multiplier (the config fields TRL 1.16's fused LM head reads: Cohere's `logit_scale`,
+`output_multiplier`, Falcon-H1's `lm_head_multiplier`, Granite's `logits_scaling`) is linear, so it is folded into
+the hidden states and the bias. Final-logit soft-capping (Gemma 2/3/4: `tanh(z / c) * c`) is not a linear map of
+`h @ W^T`, so those models are refused with a ValueError; use the logits path (`dpo_kernels.sequence_logprobs` on
+`model(...).logits`) for them.
 """
 from __future__ import annotations
 

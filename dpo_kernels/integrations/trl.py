@@ -258,7 +258,7 @@ class FusedDPOMixin:
                                         chosen_lengths=lc, rejected_lengths=lr, **params)
         total = None
         unshifted, shifted = completion_mask.sum(dim=1).float(), completion_mask[:, 1:].sum(dim=1).float()
-        for name, weight, eps in zip(self.loss_types, self.loss_weights, smoothing):
+        for name, weight, eps in zip(self.loss_types, self.loss_weights, smoothing, strict=True):
             lc, lr = (shifted if name == "sft" else unshifted).chunk(2, dim=0)
             out = dpo_kernels.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=name,
                                        label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
