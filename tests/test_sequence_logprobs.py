@@ -48,10 +48,18 @@ def _interpreter_rounds_to_nearest_bf16():
     interpreter._convert_float = original
 
 
+def device_for(backend: str) -> torch.device:
+    """Triton runs CUDA tensors where there is a GPU and CPU tensors in the interpreter elsewhere (conftest sets
+    TRITON_INTERPRET only without CUDA); the fallback runs on the CPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, force_backend):
+    """Forces the backend and makes its device the default for tensor factories during the test."""
     force_backend(request.param)
-    return request.param
+    with device_for(request.param):
+        yield request.param
 
 
 def make_inputs(R, T, V, dtype, *, scale=3.0, prompt=2, empty_row=0):
@@ -126,9 +134,10 @@ def test_large_vocab_torch(force_backend):
 def test_large_vocab_triton(force_backend):
     # Several forward tiles (BLOCK_V 8192) and backward tiles (4096) with a ragged last one.
     force_backend("triton")
-    logits, labels = make_inputs(1, 3, 32003, torch.float32, prompt=1, empty_row=None)
-    labels[0, 2] = 32002  # the very last vocabulary entry
-    check_against_reference("sequence_logprobs", logits, labels, torch.tensor([0.7]), 1e-5)
+    with device_for("triton"):
+        logits, labels = make_inputs(1, 3, 32003, torch.float32, prompt=1, empty_row=None)
+        labels[0, 2] = 32002  # the very last vocabulary entry
+        check_against_reference("sequence_logprobs", logits, labels, torch.tensor([0.7]), 1e-5)
 
 
 def test_fallback_chunking(force_backend, monkeypatch):

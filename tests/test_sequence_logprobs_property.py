@@ -11,6 +11,7 @@ from tests.test_sequence_logprobs import (  # noqa: F401  (the fixture is autous
     IGNORE,
     _interpreter_rounds_to_nearest_bf16,
     check_against_reference,
+    device_for,
 )
 
 
@@ -21,17 +22,17 @@ def cases(draw):
     dtype, atol = draw(st.sampled_from(DTYPE_ATOL))
     seed = draw(st.integers(0, 2**31 - 1))
     keep = draw(st.floats(0.0, 1.0))
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(R, T, V, generator=gen) * draw(st.sampled_from([0.5, 4.0]))).to(dtype)
-    labels = torch.randint(0, V, (R, T), generator=gen)
-    labels[torch.rand(R, T, generator=gen) >= keep] = IGNORE
+    gen, cpu = torch.Generator().manual_seed(seed), "cpu"
+    logits = (torch.randn(R, T, V, generator=gen, device=cpu) * draw(st.sampled_from([0.5, 4.0]))).to(dtype)
+    labels = torch.randint(0, V, (R, T), generator=gen, device=cpu)
+    labels[torch.rand(R, T, generator=gen, device=cpu) >= keep] = IGNORE
     options = {"shift": draw(st.booleans())}
     name = draw(st.sampled_from(["sequence_logprobs", "token_logprobs"]))
     if name == "sequence_logprobs":
         options["average"] = draw(st.booleans())
-        upstream = torch.randn(R, generator=gen)
+        upstream = torch.randn(R, generator=gen, device=cpu)
     else:
-        upstream = torch.randn(R, T - 1 if options["shift"] else T, generator=gen)
+        upstream = torch.randn(R, T - 1 if options["shift"] else T, generator=gen, device=cpu)
     return name, logits, labels, upstream, atol, options
 
 
@@ -41,4 +42,6 @@ def cases(draw):
 def test_random_cases_match_reference(force_backend, backend, case):
     force_backend(backend)
     name, logits, labels, upstream, atol, options = case
+    device = device_for(backend)
+    logits, labels, upstream = logits.to(device), labels.to(device), upstream.to(device)
     check_against_reference(name, logits, labels, upstream, atol, **options)
