@@ -3,9 +3,9 @@
 Each prompt carries an instruction; the chosen response follows it and the rejected one is the same kind of
 answer that does not:
 
-    case     "write in uppercase : cat sun >"   chosen "CAT SUN"      rejected "cat sun"
-    repeat   "repeat moon 3 times >"            chosen "moon moon moon" rejected "moon moon moon moon"
-    larger   "larger of 7 and 12 >"             chosen "12"           rejected "7"
+    case     "write in uppercase : cat sun >"   chosen " CAT SUN"         rejected " cat sun"
+    repeat   "repeat moon 3 times >"            chosen " moon moon moon"  rejected " moon moon moon moon"
+    larger   "larger of 7 and 12 >"             chosen " 12"              rejected " 7"
 
 Both responses have the same format, so a warm-up on a mixture of them teaches the format and leaves the model
 indifferent between them; only the preference data says which one follows the instruction. Every word is one token of
@@ -22,7 +22,7 @@ TASKS = ("case", "repeat", "larger")
 
 
 def _case(rng: random.Random):
-    words = [rng.choice(NOUNS) for _ in range(rng.randint(1, 3))]
+    words = [rng.choice(NOUNS) for _ in range(2)]
     upper = rng.random() < 0.5
     lower_answer, upper_answer = " ".join(words), " ".join(w.upper() for w in words)
     prompt = f"write in {'uppercase' if upper else 'lowercase'} : {' '.join(words)} {PROMPT_END}"
@@ -46,7 +46,8 @@ _SAMPLERS = {"case": _case, "repeat": _repeat, "larger": _larger}
 def sample(task: str, rng: random.Random) -> dict:
     """One preference pair `{task, prompt, chosen, rejected}` of `task`, drawn with `rng`."""
     prompt, chosen, rejected = _SAMPLERS[task](rng)
-    return {"task": task, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    # Responses start with a space, as in TRL's plain-text format: prompt + response is then readable text.
+    return {"task": task, "prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected}
 
 
 def follows_instruction(pair: dict, answer: str) -> bool:

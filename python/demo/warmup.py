@@ -7,9 +7,8 @@ follows the instruction, so the reference starts near chance on the preference.
 import random
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from batches import collate
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def build_model(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:

@@ -6,11 +6,11 @@
     reward margin         mean of r(chosen) - r(rejected)
     follows instruction   fraction of prompts whose greedy answer is exactly the chosen response, overall and per task
 """
+import tasks
 import torch
+from batches import collate, left_padded_prompts
 
 import dpo_kernels
-import tasks
-from batches import collate, left_padded_prompts
 
 
 @torch.no_grad()
@@ -64,5 +64,5 @@ def evaluate(model, ref_logps, tokenizer, pairs: list[dict], beta: float) -> dic
     for task in tasks.TASKS:
         mine = [f for p, f in zip(pairs, follows, strict=True) if p["task"] == task]
         metrics[f"follows_instruction/{task}"] = sum(mine) / max(len(mine), 1)
-    metrics["examples"] = [{"prompt": p["prompt"], "answer": a} for p, a in zip(pairs[:3], answers[:3], strict=True)]
+    metrics["answers"] = answers
     return metrics
