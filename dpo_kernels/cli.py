@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -196,6 +197,8 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"dpo-kernels train: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 prints the summary
     summary = {"global_step": result.global_step, "final_checkpoint": result.final_checkpoint,
                "skipped_steps": result.skipped_steps, "dropped_rows": result.dropped_rows,
                **result.eval_metrics}

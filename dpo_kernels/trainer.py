@@ -408,6 +408,9 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
 
     out_dir = prepare_output_dir(c.output_dir, ctx)
     resume_dir = resolve_resume(c)
+    if resume_dir is None and ctx.is_main and _checkpoint.latest_checkpoint(out_dir) is not None:
+        warnings.warn(f"{out_dir} already holds checkpoints; starting from scratch and overwriting them "
+                      "(pass resume='latest' / --resume to continue instead)", stacklevel=2)
     seed_everything(c.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(c.tokenizer or c.model, local_files_only=True)
