@@ -103,7 +103,7 @@ def check_against_truth(out, grads, truth, baseline, dtype, grad_names=("hidden"
     assert_close_to_truth(out.rejected_rewards, t_out.rejected_rewards, b_out.rejected_rewards, dtype,
                           "rejected_rewards")
     assert_close_to_truth(out.losses, t_out.losses, b_out.losses, dtype, "losses")
-    for name, g, tg, bg in zip(grad_names, grads, t_grads, b_grads):
+    for name, g, tg, bg in zip(grad_names[: len(grads)], grads, t_grads, b_grads, strict=True):
         assert g is not None and g.dtype == dtype, f"{name}: gradient missing or not in {dtype}"
         assert_close_to_truth(g, tg, bg, dtype, f"grad_{name}")
 
@@ -208,7 +208,8 @@ def test_upstream_gradient_scales():
         out = dpo_kernels.fused_linear_dpo(h, w, labels, bias=b, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
                                            memory_budget=MODES[mode](T, V, torch.float32))
         (out.loss * -2.5).backward()
-        for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), truth[2], base[2]):
+        grads = (h.grad, w.grad, b.grad)
+        for name, g, tg, bg in zip(("hidden", "weight", "bias"), grads, truth[2], base[2], strict=True):
             assert_within_rule(g, -2.5 * tg, -2.5 * bg, atol=1e-6, name=f"{mode} grad_{name}")
 
 
@@ -294,7 +295,7 @@ def test_deterministic(mode):
                       memory_budget=MODES[mode](T, V, torch.bfloat16)) for _ in range(2)]
     (a, ga), (b, gb) = runs
     assert torch.equal(a.loss, b.loss) and torch.equal(a.chosen_logps, b.chosen_logps)
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=True):
         assert torch.equal(x, y)
 
 
@@ -345,7 +346,8 @@ def test_linear_sequence_logprobs(average, packed):
         assert out.dtype == torch.float32 and out.shape == (R,)
         assert_within_rule(out, truth, base, atol=1e-6, name="logps")
         (out * upstream).sum().backward()
-        for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), t_grads, b_grads):
+        grads = (h.grad, w.grad, b.grad)
+        for name, g, tg, bg in zip(("hidden", "weight", "bias"), grads, t_grads, b_grads, strict=True):
             assert_within_rule(g, tg, bg, atol=1e-6, name=f"grad_{name}")
 
 
@@ -384,3 +386,16 @@ def test_backward_twice_is_refused():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         out.loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["pairs", "streaming"])
+def test_loss_list_with_batch_level_sft_term(mode):
+    """sft averages over all chosen tokens of the batch; chunks that see only some pairs must still be exact."""
+    B, T, H, V = 3, 10, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=15)
+    params = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7], average=False)
+    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, dtype=torch.float64, **params)
+    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, **params)
+    out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, memory_budget=MODES[mode](T, V, torch.float32),
+                           **params)
+    check_against_truth(out, grads, truth, base, torch.float32)

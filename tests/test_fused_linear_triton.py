@@ -108,5 +108,5 @@ def test_linear_sequence_logprobs_through_triton_pass(force_backend):
                                                memory_budget=5 * 1000 * 2)
     (out * upstream.to(DEVICE)).sum().backward()
     assert_within_rule(out.cpu(), truth, base, atol=1e-5, name="logps")
-    for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), t_grads, b_grads):
+    for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), t_grads, b_grads, strict=True):
         assert_within_rule(g.cpu(), tg, bg, atol=1e-5, name=f"grad_{name}")

@@ -1,5 +1,5 @@
 """The result type of the DPO modules (`DPOLoss`, `FusedLinearDPOLoss`) and of `fused_linear_dpo`."""
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -29,8 +29,8 @@ class DPOOutput(NamedTuple):
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
     losses: torch.Tensor
-    ref_chosen_logps: Optional[torch.Tensor]
-    ref_rejected_logps: Optional[torch.Tensor]
+    ref_chosen_logps: torch.Tensor | None
+    ref_rejected_logps: torch.Tensor | None
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
 

@@ -1,0 +1,84 @@
+"""The nn.Modules: DPOLoss (from logits) against the float64 reference, and FusedLinearDPOLoss agreeing with it."""
+import pytest
+import torch
+
+import dpo_kernels
+from dpo_kernels import reference
+from tests.test_fused_linear import (  # noqa: F401  (single_thread is an autouse fixture)
+    IGNORE,
+    LOSS_PARAMS,
+    assert_close_to_truth,
+    make_batch,
+    single_thread,
+)
+
+
+def _reference_dpo(logits, labels, ref_c, ref_r, loss_type, average, **params):
+    logps = reference.sequence_logprobs(logits, labels, average=average)
+    counts = (labels[:, 1:] != IGNORE).sum(-1)
+    B = labels.shape[0] // 2
+    rc = None if ref_c is None else ref_c.to(logps.dtype)
+    rr = None if ref_r is None else ref_r.to(logps.dtype)
+    out = reference.dpo_loss(logps[:B], logps[B:], rc, rr, loss_type=loss_type, chosen_lengths=counts[:B],
+                             rejected_lengths=counts[B:], **params)
+    return out, logps
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", ["sigmoid", "sft"]])
+def test_dpo_loss_module_matches_reference(loss_type, dtype, average):
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(3, 9, 24, 1000, seed=41)
+    if loss_type == "simpo":
+        ref_c = ref_r = None
+    params = {"loss_weights": [1.0, 0.5]} if isinstance(loss_type, list) else LOSS_PARAMS.get(loss_type, {})
+    logits = torch.nn.functional.linear(hidden, weight, bias).to(dtype)
+    truth_logits = logits.double().requires_grad_()
+    truth, truth_logps = _reference_dpo(truth_logits, labels, ref_c, ref_r, loss_type, average, **params)
+    (truth_grad,) = torch.autograd.grad(truth.loss, truth_logits)
+    base_logits = logits.clone().requires_grad_()
+    base, base_logps = _reference_dpo(base_logits, labels, ref_c, ref_r, loss_type, average, **params)
+    (base_grad,) = torch.autograd.grad(base.loss, base_logits)
+
+    x = logits.clone().requires_grad_()
+    module = dpo_kernels.DPOLoss(beta=0.1, loss_type=loss_type, average=average, **params)
+    out = module(x, labels, ref_c, ref_r)
+    out.loss.backward()
+    assert isinstance(out, dpo_kernels.DPOOutput)
+    assert_close_to_truth(out.loss, truth.loss, base.loss, dtype, "loss")
+    assert_close_to_truth(out.chosen_logps, truth_logps[:3], base_logps[:3], dtype, "chosen_logps")
+    assert_close_to_truth(out.rejected_rewards, truth.rejected_rewards, base.rejected_rewards, dtype, "rejected_rw")
+    assert_close_to_truth(x.grad, truth_grad, base_grad, dtype, "grad_logits")
+    counts = (labels[:, 1:] != IGNORE).sum(-1)
+    assert out.chosen_lengths.tolist() == counts[:3].tolist() and out.rejected_lengths.tolist() == counts[3:].tolist()
+    assert not out.chosen_logps.requires_grad and not out.chosen_rewards.requires_grad
+
+
+@pytest.mark.parametrize("memory_budget", [None, 4 * 1000 * 4, "low"])
+def test_fused_module_agrees_with_logits_module(memory_budget):
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(2, 10, 24, 1000, seed=42)
+    kwargs = dict(beta=0.3, loss_type="nca_pair", average=True)
+    h1, w1, b1 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    from_logits = dpo_kernels.DPOLoss(**kwargs)(torch.nn.functional.linear(h1, w1, b1), labels, ref_c, ref_r)
+    from_logits.loss.backward()
+    h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    fused_module = dpo_kernels.FusedLinearDPOLoss(memory_budget=memory_budget, **kwargs)
+    fused = fused_module(h2, w2, labels, bias=b2, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    fused.loss.backward()
+    for name in dpo_kernels.DPOOutput._fields:
+        a, b = getattr(fused, name), getattr(from_logits, name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b, name in ((h2.grad, h1.grad, "hidden"), (w2.grad, w1.grad, "weight"), (b2.grad, b1.grad, "bias")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
+    assert "nca_pair" in repr(fused_module)
+
+
+def test_dpo_loss_module_bad_input():
+    logits = torch.randn(3, 5, 50)
+    labels = torch.randint(0, 50, (3, 5))
+    with pytest.raises(ValueError, match="even"):
+        dpo_kernels.DPOLoss()(logits, labels)
+    with pytest.raises(ValueError, match="labels"):
+        dpo_kernels.DPOLoss()(logits[:2], labels[:2, :4])
+    with pytest.raises(ValueError, match="both"):
+        dpo_kernels.DPOLoss()(logits[:2], labels[:2], torch.zeros(1), None)
