@@ -105,8 +105,13 @@ def test_a_failing_provider_is_reported_and_the_sweep_goes_on(monkeypatch, tmp_p
     patched = tuple(p.__class__(p.name, p.description, {"eager": p.build, "trl": broken}.get(p.name, oom),
                                 p.requires, p.devices, p.not_applicable) for p in linear.PROVIDERS)
     monkeypatch.setitem(compare.providers_for.__globals__["OPS"], "linear", patched)
+    snapshots = []
     result = compare.run_op("linear", TINY["linear"], provider_names=["eager", "trl", "dpo_kernels"],
-                            dtype=torch.float32, device=CPU, iterations=(0, 1))
+                            dtype=torch.float32, device=CPU, iterations=(0, 1),
+                            on_update=lambda partial, redraw: snapshots.append(compare.markdown_lines(partial)))
+    # a partial table after every provider, so that a stage killed by its timeout still leaves its rows
+    assert len(snapshots) == 3 and all("PARTIAL" in lines[0] for lines in snapshots)
+    assert "PARTIAL" not in compare.markdown_lines(result)[0]
     status = {r["provider"]: r for r in result["rows"]}
     assert status["eager"]["status"] == "ok"
     assert status["trl"]["status"] == "error" and "kernel exploded" in status["trl"]["note"]

@@ -87,10 +87,11 @@ def run_profile_memory(args) -> int:
 
     device = _device(args)
     _check_providers(args.providers, ["linear"])
+    out = args.output_dir or default_output_dir(device)
     result = memory.profile_memory(args.seq_lens, hidden=args.hidden, vocab=args.vocab, pairs=args.pairs,
                                    provider_names=args.providers, device=device, dtype=args.dtype,
-                                   isolate=args.isolate, compile_backend=args.compile_backend)
-    out = args.output_dir or default_output_dir(device)
+                                   isolate=args.isolate, compile_backend=args.compile_backend,
+                                   on_update=lambda partial: memory.write(partial, out, png=False))
     paths = memory.write(result, out)
     print("\n".join(memory.markdown_lines(result)))
     print("[memory] " + ", ".join(paths.values()))

@@ -146,23 +146,49 @@ def _run_provider(provider, op, inputs, tensors, device, reference, settings) ->
 
 
 def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None, compile_backend="inductor",
-           iterations=None, seed=0, bytes_per_s=None) -> dict:
-    """Runs the sweep of one op and returns its result dict (what `write_op` saves)."""
+           iterations=None, seed=0, bytes_per_s=None, on_update=None) -> dict:
+    """Runs the sweep of one op and returns its result dict (what `write_op` saves).
+
+    `on_update(result, redraw)` is called after every provider row (redraw False) and after every size but the last
+    (redraw True), so that a caller can save partial results (a GPU slot's stage can time out); `result["complete"]`
+    turns True at the end, when the caller writes everything once more.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     providers = providers_for(op, provider_names)
     skipped = {p.name: unavailable_reason(p, device) for p in providers}
     settings = {"compile_backend": compile_backend, "iterations": iterations or ITERATIONS[op]}
     if op == "logits" and bytes_per_s is None:
         bytes_per_s = copy_bandwidth(device)
+    on_update = on_update or (lambda result, redraw: None)
+    result = {
+        "op": op,
+        "title": OP_TITLES[op],
+        "stamp": report.stamp(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "beta": 0.1,
+        "prompt_fraction": bench_inputs.PROMPT_FRACTION,
+        "floor": {"linear": "6NHV: three chunked GEMMs over the valid tokens, measured on this device",
+                  "logits": "bandwidth: 3 * element size * rows * V bytes at the measured copy rate",
+                  "loss": None}[op],
+        "copy_bandwidth_gbs": bytes_per_s / 1e9 if bytes_per_s else None,
+        "compile_backend": compile_backend,
+        "iterations": list(settings["iterations"]),
+        "providers": [{"name": p.name, "description": p.description,
+                       "status": "skipped" if skipped[p.name] else "ran", "note": skipped[p.name]}
+                      for p in providers],
+        "sizes": [],
+        "rows": [],
+        "complete": False,
+    }
     eager = providers_for(op, ["eager"])[0]
-    rows, size_rows = [], []
-    for size in sizes:
+    for index, size in enumerate(sizes):
         inputs = make_inputs(op, size, dtype, device, seed)
         tensors = leaves(op, inputs)
         valid = getattr(inputs, "valid_tokens", 0)
         floor = floor_ms(op, size, dtype, device, valid, bytes_per_s)
-        size_rows.append({"label": size.label, "pairs": size.pairs, "seq_len": size.seq_len, "hidden": size.hidden,
-                          "vocab": size.vocab, "valid_tokens": valid or None, "floor_ms": floor})
+        result["sizes"].append({"label": size.label, "pairs": size.pairs, "seq_len": size.seq_len,
+                                "hidden": size.hidden, "vocab": size.vocab, "valid_tokens": valid or None,
+                                "floor_ms": floor})
         reference = None
         try:
             reference = loss_and_grads(eager.build(inputs), tensors)
@@ -178,27 +204,14 @@ def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None,
             row["size"] = size.label
             if floor and row.get("median_ms"):
                 row["floor_ms"], row["fraction_of_floor"] = floor, row["median_ms"] / floor
-            rows.append(row)
+            result["rows"].append(row)
+            on_update(result, False)
         del inputs, tensors, reference
         _free(device)
-    return {
-        "op": op,
-        "title": OP_TITLES[op],
-        "stamp": report.stamp(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "beta": 0.1,
-        "prompt_fraction": bench_inputs.PROMPT_FRACTION,
-        "floor": {"linear": "6NHV: three chunked GEMMs over the valid tokens, measured on this device",
-                  "logits": "bandwidth: 3 * element size * rows * V bytes at the measured copy rate",
-                  "loss": None}[op],
-        "copy_bandwidth_gbs": bytes_per_s / 1e9 if bytes_per_s else None,
-        "compile_backend": compile_backend,
-        "providers": [{"name": p.name, "description": p.description,
-                       "status": "skipped" if skipped[p.name] else "ran", "note": skipped[p.name]}
-                      for p in providers],
-        "sizes": size_rows,
-        "rows": rows,
-    }
+        if index < len(sizes) - 1:
+            on_update(result, True)
+    result["complete"] = True
+    return result
 
 
 def _cell(row: dict | None) -> str:
@@ -215,8 +228,9 @@ def markdown_lines(result: dict) -> list:
     labels = [s["label"] for s in result["sizes"]]
     by_key = {(r["provider"], r["size"]): r for r in result["rows"]}
     ran = [p["name"] for p in result["providers"] if p["status"] == "ran"]
+    partial = "" if result.get("complete", True) else " — PARTIAL (the run did not finish)"
     lines = [
-        f"## {result['title']} ({result['dtype']})",
+        f"## {result['title']} ({result['dtype']}){partial}",
         "",
         f"Device and versions: {report.stamp_line(result['stamp'])}",
         f"Each cell: median ms / peak extra GiB / fraction of the floor ({result['floor'] or 'no floor'}). "
@@ -271,15 +285,17 @@ def plot(result: dict, path: str) -> str:
     return report.save_figure(fig, ax, path, f"{result['title']} ({result['dtype']})", result["stamp"])
 
 
-def write_op(result: dict, output_dir: str) -> dict:
-    """Writes `<op>.json`, `<op>.md` and `<op>.png` into `output_dir`; returns their paths."""
+def write_op(result: dict, output_dir: str, png: bool = True) -> dict:
+    """Writes `<op>.json`, `<op>.md` and (unless `png` is False) `<op>.png` into `output_dir`; returns the paths."""
     os.makedirs(output_dir, exist_ok=True)
     op = result["op"]
-    return {
+    paths = {
         "json": report.write_json(os.path.join(output_dir, f"{op}.json"), result),
         "markdown": report.write_markdown(os.path.join(output_dir, f"{op}.md"), markdown_lines(result)),
-        "png": plot(result, os.path.join(output_dir, f"{op}.png")),
     }
+    if png:
+        paths["png"] = plot(result, os.path.join(output_dir, f"{op}.png"))
+    return paths
 
 
 def run_sweep(ops, output_dir, *, sizes=None, provider_names=None, dtype=None, device=None,
@@ -297,7 +313,8 @@ def run_sweep(ops, output_dir, *, sizes=None, provider_names=None, dtype=None, d
             names = [n for n in provider_names if n in known]
         log(f"[bench] {op}: {', '.join(s.label for s in sizes[op])} on {report.device_name(device)}, {dtype}")
         result = run_op(op, sizes[op], provider_names=names, dtype=dtype, device=device,
-                        compile_backend=compile_backend, iterations=iterations, bytes_per_s=bytes_per_s)
+                        compile_backend=compile_backend, iterations=iterations, bytes_per_s=bytes_per_s,
+                        on_update=lambda partial, redraw: write_op(partial, output_dir, png=redraw))
         written[op] = write_op(result, output_dir)
         log("\n".join(markdown_lines(result)))
     return written

@@ -29,29 +29,25 @@ _RESULT_PREFIX = "DPO_KERNELS_MEMORY_RESULT "
 
 
 def measure_in_process(provider_name, seq_len, *, pairs, hidden, vocab, dtype, device, compile_backend="inductor"):
-    """Peak memory of one DPO step; raises the OOM error of the device when it runs out."""
+    """Peak memory of one DPO step; raises the OOM error of the device when it runs out (the caller frees)."""
     device = torch.device(device)
     provider = providers_for("linear", [provider_name])[0]
     size = compare.Size(pairs, seq_len, hidden, vocab)
     inputs = compare.make_inputs("linear", size, dtype, device)
     tensors = compare.leaves("linear", inputs)
+    forward = provider.build(inputs, compile_backend=compile_backend)
 
     def step():
         for t in tensors:
             t.grad = None
         forward().backward()
 
-    try:
-        forward = provider.build(inputs, compile_backend=compile_backend)
-        step()
-        for t in tensors:
-            t.grad = None
-        extra = peak_extra_memory(step, device)
-        total = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return {"status": "ok", "peak_extra_bytes": extra, "peak_total_bytes": total}
-    finally:
-        del inputs, tensors
-        compare._free(device)
+    step()
+    for t in tensors:
+        t.grad = None
+    extra = peak_extra_memory(step, device)
+    total = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"status": "ok", "peak_extra_bytes": extra, "peak_total_bytes": total}
 
 
 def measure_in_subprocess(provider_name, seq_len, *, pairs, hidden, vocab, dtype, device, compile_backend="inductor",
@@ -85,12 +81,13 @@ def _worker(spec_json: str) -> int:
 
 
 def profile_memory(seq_lens=None, *, hidden=None, vocab=None, pairs=1, provider_names=None, device=None, dtype=None,
-                   isolate=None, compile_backend="inductor", measure=None, log=print) -> dict:
+                   isolate=None, compile_backend="inductor", measure=None, log=print, on_update=None) -> dict:
     """Measures every provider at every length (ascending), stopping a provider at its first out of memory.
 
     `measure(provider_name, seq_len) -> {"status": "ok"|"oom"|..., "peak_extra_bytes", ...}` may be given (tests
     inject a fake OOM this way); it may also raise the device's OOM error. Default: in-process on CUDA, a fresh
-    subprocess per measurement on the CPU (`isolate` overrides).
+    subprocess per measurement on the CPU (`isolate` overrides). `on_update(result)` is called after every
+    measurement (partial results survive a timeout); `result["complete"]` turns True at the end.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
@@ -111,7 +108,22 @@ def profile_memory(seq_lens=None, *, hidden=None, vocab=None, pairs=1, provider_
             return fn(name, seq_len, **kwargs)
 
     skipped = {p.name: unavailable_reason(p, device) for p in providers}
-    rows = []
+    result = {
+        "stamp": report.stamp(device),
+        "what": "peak extra memory of one fused-linear DPO step (fwd+bwd into hidden and lm_head weight), "
+                "first quarter of each row prompt",
+        "method": "cuda max_memory_allocated minus allocated before the step" if device.type == "cuda" else
+                  ("peak RSS minus RSS before the step, one fresh subprocess per measurement" if isolate else
+                   "peak RSS minus RSS before the step, in this process"),
+        "pairs": pairs, "hidden": hidden, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
+        "seq_lens": seq_lens,
+        "providers": [{"name": p.name, "description": p.description,
+                       "status": "skipped" if skipped[p.name] else "ran", "note": skipped[p.name]} for p in providers],
+        "rows": [],
+        "complete": False,
+    }
+    rows = result["rows"]
+    on_update = on_update or (lambda result: None)
     for provider in providers:
         if skipped[provider.name]:
             log(f"[memory] {provider.name}: skipped, {skipped[provider.name]}")
@@ -141,19 +153,9 @@ def profile_memory(seq_lens=None, *, hidden=None, vocab=None, pairs=1, provider_
             log(f"[memory] {provider.name} T={seq_len}: {row['status']} "
                 f"{report.fmt(row.get('peak_extra_gib'))} GiB extra ({row['seconds']:.1f} s)")
             rows.append(row)
-    return {
-        "stamp": report.stamp(device),
-        "what": "peak extra memory of one fused-linear DPO step (fwd+bwd into hidden and lm_head weight), "
-                "first quarter of each row prompt",
-        "method": "cuda max_memory_allocated minus allocated before the step" if device.type == "cuda" else
-                  ("peak RSS minus RSS before the step, one fresh subprocess per measurement" if isolate else
-                   "peak RSS minus RSS before the step, in this process"),
-        "pairs": pairs, "hidden": hidden, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
-        "seq_lens": seq_lens,
-        "providers": [{"name": p.name, "description": p.description,
-                       "status": "skipped" if skipped[p.name] else "ran", "note": skipped[p.name]} for p in providers],
-        "rows": rows,
-    }
+            on_update(result)
+    result["complete"] = True
+    return result
 
 
 def _cell(row):
@@ -169,7 +171,8 @@ def markdown_lines(result: dict) -> list:
     ran = [p["name"] for p in result["providers"] if p["status"] == "ran"]
     lines = [
         f"## Peak extra memory (GiB) of one DPO step, {result['pairs']} pair(s) x T, H={result['hidden']} "
-        f"V={result['vocab']} {result['dtype']}",
+        f"V={result['vocab']} {result['dtype']}" + ("" if result.get("complete", True) else
+                                                     " — PARTIAL (the run did not finish)"),
         "",
         f"Device and versions: {report.stamp_line(result['stamp'])}",
         f"Method: {result['method']}. OOM = out of memory (larger T not run).",
@@ -212,13 +215,16 @@ def plot(result: dict, path: str) -> str:
     return report.save_figure(fig, ax, path, title, result["stamp"])
 
 
-def write(result: dict, output_dir: str) -> dict:
+def write(result: dict, output_dir: str, png: bool = True) -> dict:
+    """Writes memory.json, memory.md and (unless `png` is False) memory.png into `output_dir`; returns the paths."""
     os.makedirs(output_dir, exist_ok=True)
-    return {
+    paths = {
         "json": report.write_json(os.path.join(output_dir, "memory.json"), result),
         "markdown": report.write_markdown(os.path.join(output_dir, "memory.md"), markdown_lines(result)),
-        "png": plot(result, os.path.join(output_dir, "memory.png")),
     }
+    if png:
+        paths["png"] = plot(result, os.path.join(output_dir, "memory.png"))
+    return paths
 
 
 if __name__ == "__main__":
