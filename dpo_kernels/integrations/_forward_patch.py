@@ -7,6 +7,7 @@ Without the keyword the previous forward runs unchanged (generation, TRL's own f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -27,15 +28,36 @@ def install_head_forward(model: nn.Module) -> None:
     def forward(self, *args, dpo_kernels_head_fn=None, **kwargs):
         if dpo_kernels_head_fn is None:
             return previous(*args, **kwargs)
-        if args:
-            kwargs["input_ids"] = args[0]
-            if len(args) > 1:
-                kwargs["attention_mask"] = args[1]
+        if len(args) > 2:
+            raise ValueError("the fused head forward takes input_ids and attention_mask positionally, the rest by name")
+        kwargs.update(zip(("input_ids", "attention_mask"), args, strict=False))
         kwargs.pop("labels", None)
         hidden = backbone_hidden_states(self, kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None),
                                         **kwargs)
         weight, bias = output_head(self)
-        return dpo_kernels_head_fn(hidden, weight, bias)
+        with _gathered(weight, bias):
+            return dpo_kernels_head_fn(hidden, _full(weight), _full(bias))
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _MARK, True)
+
+
+def _gathered(*params):
+    """DeepSpeed ZeRO-3 shards the head and gathers it only in the lm_head's own forward, which is not called here."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    try:
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+    except ImportError as exc:
+        raise ValueError("under DeepSpeed ZeRO-3 the fused head gathers the lm_head with TRL's helper: "
+                         "pip install 'dpo_kernels[trl]'") from exc
+    return maybe_gather_lm_head_ctx(*params)
+
+
+def _full(param):
+    # FSDP2 keeps parameters as DTensor shards; the engine needs the whole head (differentiably gathered).
+    if param is not None and type(param).__name__ == "DTensor" and hasattr(param, "full_tensor"):
+        return param.full_tensor()
+    return param
