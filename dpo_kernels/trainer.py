@@ -363,10 +363,10 @@ METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
 
 
 def batch_metrics(out) -> list[float]:
-    """The METRIC_KEYS of one forward, as floats, in that order."""
-    return [out.loss.item(), out.chosen_rewards.float().mean().item(), out.rejected_rewards.float().mean().item(),
-            out.reward_accuracy.item(), out.reward_margin.item(), out.chosen_logps.mean().item(),
-            out.rejected_logps.mean().item()]
+    """The METRIC_KEYS of one forward, as floats, in that order (one device sync)."""
+    values = [out.loss.detach(), out.chosen_rewards.mean(), out.rejected_rewards.mean(), out.reward_accuracy,
+              out.reward_margin, out.chosen_logps.mean(), out.rejected_logps.mean()]
+    return torch.stack([v.double() for v in values]).tolist()
 
 
 @torch.no_grad()
@@ -483,8 +483,9 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
             with sync:
                 out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)  # forward
                 (out.loss / c.grad_accum).backward()                                                    # backward
-            finite = finite and bool(torch.isfinite(out.loss.detach()).item())
-            sums = [s + v / c.grad_accum for s, v in zip(sums, batch_metrics(out), strict=True)]
+            values = batch_metrics(out)
+            finite = finite and math.isfinite(values[0])
+            sums = [s + v / c.grad_accum for s, v in zip(sums, values, strict=True)]
             tokens += int(batch["num_tokens"])
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)                                  # clip
