@@ -501,7 +501,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)                                                          # zero_grad
         with warnings.catch_warnings():
             # A skipped step still advances the schedule (the step is spent); torch warns about the order.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             scheduler.step()
         step += 1
 
