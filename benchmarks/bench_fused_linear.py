@@ -1,8 +1,6 @@
 """Fused linear DPO from hidden states `[2B, T, H]` and the lm_head `[V, H]`, fwd+bwd, per provider."""
-import pytest
-from conftest import cases
+OP = "linear"
 
 
-@pytest.mark.parametrize("provider, size", cases("linear"))
 def test_fused_linear_dpo(dpo_step, provider, size):
-    dpo_step("linear", provider, size)
+    dpo_step(OP, provider, size)

@@ -1,8 +1,6 @@
 """Sequence log-probs from logits `[2B, T, V]` + DPO loss, fwd+bwd, per provider (`make bench`)."""
-import pytest
-from conftest import cases
+OP = "logits"
 
 
-@pytest.mark.parametrize("provider, size", cases("logits"))
 def test_sequence_logprobs(dpo_step, provider, size):
-    dpo_step("logits", provider, size)
+    dpo_step(OP, provider, size)

@@ -20,10 +20,14 @@ ROUNDS = {"linear": 5, "logits": 5, "loss": 50}
 _STAMP = stamp(DEVICE)
 
 
-def cases(op: str) -> list:
-    """(provider, size) parameters of `op`, size-major so that one size's inputs are built once."""
-    return [pytest.param(p.name, size, id=f"{size.label.replace(' ', '_')}-{p.name}")
-            for size in SIZES[op] for p in providers_for(op)]
+def pytest_generate_tests(metafunc):
+    """A suite declares `OP = "<op>"`; its test gets every (provider, size) of that op, size-major so that one
+    size's inputs are built once."""
+    op = getattr(metafunc.module, "OP", None)
+    if op and {"provider", "size"} <= set(metafunc.fixturenames):
+        cases = [(p.name, size) for size in SIZES[op] for p in providers_for(op)]
+        ids = [f"{size.label.replace(' ', '_')}-{name}" for name, size in cases]
+        metafunc.parametrize("provider, size", cases, ids=ids)
 
 
 def pytest_report_header(config):

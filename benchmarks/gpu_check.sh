@@ -121,7 +121,7 @@ stage bench-linear 170 "${CLI[@]}" bench --ops linear --output-dir "$OUT/bench" 
 stage bench-logits 60 "${CLI[@]}" bench --ops logits --output-dir "$OUT/bench" "${BENCH[@]}"
 stage bench-loss 60 "${CLI[@]}" bench --ops loss --output-dir "$OUT/bench" "${BENCH[@]}"
 if [[ -f benchmarks/trl_step_timing.py ]]; then
-  stage trl-step 60 "$PYTHON" benchmarks/trl_step_timing.py --output-dir "$OUT/trl" "${TRL_ARGS[@]}"
+  stage trl-step 90 "$PYTHON" benchmarks/trl_step_timing.py --output-dir "$OUT/trl" "${TRL_ARGS[@]}"
 else
   log "SKIP  trl-step: benchmarks/trl_step_timing.py is missing"
 fi
