@@ -42,13 +42,15 @@ def _scored_positions(labels, cu_seqlens, ignore_index, shift):
         seq, pos = (scored != ignore_index).nonzero(as_tuple=True)
         return seq * T + pos, scored[seq, pos], seq
     lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
-    seq_of_pos = torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths)
+    seq_of_pos = torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths,
+                                         output_size=labels.numel())
     scored = labels
     if shift:
-        # Position p scores labels[p + 1] of the same sequence; each sequence's last position scores nothing.
-        scored = torch.cat([labels[1:], labels.new_full((1,), ignore_index)])
-        last = cu_seqlens[1:].long()[lengths > 0] - 1
-        scored = scored.index_fill(0, last, ignore_index)
+        # Position p scores labels[p + 1] when p + 1 is in the same sequence; a sequence's last position scores
+        # nothing.
+        same = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        same[:-1] = seq_of_pos[1:] == seq_of_pos[:-1]
+        scored = torch.where(same, labels.roll(-1), ignore_index)
     (rows,) = (scored != ignore_index).nonzero(as_tuple=True)
     return rows, scored[rows], seq_of_pos[rows]
 

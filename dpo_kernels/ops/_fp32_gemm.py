@@ -3,30 +3,39 @@
 The engine accumulates the weight gradient over chunks and keeps the unscaled hidden-state gradient `U = D @ W`
 in fp32: rounding each chunk's contribution to bf16 biases training. On CUDA, torch's `out_dtype` overloads
 (`aten::mm.dtype`, `aten::addmm.dtype_out`) run a bf16/fp16 cuBLAS GEMM with an fp32 result and `C = C + A @ B`
-in place. They exist only for CUDA, so a one-time probe checks them and, where they are missing or wrong,
-the operands are upcast to fp32 instead (correct, slower). fp32 operands use the plain ops.
+in place. They exist only for CUDA, and older releases refuse an fp32 `C`; a one-time probe checks both and
+falls back to an fp32 product added in a second step, or else to upcast operands (correct, slower). fp32
+operands use the plain ops.
 """
 import torch
 
 _PROBED: dict = {}
 
 
-def _native_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+def _probe(device: torch.device, dtype: torch.dtype):
+    """(fp32-result mm works, in-place fp32 accumulate works) for half-precision operands on `device`.
+
+    Older torch releases accept `out_dtype` only when `self` has the operands' dtype, so accumulation into an fp32
+    buffer is checked separately from the plain product.
+    """
     key = (device, dtype)
     if key not in _PROBED:
-        ok = False
+        mm_ok = acc_ok = False
         if device.type == "cuda":
+            a = torch.randn(16, 8, device=device).to(dtype)
+            b = torch.randn(8, 24, device=device).to(dtype)
+            want = a.float() @ b.float()
             try:
-                a = torch.randn(16, 8, device=device).to(dtype)
-                b = torch.randn(8, 24, device=device).to(dtype)
+                mm_ok = bool(torch.allclose(torch.mm(a, b, out_dtype=torch.float32), want, atol=1e-3))
+            except (RuntimeError, TypeError):
+                mm_ok = False
+            try:
                 acc = torch.ones(16, 24, device=device)
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                want = 1.0 + a.float() @ b.float()
-                prod = torch.mm(a, b, out_dtype=torch.float32)
-                ok = bool(torch.allclose(acc, want, atol=1e-3) and torch.allclose(prod, want - 1.0, atol=1e-3))
+                acc_ok = bool(torch.allclose(acc, want + 1.0, atol=1e-3))
             except (RuntimeError, TypeError):
-                ok = False
-        _PROBED[key] = ok
+                acc_ok = False
+        _PROBED[key] = (mm_ok, acc_ok)
     return _PROBED[key]
 
 
@@ -34,7 +43,7 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` as fp32."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if _native_out_dtype(a.device, a.dtype):
+    if _probe(a.device, a.dtype)[0]:
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
@@ -44,7 +53,14 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumula
     beta = 1 if accumulate else 0
     if a.dtype == torch.float32:
         acc.addmm_(a, b, beta=beta)
-    elif _native_out_dtype(a.device, a.dtype):
+        return
+    mm_ok, acc_ok = _probe(a.device, a.dtype)
+    if acc_ok:
         torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
+    elif mm_ok and accumulate:
+        # A transient fp32 product: one extra [rows, cols] buffer and pass, still no rounding to half precision.
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    elif mm_ok:
+        torch.mm(a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float(), beta=beta)

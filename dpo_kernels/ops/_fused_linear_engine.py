@@ -134,7 +134,9 @@ class _PairLoss:
     def complete(self, tok, pairs, start, end):
         """Records the pairs' log-probs from their tokens `tok[start:end]`; returns `[2B]` float32 d loss / d logp
         per sequence (valid for the completed pairs)."""
-        seqs = torch.tensor(list(pairs) + [p + self.B for p in pairs], device=self.logps.device, dtype=torch.long)
+        # Built on the device: a host list copied over would wait for every kernel queued before it.
+        chosen = torch.arange(pairs.start, pairs.stop, device=self.logps.device)
+        seqs = torch.cat([chosen, chosen + self.B])
         self.logps[seqs] = _group_sums(tok, self.layout, seqs, start, end, self.average)
         self.out, grad_c, grad_r = self.loss_fn(self.logps[: self.B], self.logps[self.B :])
         return torch.cat([grad_c, grad_r]).float()
