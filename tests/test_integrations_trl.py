@@ -202,3 +202,26 @@ def test_unsupported_option_falls_back_to_trl_with_one_warning(tiny, option):
         fused = make_trainer(FusedDPOTrainer, tiny, quiet=False, **option)
     assert sum("dpo_kernels" in str(w.message) for w in caught) == 1
     assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
+
+
+def test_peft_policy_with_disabled_adapter_as_reference(tiny):
+    peft = pytest.importorskip("peft", reason="PEFT is optional (pip install peft)")
+    # Random (not zero) LoRA B, so that the policy differs from its adapter-free reference from the first step.
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    def build(cls):
+        args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_trl_test", report_to=[], save_strategy="no", use_cpu=True,
+                             bf16=False, seed=0, disable_tqdm=True, per_device_train_batch_size=4, max_steps=1,
+                             learning_rate=0.5, optim="sgd", logging_steps=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(model=copy.deepcopy(tiny["policy"]), args=args, train_dataset=tiny["data"],
+                       processing_class=tiny["tok"], peft_config=peft.LoraConfig(**lora))
+
+    stock, fused = build(trl.DPOTrainer), build(FusedDPOTrainer)
+    assert fused.ref_model is None and not fused._dk_unsupported
+    start = {n: p.detach().clone() for n, p in stock.model.named_parameters() if p.requires_grad}
+    assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
+    got, want = dict(fused.model.named_parameters()), dict(stock.model.named_parameters())
+    for name, before in start.items():
+        assert_close(f"update of {name}", got[name].detach() - before, want[name].detach() - before)
