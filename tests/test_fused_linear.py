@@ -185,13 +185,18 @@ def test_without_bias_and_partial_requires_grad():
             assert (h if which == "weight" else w).grad is None
 
 
-def test_no_grad_forward_matches():
+def test_no_grad_forward_matches(monkeypatch):
     B, T, H, V = 2, 9, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=5)
     out_grad, _ = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    formed = []
+    original = engine.fused_dpo
+    monkeypatch.setattr(engine, "fused_dpo", lambda *a: (formed.append(a[-1] is not None), original(*a))[1])
     with torch.no_grad():
-        out = dpo_kernels.fused_linear_dpo(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_c,
-                                           ref_rejected_logps=ref_r)
+        # Evaluation: parameters still require grad, but no gradient may be formed (forward only, 2NHV).
+        out = dpo_kernels.fused_linear_dpo(hidden, weight.clone().requires_grad_(), labels, bias=bias,
+                                           ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    assert formed == [False]
     assert not out.loss.requires_grad
     torch.testing.assert_close(out.loss, out_grad.loss.detach(), rtol=0, atol=0)
     torch.testing.assert_close(out.chosen_logps, out_grad.chosen_logps, rtol=0, atol=0)
@@ -399,3 +404,20 @@ def test_loss_list_with_batch_level_sft_term(mode):
     out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, memory_budget=MODES[mode](T, V, torch.float32),
                            **params)
     check_against_truth(out, grads, truth, base, torch.float32)
+
+
+def test_packed_batch_with_leading_empty_sequence():
+    B, H, V = 2, 24, 1000
+    hidden, weight, bias, labels, lengths, ref_c, ref_r = make_batch(B, 8, H, V, seed=16)
+    lengths = lengths.clone()
+    lengths[0] = 0  # a zero-length chosen sequence first in the pack
+    labels = labels.clone()
+    labels[0] = IGNORE
+    padded, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    ph, pl, cu = to_packed(hidden, labels, lengths)
+    assert cu[0] == cu[1] == 0
+    packed, pgrads = run_fused(ph, weight, bias, pl, ref_c, ref_r, loss_type="sigmoid", average=False,
+                               cu_seqlens=cu)
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed.chosen_logps, padded.chosen_logps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pgrads[1], grads[1], rtol=1e-5, atol=1e-7)

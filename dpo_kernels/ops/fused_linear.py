@@ -144,12 +144,15 @@ class _DPORun:
     def __init__(self, layout, num_pairs, average, chunk, tied, recompute, loss_fn):
         self.layout, self.num_pairs, self.average, self.chunk = layout, num_pairs, average, chunk
         self.tied, self.recompute, self.loss_fn = tied, recompute, loss_fn
+        # Read outside the Function: its forward always runs without grad mode. Under no_grad (evaluation with
+        # parameters that require grad) the forward must not form gradients nobody will ask for.
+        self.grad_enabled = torch.is_grad_enabled()
 
 
 class FusedLinearDPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, run):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = (need and run.grad_enabled for need in ctx.needs_input_grad[:3])
         hidden2d = _flat(hidden)
         B = run.num_pairs
         ctx.run, ctx.shape = run, hidden.shape
