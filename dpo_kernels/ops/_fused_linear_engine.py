@@ -34,7 +34,10 @@ class Grads:
         self.H = H
 
     def operand(self, h, coef):
-        """`[h * coef | coef | 0...]` in h's dtype, the right operand of `acc += D^T @ operand` (coef None = 1)."""
+        """`[h * coef | coef | 0...]` in h's dtype, the right operand of `acc += D^T @ operand` (coef None = 1).
+
+        Scaling the `[C, H]` rows of h by the per-token coefficient, rather than the `[C, V]` rows of D, keeps D
+        untouched after the pass; `h * coef` is formed in fp32 and rounded once."""
         if not self.need_b:
             return h if coef is None else (h.float() * coef.unsqueeze(1)).to(h.dtype)
         out = h.new_zeros(h.shape[0], self.width)
