@@ -225,3 +225,33 @@ def test_peft_policy_with_disabled_adapter_as_reference(tiny):
     got, want = dict(fused.model.named_parameters()), dict(stock.model.named_parameters())
     for name, before in start.items():
         assert_close(f"update of {name}", got[name].detach() - before, want[name].detach() - before)
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_truncation_matches_stock(tiny, mode):
+    # keep_end at max_length 8 cuts the prompt away, so completions start at position 0: TRL's ipo then divides by
+    # one more token than is scored while its sft does not, which the drop-in reproduces.
+    config = {"max_length": 8 if mode == "keep_end" else 12, "truncation_mode": mode, "loss_type": ["ipo", "sft"]}
+    stock = make_trainer(trl.DPOTrainer, tiny, **config)
+    fused = make_trainer(FusedDPOTrainer, tiny, **config)
+    batch = next(iter(stock.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] <= config["max_length"]
+    if mode == "keep_end":
+        assert batch["completion_mask"][:, 0].any()
+    want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
+    got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
+    assert_close("truncated loss", got_loss, want_loss)
+    assert_same_logs(got_logs, want_logs)
+    for name in want_grads:
+        assert_close(f"truncated grad {name}", got_grads[name], want_grads[name])
+
+
+def test_evaluate_matches_stock(tiny):
+    stock = make_trainer(trl.DPOTrainer, tiny)
+    fused = make_trainer(FusedDPOTrainer, tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = stock.evaluate(tiny["data"])
+        got = fused.evaluate(tiny["data"])
+    assert_same_logs({k: v for k, v in got.items() if "runtime" not in k and "per_second" not in k},
+                     {k: v for k, v in want.items() if "runtime" not in k and "per_second" not in k})
