@@ -90,7 +90,7 @@ def _free(device: torch.device) -> None:
 
 def relative_error(value: torch.Tensor, truth: torch.Tensor, rows: int = 4096) -> float:
     """`||value - truth|| / ||truth||` in fp32, in row chunks so that no full-size fp32 copy is made."""
-    value, truth = value.detach().reshape(value.shape[0], -1), truth.detach().reshape(truth.shape[0], -1)
+    value, truth = value.detach().reshape(-1, value.shape[-1]), truth.detach().reshape(-1, truth.shape[-1])
     diff = ref = 0.0
     for start in range(0, truth.shape[0], rows):
         t = truth[start : start + rows].float()

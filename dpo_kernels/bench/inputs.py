@@ -94,6 +94,12 @@ def _label_margin(shape, device, g) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(shape, device=device, generator=g)
 
 
+def _likely_tokens(targets, vocab, g) -> torch.Tensor:
+    """The token each position makes likely: its target, or a random one where nothing is scored."""
+    noise = torch.randint(0, vocab, targets.shape, device=targets.device, generator=g)
+    return torch.where(targets == IGNORE_INDEX, noise, targets)
+
+
 def make_linear_inputs(pairs, seq_len, hidden, vocab, *, dtype=torch.bfloat16, device="cpu", seed=0):
     """Inputs of one fused-linear DPO step: `B=pairs` pairs of `T=seq_len` tokens, hidden size H, vocabulary V."""
     check_sizes(pairs, seq_len, hidden=hidden, vocab=vocab)
@@ -104,8 +110,7 @@ def make_linear_inputs(pairs, seq_len, hidden, vocab, *, dtype=torch.bfloat16, d
     u /= u.norm()
     directions = torch.randn(vocab, hidden, device=device, generator=g) / math.sqrt(hidden)
     weight = directions + freq[:, None] * u[None, :]
-    # Every position gets a likely token: its target, or a random one where nothing is scored.
-    likely = torch.where(targets == IGNORE_INDEX, torch.randint_like(targets, vocab), targets)
+    likely = _likely_tokens(targets, vocab, g)
     alpha = _label_margin(likely.shape, device, g) - freq[likely]
     picked = directions[likely]
     hidden_states = alpha[..., None] * picked / picked.pow(2).sum(-1, keepdim=True) + u
@@ -126,7 +131,7 @@ def make_logits_inputs(pairs, seq_len, vocab, *, dtype=torch.bfloat16, device="c
     freq = zipf_log_frequency(vocab, device, seed)
     rows = 2 * pairs * seq_len
     logits = torch.empty(rows, vocab, device=device, dtype=dtype)
-    likely = torch.where(targets == IGNORE_INDEX, torch.randint_like(targets, vocab), targets).reshape(-1)
+    likely = _likely_tokens(targets, vocab, g).reshape(-1)
     for start in range(0, rows, rows_per_chunk):
         stop = min(start + rows_per_chunk, rows)
         chunk = freq[None, :] + LOGIT_NOISE * torch.randn(stop - start, vocab, device=device, generator=g)
