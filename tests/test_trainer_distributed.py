@@ -1,5 +1,6 @@
 """Two gloo processes (DDP / FSDP2 on the CPU) give the loss curve of one process with the same global batch."""
 import json
+import multiprocessing
 import os
 import socket
 from pathlib import Path
@@ -52,7 +53,12 @@ def test_two_processes_match_one(tmp_path):
     tiny = tiny_setup(tmp_path / "tiny", rows=12)
     single = train(_config(tiny, tmp_path / "single", batch_size=2 * WORLD)).history
     tiny_paths = {"model": tiny["model"], "data": tiny["data"]}
-    mp.spawn(_worker, args=(_free_port(), tiny_paths, str(tmp_path)), nprocs=WORLD, join=True)
+    # A fork server that imports the heavy modules once, then forks both workers: half the import time of spawn,
+    # and unlike a plain fork the workers never inherit this process's thread pools.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "dpo_kernels.trainer", "dpo_kernels.losses", __name__])
+    mp.start_processes(_worker, args=(_free_port(), tiny_paths, str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="forkserver")
     w_single = load_file(str(tmp_path / "single" / "checkpoint-3" / "model.safetensors"))
     for mode in MODES:
         multi = json.loads((tmp_path / mode / "history.json").read_text())
