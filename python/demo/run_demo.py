@@ -79,10 +79,10 @@ def _table(before: dict, after: dict, settings: DemoSettings) -> str:
         ("follows the instruction (greedy answer)", "follows_instruction", "{:.2f}"),
     ]
     width = 50
-    lines = [f"{'held-out pairs: ' + str(settings.eval_pairs):<{width}} {'reference':>14} {'after DPO':>14}"]
+    lines = [f"{'held-out pairs: ' + str(settings.eval_pairs):<{width}} {'reference':>16} {'after DPO':>16}"]
     for label, key, fmt in rows:
-        lines.append(f"{label:<{width}} {fmt.format(before[key]):>14} {fmt.format(after[key]):>14}")
-    lines.append(f"{'  per task: ' + '/'.join(tasks.TASKS):<{width}} {per_task(before):>14} {per_task(after):>14}")
+        lines.append(f"{label:<{width}} {fmt.format(before[key]):>16} {fmt.format(after[key]):>16}")
+    lines.append(f"{'  per task: ' + '/'.join(tasks.TASKS):<{width}} {per_task(before):>16} {per_task(after):>16}")
     lines.append(f"* r = beta * (log pi - log pi_ref), beta {settings.beta}; the reference's rewards are all 0, "
                  "and ties count 1/2")
     return "\n".join(lines)
