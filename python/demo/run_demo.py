@@ -64,7 +64,10 @@ def parse_args(argv=None):
     # One thread is the fastest for matrices this small, and it does not collapse when the CPU is shared.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="one line per DPO step instead of a bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
 
 
 def _table(before: dict, after: dict, settings: DemoSettings) -> str:
