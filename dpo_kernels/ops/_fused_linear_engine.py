@@ -82,7 +82,12 @@ def _project(h, weight, bias, zbuf):
 
 
 def _new_buffer(hidden2d, weight, chunk, total):
-    return torch.empty(max(1, min(chunk, total)), weight.shape[0], dtype=hidden2d.dtype, device=hidden2d.device)
+    """The reused `[C, V]` logits buffer. Its rows start on 16-element boundaries even when V does not divide
+    (32003, 50257): cuBLAS takes the padded leading dimension, and the pass keeps its 16-byte vector accesses."""
+    vocab = weight.shape[0]
+    padded = -(-vocab // 16) * 16
+    rows = max(1, min(chunk, total))
+    return torch.empty(rows, padded, dtype=hidden2d.dtype, device=hidden2d.device)[:, :vocab]
 
 
 def reduce_sequences(tok, layout, num_seqs, average):
