@@ -195,12 +195,16 @@ def test_token_metrics_off_skips_entropy_and_token_accuracy(tiny):
     assert {"loss", "rewards/margins", "logits/chosen", "logps/rejected"} <= set(logs)
 
 
-@pytest.mark.parametrize("option", [{"ld_alpha": 0.5}, {"use_weighting": True}])
+@pytest.mark.parametrize("option", [{"ld_alpha": 0.5}, {"use_weighting": True},
+                                    {"f_divergence_type": "js_divergence", "padding_free": True}])
 def test_unsupported_option_falls_back_to_trl_with_one_warning(tiny, option):
     stock = make_trainer(trl.DPOTrainer, tiny, **option)
     with pytest.warns(UserWarning, match=next(iter(option))) as caught:
         fused = make_trainer(FusedDPOTrainer, tiny, quiet=False, **option)
-    assert sum("dpo_kernels" in str(w.message) for w in caught) == 1
+    ours = [str(w.message) for w in caught if "dpo_kernels" in str(w.message)]
+    assert len(ours) == 1
+    if option.get("padding_free"):
+        assert "padding_free is off" in ours[0] and not fused.padding_free
     assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
 
 

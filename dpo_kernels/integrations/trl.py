@@ -103,7 +103,8 @@ class FusedDPOMixin:
         self._dk_unsupported = self._dk_unsupported_options()
         if self._dk_unsupported:
             names = "; ".join(self._dk_unsupported)
-            suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if self.args.padding_free else ""
+            padding_free = options.get("padding_free", self.args.padding_free)
+            suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if padding_free else ""
             warnings.warn(
                 f"dpo_kernels: {names} is not supported by the fused engine; this trainer uses TRL's own "
                 f"computation for every step{suffix}.",
@@ -363,11 +364,12 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
     """
 
     def __init__(self, *args, token_metrics: bool = True, memory_budget: int | str | None = None, **kwargs):
-        self._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget}
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         # TRL 1.16 switches padding_free off with a warning during its __init__; this trainer implements it, so keep
         # the flag out of TRL's sight and restore it once TRL is set up.
         padding_free = bool(getattr(config, "padding_free", False))
+        self._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget,
+                            "padding_free": padding_free}
         if padding_free:
             config.padding_free = False
         try:
