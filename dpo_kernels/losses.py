@@ -60,7 +60,7 @@ class FusedLinearDPOLoss(nn.Module):
     only scaled in the backward, so call `backward` once per forward.
 
     memory_budget: None (a 2 GiB `[C, V]` logits buffer, C <= 8192 tokens), bytes for that buffer, or "low"
-    (recompute in the backward: least memory, 8NHV).
+    (a 512 MiB buffer and recompute in the backward: least memory, 8NHV).
     """
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=-100,

@@ -421,3 +421,16 @@ def test_packed_batch_with_leading_empty_sequence():
     torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(packed.chosen_logps, padded.chosen_logps, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(pgrads[1], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_chunk_size_rule():
+    from dpo_kernels.ops._chunking import chunk_tokens
+
+    assert chunk_tokens(128256, 2, None) == 8192  # Llama-3 head in bf16: 1.96 GiB buffer
+    assert chunk_tokens(128256, 2, "low") == 2048  # 512 MiB
+    assert chunk_tokens(151936, 2, None) == 7040  # 2 GiB // (V * 2) = 7067, rounded down to whole 128-token tiles
+    assert chunk_tokens(1000, 4, 20 * 1000 * 4) == 20
+    assert chunk_tokens(1000, 4, 4e6) == 896
+    assert chunk_tokens(1000, 4, 10) == 1  # never zero
+    with pytest.raises(ValueError, match="memory_budget"):
+        chunk_tokens(1000, 4, 0.5)

@@ -7,18 +7,23 @@ that list into chunks of at most `C` tokens.
 Chunk-size and mode rule (`memory_budget`):
     None     the logits buffer `[C, V]` in the input dtype may take 2 GiB, and C <= 8192 tokens
              (C = 8192 at V = 128256 in bf16, where the buffer is 1.96 GiB).
-    int      bytes the `[C, V]` buffer may take: C = max(1, min(8192, budget // (V * itemsize))).
-    "low"    C as for None, but the DPO loss takes the recompute path (forward 2NHV saving nothing,
-             backward recomputes each chunk's logits: 8NHV in all, no [V, H] accumulators).
+    bytes    what the `[C, V]` buffer may take: C = min(8192, budget // (V * itemsize)), at least 1.
+    "low"    a 512 MiB buffer (C = 2048 at V = 128256 in bf16), and the DPO loss takes the recompute path:
+             the forward saves nothing and the backward recomputes each chunk's logits (8NHV in all, no [V, H]
+             streaming accumulators): the least memory.
+C of 128 tokens or more is rounded down to a multiple of 128 (whole GEMM tiles).
 A pair whose tokens fit in C is handled in a resident chunk; a longer pair streams through chunks with one fp32
 `[V, H]` accumulator (two when the loss's chosen and rejected coefficients are not tied), which the budget does
-not count (the same size as the fp32 weight-gradient accumulator that is there anyway).
+not count (the same size as the fp32 weight-gradient accumulator that is there anyway). Losses that couple pairs
+through their log-probs (aot, aot_unpaired) take the recompute path unless the whole batch fits in one chunk.
 """
+import numbers
 from typing import NamedTuple
 
 import torch
 
 DEFAULT_BUFFER_BYTES = 2 << 30
+LOW_BUFFER_BYTES = 512 << 20
 MAX_CHUNK_TOKENS = 8192
 
 
@@ -71,13 +76,16 @@ def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired) ->
 
 def chunk_tokens(vocab: int, itemsize: int, memory_budget) -> int:
     """C, the most tokens one chunk projects (see the module docstring)."""
-    if memory_budget is None or memory_budget == "low":
+    if memory_budget is None:
         budget = DEFAULT_BUFFER_BYTES
-    elif isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget > 0:
-        budget = memory_budget
+    elif isinstance(memory_budget, str) and memory_budget == "low":
+        budget = LOW_BUFFER_BYTES
+    elif isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool) and memory_budget >= 1:
+        budget = int(memory_budget)
     else:
         raise ValueError(f"memory_budget must be None, 'low' or a positive number of bytes, got {memory_budget!r}")
-    return max(1, min(MAX_CHUNK_TOKENS, budget // (vocab * itemsize)))
+    tokens = max(1, min(MAX_CHUNK_TOKENS, budget // (vocab * itemsize)))
+    return tokens - tokens % 128 if tokens >= 128 else tokens
 
 
 def even_chunks(total: int, chunk: int):

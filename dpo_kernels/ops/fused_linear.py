@@ -237,7 +237,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
             `ref_weight`/`ref_bias` default to `weight`/`bias` (a shared, frozen head). Neither: reference-free.
         beta, loss_type, label_smoothing, **loss_params: as `dpo_kernels.dpo_loss`.
         average: use per-token mean log-probs instead of sums (for policy and reference alike).
-        memory_budget: None, bytes for the `[C, V]` logits buffer, or "low" (recompute path): see `_chunking.py`.
+        memory_budget: None (2 GiB, C <= 8192), bytes for the `[C, V]` logits buffer, or "low" (512 MiB and the
+            recompute path): see `_chunking.py`.
     Returns:
         `DPOOutput`; only `loss` is differentiable (w.r.t. hidden, weight, bias). Response lengths passed to the
         loss are the numbers of scored tokens per sequence.
