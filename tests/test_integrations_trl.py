@@ -259,3 +259,18 @@ def test_evaluate_matches_stock(tiny):
         got = fused.evaluate(tiny["data"])
     assert_same_logs({k: v for k, v in got.items() if "runtime" not in k and "per_second" not in k},
                      {k: v for k, v in want.items() if "runtime" not in k and "per_second" not in k})
+
+
+def test_triton_kernels_in_the_trainer_match_stock(tiny, force_backend):
+    # The engine's Triton pass (interpreted on the CPU) inside the trainer, padded and packed.
+    force_backend("triton")
+    stock = make_trainer(trl.DPOTrainer, tiny)
+    batch = next(iter(stock.get_train_dataloader()))
+    want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
+    for config in ({}, {"padding_free": True}):
+        fused = make_trainer(FusedDPOTrainer, tiny, **config)
+        got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
+        assert_close(f"loss {config}", got_loss, want_loss)
+        assert_same_logs(got_logs, want_logs)
+        for name in want_grads:
+            assert_close(f"grad {name} {config}", got_grads[name], want_grads[name])
