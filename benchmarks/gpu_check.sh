@@ -8,7 +8,8 @@
 # Every stage runs under `timeout` with min(its cap, what is left of the budget), so one slow stage cannot eat the
 # slot; its output goes to $OUT/logs/<stage>.log and to stdout with a timestamp. A failed or timed-out stage is
 # recorded in $OUT/stages.tsv and the script goes on. Environment knobs: PYTHON, OUT, GPU_CHECK_BUDGET_S,
-# GPU_CHECK_TESTS_K (pytest -k expression of the CUDA tests, default "cuda").
+# GPU_CHECK_TESTS_K (pytest -k expression selecting the tests that run CUDA/Triton code, default "triton or cuda":
+# the Triton-backend and CUDA-device parametrizations and the Triton test modules).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ esac
 
 PYTHON=${PYTHON:-python}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
-TESTS_K=${GPU_CHECK_TESTS_K:-cuda}
+TESTS_K=${GPU_CHECK_TESTS_K:-triton or cuda}
 START=$(date +%s)
 
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
@@ -106,8 +107,9 @@ else
   TRL_ARGS=()
 fi
 CLI=("$PYTHON" -m dpo_kernels.bench.cli)
-# timeout runs programs, not shell functions: the functions above run in a child bash.
-export PYTHON OUT TESTS_K
+# timeout runs programs, not shell functions: the functions above run in a child bash. Unbuffered Python, so that
+# a stage killed by its timeout still shows its last progress lines.
+export PYTHON OUT TESTS_K PYTHONUNBUFFERED=1
 export -f do_install show_environment run_cuda_tests
 
 if [[ $SMOKE == 1 ]]; then
@@ -116,16 +118,16 @@ else
   stage install 150 bash -c do_install
 fi
 stage environment 30 bash -c show_environment
-stage cuda-tests 75 bash -c run_cuda_tests
-stage bench-linear 170 "${CLI[@]}" bench --ops linear --output-dir "$OUT/bench" "${BENCH[@]}"
-stage bench-logits 60 "${CLI[@]}" bench --ops logits --output-dir "$OUT/bench" "${BENCH[@]}"
-stage bench-loss 60 "${CLI[@]}" bench --ops loss --output-dir "$OUT/bench" "${BENCH[@]}"
+stage cuda-tests 90 bash -c run_cuda_tests
+stage bench-linear 150 "${CLI[@]}" bench --ops linear --output-dir "$OUT/bench" "${BENCH[@]}"
+stage bench-logits 45 "${CLI[@]}" bench --ops logits --output-dir "$OUT/bench" "${BENCH[@]}"
+stage bench-loss 45 "${CLI[@]}" bench --ops loss --output-dir "$OUT/bench" "${BENCH[@]}"
+stage memory 75 "${CLI[@]}" profile-memory --output-dir "$OUT/memory" "${MEMORY[@]}"
 if [[ -f benchmarks/trl_step_timing.py ]]; then
-  stage trl-step 90 "$PYTHON" benchmarks/trl_step_timing.py --output-dir "$OUT/trl" "${TRL_ARGS[@]}"
+  stage trl-step 75 "$PYTHON" benchmarks/trl_step_timing.py --output-dir "$OUT/trl" "${TRL_ARGS[@]}"
 else
   log "SKIP  trl-step: benchmarks/trl_step_timing.py is missing"
 fi
-stage memory 90 "${CLI[@]}" profile-memory --output-dir "$OUT/memory" "${MEMORY[@]}"
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s of ${BUDGET_S}s"

@@ -48,8 +48,8 @@ CPU_SIZES = {
     "logits": (Size(1, 64, 0, 1000), Size(2, 48, 0, 3001)),
     "loss": (Size(8), Size(1024)),
 }
-# (warm-up, timed iterations); the launch-bound loss gets more of both.
-ITERATIONS = {"linear": (2, 5), "logits": (2, 5), "loss": (10, 50)}
+# (warm-up, timed iterations) after the error-checking step, itself a first warm-up; the launch-bound loss gets more.
+ITERATIONS = {"linear": (1, 5), "logits": (1, 5), "loss": (10, 50)}
 GRAD_NAMES = {
     "linear": ("grad_hidden", "grad_weight"),
     "logits": ("grad_logits",),
