@@ -79,18 +79,19 @@ def test_pass_kernel_non_finite(force_backend):
     assert not torch.isfinite(logp[:2]).any() and torch.isfinite(logp[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["resident", "streaming", "low"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_engine_through_triton_pass(force_backend, loss_type, mode):
+def test_engine_through_triton_pass(force_backend, loss_type, mode, dtype):
     force_backend("triton")
     B, T, H, V = 2, 8, 24, 1000
-    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=21)
-    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
-                      dtype=torch.float64)
-    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, dtype, seed=21)
     on = [t.to(DEVICE) for t in (hidden, weight, bias, labels, ref_c, ref_r)]
-    out, grads = run_fused(*on, loss_type=loss_type, average=False, memory_budget=MODES[mode](T, V, torch.float32))
-    check_against_truth(out, [g.cpu() for g in grads], truth, base, torch.float32)
+    # Truth and baseline on the same device: on a GPU the baseline is cuBLAS in the same dtype.
+    truth = eager_dpo(*on, loss_type=loss_type, average=False, dtype=torch.float64)
+    base = eager_dpo(*on, loss_type=loss_type, average=False)
+    out, grads = run_fused(*on, loss_type=loss_type, average=False, memory_budget=MODES[mode](T, V, dtype))
+    check_against_truth(out, grads, truth, base, dtype)
 
 
 def test_linear_sequence_logprobs_through_triton_pass(force_backend):
