@@ -21,33 +21,6 @@ BACKENDS = ["triton", "torch"]
 DTYPE_ATOL = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_rounds_to_nearest_bf16():
-    """Triton's CPU interpreter (3.9) truncates fp32 -> bf16 where the GPU rounds to nearest even; that would put
-    the interpreted kernels up to 1 ulp off and fail the accuracy rule for a reason the GPU does not have. Make the
-    interpreter round like the GPU for the duration of this module."""
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        yield
-        return
-    original = getattr(interpreter, "_convert_float", None)
-    if original is None:
-        yield
-        return
-
-    def convert(data, src, dst, rounding_mode):
-        if src == tl.float32 and dst == tl.bfloat16 and rounding_mode is None:
-            as_bf16 = torch.from_numpy(data.view("float32").copy()).to(torch.bfloat16)
-            return as_bf16.view(torch.int16).numpy().view("uint16").reshape(data.shape)
-        return original(data, src, dst, rounding_mode)
-
-    interpreter._convert_float = convert
-    yield
-    interpreter._convert_float = original
-
-
 def device_for(backend: str) -> torch.device:
     """Triton runs CUDA tensors where there is a GPU and CPU tensors in the interpreter elsewhere (conftest sets
     TRITON_INTERPRET only without CUDA); the fallback runs on the CPU."""

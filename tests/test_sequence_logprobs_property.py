@@ -5,11 +5,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_sequence_logprobs import (  # noqa: F401  (the fixture is autouse for this module too)
+from tests.test_sequence_logprobs import (
     BACKENDS,
     DTYPE_ATOL,
     IGNORE,
-    _interpreter_rounds_to_nearest_bf16,
     check_against_reference,
     device_for,
 )
