@@ -117,6 +117,8 @@ def profile_memory(seq_lens=None, *, hidden=None, vocab=None, pairs=1, provider_
                    "peak RSS minus RSS before the step, in this process"),
         "pairs": pairs, "hidden": hidden, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
         "seq_lens": seq_lens,
+        "device_memory_gib": (torch.cuda.get_device_properties(device).total_memory / report.GIB
+                              if device.type == "cuda" else None),
         "providers": [{"name": p.name, "description": p.description,
                        "status": "skipped" if skipped[p.name] else "ran", "note": skipped[p.name]} for p in providers],
         "rows": [],
@@ -193,7 +195,8 @@ def markdown_lines(result: dict) -> list:
 def plot(result: dict, path: str) -> str:
     """Peak extra GiB against T, log-log; a provider's out-of-memory length is marked with a red x."""
     fig, ax = report.new_figure()
-    top = max([r.get("peak_extra_gib") or 0 for r in result["rows"]] + [1e-6])
+    # An OOM is drawn at the device's capacity when known, else just above the highest measurement.
+    top = result.get("device_memory_gib") or 1.5 * max([r.get("peak_extra_gib") or 0 for r in result["rows"]] + [1e-6])
     for p in result["providers"]:
         if p["status"] != "ran":
             continue
@@ -202,10 +205,14 @@ def plot(result: dict, path: str) -> str:
         line = ax.plot([r["seq_len"] for r in ok], [r["peak_extra_gib"] for r in ok], marker="o", label=p["name"])
         for r in rows:
             if r["status"] == "oom":
-                ax.plot([r["seq_len"]], [top * 1.5], marker="x", color=line[0].get_color(), markersize=10,
+                ax.plot([r["seq_len"]], [top], marker="x", color=line[0].get_color(), markersize=10,
                         markeredgewidth=2)
-                ax.annotate("OOM", (r["seq_len"], top * 1.5), fontsize=7, textcoords="offset points", xytext=(4, 4))
+                ax.annotate("OOM", (r["seq_len"], top), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    if result.get("device_memory_gib"):
+        ax.axhline(result["device_memory_gib"], color="gray", linestyle=":", label="device memory")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(result["seq_lens"], [str(t) for t in result["seq_lens"]], fontsize=8)
+    ax.minorticks_off()
     if any((r.get("peak_extra_gib") or 0) > 0 for r in result["rows"]):
         ax.set_yscale("log")  # tiny CPU runs can measure 0 (no new pages): keep a linear axis for them
     ax.set_xlabel("sequence length T")
