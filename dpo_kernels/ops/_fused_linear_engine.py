@@ -29,7 +29,8 @@ class Grads:
         self.hidden = torch.zeros_like(hidden2d) if need_h else None
         self.need_w, self.need_b = need_w, need_b
         self.width = (H if need_w else 0) + (_BIAS_COLUMNS if need_b else 0)
-        self.acc = torch.zeros(V, self.width, dtype=torch.float32, device=weight.device) if self.width else None
+        # Left uninitialized: the first GEMM into it runs with beta = 0, which saves a zero-fill of [V, H] fp32.
+        self.acc = torch.empty(V, self.width, dtype=torch.float32, device=weight.device) if self.width else None
         self.acc_started = False
         self.H = H
 
@@ -64,6 +65,8 @@ class Grads:
 
     def weight_bias(self, weight_dtype):
         grad_w = grad_b = None
+        if self.acc is not None and not self.acc_started:  # no token was scored
+            self.acc.zero_()
         if self.need_w:
             grad_w = self.acc[:, : self.H].to(weight_dtype).contiguous()
         if self.need_b:
@@ -209,7 +212,9 @@ def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, z
     if average:
         scale = scale / layout.counts[seq].clamp_min(1)
     n_chosen = layout.counts_host[group.pairs[0]]
-    u = torch.empty(e0 - s0, weight.shape[1], dtype=torch.float32, device=hidden2d.device) if want else None
+    u = None
+    if want and grads.hidden is not None:
+        u = torch.empty(e0 - s0, weight.shape[1], dtype=torch.float32, device=hidden2d.device)
     acc_c = acc_r = None
     if want and grads.acc is not None:
         acc_c = torch.empty_like(grads.acc)
