@@ -274,3 +274,20 @@ def test_triton_kernels_in_the_trainer_match_stock(tiny, force_backend):
         assert_same_logs(got_logs, want_logs)
         for name in want_grads:
             assert_close(f"grad {name} {config}", got_grads[name], want_grads[name])
+
+
+def test_unknown_logit_transform_falls_back_to_trl(tiny):
+    from transformers import LlamaForCausalLM
+
+    class ScaledLogits(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    policy = tiny["policy"]
+    tiny = dict(tiny, policy=ScaledLogits(policy.config))
+    tiny["policy"].load_state_dict(policy.state_dict())
+    with pytest.warns(UserWarning, match="output head") as caught:
+        fused = make_trainer(FusedDPOTrainer, tiny, quiet=False)
+    assert fused._dk_unsupported and sum("dpo_kernels" in str(w.message) for w in caught) == 1

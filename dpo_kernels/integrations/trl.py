@@ -155,9 +155,21 @@ class FusedDPOMixin:
                 continue
             try:
                 hf.output_head(candidate)
+                self._dk_probe_head(candidate)
             except ValueError as exc:
                 found.append(f"{name}'s output head ({exc})")
         return found
+
+    def _dk_probe_head(self, model) -> None:
+        """One 8-token forward both ways: an architecture whose logits are not `h @ W^T + b` falls back to TRL."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled() or getattr(self, "is_fsdp_enabled", False):
+            return  # sharded parameters cannot run a forward outside the engine here
+        weight, _ = hf.output_head(model)
+        ids = (torch.arange(8, device=weight.device) * 7919 % weight.shape[0]).unsqueeze(0)
+        with self.accelerator.autocast():
+            hf.check_output_head(model, ids)
 
     def _dk_label_smoothing(self) -> list[float]:
         return [self.label_smoothing if name in _TRL_SMOOTHED else 0.0 for name in self.loss_types]
