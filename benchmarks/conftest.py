@@ -11,7 +11,7 @@ import torch
 from dpo_kernels.bench import compare
 from dpo_kernels.bench.providers import providers_for, unavailable_reason
 from dpo_kernels.bench.report import GIB, stamp, stamp_line
-from dpo_kernels.bench.timing import peak_extra_memory, synchronize
+from dpo_kernels.bench.timing import peak_extra_memory, release_memory, synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -43,7 +43,7 @@ class _LastInputs:
     def get(self, op, size):
         if self.key != (op, size):
             self.key = self.value = None
-            compare._free(DEVICE)
+            release_memory(DEVICE)
             self.value, self.key = compare.make_inputs(op, size, DTYPE, DEVICE), (op, size)
         return self.value
 
@@ -88,6 +88,6 @@ def dpo_step(benchmark):
             pytest.skip(f"{provider_name} at {size.label}: out of memory ({str(exc).splitlines()[0][:120]})")
         finally:
             clear()
-            compare._free(DEVICE)
+            release_memory(DEVICE)
 
     return run

@@ -6,7 +6,6 @@ The floors: for the logits path the bandwidth floor (3 bytes-per-element passes 
 rate), for the fused linear path the 6NHV floor (the three chunked GEMMs over the valid tokens, measured here). The
 DPO loss alone is launch-bound and has no floor.
 """
-import gc
 import os
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 from dpo_kernels.bench import inputs as bench_inputs
 from dpo_kernels.bench import report
 from dpo_kernels.bench.providers import OP_TITLES, providers_for, unavailable_reason
-from dpo_kernels.bench.timing import bandwidth_floor_ms, copy_bandwidth, gemm_floor_ms, time_step
+from dpo_kernels.bench.timing import bandwidth_floor_ms, copy_bandwidth, gemm_floor_ms, release_memory, time_step
 
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
@@ -80,14 +79,6 @@ def _clear_grads(tensors) -> None:
         t.grad = None
 
 
-def _free(device: torch.device) -> None:
-    # After an OOM, reference cycles in the failed graph can hold GiBs; on the CPU refcounting suffices and a full
-    # collection costs more than the tiny steps it separates.
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 def relative_error(value: torch.Tensor, truth: torch.Tensor, rows: int = 4096) -> float:
     """`||value - truth|| / ||truth||` in fp32, in row chunks so that no full-size fp32 copy is made."""
     value, truth = value.detach().reshape(-1, value.shape[-1]), truth.detach().reshape(-1, truth.shape[-1])
@@ -141,7 +132,7 @@ def _run_provider(provider, op, inputs, tensors, device, reference, settings) ->
         row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     finally:
         _clear_grads(tensors)
-        _free(device)
+        release_memory(device)
     return row
 
 
@@ -194,7 +185,7 @@ def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None,
             reference = loss_and_grads(eager.build(inputs), tensors)
         except OOM_ERRORS:
             _clear_grads(tensors)
-        _free(device)
+        release_memory(device)
         for provider in providers:
             if skipped[provider.name]:
                 continue
@@ -207,7 +198,7 @@ def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None,
             result["rows"].append(row)
             on_update(result, False)
         del inputs, tensors, reference
-        _free(device)
+        release_memory(device)
         if index < len(sizes) - 1:
             on_update(result, True)
     result["complete"] = True

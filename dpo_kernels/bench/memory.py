@@ -20,7 +20,7 @@ import torch
 from dpo_kernels.bench import compare, report
 from dpo_kernels.bench.inputs import check_sizes
 from dpo_kernels.bench.providers import providers_for, unavailable_reason
-from dpo_kernels.bench.timing import peak_extra_memory
+from dpo_kernels.bench.timing import peak_extra_memory, release_memory
 
 GPU_DEFAULTS = {"seq_lens": (1024, 2048, 4096, 8192, 16384, 32768, 65536), "hidden": 4096, "vocab": 128256}
 CPU_DEFAULTS = {"seq_lens": (256, 512, 1024, 2048), "hidden": 64, "vocab": 4096}
@@ -144,7 +144,7 @@ def profile_memory(seq_lens=None, *, hidden=None, vocab=None, pairs=1, provider_
                 row.update(status="oom", note=str(exc).splitlines()[0][:200] if str(exc) else "out of memory")
             except Exception as exc:  # noqa: BLE001  (reported in the table; the other providers go on)
                 row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:200]}")
-            compare._free(device)
+            release_memory(device)
             row["seconds"] = time.perf_counter() - t0
             if row.get("peak_extra_bytes") is not None:
                 row["peak_extra_gib"] = row["peak_extra_bytes"] / report.GIB

@@ -6,6 +6,7 @@ the step's gradients included). CPU: `perf_counter`, and the peak extra resident
 mark (`VmHWM`) is reset through `/proc/self/clear_refs` before the step and read after it (Linux only; None
 elsewhere).
 """
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -49,6 +50,15 @@ def current_rss() -> int | None:
 
 def peak_rss() -> int | None:
     return _proc_status_bytes("VmHWM")
+
+
+def release_memory(device: torch.device) -> None:
+    """Returns what a finished (or failed) step held to the device, so that the next one starts from the same state."""
+    # After an OOM, reference cycles in the failed graph can hold GiBs; on the CPU refcounting suffices and a full
+    # collection costs more than the tiny steps it separates.
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def synchronize(device: torch.device) -> None:
