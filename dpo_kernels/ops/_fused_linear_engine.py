@@ -2,12 +2,21 @@
 
 Every loop reuses one `[C, V]` buffer: `Z = h_c @ W^T (+ b)` (cuBLAS on CUDA), then `logsoftmax_pass` reads Z once
 and, when gradients are wanted, leaves `D = scale * (onehot - softmax(Z))` in the same buffer; then
-`U = D @ W` (hidden-state gradient, fp32) and `acc += D^T [h | 1]` (weight and bias gradient, fp32).
+`U = D @ W` (hidden-state gradient) and `acc += D^T [h | 1]` (weight and bias gradient, fp32).
 
 - `sequence_logps`: steps 1-2 only (2NHV): log-probs for eval, the reference model, and recompute forwards.
 - `recompute_grads`: every token's coefficient is known, so it goes straight into D's scale (6NHV).
 - `fused_dpo`: DPO forward that forms the gradients for an upstream gradient of 1 while it computes the loss
-  (6NHV), pair by pair: resident groups of whole pairs, or one long pair streamed through a per-pair accumulator.
+  (6NHV), pair by pair: resident groups of whole pairs, or one long pair streamed through chunks.
+
+Memory (the byte model is `_memory_model.py`): at most one `[V, H]` fp32 buffer ever lives, the weight-gradient
+accumulator, and none when one GEMM forms the whole weight gradient (a single resident chunk without bias: cuBLAS
+accumulates in fp32 and rounds once into the weight's dtype, as the fp32 buffer's final conversion would).
+A streaming pair streams into that accumulator while nothing else is in it and scales it by the pair's coefficient
+at the end (tied losses). Otherwise (the accumulator already holds other pairs, or the chosen and rejected
+coefficients are not tied) the pair runs twice: a forward pass for its log-probs, then, its coefficients known, a
+gradient pass that adds straight into the accumulator (8 instead of 6 units of GEMM work for that pair, no second
+`[V, H]` buffer). The unscaled hidden-state gradient `U` of a streaming pair stays fp32 (`[n, H]`, n its tokens).
 """
 import torch
 
@@ -22,28 +31,37 @@ _BIAS_COLUMNS = 8
 
 
 class Grads:
-    """Gradient buffers of one engine run; `None` where that gradient is not wanted."""
+    """Gradient buffers of one engine run; `None` where that gradient is not wanted.
+
+    The fp32 weight/bias accumulator is allocated by the first GEMM into it (beta = 0, so no zero-fill of [V, H]);
+    `add_weight_gemm(..., only=True)` instead writes the weight gradient in the weight's dtype with one GEMM.
+    """
 
     def __init__(self, hidden2d, weight, need_h, need_w, need_b):
         V, H = weight.shape
         self.hidden = torch.zeros_like(hidden2d) if need_h else None
         self.need_w, self.need_b = need_w, need_b
         self.width = (H if need_w else 0) + (_BIAS_COLUMNS if need_b else 0)
-        # Left uninitialized: the first GEMM into it runs with beta = 0, which saves a zero-fill of [V, H] fp32.
-        self.acc = torch.empty(V, self.width, dtype=torch.float32, device=weight.device) if self.width else None
-        self.acc_started = False
-        self.H = H
+        self.acc = None
+        self.direct = None
+        self.V, self.H, self.device = V, H, weight.device
+
+    @property
+    def started(self) -> bool:
+        """Whether some tokens' weight/bias gradient is already in the accumulator."""
+        return self.acc is not None or self.direct is not None
 
     def operand(self, h, coef):
         """`[h * coef | coef | 0...]` in h's dtype, the right operand of `acc += D^T @ operand` (coef None = 1).
 
         Scaling the `[C, H]` rows of h by the per-token coefficient, rather than the `[C, V]` rows of D, keeps D
-        untouched after the pass; `h * coef` is formed in fp32 and rounded once."""
+        untouched after the pass; `h * coef` is formed in fp32 (type promotion with the fp32 coef) and rounded
+        once."""
         if not self.need_b:
-            return h if coef is None else (h.float() * coef.unsqueeze(1)).to(h.dtype)
+            return h if coef is None else (h * coef.unsqueeze(1)).to(h.dtype)
         out = h.new_zeros(h.shape[0], self.width)
         if self.need_w:
-            out[:, : self.H] = h if coef is None else h.float() * coef.unsqueeze(1)
+            out[:, : self.H] = h if coef is None else h * coef.unsqueeze(1)
         col = self.width - _BIAS_COLUMNS
         if coef is None:
             out[:, col] = 1.0
@@ -52,21 +70,30 @@ class Grads:
             out[:, col + 1] = coef - out[:, col].float()
         return out
 
-    def add_weight_gemm(self, d, operand):
-        addmm_fp32_(self.acc, d.t(), operand, accumulate=self.acc_started)
-        self.acc_started = True
+    def add_weight_gemm(self, d, operand, *, only=False):
+        """`acc += D^T operand`; with `only` (this GEMM is the run's whole weight gradient, no bias) the product is
+        written in the weight's dtype instead, and no fp32 `[V, H]` buffer exists."""
+        if only and not self.need_b and not self.started:
+            self.direct = torch.mm(d.t(), operand)
+            return
+        if self.acc is None:
+            self.acc = torch.empty(self.V, self.width, dtype=torch.float32, device=self.device)
+            addmm_fp32_(self.acc, d.t(), operand, accumulate=False)
+        else:
+            addmm_fp32_(self.acc, d.t(), operand)
 
-    def add_scaled(self, partial, coef):
-        """`acc += coef * partial` for an fp32 `[V, width]` partial and a 0-dim coefficient (no host sync)."""
-        if not self.acc_started:
-            self.acc.zero_()
-            self.acc_started = True
-        self.acc.addcmul_(partial, coef)
+    def scale_(self, coef):
+        """`acc *= coef` for a 0-dim coefficient (no host sync)."""
+        self.acc.mul_(coef)
 
     def weight_bias(self, weight_dtype):
+        if self.direct is not None:
+            return self.direct, None
         grad_w = grad_b = None
-        if self.acc is not None and not self.acc_started:  # no token was scored
-            self.acc.zero_()
+        if self.acc is None:  # no token was scored
+            grad_w = torch.zeros(self.V, self.H, dtype=weight_dtype, device=self.device) if self.need_w else None
+            grad_b = torch.zeros(self.V, dtype=weight_dtype, device=self.device) if self.need_b else None
+            return grad_w, grad_b
         if self.need_w:
             grad_w = self.acc[:, : self.H].to(weight_dtype).contiguous()
         if self.need_b:
@@ -103,30 +130,42 @@ def reduce_sequences(tok, layout, num_seqs, average):
     return total
 
 
+def _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok):
+    """Token log-probs of `chunks` into `tok` (2NHV); the last chunk's logits stay in `zbuf`."""
+    for s, e in chunks:
+        z = _project(hidden2d.index_select(0, layout.rows[s:e]), weight, bias, zbuf)
+        tok[s:e] = logsoftmax_pass(z, layout.targets[s:e])
+
+
 def sequence_logps(hidden2d, weight, bias, layout, num_seqs, average, chunk):
     """`[R]` float32 sequence log-probs (forward only, 2NHV)."""
     total = layout.rows.numel()
     tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
     zbuf = _new_buffer(hidden2d, weight, chunk, total)
-    for s, e in even_chunks(total, chunk):
-        z = _project(hidden2d.index_select(0, layout.rows[s:e]), weight, bias, zbuf)
-        tok[s:e] = logsoftmax_pass(z, layout.targets[s:e])
+    _forward_chunks(hidden2d, weight, bias, layout, even_chunks(total, chunk), zbuf, tok)
     return reduce_sequences(tok, layout, num_seqs, average)
+
+
+def _gradient_chunk(hidden2d, weight, bias, layout, s, e, coef, zbuf, grads, *, projected=False, only=False):
+    """Gradients of tokens `s:e` whose coefficients `coef [e - s]` are known; `projected`: their logits are already
+    in `zbuf`."""
+    rows = layout.rows[s:e]
+    h = hidden2d.index_select(0, rows)
+    d = zbuf[: e - s] if projected else _project(h, weight, bias, zbuf)
+    logsoftmax_pass(d, layout.targets[s:e], scale=coef, write_grad=True)
+    if grads.hidden is not None:
+        grads.hidden.index_copy_(0, rows, torch.mm(d, weight))
+    if grads.width:
+        grads.add_weight_gemm(d, grads.operand(h, None), only=only)
 
 
 def recompute_grads(hidden2d, weight, bias, layout, token_coef, chunk, grads: Grads):
     """Gradients for known per-token coefficients `token_coef [N]` (d out / d token log-prob), 6NHV."""
     total = layout.rows.numel()
     zbuf = _new_buffer(hidden2d, weight, chunk, total)
-    for s, e in even_chunks(total, chunk):
-        rows = layout.rows[s:e]
-        h = hidden2d.index_select(0, rows)
-        d = _project(h, weight, bias, zbuf)
-        logsoftmax_pass(d, layout.targets[s:e], scale=token_coef[s:e], write_grad=True)
-        if grads.hidden is not None:
-            grads.hidden.index_copy_(0, rows, torch.mm(d, weight))
-        if grads.acc is not None:
-            grads.add_weight_gemm(d, grads.operand(h, None))
+    chunks = even_chunks(total, chunk)
+    for s, e in chunks:
+        _gradient_chunk(hidden2d, weight, bias, layout, s, e, token_coef[s:e], zbuf, grads, only=len(chunks) == 1)
 
 
 class _PairLoss:
@@ -152,6 +191,11 @@ class _PairLoss:
         self.out, grad_c, grad_r = self.loss_fn(self.logps[: self.B], self.logps[self.B :])
         return torch.cat([grad_c, grad_r]).float()
 
+    def token_coefficients(self, g, start, end):
+        """d loss / d token log-prob of tokens `start:end` from the per-sequence `g [2B]`."""
+        seq = self.layout.seq[start:end]
+        return g[seq] / self.layout.counts[seq] if self.average else g[seq]
+
 
 def _group_sums(tok, layout, seqs, start, end, average):
     """Sums (means) of the group's sequences from its own tokens, in a fixed order."""
@@ -176,33 +220,56 @@ def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, l
     total = layout.rows.numel()
     tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
     pair_loss = _PairLoss(layout, B, average, loss_fn)
-    want = grads is not None and (grads.hidden is not None or grads.acc is not None)
+    want = grads is not None and (grads.hidden is not None or grads.width > 0)
     zbuf = _new_buffer(hidden2d, weight, chunk, total)
-    for group in plan_pairs([counts[i] + counts[B + i] for i in range(B)], chunk):
-        if group.streaming:
-            _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss, grads, want)
-            continue
-        s, e = group.chunks[0]
-        rows = layout.rows[s:e]
-        h = d = None
-        if e > s:
-            h = hidden2d.index_select(0, rows)
-            d = _project(h, weight, bias, zbuf)
-            tok[s:e] = logsoftmax_pass(d, layout.targets[s:e], write_grad=want)
-        g = pair_loss.complete(tok, group.pairs, s, e)
-        if want and e > s:
-            seq = layout.seq[s:e]
-            c = g[seq] / layout.counts[seq] if average else g[seq]
-            if grads.hidden is not None:
-                grads.hidden.index_copy_(0, rows, (mm_fp32(d, weight) * c.unsqueeze(1)).to(hidden2d.dtype))
-            if grads.acc is not None:
-                grads.add_weight_gemm(d, grads.operand(h, c))
+    groups = plan_pairs([counts[i] + counts[B + i] for i in range(B)], chunk)
+    only = len(groups) == 1
+    for group in groups:
+        if not group.streaming:
+            _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads if want else None,
+                            only)
+        elif want and grads.width and (grads.started or not tied):
+            _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads)
+        else:
+            _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss,
+                         grads if want else None)
     return pair_loss.out, pair_loss.logps
 
 
-def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss, grads, want):
-    """One pair longer than a chunk: D carries each row's known factor (the rejected rows' sign for tied losses,
-    1/len in average mode); the pair's `D^T h` sums wait in fp32 accumulators until its coefficient is known."""
+def _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, only):
+    """Whole pairs in one chunk: their coefficients are known after the pass, so D is used at once."""
+    s, e = group.chunks[0]
+    if e == s:
+        pair_loss.complete(tok, group.pairs, s, e)
+        return
+    rows = layout.rows[s:e]
+    h = hidden2d.index_select(0, rows)
+    d = _project(h, weight, bias, zbuf)
+    tok[s:e] = logsoftmax_pass(d, layout.targets[s:e], write_grad=grads is not None)
+    g = pair_loss.complete(tok, group.pairs, s, e)
+    if grads is None:
+        return
+    c = pair_loss.token_coefficients(g, s, e)
+    if grads.hidden is not None:
+        _scaled_hidden_grad(d, weight, c, grads.hidden, rows)
+    if grads.width:
+        grads.add_weight_gemm(d, grads.operand(h, c), only=only)
+
+
+def _scaled_hidden_grad(d, weight, c, out, rows):
+    """`out[rows] = (c * (D @ W))` rounded once to out's dtype; the fp32 product is freed on return."""
+    u = mm_fp32(d, weight)
+    u.mul_(c.unsqueeze(1))
+    out.index_copy_(0, rows, u.to(out.dtype))
+
+
+def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss, grads):
+    """One pair longer than a chunk, in one pass: D carries each row's known factor (the rejected rows' sign for
+    tied losses, 1/len in average mode); the pair's `D^T h` sums go straight into the (still empty) weight-gradient
+    accumulator, and `U = D @ W` into an fp32 `[n, H]` buffer, both scaled once the pair's coefficient is known.
+
+    Reached with gradients only when the accumulator is unused or not wanted, and for tied losses when it is used.
+    """
     s0, e0 = group.start, group.end
     seq = layout.seq[s0:e0]
     rejected = seq >= B
@@ -211,43 +278,42 @@ def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, z
         scale = torch.where(rejected, -scale, scale)
     if average:
         scale = scale / layout.counts[seq].clamp_min(1)
-    n_chosen = layout.counts_host[group.pairs[0]]
     u = None
-    if want and grads.hidden is not None:
+    if grads is not None and grads.hidden is not None:
         u = torch.empty(e0 - s0, weight.shape[1], dtype=torch.float32, device=hidden2d.device)
-    acc_c = acc_r = None
-    if want and grads.acc is not None:
-        acc_c = torch.empty_like(grads.acc)
-        acc_r = None if tied else torch.empty_like(grads.acc)
-    started = {"c": False, "r": False}
     for s, e in group.chunks:
         h = hidden2d.index_select(0, layout.rows[s:e])
         d = _project(h, weight, bias, zbuf)
-        tok[s:e] = logsoftmax_pass(d, layout.targets[s:e], scale=scale[s - s0 : e - s0], write_grad=want)
-        if not want:
+        tok[s:e] = logsoftmax_pass(d, layout.targets[s:e], scale=scale[s - s0 : e - s0], write_grad=grads is not None)
+        if grads is None:
             continue
-        if grads.hidden is not None:
-            u[s - s0 : e - s0] = mm_fp32(d, weight)
-        if acc_c is None:
-            continue
-        operand = grads.operand(h, None)
-        # Without tied coefficients the chosen rows (first in the pair) and the rejected rows go to separate sums.
-        k = e - s if tied else min(max(n_chosen - (s - s0), 0), e - s)
-        if k:
-            addmm_fp32_(acc_c, d[:k].t(), operand[:k], accumulate=started["c"])
-            started["c"] = True
-        if k < e - s:
-            addmm_fp32_(acc_r, d[k:].t(), operand[k:], accumulate=started["r"])
-            started["r"] = True
+        if u is not None:
+            addmm_fp32_(u[s - s0 : e - s0], d, weight, accumulate=False)
+        if grads.width:
+            grads.add_weight_gemm(d, grads.operand(h, None))
+    del h
     g = pair_loss.complete(tok, group.pairs, s0, e0)
-    if not want:
+    if grads is None:
         return
     i = group.pairs[0]
-    row_g = g[i].expand(e0 - s0) if tied else torch.where(rejected, g[B + i], g[i])
-    if grads.hidden is not None:
-        grads.hidden.index_copy_(0, layout.rows[s0:e0], (u * row_g.unsqueeze(1)).to(hidden2d.dtype))
-    if acc_c is not None:
-        if started["c"]:
-            grads.add_scaled(acc_c, g[i])
-        if started["r"]:
-            grads.add_scaled(acc_r, g[B + i])
+    if grads.width:
+        grads.scale_(g[i])
+    if u is not None:
+        row_g = g[i].expand(e0 - s0) if tied else torch.where(rejected, g[B + i], g[i])
+        u.mul_(row_g.unsqueeze(1))
+        # Rounded chunk by chunk: a [C, H] temporary rather than a second [n, H] one.
+        for s, e in group.chunks:
+            grads.hidden.index_copy_(0, layout.rows[s:e], u[s - s0 : e - s0].to(hidden2d.dtype))
+
+
+def _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads):
+    """One pair longer than a chunk when its weight-gradient sums cannot go straight into the accumulator: a
+    forward pass gives its log-probs and coefficients, then a gradient pass adds into the accumulator (8 units of
+    GEMM work instead of 6 for this pair, no second `[V, H]` buffer). The gradient pass runs the chunks backwards,
+    starting with the last one, whose logits are still in the buffer."""
+    s0, e0 = group.start, group.end
+    _forward_chunks(hidden2d, weight, bias, layout, group.chunks, zbuf, tok)
+    g = pair_loss.complete(tok, group.pairs, s0, e0)
+    coef = pair_loss.token_coefficients(g, s0, e0)
+    for k, (s, e) in enumerate(reversed(group.chunks)):
+        _gradient_chunk(hidden2d, weight, bias, layout, s, e, coef[s - s0 : e - s0], zbuf, grads, projected=k == 0)
