@@ -63,9 +63,39 @@ DpoLossResult dpo_loss_forward_cpu(const at::Tensor& policy_chosen, const at::Te
   return results(b);
 }
 
+template <typename T>
+void dpo_loss_backward_cpu_kernel(const DpoLossBackwardArgs& a, at::Tensor& out_chosen, at::Tensor& out_rejected) {
+  const T g = *a.grad_loss.data_ptr<T>();
+  const T* gc = a.grad_chosen.data_ptr<T>();
+  const T* gr = a.grad_rejected.data_ptr<T>();
+  T* oc = out_chosen.data_ptr<T>();
+  T* orj = out_rejected.data_ptr<T>();
+  at::parallel_for(0, a.grad_chosen.numel(), 32 * kChunk, [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      oc[p] = g * gc[p];
+      orj[p] = g * gr[p];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                                                         const at::Tensor& grad_rejected) {
+  TORCH_CHECK(grad_chosen.device().is_cpu(), "dpo_loss_backward (CPU) got a tensor on ", grad_chosen.device());
+  const DpoLossBackwardArgs a = prepare_dpo_loss_backward(grad_loss, grad_chosen, grad_rejected);
+  at::Tensor out_chosen = at::empty_like(a.grad_chosen);
+  at::Tensor out_rejected = at::empty_like(a.grad_rejected);
+  if (a.grad_chosen.scalar_type() == at::kDouble) {
+    dpo_loss_backward_cpu_kernel<double>(a, out_chosen, out_rejected);
+  } else {
+    dpo_loss_backward_cpu_kernel<float>(a, out_chosen, out_rejected);
+  }
+  return {out_chosen, out_rejected};
+}
+
 }  // namespace
 }  // namespace dpo_kernels
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
   m.impl("dpo_loss_forward", &dpo_kernels::dpo_loss_forward_cpu);
+  m.impl("dpo_loss_backward", &dpo_kernels::dpo_loss_backward_cpu);
 }

@@ -70,8 +70,6 @@ DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tenso
 
   const at::Tensor& pc = b.policy_chosen;
   const at::Tensor& pr = b.policy_rejected;
-  const at::Tensor chosen_ratio = b.ref_chosen.defined() ? pc - b.ref_chosen : pc;
-  const at::Tensor rejected_ratio = b.ref_rejected.defined() ? pr - b.ref_rejected : pr;
   if (uses(loss_types, kAot)) {
     std::tie(b.aot_sorted_policy, b.aot_rank) = sort_with_rank(pc - pr);
     b.aot_sorted_ref = b.ref_chosen.defined()
@@ -79,6 +77,8 @@ DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tenso
                            : at::zeros_like(pc);
   }
   if (uses(loss_types, kAotUnpaired)) {
+    const at::Tensor chosen_ratio = b.ref_chosen.defined() ? pc - b.ref_chosen : pc;
+    const at::Tensor rejected_ratio = b.ref_rejected.defined() ? pr - b.ref_rejected : pr;
     std::tie(b.aotu_sorted_chosen, b.aotu_rank_chosen) = sort_with_rank(chosen_ratio);
     std::tie(b.aotu_sorted_rejected, b.aotu_rank_rejected) = sort_with_rank(rejected_ratio);
   }
@@ -152,6 +152,28 @@ DpoLossResult results(const DpoLossBuffers& b) {
           b.grad_rejected};
 }
 
+DpoLossBackwardArgs prepare_dpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                                              const at::Tensor& grad_rejected) {
+  TORCH_CHECK(grad_chosen.dim() == 1 && grad_rejected.sizes() == grad_chosen.sizes(),
+              "dpo_loss_backward: grad_chosen and grad_rejected must be [B] vectors of one shape, got ",
+              grad_chosen.sizes(), " and ", grad_rejected.sizes());
+  TORCH_CHECK(grad_chosen.scalar_type() == grad_rejected.scalar_type() &&
+                  (grad_chosen.scalar_type() == at::kFloat || grad_chosen.scalar_type() == at::kDouble),
+              "dpo_loss_backward: the coefficients must both be float32 or float64, got ", grad_chosen.scalar_type(),
+              " and ", grad_rejected.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == 1, "dpo_loss_backward: grad_loss must have one element, got shape ",
+              grad_loss.sizes());
+  TORCH_CHECK(grad_loss.device() == grad_chosen.device() && grad_rejected.device() == grad_chosen.device(),
+              "dpo_loss_backward: tensors on different devices: grad_loss on ", grad_loss.device(),
+              ", grad_chosen on ", grad_chosen.device(), ", grad_rejected on ", grad_rejected.device());
+  DpoLossBackwardArgs a;
+  a.grad_loss = grad_loss.scalar_type() == grad_chosen.scalar_type() ? grad_loss.contiguous()
+                                                                      : grad_loss.to(grad_chosen.scalar_type());
+  a.grad_chosen = grad_chosen.contiguous();
+  a.grad_rejected = grad_rejected.contiguous();
+  return a;
+}
+
 }  // namespace dpo_kernels
 
 TORCH_LIBRARY(dpo_kernels, m) {
@@ -162,4 +184,6 @@ TORCH_LIBRARY(dpo_kernels, m) {
       "float[] label_smoothing, float beta, float gamma, float tau, float dpop_lambda) -> "
       "(Tensor loss, Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor reward_accuracy, "
       "Tensor reward_margin, Tensor grad_chosen, Tensor grad_rejected)");
+  // The backward of dpo_loss_forward: grad_loss (a scalar) times the saved coefficients, in one launch.
+  m.def("dpo_loss_backward(Tensor grad_loss, Tensor grad_chosen, Tensor grad_rejected) -> (Tensor, Tensor)");
 }

@@ -39,4 +39,13 @@ DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types,
 
 DpoLossResult results(const DpoLossBuffers& b);
 
+// The backward op's arguments, checked: a one-element upstream gradient on the coefficients' device, returned
+// contiguous and in their dtype; the coefficients themselves are two contiguous [B] vectors of one dtype.
+struct DpoLossBackwardArgs {
+  at::Tensor grad_loss, grad_chosen, grad_rejected;
+};
+
+DpoLossBackwardArgs prepare_dpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                                              const at::Tensor& grad_rejected);
+
 }  // namespace dpo_kernels

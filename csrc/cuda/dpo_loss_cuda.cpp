@@ -36,9 +36,33 @@ DpoLossResult dpo_loss_forward_cuda(const at::Tensor& policy_chosen, const at::T
   return results(b);
 }
 
+std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                                                          const at::Tensor& grad_rejected) {
+  TORCH_CHECK(grad_chosen.is_cuda(), "dpo_loss_backward (CUDA) got a tensor on ", grad_chosen.device());
+  const c10::cuda::CUDAGuard guard(grad_chosen.device());
+  const DpoLossBackwardArgs a = prepare_dpo_loss_backward(grad_loss, grad_chosen, grad_rejected);
+  at::Tensor out_chosen = at::empty_like(a.grad_chosen);
+  at::Tensor out_rejected = at::empty_like(a.grad_rejected);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t batch = a.grad_chosen.numel();
+  cudaError_t err;
+  if (a.grad_chosen.scalar_type() == at::kDouble) {
+    err = launch_dpo_loss_backward(a.grad_loss.data_ptr<double>(), a.grad_chosen.data_ptr<double>(),
+                                   a.grad_rejected.data_ptr<double>(), out_chosen.data_ptr<double>(),
+                                   out_rejected.data_ptr<double>(), batch, stream);
+  } else {
+    err = launch_dpo_loss_backward(a.grad_loss.data_ptr<float>(), a.grad_chosen.data_ptr<float>(),
+                                   a.grad_rejected.data_ptr<float>(), out_chosen.data_ptr<float>(),
+                                   out_rejected.data_ptr<float>(), batch, stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "dpo_loss_backward: kernel launch failed: ", cudaGetErrorString(err));
+  return {out_chosen, out_rejected};
+}
+
 }  // namespace
 }  // namespace dpo_kernels
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
   m.impl("dpo_loss_forward", &dpo_kernels::dpo_loss_forward_cuda);
+  m.impl("dpo_loss_backward", &dpo_kernels::dpo_loss_backward_cuda);
 }

@@ -13,4 +13,10 @@ namespace dpo_kernels {
 template <typename T>
 cudaError_t launch_dpo_loss_forward(const DpoLossArgs<T>& args, cudaStream_t stream);
 
+// The backward in one launch: out_chosen = grad_loss[0] * grad_chosen, out_rejected = grad_loss[0] * grad_rejected.
+// grad_loss is read on the device (no host sync).
+template <typename T>
+cudaError_t launch_dpo_loss_backward(const T* grad_loss, const T* grad_chosen, const T* grad_rejected,
+                                     T* out_chosen, T* out_rejected, int64_t batch, cudaStream_t stream);
+
 }  // namespace dpo_kernels

@@ -154,6 +154,68 @@ def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_len
     return LossSpec(names, weights, smoothing, beta, params["gamma"], params["tau"], params["dpop_lambda"])
 
 
+class OpConstants(NamedTuple):
+    """The C++ op's non-tensor arguments for one validated spec, and which lengths its terms read."""
+
+    op_args: tuple  # (loss_type codes, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda)
+    reads_chosen_lengths: bool
+    reads_rejected_lengths: bool
+
+
+_MAX_CACHED_SPECS = 256
+_op_constants_cache: dict = {}
+
+
+_CACHEABLE_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+def _cache_key(value):
+    """A key that tells apart values which compare equal across types (True == 1 == 1.0), so that a cached spec
+    never skips a check (beta=True must still raise). Only plain Python values and lists/tuples of them are cached:
+    anything else (numpy scalars, iterators, whose hash may be an id) raises TypeError and is validated afresh."""
+    if type(value) in _CACHEABLE_TYPES:
+        return (type(value), value)
+    if type(value) in (list, tuple):
+        return (tuple,) + tuple(_cache_key(v) for v in value)
+    raise TypeError(f"not cached: {type(value).__name__}")
+
+
+def _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths, loss_params):
+    # validate_spec only asks whether lengths were passed.
+    spec = validate_spec(loss_type, beta, label_smoothing, True if has_chosen_lengths else None,
+                         True if has_rejected_lengths else None, loss_params)
+    names = set(spec.loss_types)
+    op_args = (tuple(LOSS_TYPES.index(name) for name in spec.loss_types), spec.loss_weights, spec.label_smoothing,
+               spec.beta, spec.gamma, spec.tau, spec.dpop_lambda)
+    reads_both = bool(names & _NEEDS_BOTH_LENGTHS)
+    return OpConstants(op_args, reads_both or bool(names & _NEEDS_CHOSEN_LENGTHS), reads_both)
+
+
+def op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths,
+                 loss_params) -> OpConstants:
+    """`validate_spec` for the C++ op, cached: a training loop passes the same hyper-parameters every step.
+
+    Invalid specs are never cached (they raise every time); other argument types skip the cache, and so does
+    torch.compile's tracing (it runs once per graph, and a global dict would only add guards)."""
+    if torch.compiler.is_compiling():
+        return _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths,
+                                   loss_params)
+    try:
+        key = (_cache_key(loss_type), _cache_key(beta), _cache_key(label_smoothing), has_chosen_lengths,
+               has_rejected_lengths, tuple(sorted((k, _cache_key(v)) for k, v in loss_params.items())))
+        cached = _op_constants_cache.get(key)
+    except TypeError:
+        return _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths,
+                                   loss_params)
+    if cached is None:
+        cached = _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths,
+                                     loss_params)
+        if len(_op_constants_cache) >= _MAX_CACHED_SPECS:
+            _op_constants_cache.clear()
+        _op_constants_cache[key] = cached
+    return cached
+
+
 def _check_tensor(name: str, t, like: torch.Tensor | None, *, lengths: bool = False):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -13,7 +13,7 @@ from dpo_kernels.ops._dpo_loss_api import (
     LossTraits,
     compute_dtype,
     loss_traits,
-    validate_spec,
+    op_constants,
     validate_tensors,
 )
 
@@ -26,8 +26,6 @@ try:
 except ImportError as error:  # keep `import dpo_kernels` working; the op explains itself when called
     _LOAD_ERROR = error
 
-_OP_NAME = "dpo_kernels::dpo_loss_forward"
-
 
 def _require_extension():
     if _LOAD_ERROR is not None:
@@ -38,9 +36,17 @@ def _require_extension():
         )
 
 
-if _LOAD_ERROR is None:
+_FORWARD_NAME = "dpo_kernels::dpo_loss_forward"
+_BACKWARD_NAME = "dpo_kernels::dpo_loss_backward"
+_forward_op = None  # torch.ops.dpo_kernels.dpo_loss_forward.default once the extension is loaded
+_has_cuda_kernel = None
 
-    @torch.library.register_fake(_OP_NAME)
+if _LOAD_ERROR is None:
+    _forward_op = torch.ops.dpo_kernels.dpo_loss_forward.default
+
+    # The autograd formula is registered in C++ (csrc/dpo_loss_autograd.cpp), so that a training step runs no
+    # Python between the op's forward and backward; torch.compile needs only the fake (shape) functions here.
+    @torch.library.register_fake(_FORWARD_NAME)
     def _dpo_loss_forward_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
                                rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
                                dpop_lambda):
@@ -49,48 +55,46 @@ if _LOAD_ERROR is None:
         return (scalar, vector, vector.clone(), vector.clone(), scalar.clone(), scalar.clone(), vector.clone(),
                 vector.clone())
 
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[6], output[7])
-
-    def _backward(ctx, grad_loss, *unused_grads):
-        # Only `loss` is differentiable (the wrapper detaches the rest); ref log-probs and lengths are constants.
-        grad_chosen, grad_rejected = ctx.saved_tensors
-        return (grad_loss * grad_chosen, grad_loss * grad_rejected) + (None,) * 11
-
-    torch.library.register_autograd(_OP_NAME, _backward, setup_context=_setup_context)
+    @torch.library.register_fake(_BACKWARD_NAME)
+    def _dpo_loss_backward_fake(grad_loss, grad_chosen, grad_rejected):
+        return (torch.empty_like(grad_chosen, memory_format=torch.contiguous_format),
+                torch.empty_like(grad_rejected, memory_format=torch.contiguous_format))
 
 
-def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
-             beta, label_smoothing, loss_params):
-    validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
-    spec = validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params)
-    _require_extension()
-    if policy_chosen.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, "CUDA"):
+def _require_cuda_kernel():
+    global _has_cuda_kernel
+    if _has_cuda_kernel is None:
+        _has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_NAME, "CUDA")
+    if not _has_cuda_kernel:
         raise RuntimeError(
             "dpo_kernels._C was built without CUDA (torch had no CUDA or nvcc was not found at build time); "
             "rebuild on the GPU machine with `pip install --no-build-isolation --no-deps -e .`"
         )
+
+
+def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
+             beta, label_smoothing, loss_params):
+    # Every check runs before the launch; the hyper-parameters' part is cached (a training loop repeats them).
+    validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
+    const = op_constants(loss_type, beta, label_smoothing, chosen_lengths is not None, rejected_lengths is not None,
+                         loss_params)
+    _require_extension()
+    if policy_chosen.is_cuda:
+        _require_cuda_kernel()
     dtype = compute_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
-    def cast(t, detach=False):
-        if t is None:
-            return None
-        return (t.detach() if detach else t).to(dtype)
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
 
-    return torch.ops.dpo_kernels.dpo_loss_forward(
+    # Lengths only reach the op when a term reads them: trainers pass them always, and each cast is a launch.
+    return _forward_op(
         cast(policy_chosen),
         cast(policy_rejected),
-        cast(ref_chosen, detach=True),
-        cast(ref_rejected, detach=True),
-        cast(chosen_lengths, detach=True),
-        cast(rejected_lengths, detach=True),
-        [LOSS_TYPES.index(name) for name in spec.loss_types],
-        list(spec.loss_weights),
-        list(spec.label_smoothing),
-        spec.beta,
-        spec.gamma,
-        spec.tau,
-        spec.dpop_lambda,
+        cast(ref_chosen),
+        cast(ref_rejected),
+        cast(chosen_lengths) if const.reads_chosen_lengths else None,
+        cast(rejected_lengths) if const.reads_rejected_lengths else None,
+        *const.op_args,
     )
 
 
@@ -160,15 +164,9 @@ def dpo_loss(
     """
     out = _call_op(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
                    rejected_lengths, loss_type, beta, label_smoothing, loss_params)
+    # The op marks every output but `loss` non-differentiable (csrc/dpo_loss_autograd.cpp): no detach needed.
     loss, losses, chosen_rewards, rejected_rewards, accuracy, margin = out[:6]
-    return DPOLossOutput(
-        loss=loss,
-        chosen_rewards=chosen_rewards.detach(),
-        rejected_rewards=rejected_rewards.detach(),
-        reward_accuracy=accuracy.detach(),
-        reward_margin=margin.detach(),
-        losses=losses.detach(),
-    )
+    return DPOLossOutput(loss, chosen_rewards, rejected_rewards, accuracy, margin, losses)
 
 
 def dpo_loss_and_grads(
@@ -189,8 +187,9 @@ def dpo_loss_and_grads(
     Same arguments as `dpo_loss`. Returns `(DPOLossOutput, grad_chosen [B], grad_rejected [B])`, all detached; the
     grads are float32 (float64 for float64 inputs). For the fused linear engine, which forms its own backward.
     """
-    detach = (lambda t: None if t is None else t.detach())
-    out = _call_op(detach(policy_chosen_logps), detach(policy_rejected_logps), ref_chosen_logps, ref_rejected_logps,
-                   chosen_lengths, rejected_lengths, loss_type, beta, label_smoothing, loss_params)
+    detach = (lambda t: t.detach() if isinstance(t, torch.Tensor) else t)
+    out = _call_op(detach(policy_chosen_logps), detach(policy_rejected_logps), detach(ref_chosen_logps),
+                   detach(ref_rejected_logps), chosen_lengths, rejected_lengths, loss_type, beta, label_smoothing,
+                   loss_params)
     loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected = out
     return DPOLossOutput(loss, chosen_rewards, rejected_rewards, accuracy, margin, losses), grad_chosen, grad_rejected

@@ -1,0 +1,96 @@
+// The DPO loss op's autograd formula, registered in C++ at the Autograd key so that a training step's forward and
+// backward never enter Python: at B = 8 the op is launch-bound, and torch.library's Python autograd machinery cost
+// several times the kernel's own time. The forward already computed dloss/dlogp per sequence; the backward scales
+// those saved coefficients by the upstream gradient of `loss` with one call of the `dpo_loss_backward` op.
+//
+// Only `loss` is differentiable: the other outputs are marked non-differentiable, so using them in a graph that
+// needs their gradient raises instead of silently giving zero. Reference log-probs and lengths get no gradient.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "dpo_loss_op.h"
+
+namespace dpo_kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+DpoLossResult call_forward_below_autograd(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
+                                          const std::optional<at::Tensor>& ref_chosen,
+                                          const std::optional<at::Tensor>& ref_rejected,
+                                          const std::optional<at::Tensor>& chosen_lengths,
+                                          const std::optional<at::Tensor>& rejected_lengths,
+                                          at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
+                                          at::ArrayRef<double> label_smoothing, double beta, double gamma,
+                                          double tau, double dpop_lambda) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dpo_kernels::dpo_loss_forward", "")
+                             .typed<decltype(call_forward_below_autograd)>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                 loss_types, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                                                 const at::Tensor& grad_rejected) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dpo_kernels::dpo_loss_backward", "")
+                             .typed<decltype(call_backward)>();
+  return op.call(grad_loss, grad_chosen, grad_rejected);
+}
+
+class DpoLossFunction : public torch::autograd::Function<DpoLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& policy_chosen,
+                               const at::Tensor& policy_rejected, const std::optional<at::Tensor>& ref_chosen,
+                               const std::optional<at::Tensor>& ref_rejected,
+                               const std::optional<at::Tensor>& chosen_lengths,
+                               const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
+                               at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing, double beta,
+                               double gamma, double tau, double dpop_lambda) {
+    auto [loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected] =
+        call_forward_below_autograd(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                                    rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
+                                    dpop_lambda);
+    ctx->mark_non_differentiable(
+        {losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected});
+    // Undefined upstream gradients stay undefined: materializing them would allocate seven zero tensors per step.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_chosen, grad_rejected});
+    return {loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // One entry per forward argument (13); only the two policy log-probs are differentiable.
+    variable_list grads(13);
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined()) return grads;
+    const variable_list saved = ctx->get_saved_variables();
+    std::tie(grads[0], grads[1]) = call_backward(grad_loss, saved[0], saved[1]);
+    return grads;
+  }
+};
+
+DpoLossResult dpo_loss_forward_autograd(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
+                                        const std::optional<at::Tensor>& ref_chosen,
+                                        const std::optional<at::Tensor>& ref_rejected,
+                                        const std::optional<at::Tensor>& chosen_lengths,
+                                        const std::optional<at::Tensor>& rejected_lengths,
+                                        at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
+                                        at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
+                                        double dpop_lambda) {
+  const variable_list out =
+      DpoLossFunction::apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                             rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
+                             dpop_lambda);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+}
+
+}  // namespace
+}  // namespace dpo_kernels
+
+TORCH_LIBRARY_IMPL(dpo_kernels, Autograd, m) {
+  m.impl("dpo_loss_forward", &dpo_kernels::dpo_loss_forward_autograd);
+}
