@@ -111,12 +111,13 @@ def _project(h, weight, bias, zbuf):
     return z
 
 
-def _new_buffer(hidden2d, weight, chunk, total):
-    """The reused `[C, V]` logits buffer. Its rows start on 16-element boundaries even when V does not divide
-    (32003, 50257): cuBLAS takes the padded leading dimension, and the pass keeps its 16-byte vector accesses."""
+def _new_buffer(hidden2d, weight, chunks):
+    """The reused logits buffer, as many rows as the longest of `chunks` (at most C). Its rows start on 16-element
+    boundaries even when V does not divide (32003, 50257): cuBLAS takes the padded leading dimension, and the pass
+    keeps its 16-byte vector accesses."""
     vocab = weight.shape[0]
     padded = -(-vocab // 16) * 16
-    rows = max(1, min(chunk, total))
+    rows = max([1] + [e - s for s, e in chunks])
     return torch.empty(rows, padded, dtype=hidden2d.dtype, device=hidden2d.device)[:, :vocab]
 
 
@@ -141,8 +142,8 @@ def sequence_logps(hidden2d, weight, bias, layout, num_seqs, average, chunk):
     """`[R]` float32 sequence log-probs (forward only, 2NHV)."""
     total = layout.rows.numel()
     tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
-    zbuf = _new_buffer(hidden2d, weight, chunk, total)
-    _forward_chunks(hidden2d, weight, bias, layout, even_chunks(total, chunk), zbuf, tok)
+    chunks = even_chunks(total, chunk)
+    _forward_chunks(hidden2d, weight, bias, layout, chunks, _new_buffer(hidden2d, weight, chunks), tok)
     return reduce_sequences(tok, layout, num_seqs, average)
 
 
@@ -162,8 +163,8 @@ def _gradient_chunk(hidden2d, weight, bias, layout, s, e, coef, zbuf, grads, *, 
 def recompute_grads(hidden2d, weight, bias, layout, token_coef, chunk, grads: Grads):
     """Gradients for known per-token coefficients `token_coef [N]` (d out / d token log-prob), 6NHV."""
     total = layout.rows.numel()
-    zbuf = _new_buffer(hidden2d, weight, chunk, total)
     chunks = even_chunks(total, chunk)
+    zbuf = _new_buffer(hidden2d, weight, chunks)
     for s, e in chunks:
         _gradient_chunk(hidden2d, weight, bias, layout, s, e, token_coef[s:e], zbuf, grads, only=len(chunks) == 1)
 
@@ -221,8 +222,8 @@ def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, l
     tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
     pair_loss = _PairLoss(layout, B, average, loss_fn)
     want = grads is not None and (grads.hidden is not None or grads.width > 0)
-    zbuf = _new_buffer(hidden2d, weight, chunk, total)
     groups = plan_pairs([counts[i] + counts[B + i] for i in range(B)], chunk)
+    zbuf = _new_buffer(hidden2d, weight, [c for group in groups for c in group.chunks])
     only = len(groups) == 1
     for group in groups:
         if not group.streaming:
