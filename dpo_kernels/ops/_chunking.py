@@ -11,11 +11,15 @@ Chunk-size and mode rule (`memory_budget`):
     "low"    a 512 MiB buffer (C = 2048 at V = 128256 in bf16), and the DPO loss takes the recompute path:
              the forward saves nothing and the backward recomputes each chunk's logits (8NHV in all, no [V, H]
              streaming accumulators): the least memory.
-C of 128 tokens or more is rounded down to a multiple of 128 (whole GEMM tiles).
-A pair whose tokens fit in C is handled in a resident chunk; a longer pair streams through chunks with one fp32
-`[V, H]` accumulator (two when the loss's chosen and rejected coefficients are not tied), which the budget does
-not count (the same size as the fp32 weight-gradient accumulator that is there anyway). Losses that couple pairs
-through their log-probs (aot, aot_unpaired) take the recompute path unless the whole batch fits in one chunk.
+C of 128 tokens or more is rounded down to a multiple of 128 (whole GEMM tiles). "low" pays in FLOPs (the
+recompute); its GEMMs (2048 x 4096 x 128256 at the Llama-3 head) are still large ones for H100/H200 (not timed here).
+A pair whose tokens fit in C is handled in a resident chunk; a longer pair streams through chunks. Besides the
+`[C, V]` buffer the engine holds at most one fp32 `[V, H]` buffer, the weight-gradient accumulator (none when a
+single resident chunk forms the whole weight gradient); streaming pairs that cannot use it alone run twice rather
+than add a second one (`_fused_linear_engine.py`). Losses that couple pairs through their log-probs (aot,
+aot_unpaired) take the recompute path unless the whole batch fits in one chunk. The peak of a whole step is
+`_memory_model.estimate_peak_bytes` (its docstring has the issue-4 table: 2.6 / 4.5 / 5.3 GiB by default,
+3.0 / 3.2 / 3.4 GiB "low", at B x T = 2 x 2048 / 2 x 8192 / 1 x 32768, H = 4096, V = 128256 bf16).
 """
 import numbers
 from typing import NamedTuple

@@ -9,9 +9,10 @@ chunks of at most C tokens, through one reused `[C, V]` buffer: a cuBLAS GEMM fo
 - `fused_linear_dpo` (and `losses.FusedLinearDPOLoss`): the DPO fast path. Its forward calls the DPO loss op as
   pairs complete and forms the hidden/weight/bias gradients at once (6NHV in all); the backward only scales them
   by the upstream gradient. Chunk size and mode follow `memory_budget` (rule in `_chunking.py`): resident chunks
-  of whole pairs, a per-pair fp32 accumulator for pairs longer than a chunk (a second one when the loss's chosen
-  and rejected coefficients are not tied), and the recompute path (8NHV, least memory) for `memory_budget="low"`
-  and for losses that couple pairs through their log-probs (aot, aot_unpaired) when the batch is not resident.
+  of whole pairs, pairs longer than a chunk streamed through the weight-gradient accumulator (or run twice when it
+  already holds other pairs or the loss's chosen and rejected coefficients are not tied), and the recompute path
+  (8NHV, least memory) for `memory_budget="low"` and for losses that couple pairs through their log-probs (aot,
+  aot_unpaired) when the batch is not resident. Peak memory of a step: `_memory_model.estimate_peak_bytes`.
 """
 import torch
 
