@@ -2,8 +2,8 @@
 
 One subprocess runs the fused DPO forward+backward at a short and a long T, then eager PyTorch at the short T. For
 each run it resets the process's peak RSS (VmHWM) and records how far the peak rises above the resident size just
-before the run: that run's extra memory. Eager must hold the `[N, V]` logits, and the measurement must see that; the fused
-path must grow by far less than the eager logits would between the two lengths.
+before the run: that run's extra memory. Eager must hold the `[N, V]` logits, and the measurement must see that; the
+fused path must grow by far less than the eager logits would between the two lengths.
 """
 import json
 import os

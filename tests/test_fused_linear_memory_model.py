@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
     from dpo_kernels.ops import _fused_linear_engine as engine, logsoftmax_pass as lp
     from dpo_kernels.ops._memory_model import estimate_peak_bytes
 
-    H, V = %d, %d
+    H, V = int(sys.argv[1]), int(sys.argv[2])
     PAGE = os.sysconf("SC_PAGE_SIZE")
 
     def rss():
@@ -102,7 +102,6 @@ SCRIPT = textwrap.dedent(
                 "model": estimate_peak_bytes(2 * B * T, pairs, H, V, dtype, budget, loss_type)}
     json.dump(result, sys.stdout)
     """
-    % (H, V)
 )
 
 
@@ -110,7 +109,8 @@ SCRIPT = textwrap.dedent(
 def test_byte_model_matches_measured_peak():
     env = dict(os.environ, DPO_KERNELS_BACKEND="torch", MALLOC_MMAP_THRESHOLD_="65536",
                MALLOC_TRIM_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(H), str(V)], capture_output=True, text=True,
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     acc = V * H * 4
