@@ -434,3 +434,24 @@ def test_chunk_size_rule():
     assert chunk_tokens(1000, 4, 10) == 1  # never zero
     with pytest.raises(ValueError, match="memory_budget"):
         chunk_tokens(1000, 4, 0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "apo_zero"])
+def test_long_pair_after_short_pairs(monkeypatch, loss_type):
+    """The longest streaming pair runs first and in one pass (tied losses); untied ones run it twice. Both exact."""
+    B, T, H, V = 3, 12, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, empty_rows=(), seed=17)
+    labels = torch.randint(0, V, (2 * B, T), generator=torch.Generator().manual_seed(17))
+    labels[[0, 1, 3, 4], 4:] = IGNORE  # pairs 0 and 1: 3 + 3 scored tokens; pair 2: 11 + 11
+    calls = []
+    for name in ("_resident_group", "_stream_pair", "_stream_pair_twice"):
+        original = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
+                      dtype=torch.float64)
+    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
+    out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
+                           memory_budget=budget(8, V, torch.float32))
+    check_against_truth(out, grads, truth, base, torch.float32)
+    stream = "_stream_pair" if loss_type == "sigmoid" else "_stream_pair_twice"
+    assert calls == [stream, "_resident_group", "_resident_group"], calls

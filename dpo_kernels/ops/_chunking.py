@@ -128,5 +128,15 @@ def plan_pairs(pair_counts, chunk: int):
     return groups
 
 
+def longest_streaming_first(groups):
+    """The groups in the order the engine runs them: the longest streaming pair first (while the weight-gradient
+    accumulator is still empty it streams in one pass), then the others in batch order."""
+    streaming = [g for g in groups if g.streaming]
+    if not streaming:
+        return groups
+    first = max(streaming, key=lambda g: g.end - g.start)
+    return [first] + [g for g in groups if g is not first]
+
+
 def _offset(chunks, base):
     return [(base + s, base + e) for s, e in chunks]

@@ -13,14 +13,15 @@ Memory (the byte model is `_memory_model.py`): at most one `[V, H]` fp32 buffer 
 accumulator, and none when one GEMM forms the whole weight gradient (a single resident chunk without bias: cuBLAS
 accumulates in fp32 and rounds once into the weight's dtype, as the fp32 buffer's final conversion would).
 A streaming pair streams into that accumulator while nothing else is in it and scales it by the pair's coefficient
-at the end (tied losses). Otherwise (the accumulator already holds other pairs, or the chosen and rejected
-coefficients are not tied) the pair runs twice: a forward pass for its log-probs, then, its coefficients known, a
-gradient pass that adds straight into the accumulator (8 instead of 6 units of GEMM work for that pair, no second
-`[V, H]` buffer). The unscaled hidden-state gradient `U` of a streaming pair stays fp32 (`[n, H]`, n its tokens).
+at the end (tied losses); the longest streaming pair runs first for that. Otherwise (the accumulator already holds
+other pairs, or the chosen and rejected coefficients are not tied) the pair runs twice: a forward pass for its
+log-probs, then, its coefficients known, a gradient pass that adds straight into the accumulator (8 instead of 6
+units of GEMM work for that pair, no second `[V, H]` buffer). The unscaled hidden-state gradient `U` of a
+streaming pair stays fp32 (`[n, H]`, n its tokens).
 """
 import torch
 
-from dpo_kernels.ops._chunking import even_chunks, plan_pairs
+from dpo_kernels.ops._chunking import even_chunks, longest_streaming_first, plan_pairs
 from dpo_kernels.ops._fp32_gemm import addmm_fp32_, mm_fp32
 from dpo_kernels.ops.logsoftmax_pass import logsoftmax_pass
 
@@ -222,7 +223,7 @@ def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, l
     tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
     pair_loss = _PairLoss(layout, B, average, loss_fn)
     want = grads is not None and (grads.hidden is not None or grads.width > 0)
-    groups = plan_pairs([counts[i] + counts[B + i] for i in range(B)], chunk)
+    groups = longest_streaming_first(plan_pairs([counts[i] + counts[B + i] for i in range(B)], chunk))
     zbuf = _new_buffer(hidden2d, weight, [c for group in groups for c in group.chunks])
     only = len(groups) == 1
     for group in groups:

@@ -27,7 +27,7 @@ U, scaled, beside the logits buffer: 6.6 GiB at 2 x 8192 and 8.3 GiB at 1 x 3276
 """
 import torch
 
-from dpo_kernels.ops._chunking import chunk_tokens, even_chunks, plan_pairs
+from dpo_kernels.ops._chunking import chunk_tokens, even_chunks, longest_streaming_first, plan_pairs
 
 # Per scored token: the layout (rows, targets, seq, slot: int64) and the fp32 token log-probs.
 _TOKEN_BYTES = 4 * 8 + 4
@@ -71,7 +71,7 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
         chunks = even_chunks(total, chunk)
         _recompute_step(live, _Shapes(H, V, s, chunks), hidden_rows, chunks)
     else:
-        groups = plan_pairs(list(pair_lengths), chunk)
+        groups = longest_streaming_first(plan_pairs(list(pair_lengths), chunk))
         shapes = _Shapes(H, V, s, [c for group in groups for c in group.chunks])
         _fused_step(live, shapes, hidden_rows, groups, loss_traits(loss_type).tied)
     return live.peak
