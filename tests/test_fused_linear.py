@@ -443,10 +443,12 @@ def test_long_pair_after_short_pairs(monkeypatch, loss_type):
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, empty_rows=(), seed=17)
     labels = torch.randint(0, V, (2 * B, T), generator=torch.Generator().manual_seed(17))
     labels[[0, 1, 3, 4], 4:] = IGNORE  # pairs 0 and 1: 3 + 3 scored tokens; pair 2: 11 + 11
-    calls = []
+    calls, projected = [], []
     for name in ("_resident_group", "_stream_pair", "_stream_pair_twice"):
         original = getattr(engine, name)
         monkeypatch.setattr(engine, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    project = engine._project
+    monkeypatch.setattr(engine, "_project", lambda h, *a: (projected.append(h.shape[0]), project(h, *a))[1])
     truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
                       dtype=torch.float64)
     base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
@@ -455,3 +457,6 @@ def test_long_pair_after_short_pairs(monkeypatch, loss_type):
     check_against_truth(out, grads, truth, base, torch.float32)
     stream = "_stream_pair" if loss_type == "sigmoid" else "_stream_pair_twice"
     assert calls == [stream, "_resident_group", "_resident_group"], calls
+    # Chunks of 8: the long pair is 8 + 8 + 6 tokens; run twice, it projects the remainder first, keeps its last
+    # full chunk's logits for the gradient pass and projects the other 6 + 8 tokens again.
+    assert projected == ([8, 8, 6, 6, 6] if loss_type == "sigmoid" else [6, 8, 8, 8, 6, 6, 6]), projected

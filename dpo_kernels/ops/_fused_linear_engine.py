@@ -15,8 +15,9 @@ accumulates in fp32 and rounds once into the weight's dtype, as the fp32 buffer'
 A streaming pair streams into that accumulator while nothing else is in it and scales it by the pair's coefficient
 at the end (tied losses); the longest streaming pair runs first for that. Otherwise (the accumulator already holds
 other pairs, or the chosen and rejected coefficients are not tied) the pair runs twice: a forward pass for its
-log-probs, then, its coefficients known, a gradient pass that adds straight into the accumulator (8 instead of 6
-units of GEMM work for that pair, no second `[V, H]` buffer). The unscaled hidden-state gradient `U` of a
+log-probs, then, its coefficients known, a gradient pass that adds straight into the accumulator (no second
+`[V, H]` buffer; the pair's tokens outside its last chunk are projected twice: 8 instead of 6 units of GEMM work
+for those). The unscaled hidden-state gradient `U` of a
 streaming pair stays fp32 (`[n, H]`, n its tokens).
 """
 import torch
@@ -310,12 +311,16 @@ def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, z
 
 def _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads):
     """One pair longer than a chunk when its weight-gradient sums cannot go straight into the accumulator: a
-    forward pass gives its log-probs and coefficients, then a gradient pass adds into the accumulator (8 units of
-    GEMM work instead of 6 for this pair, no second `[V, H]` buffer). The gradient pass runs the chunks backwards,
-    starting with the last one, whose logits are still in the buffer."""
+    forward pass gives its log-probs and coefficients, then a gradient pass adds into the accumulator (no second
+    `[V, H]` buffer). The forward pass takes the short remainder chunk first, and the gradient pass runs backwards
+    from the last, full chunk, whose logits are still in the buffer: the extra GEMM work is the projection of the
+    pair's tokens outside its last chunk."""
     s0, e0 = group.start, group.end
-    _forward_chunks(hidden2d, weight, bias, layout, group.chunks, zbuf, tok)
+    sizes = [e - s for s, e in reversed(group.chunks)]
+    starts = [s0 + sum(sizes[:k]) for k in range(len(sizes))]
+    chunks = [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+    _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok)
     g = pair_loss.complete(tok, group.pairs, s0, e0)
     coef = pair_loss.token_coefficients(g, s0, e0)
-    for k, (s, e) in enumerate(reversed(group.chunks)):
+    for k, (s, e) in enumerate(reversed(chunks)):
         _gradient_chunk(hidden2d, weight, bias, layout, s, e, coef[s - s0 : e - s0], zbuf, grads, projected=k == 0)
