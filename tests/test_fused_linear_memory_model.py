@@ -1,8 +1,9 @@
 """The byte model of `_memory_model.py` against a measurement (CPU path, peak RSS of a fresh process).
 
-One subprocess runs the fused DPO forward+backward in each engine mode, fp32 and bf16, at sizes where the `[V, H]`
-and `[C, V]` buffers dominate (V = 32000, H = 256: one fp32 `[V, H]` buffer is 32.8 MB), and compares how far its
-peak RSS rises above the resident size before the step with `estimate_peak_bytes`. To measure what the CUDA path
+One subprocess runs the fused DPO forward+backward in each engine mode, fp32 and bf16 (where the CPU has native
+bf16 GEMMs), at sizes where the `[V, H]` and `[C, V]` buffers dominate (V = 32000, H = 256: one fp32 `[V, H]` buffer
+is 32.8 MB), and compares how far its peak RSS rises above the resident size before the step with
+`estimate_peak_bytes`. To measure what the CUDA path
 allocates, the subprocess swaps in memory-faithful stand-ins for the two pieces whose CPU versions allocate more than
 their CUDA twins: the logsoftmax pass runs eight rows at a time (the Triton pass needs no `[C, V]` temporaries), and
 in bf16 the fp32-result GEMMs (cuBLAS `out_dtype` on CUDA) accumulate thin slices. glibc is told to map every
@@ -83,9 +84,12 @@ SCRIPT = textwrap.dedent(
         out = dpo_kernels.fused_linear_dpo(hidden, weight, labels, memory_budget=budget, loss_type=loss_type)
         out.loss.backward()
 
-    step(*batch(1, 64, torch.float32), None, "sigmoid")  # warm-up: libraries, BLAS buffers
+    # bf16 where oneDNN has native bf16 GEMMs (elsewhere the CPU's bf16 GEMM is a slow reference loop).
+    dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    for dtype in dtypes:
+        step(*batch(1, 64, dtype), None, "sigmoid")  # warm-up: libraries, BLAS buffers
     result = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         s = dtype.itemsize
         cases = {"one_chunk": (2, 100, None, "sigmoid"), "resident_pairs": (3, 120, 256 * V * s, "sigmoid"),
                  "streaming": (1, 400, 256 * V * s, "sigmoid"), "two_streaming": (2, 240, 256 * V * s, "sigmoid"),
