@@ -80,7 +80,7 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
 class _Shapes:
     def __init__(self, H, V, s, chunks):
         self.H, self.V, self.s = H, V, s
-        self.zbuf = max([1] + [e - s for s, e in chunks]) * (-(-V // 16) * 16) * s  # the longest chunk
+        self.zbuf = max([1] + [end - start for start, end in chunks]) * (-(-V // 16) * 16) * s  # the longest chunk
         self.acc = V * H * 4
 
     def rows(self, n, itemsize=None):
@@ -102,7 +102,7 @@ def _finish_weight(live, sh, acc):
 def _fused_step(live, sh, hidden_rows, groups, tied):
     live.alloc(sh.rows(hidden_rows))  # grad_h
     live.alloc(sh.zbuf)
-    state = {"acc": 0, "weight": 0}
+    state = {"acc": 0}
     for group in groups:
         if not group.streaming:
             _resident(live, sh, group.end - group.start, state, only=len(groups) == 1)
@@ -116,7 +116,7 @@ def _fused_step(live, sh, hidden_rows, groups, tied):
 
 def _weight_gemm(live, sh, state, only=False):
     if only:
-        state["weight"] = live.alloc(sh.V * sh.H * sh.s)
+        live.alloc(sh.V * sh.H * sh.s)  # the weight gradient itself, returned
     elif not state["acc"]:
         state["acc"] = live.alloc(sh.acc)
 
@@ -169,7 +169,7 @@ def _recompute_step(live, sh, hidden_rows, chunks):
     live.free(sh.zbuf)
     live.alloc(sh.rows(hidden_rows))  # grad_h
     live.alloc(sh.zbuf)
-    state = {"acc": 0, "weight": 0}
+    state = {"acc": 0}
     for s, e in chunks:
         h = live.alloc(sh.rows(e - s))
         live.free(live.alloc(sh.rows(e - s)))
