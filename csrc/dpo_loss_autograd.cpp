@@ -7,6 +7,7 @@
 // needs their gradient raises instead of silently giving zero. Reference log-probs and lengths get no gradient.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "dpo_loss_op.h"
@@ -81,6 +82,13 @@ DpoLossResult dpo_loss_forward_autograd(const at::Tensor& policy_chosen, const a
                                         at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
                                         at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
                                         double dpop_lambda) {
+  // Without grad mode or a differentiable input (reference model, eval, dpo_loss_and_grads) no graph node is built.
+  if (!torch::autograd::compute_requires_grad(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                              chosen_lengths, rejected_lengths)) {
+    return call_forward_below_autograd(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                                       rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
+                                       dpop_lambda);
+  }
   const variable_list out =
       DpoLossFunction::apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
                              rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,

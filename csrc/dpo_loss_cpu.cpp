@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& grad_rejected) {
   TORCH_CHECK(grad_chosen.device().is_cpu(), "dpo_loss_backward (CPU) got a tensor on ", grad_chosen.device());
   const DpoLossBackwardArgs a = prepare_dpo_loss_backward(grad_loss, grad_chosen, grad_rejected);
-  at::Tensor out_chosen = at::empty_like(a.grad_chosen);
-  at::Tensor out_rejected = at::empty_like(a.grad_rejected);
+  at::Tensor out_chosen = at::empty(a.grad_chosen.sizes(), a.grad_chosen.options());
+  at::Tensor out_rejected = at::empty(a.grad_rejected.sizes(), a.grad_rejected.options());
   if (a.grad_chosen.scalar_type() == at::kDouble) {
     dpo_loss_backward_cpu_kernel<double>(a, out_chosen, out_rejected);
   } else {

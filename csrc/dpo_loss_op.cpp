@@ -85,14 +85,17 @@ DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tenso
   if (uses(loss_types, kSft)) {
     b.sft_sums = at::stack({pc.sum(), b.chosen_lengths.sum()}).contiguous();
   }
-  b.loss = at::empty({}, pc.options());
-  b.reward_accuracy = at::empty({}, pc.options());
-  b.reward_margin = at::empty({}, pc.options());
-  b.losses = at::empty_like(pc);
-  b.chosen_rewards = at::empty_like(pc);
-  b.rejected_rewards = at::empty_like(pc);
-  b.grad_chosen = at::empty_like(pc);
-  b.grad_rejected = at::empty_like(pc);
+  // at::empty rather than empty_like: one dispatcher hop fewer per output, which counts at launch-bound sizes.
+  const at::TensorOptions options = pc.options();
+  const int64_t batch = pc.size(0);
+  b.loss = at::empty({}, options);
+  b.reward_accuracy = at::empty({}, options);
+  b.reward_margin = at::empty({}, options);
+  b.losses = at::empty({batch}, options);
+  b.chosen_rewards = at::empty({batch}, options);
+  b.rejected_rewards = at::empty({batch}, options);
+  b.grad_chosen = at::empty({batch}, options);
+  b.grad_rejected = at::empty({batch}, options);
   return b;
 }
 

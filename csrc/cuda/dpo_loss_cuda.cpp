@@ -41,8 +41,8 @@ std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_cuda(const at::Tensor& grad
   TORCH_CHECK(grad_chosen.is_cuda(), "dpo_loss_backward (CUDA) got a tensor on ", grad_chosen.device());
   const c10::cuda::CUDAGuard guard(grad_chosen.device());
   const DpoLossBackwardArgs a = prepare_dpo_loss_backward(grad_loss, grad_chosen, grad_rejected);
-  at::Tensor out_chosen = at::empty_like(a.grad_chosen);
-  at::Tensor out_rejected = at::empty_like(a.grad_rejected);
+  at::Tensor out_chosen = at::empty(a.grad_chosen.sizes(), a.grad_chosen.options());
+  at::Tensor out_rejected = at::empty(a.grad_rejected.sizes(), a.grad_rejected.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t batch = a.grad_chosen.numel();
   cudaError_t err;

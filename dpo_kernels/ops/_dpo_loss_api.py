@@ -216,37 +216,45 @@ def op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejec
     return cached
 
 
-def _check_tensor(name: str, t, like: torch.Tensor | None, *, lengths: bool = False):
+def _check_tensor(name: str, t, shape, device, *, lengths: bool = False) -> torch.dtype:
+    """Checks one input against policy_chosen_logps's `shape` and `device` (None for that tensor itself)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dtype = t.dtype
     if lengths:
-        if t.dtype == torch.bool or t.is_complex():
-            raise ValueError(f"{name} must hold integer or floating token counts, got dtype {t.dtype}")
-    elif t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {t.dtype}")
+        if dtype == torch.bool or dtype.is_complex:
+            raise ValueError(f"{name} must hold integer or floating token counts, got dtype {dtype}")
+    elif dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {dtype}")
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D [B], got shape {tuple(t.shape)}")
-    if like is not None:
-        if t.shape != like.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but policy_chosen_logps has {tuple(like.shape)}")
-        if t.device != like.device:
-            raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {like.device}")
+    if shape is not None:
+        if t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but policy_chosen_logps has {tuple(shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {device}")
+    return dtype
 
 
-def validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
-    _check_tensor("policy_chosen_logps", policy_chosen, None)
-    if policy_chosen.numel() == 0:
+def validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                     rejected_lengths) -> torch.dtype:
+    """Raises ValueError for bad tensor inputs; returns the compute dtype (see `compute_dtype`)."""
+    dtypes = [_check_tensor("policy_chosen_logps", policy_chosen, None, None)]
+    shape = policy_chosen.shape
+    if shape[0] == 0:
         raise ValueError("policy_chosen_logps is empty: the batch needs at least one pair")
-    _check_tensor("policy_rejected_logps", policy_rejected, policy_chosen)
+    device = policy_chosen.device
+    dtypes.append(_check_tensor("policy_rejected_logps", policy_rejected, shape, device))
     if (ref_chosen is None) != (ref_rejected is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
     if ref_chosen is not None:
-        _check_tensor("ref_chosen_logps", ref_chosen, policy_chosen)
-        _check_tensor("ref_rejected_logps", ref_rejected, policy_chosen)
+        dtypes.append(_check_tensor("ref_chosen_logps", ref_chosen, shape, device))
+        dtypes.append(_check_tensor("ref_rejected_logps", ref_rejected, shape, device))
     if chosen_lengths is not None:
-        _check_tensor("chosen_lengths", chosen_lengths, policy_chosen, lengths=True)
+        _check_tensor("chosen_lengths", chosen_lengths, shape, device, lengths=True)
     if rejected_lengths is not None:
-        _check_tensor("rejected_lengths", rejected_lengths, policy_chosen, lengths=True)
+        _check_tensor("rejected_lengths", rejected_lengths, shape, device, lengths=True)
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def compute_dtype(*tensors) -> torch.dtype:

@@ -11,7 +11,6 @@ from dpo_kernels.ops._dpo_loss_api import (
     LOSS_TYPES,
     DPOLossOutput,
     LossTraits,
-    compute_dtype,
     loss_traits,
     op_constants,
     validate_tensors,
@@ -75,27 +74,27 @@ def _require_cuda_kernel():
 def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
              beta, label_smoothing, loss_params):
     # Every check runs before the launch; the hyper-parameters' part is cached (a training loop repeats them).
-    validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
+    dtype = validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                             rejected_lengths)
     const = op_constants(loss_type, beta, label_smoothing, chosen_lengths is not None, rejected_lengths is not None,
                          loss_params)
     _require_extension()
     if policy_chosen.is_cuda:
         _require_cuda_kernel()
-    dtype = compute_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-
-    def cast(t):
-        return t if t is None or t.dtype == dtype else t.to(dtype)
-
-    # Lengths only reach the op when a term reads them: trainers pass them always, and each cast is a launch.
-    return _forward_op(
-        cast(policy_chosen),
-        cast(policy_rejected),
-        cast(ref_chosen),
-        cast(ref_rejected),
-        cast(chosen_lengths) if const.reads_chosen_lengths else None,
-        cast(rejected_lengths) if const.reads_rejected_lengths else None,
-        *const.op_args,
-    )
+    # Casts only where needed (each is a launch); lengths reach the op only when a term reads them (trainers pass
+    # them always).
+    if policy_chosen.dtype != dtype:
+        policy_chosen = policy_chosen.to(dtype)
+    if policy_rejected.dtype != dtype:
+        policy_rejected = policy_rejected.to(dtype)
+    if ref_chosen is not None and ref_chosen.dtype != dtype:
+        ref_chosen = ref_chosen.to(dtype)
+    if ref_rejected is not None and ref_rejected.dtype != dtype:
+        ref_rejected = ref_rejected.to(dtype)
+    chosen_lengths = chosen_lengths.to(dtype) if const.reads_chosen_lengths else None
+    rejected_lengths = rejected_lengths.to(dtype) if const.reads_rejected_lengths else None
+    return _forward_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                       *const.op_args)
 
 
 def dpo_loss(
