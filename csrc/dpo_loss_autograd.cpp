@@ -3,8 +3,8 @@
 // several times the kernel's own time. The forward already computed dloss/dlogp per sequence; the backward scales
 // those saved coefficients by the upstream gradient of `loss` with one call of the `dpo_loss_backward` op.
 //
-// Only `loss` is differentiable: the other outputs are marked non-differentiable, so using them in a graph that
-// needs their gradient raises instead of silently giving zero. Reference log-probs and lengths get no gradient.
+// Only `loss` is differentiable: the other outputs carry no grad_fn, so using them in a graph that needs their
+// gradient raises instead of silently giving zero. Reference log-probs and lengths get no gradient.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -42,34 +42,27 @@ std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad_loss, co
   return op.call(grad_loss, grad_chosen, grad_rejected);
 }
 
+// What the forward computed that the graph node needs: the loss it becomes the grad_fn of, and the coefficients.
+struct LossAndCoefficients {
+  at::Tensor loss, grad_chosen, grad_rejected;
+};
+
+// The node's inputs are only the two policy log-probs and its only output is `loss`: the op itself runs below
+// autograd before the node is built, so the other seven outputs never pass through autograd's output wrapping
+// (they are plain tensors without grad) and the node stays as small as the step it records.
 class DpoLossFunction : public torch::autograd::Function<DpoLossFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& policy_chosen,
-                               const at::Tensor& policy_rejected, const std::optional<at::Tensor>& ref_chosen,
-                               const std::optional<at::Tensor>& ref_rejected,
-                               const std::optional<at::Tensor>& chosen_lengths,
-                               const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
-                               at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing, double beta,
-                               double gamma, double tau, double dpop_lambda) {
-    auto [loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected] =
-        call_forward_below_autograd(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                                    rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
-                                    dpop_lambda);
-    ctx->mark_non_differentiable(
-        {losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected});
-    // Undefined upstream gradients stay undefined: materializing them would allocate seven zero tensors per step.
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({grad_chosen, grad_rejected});
-    return {loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected};
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
+                            const LossAndCoefficients& computed) {
+    ctx->save_for_backward({computed.grad_chosen, computed.grad_rejected});
+    return computed.loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // One entry per forward argument (13); only the two policy log-probs are differentiable.
-    variable_list grads(13);
-    const at::Tensor& grad_loss = grad_outputs[0];
-    if (!grad_loss.defined()) return grads;
+    // One entry per forward argument: policy_chosen, policy_rejected, and none for `computed`.
+    variable_list grads(3);
     const variable_list saved = ctx->get_saved_variables();
-    std::tie(grads[0], grads[1]) = call_backward(grad_loss, saved[0], saved[1]);
+    std::tie(grads[0], grads[1]) = call_backward(grad_outputs[0], saved[0], saved[1]);
     return grads;
   }
 };
@@ -82,18 +75,16 @@ DpoLossResult dpo_loss_forward_autograd(const at::Tensor& policy_chosen, const a
                                         at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
                                         at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
                                         double dpop_lambda) {
-  // Without grad mode or a differentiable input (reference model, eval, dpo_loss_and_grads) no graph node is built.
-  if (!torch::autograd::compute_requires_grad(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                              chosen_lengths, rejected_lengths)) {
-    return call_forward_below_autograd(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                                       rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
-                                       dpop_lambda);
+  DpoLossResult out = call_forward_below_autograd(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                  chosen_lengths, rejected_lengths, loss_types, loss_weights,
+                                                  label_smoothing, beta, gamma, tau, dpop_lambda);
+  // Without grad mode or a policy input that requires grad (reference model, eval, dpo_loss_and_grads) no node is
+  // built. Reference log-probs and lengths are constants: a gradient never flows into them.
+  if (torch::autograd::compute_requires_grad(policy_chosen, policy_rejected)) {
+    std::get<0>(out) = DpoLossFunction::apply(
+        policy_chosen, policy_rejected, LossAndCoefficients{std::get<0>(out), std::get<6>(out), std::get<7>(out)});
   }
-  const variable_list out =
-      DpoLossFunction::apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                             rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
-                             dpop_lambda);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+  return out;
 }
 
 }  // namespace

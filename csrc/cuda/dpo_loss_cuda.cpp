@@ -1,5 +1,5 @@
 // The torch-facing CUDA binding, compiled only by the CUDA build: prepares the buffers with ATen on the current
-// stream (aot's sorts, sft's sums), then makes the one kernel launch.
+// stream (aot's sorts, sft's sums, the large-batch workspace), then launches the kernels.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -22,15 +22,22 @@ DpoLossResult dpo_loss_forward_cuda(const at::Tensor& policy_chosen, const at::T
   DpoLossBuffers b = prepare_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
                                       rejected_lengths, loss_types, loss_weights, label_smoothing);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const size_t workspace_bytes = dpo_loss_forward_workspace_bytes(b.policy_chosen.size(0));
+  // Large batches only: per-block partial sums, from the caching allocator on the current stream.
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, b.policy_chosen.options().dtype(at::kByte));
+  }
+  void* workspace_ptr = workspace.defined() ? workspace.data_ptr() : nullptr;
   cudaError_t err;
   if (b.policy_chosen.scalar_type() == at::kDouble) {
     err = launch_dpo_loss_forward(make_dpo_loss_args<double>(b, loss_types, loss_weights, label_smoothing, beta,
                                                              gamma, tau, dpop_lambda),
-                                  stream);
+                                  workspace_ptr, stream);
   } else {
     err = launch_dpo_loss_forward(make_dpo_loss_args<float>(b, loss_types, loss_weights, label_smoothing, beta,
                                                             gamma, tau, dpop_lambda),
-                                  stream);
+                                  workspace_ptr, stream);
   }
   TORCH_CHECK(err == cudaSuccess, "dpo_loss_forward: kernel launch failed: ", cudaGetErrorString(err));
   return results(b);

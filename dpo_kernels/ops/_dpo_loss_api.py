@@ -173,9 +173,10 @@ def _cache_key(value):
     """A key that tells apart values which compare equal across types (True == 1 == 1.0), so that a cached spec
     never skips a check (beta=True must still raise). Only plain Python values and lists/tuples of them are cached:
     anything else (numpy scalars, iterators, whose hash may be an id) raises TypeError and is validated afresh."""
-    if type(value) in _CACHEABLE_TYPES:
-        return (type(value), value)
-    if type(value) in (list, tuple):
+    kind = type(value)
+    if kind in _CACHEABLE_TYPES:
+        return (kind, value)
+    if kind is list or kind is tuple:
         return (tuple,) + tuple(_cache_key(v) for v in value)
     raise TypeError(f"not cached: {type(value).__name__}")
 
@@ -201,8 +202,9 @@ def op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejec
         return _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths,
                                    loss_params)
     try:
+        params = tuple(sorted((k, _cache_key(v)) for k, v in loss_params.items())) if loss_params else ()
         key = (_cache_key(loss_type), _cache_key(beta), _cache_key(label_smoothing), has_chosen_lengths,
-               has_rejected_lengths, tuple(sorted((k, _cache_key(v)) for k, v in loss_params.items())))
+               has_rejected_lengths, params)
         cached = _op_constants_cache.get(key)
     except TypeError:
         return _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths,
