@@ -163,7 +163,7 @@ def test_gradcheck_float64(loss_type, device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("batch", [1, 513, 1_000_003])
+@pytest.mark.parametrize("batch", [1, 513, 4097, 1_000_003])  # 4097: the first multi-block size
 @pytest.mark.parametrize("loss_type", ["sigmoid", "aot", "sft", "ipo"])
 def test_cuda_matches_cpu(loss_type, batch):
     pc, pr, rc, rr, lc, lr = _inputs(batch, torch.float64)

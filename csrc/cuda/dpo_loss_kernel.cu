@@ -116,7 +116,8 @@ cudaError_t launch_dpo_loss_backward(const T* grad_loss, const T* grad_chosen, c
                                      T* out_chosen, T* out_rejected, int64_t batch, cudaStream_t stream) {
   constexpr int64_t kBackwardThreads = 256;
   constexpr int64_t kMaxBlocks = 1024;  // grid-stride beyond this: a few waves saturate any GPU's bandwidth
-  const int64_t blocks = std::min(kMaxBlocks, std::max<int64_t>(1, (batch + kBackwardThreads - 1) / kBackwardThreads));
+  const int64_t needed = (batch + kBackwardThreads - 1) / kBackwardThreads;
+  const int64_t blocks = std::min(kMaxBlocks, std::max<int64_t>(1, needed));
   dpo_loss_bwd_kernel<T><<<static_cast<unsigned>(blocks), kBackwardThreads, 0, stream>>>(
       grad_loss, grad_chosen, grad_rejected, out_chosen, out_rejected, batch);
   return cudaGetLastError();
