@@ -1,6 +1,8 @@
 """The fused DPO loss: one C++/CUDA op (`torch.ops.dpo_kernels.dpo_loss_forward`) computes the batch-mean loss, the
 per-pair losses, the rewards, the reward accuracy and margin, and the per-sequence coefficients dloss/dlogp in one
-pass; the backward only scales those coefficients by the upstream gradient.
+pass; the backward (`torch.ops.dpo_kernels.dpo_loss_backward`, one launch) only scales those coefficients by the
+upstream gradient. The autograd formula is registered in C++ (csrc/dpo_loss_autograd.cpp), so a step runs no Python
+between the forward and the backward: at training batch sizes the op is bound by host overhead, not by the device.
 
 The per-loss math lives in csrc/dpo_loss_math.h, shared by the CPU and CUDA kernels. `dpo_kernels.reference.dpo_loss`
 is the plain-PyTorch oracle with the same signature.
