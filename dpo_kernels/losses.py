@@ -61,14 +61,16 @@ class FusedLinearDPOLoss(nn.Module):
 
     memory_budget: None (a 2 GiB `[C, V]` logits buffer, C <= 8192 tokens), bytes for that buffer, or "low"
     (a 512 MiB buffer and recompute in the backward: least memory, 8NHV).
+    token_stats: also return the policy's per-sequence entropy sums and top-1 counts (`DPOOutput` fields
+    `chosen_entropy_sum` ... `rejected_top1_count`), taken from the pass that reads the logits anyway.
     """
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=-100,
-                 memory_budget=None, shift=True, **loss_params):
+                 memory_budget=None, shift=True, token_stats=False, **loss_params):
         super().__init__()
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.average, self.ignore_index, self.memory_budget = average, ignore_index, memory_budget
-        self.shift, self.loss_params = shift, loss_params
+        self.shift, self.token_stats, self.loss_params = shift, token_stats, loss_params
 
     def forward(self, hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                 ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None) -> DPOOutput:
@@ -77,7 +79,8 @@ class FusedLinearDPOLoss(nn.Module):
                                 ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, beta=self.beta,
                                 loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                                 average=self.average, ignore_index=self.ignore_index, shift=self.shift,
-                                memory_budget=self.memory_budget, **self.loss_params)
+                                memory_budget=self.memory_budget, token_stats=self.token_stats,
+                                **self.loss_params)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, average={self.average}, "

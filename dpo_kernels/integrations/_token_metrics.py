@@ -1,9 +1,10 @@
 """The per-token statistics TRL logs besides the loss: mean logit, entropy and top-1 accuracy, without `[N, V]`.
 
 `logits/chosen` and `logits/rejected` are means over valid tokens and the vocabulary of `h @ W^T + b`, which is
-`(h @ W.sum(0) + b.sum()) / V`: one GEMV, no logits. Entropy and whether the label is the argmax need every logit, so
-they take one extra no-grad pass over the valid tokens in chunks (2·N·H·V FLOPs, a third of a training step's head
-work); `FusedDPOTrainer(token_metrics=False)` skips it.
+`(h @ W.sum(0) + b.sum()) / V`: one GEMV, no logits. Entropy and whether the label is the argmax need every logit:
+the fused engine returns them from the pass that already reads every logit (`token_stats=True`,
+`with_engine_stats`). Only where the fused loss is not used does `token_sums(full=True)` take one extra no-grad
+pass over the valid tokens in chunks (2·N·H·V FLOPs, a third of a training step's head work).
 """
 from __future__ import annotations
 
@@ -63,4 +64,12 @@ def token_sums(hidden, weight, bias, next_labels, row, num_chosen_rows: int, *, 
         rejected_logit_sum=torch.where(chosen, zero, mean_logit).sum(),
         entropy_sum=entropy_sum,
         chosen_top1=chosen_top1,
+    )
+
+
+def with_engine_stats(sums: TokenSums, out) -> TokenSums:
+    """`sums` with the entropy and top-1 sums taken from a `DPOOutput` computed with `token_stats=True`."""
+    return sums._replace(
+        entropy_sum=(out.chosen_entropy_sum.sum() + out.rejected_entropy_sum.sum()).float(),
+        chosen_top1=out.chosen_top1_count.sum().float(),
     )

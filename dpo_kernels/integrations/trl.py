@@ -8,8 +8,8 @@ Everything else (DPOConfig, datasets, PEFT, callbacks, logging) is TRL's. What c
 per-sequence log-probs and the loss: the backbone's last hidden states and the lm_head weight go to the fused linear
 engine (no `[2B, T, V]` logits), the reference's log-probs come from the same engine under no_grad (or the
 precomputed column), and the loss and rewards from `dpo_kernels.dpo_loss`. The logged metrics have TRL's names and
-values (`logits/*` without logits; `entropy` and `mean_token_accuracy` from one extra no-grad pass over the valid
-tokens, which `token_metrics=False` skips, and then those two metrics are not logged).
+values (`logits/*` from one GEMV, without logits; `entropy` and `mean_token_accuracy` from the engine's own pass over
+the logits it already computes, so a step stays 6·N·H·V; `token_metrics=False` does not log those two).
 
 Honoured `DPOConfig` options: `loss_type` (one or a list, with `loss_weights`), `beta`, `label_smoothing` (where TRL
 reads it: exo_pair, robust, aot, aot_unpaired), `discopop_tau`, `precompute_ref_log_probs`, a `ref_model`, a PEFT
@@ -42,7 +42,7 @@ import dpo_kernels
 from dpo_kernels.integrations import hf
 from dpo_kernels.integrations._forward_patch import install_head_forward
 from dpo_kernels.integrations._packing import next_token_labels, pack_rows
-from dpo_kernels.integrations._token_metrics import token_sums
+from dpo_kernels.integrations._token_metrics import token_sums, with_engine_stats
 
 __all__ = ["TESTED_TRL_VERSIONS", "FusedDPOMixin", "FusedDPOTrainer", "patch_dpo_trainer"]
 
@@ -256,7 +256,7 @@ class FusedDPOMixin:
             return None
         return dpo_kernels.FusedLinearDPOLoss(
             beta=self.beta, loss_type=list(self.loss_types), label_smoothing=self._dk_label_smoothing(),
-            memory_budget=self._dk_memory_budget, **self._dk_params(),
+            memory_budget=self._dk_memory_budget, token_stats=self._dk_token_metrics, **self._dk_params(),
         )
 
     def _dk_loss(self, policy_logps, ref_chosen, ref_rejected, completion_mask):
@@ -311,8 +311,11 @@ class FusedDPOMixin:
                                                                   cu_seqlens=layout.cu_seqlens,
                                                                   memory_budget=self._dk_memory_budget)
                 next_labels, row = next_token_labels(layout.labels, layout.cu_seqlens)
+                # The fused engine already returned entropy and top-1 sums; only the other path needs the extra pass.
                 sums = token_sums(flat.reshape(-1, flat.shape[-1]), weight, bias, next_labels, row, rows // 2,
-                                  full=self._dk_token_metrics)
+                                  full=self._dk_token_metrics and fused is None)
+                if fused is not None and self._dk_token_metrics:
+                    sums = with_engine_stats(sums, result)
             return result, sums
 
         with self.accelerator.autocast():
@@ -369,8 +372,9 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
     """`trl.DPOTrainer` with the fused linear log-prob engine and the fused DPO loss; same arguments, plus:
 
     Args:
-        token_metrics: log `entropy` and `mean_token_accuracy` as TRL does (one extra no-grad pass over the
-            valid tokens, 2·N·H·V FLOPs); False skips the pass and those two metrics.
+        token_metrics: log `entropy` and `mean_token_accuracy` as TRL does, from the fused engine's pass over
+            the logits (no extra GEMM; the rare steps that cannot use the fused loss, an ipo/sigmoid_norm batch
+            whose completion starts at position 0, take one extra no-grad pass); False does not log them.
         memory_budget: the fused engine's `[C, V]` logits buffer in bytes, or "low" for the recompute path
             (`dpo_kernels.FusedLinearDPOLoss`); None is its default (2 GiB, C <= 8192 tokens).
     """

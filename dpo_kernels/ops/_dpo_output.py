@@ -19,6 +19,14 @@ class DPOOutput(NamedTuple):
     ref_rejected_logps: `[B]` or None, likewise.
     chosen_lengths:     `[B]` int64 number of scored (valid-label) tokens of each chosen response.
     rejected_lengths:   `[B]` int64, likewise for the rejected responses.
+
+    Filled only on request (`token_stats=True` of `fused_linear_dpo` / `FusedLinearDPOLoss`), else None:
+    chosen_entropy_sum:   `[B]` float32, over each chosen response's scored tokens, the sum of the entropy (nats)
+                          of the policy's next-token distribution softmax(logits).
+    rejected_entropy_sum: `[B]` float32, likewise for the rejected responses.
+    chosen_top1_count:    `[B]` int64 number of scored tokens whose label is the logits' first argmax (a tie with
+                          an earlier vocabulary entry is not a hit, as `torch.argmax` and TRL count).
+    rejected_top1_count:  `[B]` int64, likewise for the rejected responses.
     """
 
     loss: torch.Tensor
@@ -33,4 +41,8 @@ class DPOOutput(NamedTuple):
     ref_rejected_logps: torch.Tensor | None
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+    chosen_entropy_sum: torch.Tensor | None = None
+    rejected_entropy_sum: torch.Tensor | None = None
+    chosen_top1_count: torch.Tensor | None = None
+    rejected_top1_count: torch.Tensor | None = None
 

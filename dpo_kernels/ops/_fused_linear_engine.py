@@ -9,6 +9,9 @@ and, when gradients are wanted, leaves `D = scale * (onehot - softmax(Z))` in th
 - `fused_dpo`: DPO forward that forms the gradients for an upstream gradient of 1 while it computes the loss
   (6NHV), pair by pair: resident groups of whole pairs, or one long pair streamed through chunks.
 
+`sequence_logps` and `fused_dpo` optionally fill a `TokenStats` (each token's entropy and top-1 hit) from the pass
+that first reads the token's logits: no extra GEMM, no extra read of the buffer.
+
 Memory (the byte model is `_memory_model.py`): at most one `[V, H]` fp32 buffer ever lives, the weight-gradient
 accumulator, and none when one GEMM forms the whole weight gradient (a single resident chunk without bias: cuBLAS
 accumulates in fp32 and rounds once into the weight's dtype, as the fp32 buffer's final conversion would).
@@ -104,6 +107,28 @@ class Grads:
         return grad_w, grad_b
 
 
+class TokenStats:
+    """Per-token entropy (`[N]` float32) and top-1 hit (`[N]` bool) of the scored tokens, in the layout's order."""
+
+    def __init__(self, total, device):
+        self.entropy = torch.empty(total, dtype=torch.float32, device=device)
+        self.top1 = torch.empty(total, dtype=torch.bool, device=device)
+
+    def per_sequence(self, layout, num_seqs):
+        """`[R]` float32 entropy sums and `[R]` int64 top-1 counts per sequence, in a fixed order."""
+        return (reduce_sequences(self.entropy, layout, num_seqs, False),
+                reduce_sequences(self.top1.long(), layout, num_seqs, False))
+
+
+def _score(z, layout, s, e, tok, stats, **kwargs):
+    """The pass over the logits `z` of tokens `s:e`: log-probs into `tok` (and entropy, top-1 into `stats`)."""
+    if stats is None:
+        tok[s:e] = logsoftmax_pass(z, layout.targets[s:e], **kwargs)
+    else:
+        tok[s:e], stats.entropy[s:e], stats.top1[s:e] = logsoftmax_pass(z, layout.targets[s:e], stats=True,
+                                                                        **kwargs)
+
+
 def _project(h, weight, bias, zbuf):
     z = zbuf[: h.shape[0]]
     if bias is None:
@@ -133,19 +158,19 @@ def reduce_sequences(tok, layout, num_seqs, average):
     return total
 
 
-def _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok):
+def _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok, stats=None):
     """Token log-probs of `chunks` into `tok` (2NHV); the last chunk's logits stay in `zbuf`."""
     for s, e in chunks:
         z = _project(hidden2d.index_select(0, layout.rows[s:e]), weight, bias, zbuf)
-        tok[s:e] = logsoftmax_pass(z, layout.targets[s:e])
+        _score(z, layout, s, e, tok, stats)
 
 
-def sequence_logps(hidden2d, weight, bias, layout, num_seqs, average, chunk):
-    """`[R]` float32 sequence log-probs (forward only, 2NHV)."""
+def sequence_logps(hidden2d, weight, bias, layout, num_seqs, average, chunk, stats: TokenStats | None = None):
+    """`[R]` float32 sequence log-probs (forward only, 2NHV); `stats` (if given) is filled."""
     total = layout.rows.numel()
     tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
     chunks = even_chunks(total, chunk)
-    _forward_chunks(hidden2d, weight, bias, layout, chunks, _new_buffer(hidden2d, weight, chunks), tok)
+    _forward_chunks(hidden2d, weight, bias, layout, chunks, _new_buffer(hidden2d, weight, chunks), tok, stats)
     return reduce_sequences(tok, layout, num_seqs, average)
 
 
@@ -213,11 +238,12 @@ def _group_sums(tok, layout, seqs, start, end, average):
     return total
 
 
-def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, loss_fn, grads: Grads | None):
+def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, loss_fn, grads: Grads | None,
+              stats: TokenStats | None = None):
     """DPO forward over pair-ordered tokens, forming the gradients for an upstream gradient of 1.
 
     `loss_fn(chosen_logps [B], rejected_logps [B]) -> (DPOLossOutput, grad_chosen [B], grad_rejected [B])`.
-    Returns `(DPOLossOutput, logps [2B] float32)`; `grads` (if given) is filled.
+    Returns `(DPOLossOutput, logps [2B] float32)`; `grads` and `stats` (if given) are filled.
     """
     B, counts = num_pairs, layout.counts_host
     total = layout.rows.numel()
@@ -230,16 +256,16 @@ def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, l
     for group in groups:
         if not group.streaming:
             _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads if want else None,
-                            only)
+                            only, stats)
         elif want and grads.width and (grads.started or not tied):
-            _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads)
+            _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, stats)
         else:
             _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss,
-                         grads if want else None)
+                         grads if want else None, stats)
     return pair_loss.out, pair_loss.logps
 
 
-def _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, only):
+def _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, only, stats):
     """Whole pairs in one chunk: their coefficients are known after the pass, so D is used at once."""
     s, e = group.chunks[0]
     if e == s:
@@ -248,7 +274,7 @@ def _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss,
     rows = layout.rows[s:e]
     h = hidden2d.index_select(0, rows)
     d = _project(h, weight, bias, zbuf)
-    tok[s:e] = logsoftmax_pass(d, layout.targets[s:e], write_grad=grads is not None)
+    _score(d, layout, s, e, tok, stats, write_grad=grads is not None)
     g = pair_loss.complete(tok, group.pairs, s, e)
     if grads is None:
         return
@@ -266,7 +292,7 @@ def _scaled_hidden_grad(d, weight, c, out, rows):
     out.index_copy_(0, rows, u.to(out.dtype))
 
 
-def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss, grads):
+def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss, grads, stats):
     """One pair longer than a chunk, in one pass: D carries each row's known factor (the rejected rows' sign for
     tied losses, 1/len in average mode); the pair's `D^T h` sums go straight into the (still empty) weight-gradient
     accumulator, and `U = D @ W` into an fp32 `[n, H]` buffer, both scaled once the pair's coefficient is known.
@@ -287,7 +313,7 @@ def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, z
     for s, e in group.chunks:
         h = hidden2d.index_select(0, layout.rows[s:e])
         d = _project(h, weight, bias, zbuf)
-        tok[s:e] = logsoftmax_pass(d, layout.targets[s:e], scale=scale[s - s0 : e - s0], write_grad=grads is not None)
+        _score(d, layout, s, e, tok, stats, scale=scale[s - s0 : e - s0], write_grad=grads is not None)
         if grads is None:
             continue
         if u is not None:
@@ -309,17 +335,17 @@ def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, z
             grads.hidden.index_copy_(0, layout.rows[s:e], u[s - s0 : e - s0].to(hidden2d.dtype))
 
 
-def _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads):
+def _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, stats):
     """One pair longer than a chunk when its weight-gradient sums cannot go straight into the accumulator: a
     forward pass gives its log-probs and coefficients, then a gradient pass adds into the accumulator (no second
     `[V, H]` buffer). The forward pass takes the short remainder chunk first, and the gradient pass runs backwards
     from the last, full chunk, whose logits are still in the buffer: the extra GEMM work is the projection of the
-    pair's tokens outside its last chunk."""
+    pair's tokens outside its last chunk. Token statistics come from the forward pass."""
     s0, e0 = group.start, group.end
     sizes = [e - s for s, e in reversed(group.chunks)]
     starts = [s0 + sum(sizes[:k]) for k in range(len(sizes))]
     chunks = [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
-    _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok)
+    _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok, stats)
     g = pair_loss.complete(tok, group.pairs, s0, e0)
     coef = pair_loss.token_coefficients(g, s0, e0)
     for k, (s, e) in enumerate(reversed(chunks)):

@@ -13,6 +13,8 @@ chunks of at most C tokens, through one reused `[C, V]` buffer: a cuBLAS GEMM fo
   already holds other pairs or the loss's chosen and rejected coefficients are not tied), and the recompute path
   (8NHV, least memory) for `memory_budget="low"` and for losses that couple pairs through their log-probs (aot,
   aot_unpaired) when the batch is not resident. Peak memory of a step: `_memory_model.estimate_peak_bytes`.
+  With `token_stats=True` the pass that reads each token's logits also returns its entropy and top-1 hit, summed
+  per sequence into the output (what TRL logs as `entropy` and `mean_token_accuracy`), at no extra GEMM.
 """
 import torch
 
@@ -142,9 +144,9 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
 class _DPORun:
     """Everything about one fused DPO call that is not a differentiable input."""
 
-    def __init__(self, layout, num_pairs, average, chunk, tied, recompute, loss_fn):
+    def __init__(self, layout, num_pairs, average, chunk, tied, recompute, loss_fn, token_stats):
         self.layout, self.num_pairs, self.average, self.chunk = layout, num_pairs, average, chunk
-        self.tied, self.recompute, self.loss_fn = tied, recompute, loss_fn
+        self.tied, self.recompute, self.loss_fn, self.token_stats = tied, recompute, loss_fn, token_stats
         # Read outside the Function: its forward always runs without grad mode. Under no_grad (evaluation with
         # parameters that require grad) the forward must not form gradients nobody will ask for.
         self.grad_enabled = torch.is_grad_enabled()
@@ -157,15 +159,16 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         hidden2d = _flat(hidden)
         B = run.num_pairs
         ctx.run, ctx.shape = run, hidden.shape
+        stats = engine.TokenStats(run.layout.rows.numel(), hidden.device) if run.token_stats else None
         if run.recompute:
-            logps = engine.sequence_logps(hidden2d, weight, bias, run.layout, 2 * B, run.average, run.chunk)
+            logps = engine.sequence_logps(hidden2d, weight, bias, run.layout, 2 * B, run.average, run.chunk, stats)
             out, grad_c, grad_r = run.loss_fn(logps[:B], logps[B:])
             ctx.save_for_backward(hidden, weight, bias)
             ctx.seq_grad = torch.cat([grad_c, grad_r]).float()
         else:
             grads = engine.Grads(hidden2d, weight, need_h, need_w, need_b) if (need_h or need_w or need_b) else None
             out, logps = engine.fused_dpo(hidden2d, weight, bias, run.layout, B, run.average, run.chunk, run.tied,
-                                          run.loss_fn, grads)
+                                          run.loss_fn, grads, stats)
             ctx.grads = None
             if grads is not None:
                 grad_w, grad_b = grads.weight_bias(weight.dtype)
@@ -173,6 +176,9 @@ class FusedLinearDPOFunction(torch.autograd.Function):
                 ctx.grads = [grad_h, grad_w, grad_b]
         metrics = (logps[:B], logps[B:], out.chosen_rewards, out.rejected_rewards, out.reward_accuracy,
                    out.reward_margin, out.losses)
+        if stats is not None:
+            entropy, top1 = stats.per_sequence(run.layout, 2 * B)
+            metrics += (entropy[:B], entropy[B:], top1[:B], top1[B:])
         ctx.mark_non_differentiable(*metrics)
         return (out.loss.float(),) + metrics
 
@@ -225,7 +231,7 @@ def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weigh
 def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                      ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1,
                      loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=-100, shift=True,
-                     memory_budget=None, **loss_params) -> DPOOutput:
+                     memory_budget=None, token_stats=False, **loss_params) -> DPOOutput:
     """The DPO loss from the policy's last hidden states and lm_head, with its gradients formed in the forward.
 
     Args:
@@ -240,6 +246,9 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         average: use per-token mean log-probs instead of sums (for policy and reference alike).
         memory_budget: None (2 GiB, C <= 8192), bytes for the `[C, V]` logits buffer, or "low" (512 MiB and the
             recompute path): see `_chunking.py`.
+        token_stats: also fill the output's `chosen_entropy_sum`, `rejected_entropy_sum`, `chosen_top1_count`,
+            `rejected_top1_count` (the policy's per-token entropy and first-argmax hits, summed per sequence), from
+            the pass that already reads every logit: no extra GEMM.
     Returns:
         `DPOOutput`; only `loss` is differentiable (w.r.t. hidden, weight, bias). Response lengths passed to the
         loss are the numbers of scored tokens per sequence.
@@ -274,8 +283,9 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
                                   rejected_lengths=counts[B:], **loss_params)
 
     recompute = memory_budget == "low" or (_values_couple_pairs(loss_type) and layout.rows.numel() > chunk)
-    run = _DPORun(layout, B, bool(average), chunk, loss_traits(loss_type).tied, recompute, loss_fn)
+    run = _DPORun(layout, B, bool(average), chunk, loss_traits(loss_type).tied, recompute, loss_fn,
+                  bool(token_stats))
     outputs = FusedLinearDPOFunction.apply(hidden, weight, bias, run)
     ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
     ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
-    return DPOOutput(*outputs, ref_c, ref_r, counts[:B], counts[B:])
+    return DPOOutput(*outputs[:8], ref_c, ref_r, counts[:B], counts[B:], *outputs[8:])

@@ -8,6 +8,13 @@ log-prob `Z[label] - lse`. With `write_grad` it then overwrites `Z` in place wit
 (the gradient of the token log-prob w.r.t. its logits, optionally times a per-row factor such as the rejected rows'
 sign or `1/len` in average mode), so the `[C, V]` buffer that held the logits is reused for their gradient.
 Each program owns a row and sweeps it twice (statistics, then the gradient); the second sweep mostly hits L2.
+
+With `stats` the first sweep also yields what TRL logs per token, at no extra read: the entropy of softmax(Z) and
+whether the label is the first argmax (torch.argmax's tie rule, which TRL's `mean_token_accuracy` uses). The
+entropy keeps `t = sum e^(z-m) (z-m)` beside `s = sum e^(z-m)`, both rescaled when the running max m moves, and is
+`log s - t / s`: measured from the max, so large logits do not cancel. Terms with `e^(z-m) = 0` (a -inf logit) add
+nothing, the limit of `p log p`. The first argmax moves only to a tile whose max is strictly larger, at the first
+column attaining it. The constexpr WITH_STATS compiles all of this out of the plain pass.
 CUDA tensors (or `DPO_KERNELS_BACKEND=triton`) run the Triton kernel; CPU tensors run the PyTorch twin below.
 """
 import torch
@@ -17,7 +24,10 @@ import triton.language as tl
 from dpo_kernels._backend import use_triton
 
 
-@triton.heuristics({"HAS_SCALE": lambda args: args["scale_ptr"] is not None})
+@triton.heuristics({
+    "HAS_SCALE": lambda args: args["scale_ptr"] is not None,
+    "WITH_STATS": lambda args: args["entropy_ptr"] is not None,
+})
 @triton.jit
 def logsoftmax_pass_kernel(
     z_ptr,
@@ -25,10 +35,13 @@ def logsoftmax_pass_kernel(
     labels_ptr,
     scale_ptr,
     logp_ptr,
+    entropy_ptr,
+    top1_ptr,
     V,
     BLOCK_V: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    WITH_STATS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -36,17 +49,34 @@ def logsoftmax_pass_kernel(
 
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    first = tl.zeros([], tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        tile_max = tl.max(x, axis=0)
+        m_new = tl.maximum(m, tile_max)
+        # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would turn s into NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        e = tl.exp(x - shift)
+        if WITH_STATS:
+            # sum e^(z-m_new)(z-m_new) = alpha * (t + (m - m_new) s); s = 0 (and m = -inf) before any finite logit.
+            # The where()s pick 0 before multiplying, so -inf never meets 0.
+            moved = tl.where(s > 0, m - shift, 0.0) * s
+            t = alpha * (t + moved) + tl.sum(tl.where(e > 0, x - shift, 0.0) * e, axis=0)
+            tile_first = tl.min(tl.where(x == tile_max, cols, V), axis=0)
+            first = tl.where(tile_max > m, tile_first, first)
+        s = s * alpha + tl.sum(e, axis=0)
         m = m_new
     lse = m + tl.log(s)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     label_logit = tl.load(z_row + label).to(tl.float32)
     tl.store(logp_ptr + row, label_logit - lse)
+    if WITH_STATS:
+        tl.store(entropy_ptr + row, tl.log(s) - t / s)
+        tl.store(top1_ptr + row, first.to(tl.int64) == label)
 
     if WRITE_GRAD:
         scale = 1.0
@@ -66,31 +96,45 @@ def _block_v(vocab: int) -> int:
     return min(8192, triton.next_power_of_2(vocab))
 
 
-def logsoftmax_pass_forward(z, labels, scale, write_grad):
+def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
     rows, vocab = z.shape
     logp = torch.empty(rows, dtype=torch.float32, device=z.device)
-    if rows == 0:
-        return logp
-    block = _block_v(vocab)
-    logsoftmax_pass_kernel[(rows,)](
-        z,
-        z.stride(0),
-        labels,
-        scale,
-        logp,
-        vocab,
-        BLOCK_V=block,
-        WRITE_GRAD=bool(write_grad),
-        num_warps=8 if block >= 4096 else 4,
-    )
-    return logp
+    entropy = torch.empty(rows, dtype=torch.float32, device=z.device) if stats else None
+    top1 = torch.empty(rows, dtype=torch.bool, device=z.device) if stats else None
+    if rows > 0:
+        block = _block_v(vocab)
+        logsoftmax_pass_kernel[(rows,)](
+            z,
+            z.stride(0),
+            labels,
+            scale,
+            logp,
+            entropy,
+            top1,
+            vocab,
+            BLOCK_V=block,
+            WRITE_GRAD=bool(write_grad),
+            num_warps=8 if block >= 4096 else 4,
+        )
+    return (logp, entropy, top1) if stats else logp
 
 
-def logsoftmax_pass_torch(z, labels, scale, write_grad):
+def _entropy_and_top1(zf, lse, labels):
+    """`[C]` entropy of softmax(zf) (`-sum p log p`, 0 for p = 0) and whether the label is the first argmax."""
+    log_p = zf - lse.unsqueeze(1)
+    p = log_p.exp()
+    # p = 0 where log p = -inf: zero the log first, so that 0 * -inf does not give NaN.
+    entropy = -p.mul_(log_p.masked_fill_(p == 0, 0.0)).sum(-1)
+    return entropy, zf.argmax(-1) == labels
+
+
+def logsoftmax_pass_torch(z, labels, scale, write_grad, stats=False):
     """The PyTorch twin of the kernel, for CPU tensors: fp32 math on the chunk, same outputs."""
     zf = z.float()
     lse = torch.logsumexp(zf, dim=-1)
     logp = zf.gather(1, labels.unsqueeze(1)).squeeze(1) - lse
+    # Before the gradient: for fp32 chunks it overwrites zf.
+    entropy, top1 = _entropy_and_top1(zf, lse, labels) if stats else (None, None)
     if write_grad:
         # For fp32 chunks `zf` is `z` itself, so the gradient is formed in place without a second [C, V] buffer.
         d = zf.sub_(lse.unsqueeze(1)).exp_().neg_()
@@ -99,10 +143,10 @@ def logsoftmax_pass_torch(z, labels, scale, write_grad):
             d.mul_(scale.unsqueeze(1))
         if d is not z:
             z.copy_(d)
-    return logp
+    return (logp, entropy, top1) if stats else logp
 
 
-def logsoftmax_pass(z, labels, *, scale=None, write_grad=False):
+def logsoftmax_pass(z, labels, *, scale=None, write_grad=False, stats=False):
     """Token log-probs of a chunk of logits, optionally replacing the logits by their gradient in place.
 
     Args:
@@ -110,8 +154,12 @@ def logsoftmax_pass(z, labels, *, scale=None, write_grad=False):
         labels: `[C]` int64, every entry in `[0, V)` (the engine compacts ignored positions away first).
         scale: optional `[C]` float32 per-row factor applied to the written gradient.
         write_grad: write `scale * (onehot(label) - softmax(z))` into `z`, in `z`'s dtype.
+        stats: also return each row's entropy and top-1 hit, from the same read of `z`.
     Returns:
         `[C]` float32 token log-probs `z[label] - logsumexp(z)`; non-finite logits give non-finite values.
+        With `stats`, a tuple `(logp, entropy, top1)`: `entropy [C]` float32 `-sum softmax(z) log softmax(z)` (in
+        nats, computed before `z` is overwritten) and `top1 [C]` bool, whether `label` is the first index of the
+        row's maximum (`torch.argmax`'s tie rule: a tie with an earlier column is not a hit).
     """
     if z.dim() != 2 or z.stride(1) != 1:
         raise ValueError(f"z must be [C, V] with unit stride along V, got shape {tuple(z.shape)}")
@@ -120,5 +168,5 @@ def logsoftmax_pass(z, labels, *, scale=None, write_grad=False):
     if scale is not None and scale.shape != z.shape[:1]:
         raise ValueError(f"scale must be [C] = [{z.shape[0]}], got {tuple(scale.shape)}")
     if use_triton(z):
-        return logsoftmax_pass_forward(z, labels, scale, write_grad)
-    return logsoftmax_pass_torch(z, labels, scale, write_grad)
+        return logsoftmax_pass_forward(z, labels, scale, write_grad, stats)
+    return logsoftmax_pass_torch(z, labels, scale, write_grad, stats)
