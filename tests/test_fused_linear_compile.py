@@ -2,9 +2,9 @@
 
 The interpreter runs the kernel's Python, not Triton's code generator, so this compiles the kernel ahead of time
 for sm_90 as a launch at V = 128256 would specialize it (16-divisible pointers, sizes and row stride), in every
-flag combination the engine uses, and checks that the chunk of logits is read, and its gradient written, with
-16-byte vector instructions. It runs in a subprocess without TRITON_INTERPRET, which patches Triton's language in
-the test process.
+flag combination the engine uses (token statistics on and off), and checks that the chunk of logits is read, and its
+gradient written, with 16-byte vector instructions. It runs in a subprocess without TRITON_INTERPRET, which patches
+Triton's language in the test process.
 """
 import json
 import os
@@ -14,15 +14,16 @@ import sys
 import pytest
 
 V = 128256
-CASES = [(dtype, write_grad, has_scale) for dtype in ("bf16", "fp32") for write_grad, has_scale in
-         ((False, False), (True, False), (True, True))]
+CASES = [(dtype, write_grad, has_scale, stats) for dtype in ("bf16", "fp32") for write_grad, has_scale, stats in
+         ((False, False, False), (True, False, False), (True, True, False), (False, False, True), (True, False, True),
+          (True, True, True))]
 
 
-def _name(dtype, write_grad, has_scale):
-    return f"{dtype}-grad{int(write_grad)}-scale{int(has_scale)}"
+def _name(dtype, write_grad, has_scale, stats):
+    return f"{dtype}-grad{int(write_grad)}-scale{int(has_scale)}-stats{int(stats)}"
 
 
-def compile_for_sm90(dtype: str, write_grad: bool, has_scale: bool) -> dict:
+def compile_for_sm90(dtype: str, write_grad: bool, has_scale: bool, stats: bool) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -31,11 +32,13 @@ def compile_for_sm90(dtype: str, write_grad: bool, has_scale: bool) -> dict:
 
     jit = op.logsoftmax_pass_kernel.fn
     block = op._block_v(V)
-    constexprs = {"BLOCK_V": block, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale}
+    constexprs = {"BLOCK_V": block, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "WITH_STATS": stats}
     types = {"z_ptr": f"*{dtype}", "stride_z": "i32", "labels_ptr": "*i64", "scale_ptr": "*fp32",
-             "logp_ptr": "*fp32", "V": "i32"}
+             "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "top1_ptr": "*i1", "V": "i32"}
     if not has_scale:
         constexprs["scale_ptr"] = None
+    if not stats:
+        constexprs["entropy_ptr"] = constexprs["top1_ptr"] = None
     signature = {name: "constexpr" if name in constexprs else types[name] for name in jit.arg_names}
     aligned = ["z_ptr", "stride_z", "labels_ptr", "logp_ptr", "V"]
     attrs = {(jit.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
@@ -58,9 +61,9 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dtype,write_grad,has_scale", CASES)
-def test_pass_compiles_for_sm90_with_vector_access(compiled, dtype, write_grad, has_scale):
-    result = compiled[_name(dtype, write_grad, has_scale)]
+@pytest.mark.parametrize("dtype,write_grad,has_scale,stats", CASES)
+def test_pass_compiles_for_sm90_with_vector_access(compiled, dtype, write_grad, has_scale, stats):
+    result = compiled[_name(dtype, write_grad, has_scale, stats)]
     assert result["cubin"], "ptxas produced no cubin"
     assert result["vector_load"], "the logits are not read with 16-byte vector loads"
     if write_grad:

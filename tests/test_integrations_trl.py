@@ -195,6 +195,61 @@ def test_token_metrics_off_skips_entropy_and_token_accuracy(tiny):
     assert {"loss", "rewards/margins", "logits/chosen", "logps/rejected"} <= set(logs)
 
 
+def test_token_metrics_cost_no_extra_projection(tiny, monkeypatch):
+    # Entropy and top-1 come out of the engine's pass over logits it computes anyway: with the metrics on, the
+    # engine projects exactly the rows it projects with them off, and the lm_head weight meets no other GEMM.
+    from dpo_kernels.integrations import _token_metrics
+    from dpo_kernels.ops import _fused_linear_engine as engine
+
+    with_metrics = make_trainer(FusedDPOTrainer, tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        without = patch_dpo_trainer(make_trainer(trl.DPOTrainer, tiny), token_metrics=False)
+    batch = next(iter(with_metrics.get_train_dataloader()))
+    head = {with_metrics.model.lm_head.weight.data_ptr(), without.model.lm_head.weight.data_ptr()}
+    projected, head_gemms = [], []
+    project, linear = engine._project, torch.nn.functional.linear
+
+    def counting_project(h, *args):
+        projected.append(h.shape[0])
+        return project(h, *args)
+
+    def counting_linear(x, weight, bias=None):
+        head_gemms.extend([1] if weight.data_ptr() in head else [])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(engine, "_project", counting_project)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    _, _, logs = loss_and_grads(with_metrics, batch)
+    rows_with, projected[:] = sum(projected), []
+    _, _, logs_without = loss_and_grads(without, batch)
+    assert {"entropy", "mean_token_accuracy"} <= set(logs) and "entropy" not in logs_without
+    assert rows_with == sum(projected) > 0, "token metrics made the engine project more rows"
+    assert not head_gemms, "token metrics ran a separate projection through the lm_head"
+    # The spy sees the old separate pass, so the assertion above can fail.
+    hidden = torch.randn(5, with_metrics.model.config.hidden_size)
+    _token_metrics.token_sums(hidden, with_metrics.model.lm_head.weight, None, torch.zeros(5, dtype=torch.long),
+                              torch.zeros(5, dtype=torch.long), 1, full=True)
+    assert head_gemms
+
+
+def test_token_metrics_match_stock_when_pairs_stream(tiny):
+    # 4-token chunks: every pair streams (once into the empty accumulator, then twice), metrics from each pass.
+    stock = make_trainer(trl.DPOTrainer, tiny)
+    vocab = tiny["policy"].config.vocab_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = patch_dpo_trainer(make_trainer(trl.DPOTrainer, tiny), memory_budget=4 * vocab * 4)
+    batch = next(iter(stock.get_train_dataloader()))
+    want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
+    got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
+    assert {"entropy", "mean_token_accuracy"} <= set(got_logs)
+    assert_close("streamed loss", got_loss, want_loss)
+    assert_same_logs(got_logs, want_logs)
+    for name in want_grads:
+        assert_close(f"streamed grad {name}", got_grads[name], want_grads[name])
+
+
 @pytest.mark.parametrize("option", [{"ld_alpha": 0.5}, {"use_weighting": True},
                                     {"f_divergence_type": "js_divergence", "padding_free": True}])
 def test_unsupported_option_falls_back_to_trl_with_one_warning(tiny, option):

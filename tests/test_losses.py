@@ -73,6 +73,20 @@ def test_fused_module_agrees_with_logits_module(memory_budget):
     assert "nca_pair" in repr(fused_module)
 
 
+def test_fused_module_token_stats_match_the_functional():
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(2, 10, 24, 1000, seed=43)
+    module = dpo_kernels.FusedLinearDPOLoss(beta=0.2, memory_budget="low", token_stats=True)
+    out = module(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    want = dpo_kernels.fused_linear_dpo(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_c,
+                                        ref_rejected_logps=ref_r, beta=0.2, token_stats=True)
+    for name in ("chosen_entropy_sum", "rejected_entropy_sum", "chosen_top1_count", "rejected_top1_count"):
+        got, expected = getattr(out, name), getattr(want, name)
+        assert got is not None and got.shape == (2,), name
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+    # The empty chosen response (row 1) has no token: nothing to sum.
+    assert out.rejected_entropy_sum[1] > 0 and out.chosen_entropy_sum[1] == 0 and out.chosen_top1_count[1] == 0
+
+
 def test_dpo_loss_module_bad_input():
     logits = torch.randn(3, 5, 50)
     labels = torch.randint(0, 50, (3, 5))
