@@ -122,6 +122,8 @@ stage cuda-tests 90 bash -c run_cuda_tests
 stage bench-linear 150 "${CLI[@]}" bench --ops linear --output-dir "$OUT/bench" "${BENCH[@]}"
 stage bench-logits 45 "${CLI[@]}" bench --ops logits --output-dir "$OUT/bench" "${BENCH[@]}"
 stage bench-loss 45 "${CLI[@]}" bench --ops loss --output-dir "$OUT/bench" "${BENCH[@]}"
+if [[ $SMOKE == 1 ]]; then LOSS_DEVICE=cpu; else LOSS_DEVICE=cuda; fi
+stage loss-overhead 30 "$PYTHON" benchmarks/bench_dpo_loss.py --device "$LOSS_DEVICE" --batch 8 1024 65536
 stage memory 75 "${CLI[@]}" profile-memory --output-dir "$OUT/memory" "${MEMORY[@]}"
 if [[ -f benchmarks/trl_step_timing.py ]]; then
   stage trl-step 75 "$PYTHON" benchmarks/trl_step_timing.py --output-dir "$OUT/trl" "${TRL_ARGS[@]}"
