@@ -84,4 +84,4 @@ class FusedLinearDPOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, average={self.average}, "
-                f"memory_budget={self.memory_budget!r}")
+                f"memory_budget={self.memory_budget!r}, token_stats={self.token_stats}")

@@ -78,6 +78,10 @@ def test_pass_entropy_and_top1_match_float64(force_backend, monkeypatch, backend
     logp_s, entropy, top1 = lp.logsoftmax_pass(with_stats, labels, stats=True)
     assert entropy.dtype == torch.float32 and top1.dtype == torch.bool
     assert torch.equal(logp_s, logp) and torch.equal(with_stats, z), "stats changed the plain outputs"
+    # Row 3's first tile is all -inf: the running sum must not become NaN before the first finite logit.
+    want_logp = torch.log_softmax(z.double(), -1).gather(1, labels[:, None])[:, 0]
+    base_logp = torch.log_softmax(z.float(), -1).gather(1, labels[:, None])[:, 0]
+    assert_within_rule(logp, want_logp, base_logp, atol=DTYPE_ATOL[dtype] * 10, name="token logp")
     assert torch.equal(top1, want_hit), f"top-1 {top1.tolist()} != first-argmax truth {want_hit.tolist()}"
     assert_within_rule(entropy, entropy_truth(z), entropy_baseline(z), atol=DTYPE_ATOL[dtype] * 10, name="entropy")
 

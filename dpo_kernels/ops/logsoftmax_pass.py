@@ -8,6 +8,7 @@ log-prob `Z[label] - lse`. With `write_grad` it then overwrites `Z` in place wit
 (the gradient of the token log-prob w.r.t. its logits, optionally times a per-row factor such as the rejected rows'
 sign or `1/len` in average mode), so the `[C, V]` buffer that held the logits is reused for their gradient.
 Each program owns a row and sweeps it twice (statistics, then the gradient); the second sweep mostly hits L2.
+CUDA tensors (or `DPO_KERNELS_BACKEND=triton`) run the Triton kernel; CPU tensors run the PyTorch twin below.
 
 With `stats` the first sweep also yields what TRL logs per token, at no extra read: the entropy of softmax(Z) and
 whether the label is the first argmax (torch.argmax's tie rule, which TRL's `mean_token_accuracy` uses). The
@@ -15,7 +16,6 @@ entropy keeps `t = sum e^(z-m) (z-m)` beside `s = sum e^(z-m)`, both rescaled wh
 `log s - t / s`: measured from the max, so large logits do not cancel. Terms with `e^(z-m) = 0` (a -inf logit) add
 nothing, the limit of `p log p`. The first argmax moves only to a tile whose max is strictly larger, at the first
 column attaining it. The constexpr WITH_STATS compiles all of this out of the plain pass.
-CUDA tensors (or `DPO_KERNELS_BACKEND=triton`) run the Triton kernel; CPU tensors run the PyTorch twin below.
 """
 import torch
 import triton
