@@ -23,6 +23,8 @@ log-probs, then, its coefficients known, a gradient pass that adds straight into
 for those). The unscaled hidden-state gradient `U` of a
 streaming pair stays fp32 (`[n, H]`, n its tokens).
 """
+import functools
+
 import torch
 
 from dpo_kernels.ops._chunking import even_chunks, longest_streaming_first, plan_pairs
@@ -33,6 +35,21 @@ from dpo_kernels.ops.logsoftmax_pass import logsoftmax_pass
 # coefficient c, split as c_hi + c_lo in the operand's dtype so that bf16 does not round c (D^T c_hi + D^T c_lo is
 # the bias gradient); the remaining zero columns keep rows 16-byte aligned for cuBLAS.
 _BIAS_COLUMNS = 8
+
+
+def _explicit_dtypes(fn):
+    """Runs an engine entry point with autocast off on the hidden states' device.
+
+    The caller picked the dtypes; autocast (a bf16 region in a training loop) would otherwise turn the fp32
+    products that keep U and the weight gradient unrounded into bf16 ones, and make `torch.mm(D, W)` return bf16
+    for fp32 operands, which `index_copy_` into the fp32 hidden-state gradient then refuses."""
+
+    @functools.wraps(fn)
+    def run(hidden2d, *args, **kwargs):
+        with torch.autocast(hidden2d.device.type, enabled=False):
+            return fn(hidden2d, *args, **kwargs)
+
+    return run
 
 
 class Grads:
@@ -165,6 +182,7 @@ def _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok, stats=Non
         _score(z, layout, s, e, tok, stats)
 
 
+@_explicit_dtypes
 def sequence_logps(hidden2d, weight, bias, layout, num_seqs, average, chunk, stats: TokenStats | None = None):
     """`[R]` float32 sequence log-probs (forward only, 2NHV); `stats` (if given) is filled."""
     total = layout.rows.numel()
@@ -187,6 +205,7 @@ def _gradient_chunk(hidden2d, weight, bias, layout, s, e, coef, zbuf, grads, *, 
         grads.add_weight_gemm(d, grads.operand(h, None), only=only)
 
 
+@_explicit_dtypes
 def recompute_grads(hidden2d, weight, bias, layout, token_coef, chunk, grads: Grads):
     """Gradients for known per-token coefficients `token_coef [N]` (d out / d token log-prob), 6NHV."""
     total = layout.rows.numel()
@@ -238,6 +257,7 @@ def _group_sums(tok, layout, seqs, start, end, average):
     return total
 
 
+@_explicit_dtypes
 def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, loss_fn, grads: Grads | None,
               stats: TokenStats | None = None):
     """DPO forward over pair-ordered tokens, forming the gradients for an upstream gradient of 1.
