@@ -22,19 +22,23 @@ def _probe(device: torch.device, dtype: torch.dtype):
     if key not in _PROBED:
         mm_ok = acc_ok = False
         if device.type == "cuda":
-            a = torch.randn(16, 8, device=device).to(dtype)
-            b = torch.randn(8, 24, device=device).to(dtype)
-            want = a.float() @ b.float()
-            try:
-                mm_ok = bool(torch.allclose(torch.mm(a, b, out_dtype=torch.float32), want, atol=1e-3))
-            except (RuntimeError, TypeError):
-                mm_ok = False
-            try:
-                acc = torch.ones(16, 24, device=device)
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                acc_ok = bool(torch.allclose(acc, want + 1.0, atol=1e-3))
-            except (RuntimeError, TypeError):
-                acc_ok = False
+            # Small integers: exact in every operand dtype and in fp32 sums, so the check is an exact comparison
+            # (no tolerance) and draws nothing from the caller's RNG. Autocast off: inside a bf16 region the
+            # fp32 `want` would come back rounded to bf16 and a wrong "unsupported" would be cached for good.
+            with torch.autocast("cuda", enabled=False):
+                a = (torch.arange(16 * 8, device=device) % 7 - 3).view(16, 8).to(dtype)
+                b = (torch.arange(8 * 24, device=device) % 5 - 2).view(8, 24).to(dtype)
+                want = a.float() @ b.float()
+                try:
+                    mm_ok = bool(torch.equal(torch.mm(a, b, out_dtype=torch.float32), want))
+                except (RuntimeError, TypeError):
+                    mm_ok = False
+                try:
+                    acc = torch.ones(16, 24, device=device)
+                    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                    acc_ok = bool(torch.equal(acc, want + 1.0))
+                except (RuntimeError, TypeError):
+                    acc_ok = False
         _PROBED[key] = (mm_ok, acc_ok)
     return _PROBED[key]
 
