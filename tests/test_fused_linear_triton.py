@@ -111,3 +111,28 @@ def test_linear_sequence_logprobs_through_triton_pass(force_backend):
     assert_within_rule(out.cpu(), truth, base, atol=1e-5, name="logps")
     for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), t_grads, b_grads, strict=True):
         assert_within_rule(g.cpu(), tg, bg, atol=1e-5, name=f"grad_{name}")
+
+
+def test_pass_launches_on_the_chunks_device(force_backend, monkeypatch):
+    """Triton launches on the current CUDA device: the launcher must enter the chunk's own device first (an lm_head
+    on a second GPU). The interpreter has no devices, so this checks which tensor's device the launch is put on,
+    and that a CUDA tensor on device 1 selects device 1."""
+    import types
+
+    from dpo_kernels.ops import logsoftmax_pass as op
+
+    force_backend("triton")
+    seen = []
+    real = op._on_device
+
+    def recording(t):
+        seen.append(t)
+        return real(t)
+
+    monkeypatch.setattr(op, "_on_device", recording)
+    z = torch.randn(3, 70)
+    logsoftmax_pass(z, torch.tensor([0, 5, 69]), write_grad=True)
+    assert len(seen) == 1 and seen[0].data_ptr() == z.data_ptr()
+    fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    guard = real(fake_cuda)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1

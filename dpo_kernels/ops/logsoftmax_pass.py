@@ -17,6 +17,8 @@ entropy keeps `t = sum e^(z-m) (z-m)` beside `s = sum e^(z-m)`, both rescaled wh
 nothing, the limit of `p log p`. The first argmax moves only to a tile whose max is strictly larger, at the first
 column attaining it. The constexpr WITH_STATS compiles all of this out of the plain pass.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -96,6 +98,12 @@ def _block_v(vocab: int) -> int:
     return min(8192, triton.next_power_of_2(vocab))
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device; the chunk may live on another one (an lm_head placed on a
+    # second GPU by device_map), which would run the kernel on the wrong GPU with foreign pointers.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
     rows, vocab = z.shape
     logp = torch.empty(rows, dtype=torch.float32, device=z.device)
@@ -103,19 +111,20 @@ def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
     top1 = torch.empty(rows, dtype=torch.bool, device=z.device) if stats else None
     if rows > 0:
         block = _block_v(vocab)
-        logsoftmax_pass_kernel[(rows,)](
-            z,
-            z.stride(0),
-            labels,
-            scale,
-            logp,
-            entropy,
-            top1,
-            vocab,
-            BLOCK_V=block,
-            WRITE_GRAD=bool(write_grad),
-            num_warps=8 if block >= 4096 else 4,
-        )
+        with _on_device(z):
+            logsoftmax_pass_kernel[(rows,)](
+                z,
+                z.stride(0),
+                labels,
+                scale,
+                logp,
+                entropy,
+                top1,
+                vocab,
+                BLOCK_V=block,
+                WRITE_GRAD=bool(write_grad),
+                num_warps=8 if block >= 4096 else 4,
+            )
     return (logp, entropy, top1) if stats else logp
 
 
