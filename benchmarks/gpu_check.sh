@@ -7,7 +7,8 @@
 #
 # Every stage runs under `timeout` with min(its cap, what is left of the budget), so one slow stage cannot eat the
 # slot; its output goes to $OUT/logs/<stage>.log and to stdout with a timestamp. A failed or timed-out stage is
-# recorded in $OUT/stages.tsv and the script goes on. Environment knobs: PYTHON, OUT, GPU_CHECK_BUDGET_S,
+# recorded in $OUT/stages.tsv and the script goes on. Environment knobs: PYTHON (default: the first of python3,
+# python that imports torch), OUT, GPU_CHECK_BUDGET_S,
 # GPU_CHECK_TESTS_K (pytest -k expression selecting the tests that run CUDA/Triton code, default "triton or cuda":
 # the Triton-backend and CUDA-device parametrizations and the Triton test modules).
 set -uo pipefail
@@ -20,7 +21,17 @@ case "${1:-}" in
   *) echo "usage: $0 [--cpu-smoke]" >&2; exit 2 ;;
 esac
 
-PYTHON=${PYTHON:-python}
+# The interpreter that holds torch: on the GPU image that is `python3` (a venv), and a bare `python` may be missing
+# or another interpreter; take the first of python3, python that imports torch.
+if [[ -z "${PYTHON:-}" ]]; then
+  for candidate in python3 python; do
+    if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then
+      PYTHON=$candidate
+      break
+    fi
+  done
+  PYTHON=${PYTHON:-python3}
+fi
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 TESTS_K=${GPU_CHECK_TESTS_K:-triton or cuda}
 START=$(date +%s)
@@ -35,7 +46,7 @@ fi
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 printf 'stage\texit\tseconds\ttimeout_s\n' > "$OUT/stages.tsv"
-log "gpu_check: output in $OUT, budget ${BUDGET_S}s, smoke=$SMOKE"
+log "gpu_check: output in $OUT, budget ${BUDGET_S}s, python $PYTHON, smoke=$SMOKE"
 
 # stage NAME CAP_SECONDS COMMAND...: runs COMMAND under timeout min(CAP, budget left); never stops the script.
 stage() {

@@ -213,3 +213,20 @@ def test_gpu_check_script_parses_and_names_every_stage():
     for stage in ("install", "cuda-tests", "bench-linear", "bench-logits", "bench-loss", "trl-step", "memory"):
         assert f"stage {stage} " in text, stage
     assert "--seq-lens 1024,2048,4096,8192,16384,32768,65536 --hidden 4096 --vocab 128256" in text
+
+
+def test_gpu_check_picks_the_python_that_has_torch(tmp_path):
+    """The GPU image's torch lives in `python3`; a `python` without torch first on PATH must not be chosen. With a
+    zero budget every stage is skipped, so the script only picks its interpreter and writes its summary."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    fake = bin_dir / "python"
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", OUT=str(tmp_path / "out"), GPU_CHECK_BUDGET_S="0")
+    out = subprocess.run(["bash", script, "--cpu-smoke"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "python python3," in out.stdout, out.stdout
