@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+# The engine's own fp32-accumulating GEMM: its one-time probe picks addmm's out_dtype overload, or, on torch
+# releases that refuse an fp32 C, an fp32-result mm added in a second step; never upcast [C, V] operands (which would
+# time fp32 GEMMs and report a floor several times too high).
+from dpo_kernels.ops._fp32_gemm import addmm_fp32_
+
 _CHUNK_TOKENS = 8192
 
 
@@ -132,17 +137,6 @@ def bandwidth_floor_ms(rows: int, vocab: int, dtype: torch.dtype, bytes_per_s: f
     return 3 * element * rows * vocab / bytes_per_s * 1e3
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    # addmm with out_dtype (torch >= 2.9, CUDA) accumulates a bf16 GEMM in fp32 without an fp32 copy of the inputs.
-    if acc.is_cuda and a.dtype != torch.float32:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError):
-            pass
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
 def gemm_floor_ms(valid_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device,
                   *, iters: int = 5, seed: int = 0) -> float:
     """The fused-linear floor: the three GEMMs (logits, grad_h, grad_W in fp32) over the valid tokens, chunked."""
@@ -159,6 +153,6 @@ def gemm_floor_ms(valid_tokens: int, hidden: int, vocab: int, dtype: torch.dtype
             z = buf[: hc.shape[0]]
             torch.mm(hc, w.t(), out=z)
             torch.mm(z, w, out=grad_h[start : start + hc.shape[0]])
-            _accumulate_fp32(grad_w, z.t(), hc)
+            addmm_fp32_(grad_w, z.t(), hc)
 
     return time_step(three_gemms, device, warmup=1, iters=iters).median_ms
