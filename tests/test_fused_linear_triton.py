@@ -130,8 +130,8 @@ def test_pass_launches_on_the_chunks_device(force_backend, monkeypatch):
         return real(t)
 
     monkeypatch.setattr(op, "_on_device", recording)
-    z = torch.randn(3, 70)
-    logsoftmax_pass(z, torch.tensor([0, 5, 69]), write_grad=True)
+    z = torch.randn(3, 70, device=DEVICE)
+    logsoftmax_pass(z, torch.tensor([0, 5, 69], device=DEVICE), write_grad=True)
     assert len(seen) == 1 and seen[0].data_ptr() == z.data_ptr()
     fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
     guard = real(fake_cuda)
