@@ -222,3 +222,31 @@ def test_token_sums_make_no_float32_copy_of_the_head():
     assert not copies, copies
     logits = hidden.double() @ weight.double().T + bias.double()
     torch.testing.assert_close(sums.chosen_logit_sum.double(), logits.mean(-1)[:5].sum(), rtol=1e-4, atol=1e-3)
+
+
+def test_sequence_logprobs_under_autocast_computes_the_head_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast an fp32 model's lm_head runs in bf16; so must the fused engine (fp32 hidden states and
+    an fp32 head would make its GEMMs fp32, many times slower on a GPU). Gradients still reach the fp32 weight."""
+    model = build_llama(VOCAB)
+    ids, mask, labels = batch()
+    seen = []
+    engine = hf.linear_sequence_logprobs
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return engine(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "linear_sequence_logprobs", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hf.sequence_logprobs(model, ids, mask, labels)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16
+    want = reference.sequence_logprobs(logits.float(), labels)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.5)
+    got.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.dtype == torch.float32
+    seen.clear()
+    hf.sequence_logprobs(model, ids, mask, labels, reference=True)
+    assert seen == [(torch.float32, torch.float32)]
