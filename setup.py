@@ -31,7 +31,9 @@ def _extensions():
     )
     debug = _flag("DPO_KERNELS_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17"]
+    # OpenMP in both builds: the CPU kernel's at::parallel_for is inlined from ATen's headers and runs serially
+    # unless this extension itself is compiled with -fopenmp (the CUDA build's CPU kernel included).
+    cxx += ["-std=c++17", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("DPO_KERNELS_CUDA_ARCH", "9.0"))
@@ -46,13 +48,14 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("DPO_KERNELS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension(
             "dpo_kernels._C",
             cpu_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-fopenmp"]},
+            extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
     from torch.utils.cpp_extension import BuildExtension
