@@ -8,7 +8,7 @@ length-normalized losses are the numbers of scored tokens.
 from torch import nn
 
 from dpo_kernels.ops._dpo_output import DPOOutput
-from dpo_kernels.ops._validation import check_logits_labels
+from dpo_kernels.ops._validation import check_ndim
 from dpo_kernels.ops.dpo_loss import dpo_loss
 from dpo_kernels.ops.fused_linear import fused_linear_dpo
 from dpo_kernels.ops.sequence_logprobs import sequence_logprobs
@@ -31,7 +31,9 @@ class DPOLoss(nn.Module):
         self.average, self.ignore_index, self.shift, self.loss_params = average, ignore_index, shift, loss_params
 
     def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> DPOOutput:
-        check_logits_labels(logits, labels, self.ignore_index)
+        # Only what the pair split needs: sequence_logprobs validates logits and labels in full, and a second
+        # label-range check here would cost a second device sync per step on CUDA.
+        check_ndim(logits, 3, "logits", "[R, T, V]")
         if logits.shape[0] == 0 or logits.shape[0] % 2:
             raise ValueError(f"the batch needs an even, non-zero number of rows (B chosen then B rejected), got "
                              f"{logits.shape[0]}")

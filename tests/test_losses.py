@@ -96,3 +96,23 @@ def test_dpo_loss_module_bad_input():
         dpo_kernels.DPOLoss()(logits[:2], labels[:2, :4])
     with pytest.raises(ValueError, match="both"):
         dpo_kernels.DPOLoss()(logits[:2], labels[:2], torch.zeros(1), None)
+
+
+def test_dpo_loss_module_checks_labels_once(monkeypatch):
+    """The label-range check is a reduction plus a device sync on CUDA: one per step, not one per layer of glue."""
+    from dpo_kernels.ops import _validation
+
+    calls = []
+    real = _validation.check_labels_in_range
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_validation, "check_labels_in_range", counting)
+    logits = torch.randn(4, 6, 50)
+    labels = torch.randint(0, 50, (4, 6))
+    dpo_kernels.DPOLoss()(logits, labels)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="outside"):
+        dpo_kernels.DPOLoss()(logits, labels.masked_fill(labels == labels[0, 3], 50))
