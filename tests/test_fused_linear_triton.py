@@ -136,3 +136,30 @@ def test_pass_launches_on_the_chunks_device(force_backend, monkeypatch):
     fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
     guard = real(fake_cuda)
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+@pytest.mark.parametrize("write_grad,stats", [(False, True), (True, False)])
+def test_pass_reads_padding_but_never_uses_or_writes_it(force_backend, write_grad, stats):
+    """Rows padded to 16 elements (the engine's buffer, V = 1000 -> 1008) are read up to the padded width so that
+    an odd V keeps vector loads; whatever the padding holds (NaN, inf, huge) must not reach any output, and it
+    must stay as it was."""
+    from dpo_kernels.ops import logsoftmax_pass as op
+
+    force_backend("triton")
+    rows, V, padded = 4, 1000, 1008
+    buffer = torch.empty(rows, padded, device=DEVICE)
+    buffer[:, V:] = torch.tensor([float("nan"), float("inf"), 3e38, -float("inf"), 1e4, 0.0, 7.0, float("nan")])
+    z = buffer[:, :V]
+    z.copy_(torch.randn(rows, V) * 3)
+    assert op._load_width(z) == padded and op._load_width(z.contiguous()) == V
+    # A view whose last row has no storage past V may not be read past V.
+    assert op._load_width(torch.empty(rows * padded - 8, device=DEVICE).as_strided((rows, V), (padded, 1))) == V
+    labels = torch.tensor([0, 999, 500, 17], device=DEVICE)
+    plain = z.contiguous()
+    pad_before = buffer[:, V:].clone()
+    want = logsoftmax_pass(plain, labels, write_grad=write_grad, stats=stats)
+    got = logsoftmax_pass(z, labels, write_grad=write_grad, stats=stats)
+    for g, w in zip(got if stats else (got,), want if stats else (want,), strict=True):
+        assert torch.equal(g, w)
+    assert torch.equal(z, plain), "the padded rows' values (or gradient) differ from the contiguous rows'"
+    assert torch.equal(buffer[:, V:].nan_to_num(), pad_before.nan_to_num()), "the padding was written"

@@ -40,6 +40,7 @@ def logsoftmax_pass_kernel(
     entropy_ptr,
     top1_ptr,
     V,
+    V_LOAD,
     BLOCK_V: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -55,7 +56,10 @@ def logsoftmax_pass_kernel(
     first = tl.zeros([], tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        # Loads are masked at V_LOAD (>= V, a multiple of 16 where the rows have room): a mask at a V that is not
+        # one (50257, 32001) makes every access of the row scalar. Columns V..V_LOAD become -inf.
+        x = tl.load(z_row + cols, mask=cols < V_LOAD, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols < V, x, float("-inf"))
         tile_max = tl.max(x, axis=0)
         m_new = tl.maximum(m, tile_max)
         # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would turn s into NaN.
@@ -86,10 +90,10 @@ def logsoftmax_pass_kernel(
             scale = tl.load(scale_ptr + row).to(tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
-            mask = cols < V
-            x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(z_row + cols, mask=cols < V_LOAD, other=0.0).to(tl.float32)
+            x = tl.where(cols < V, x, 0.0)
             d = tl.where(cols == label, 1.0, 0.0) - tl.exp(x - lse)
-            tl.store(z_row + cols, (d * scale).to(z_ptr.dtype.element_ty), mask=mask)
+            tl.store(z_row + cols, (d * scale).to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
 def _block_v(vocab: int) -> int:
@@ -102,6 +106,17 @@ def _on_device(t: torch.Tensor):
     # Triton launches on the current CUDA device; the chunk may live on another one (an lm_head placed on a
     # second GPU by device_map), which would run the kernel on the wrong GPU with foreign pointers.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _load_width(z: torch.Tensor) -> int:
+    """V rounded up to a multiple of 16 when every row's storage reaches that far (the engine pads its logits rows
+    so), else V: how far the kernel may read a row. The extra columns are read, never used or written."""
+    rows, vocab = z.shape
+    padded = -(-vocab // 16) * 16
+    if padded == vocab or z.stride(0) < padded:
+        return vocab
+    end = z.storage_offset() + (rows - 1) * z.stride(0) + padded
+    return padded if end * z.element_size() <= z.untyped_storage().nbytes() else vocab
 
 
 def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
@@ -121,6 +136,7 @@ def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
                 entropy,
                 top1,
                 vocab,
+                _load_width(z),
                 BLOCK_V=block,
                 WRITE_GRAD=bool(write_grad),
                 num_warps=8 if block >= 4096 else 4,
