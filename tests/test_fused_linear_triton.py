@@ -159,7 +159,9 @@ def test_pass_reads_padding_but_never_uses_or_writes_it(force_backend, write_gra
     pad_before = buffer[:, V:].clone()
     want = logsoftmax_pass(plain, labels, write_grad=write_grad, stats=stats)
     got = logsoftmax_pass(z, labels, write_grad=write_grad, stats=stats)
+    # On a GPU the aligned rows get another register layout, so fp32 sums may differ in the last bits; padding
+    # that leaked in would give NaN or errors of order one.
     for g, w in zip(got if stats else (got,), want if stats else (want,), strict=True):
-        assert torch.equal(g, w)
-    assert torch.equal(z, plain), "the padded rows' values (or gradient) differ from the contiguous rows'"
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z, plain, rtol=1e-6, atol=1e-6, msg="padded and contiguous rows differ")
     assert torch.equal(buffer[:, V:].nan_to_num(), pad_before.nan_to_num()), "the padding was written"
