@@ -129,7 +129,7 @@ else
   stage install 150 bash -c do_install
 fi
 stage environment 30 bash -c show_environment
-stage cuda-tests 90 bash -c run_cuda_tests
+stage cuda-tests 150 bash -c run_cuda_tests
 stage bench-linear 150 "${CLI[@]}" bench --ops linear --output-dir "$OUT/bench" "${BENCH[@]}"
 stage bench-logits 45 "${CLI[@]}" bench --ops logits --output-dir "$OUT/bench" "${BENCH[@]}"
 stage bench-loss 45 "${CLI[@]}" bench --ops loss --output-dir "$OUT/bench" "${BENCH[@]}"
