@@ -22,20 +22,7 @@ SCRIPT = textwrap.dedent(
     from dpo_kernels import reference
 
     H, V, CHUNK = 32, 8000, 128
-    PAGE = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-
-    def reset_peak():
-        # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-    def peak():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    from dpo_kernels.bench.timing import current_rss as rss, peak_rss as peak, reset_peak_rss as reset_peak
 
     def batch(T):
         g = torch.Generator().manual_seed(T)

@@ -34,20 +34,7 @@ SCRIPT = textwrap.dedent(
     from dpo_kernels.ops._memory_model import estimate_peak_bytes
 
     H, V = int(sys.argv[1]), int(sys.argv[2])
-    PAGE = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-
-    def reset_peak():
-        # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-    def peak():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    from dpo_kernels.bench.timing import current_rss as rss, peak_rss as peak, reset_peak_rss as reset_peak
 
     def rowwise_pass(z, labels, *, scale=None, write_grad=False):
         out = torch.empty(z.shape[0], dtype=torch.float32)
