@@ -284,3 +284,27 @@ def test_cuda_binding_parses(tmp_path):
         cmd = ["g++", "-fsyntax-only", "-std=c++17", "-w"] + [f"-I{p}" for p in includes] + [source]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, f"g++ failed on {source}:\n{result.stderr[-4000:]}"
+
+
+def test_import_without_the_extension_says_how_to_build_it():
+    # A fresh interpreter in which `dpo_kernels._C` cannot be found, as on a checkout that was never built.
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'dpo_kernels._C':\n"
+        "            raise ImportError('No module named dpo_kernels._C')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "try:\n"
+        "    import dpo_kernels\n"
+        "except ImportError as error:\n"
+        "    print('IMPORT-ERROR:', error)\n"
+        "else:\n"
+        "    print('IMPORTED')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "IMPORT-ERROR:" in result.stdout, result.stdout + result.stderr
+    assert "make install" in result.stdout and "build_ext --inplace" in result.stdout

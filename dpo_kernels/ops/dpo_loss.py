@@ -22,44 +22,37 @@ __all__ = ["LOSS_TYPES", "DPOLossOutput", "LossTraits", "dpo_loss", "dpo_loss_an
 
 try:
     from dpo_kernels import _C  # noqa: F401  (importing it registers torch.ops.dpo_kernels.*)
-
-    _LOAD_ERROR = None
-except ImportError as error:  # keep `import dpo_kernels` working; the op explains itself when called
-    _LOAD_ERROR = error
-
-
-def _require_extension():
-    if _LOAD_ERROR is not None:
-        raise ImportError(
-            "dpo_kernels._C (the compiled DPO loss op) is not built or failed to load "
-            f"({_LOAD_ERROR}). Build it with `make install` or `pip install --no-build-isolation -e .` "
-            "(in a checkout: `python setup.py build_ext --inplace`)."
-        )
+except ImportError as error:
+    # Fail at import, not at the first training step: every path of the package ends in this op.
+    raise ImportError(
+        "dpo_kernels._C (the compiled DPO loss op) is not built or failed to load "
+        f"({error}). Build it with `make install` or `pip install --no-build-isolation -e .` "
+        "(in a checkout: `python setup.py build_ext --inplace`)."
+    ) from error
 
 
 _FORWARD_NAME = "dpo_kernels::dpo_loss_forward"
 _BACKWARD_NAME = "dpo_kernels::dpo_loss_backward"
-_forward_op = None  # torch.ops.dpo_kernels.dpo_loss_forward.default once the extension is loaded
 _has_cuda_kernel = None
+_forward_op = torch.ops.dpo_kernels.dpo_loss_forward.default
 
-if _LOAD_ERROR is None:
-    _forward_op = torch.ops.dpo_kernels.dpo_loss_forward.default
 
-    # The autograd formula is registered in C++ (csrc/dpo_loss_autograd.cpp), so that a training step runs no
-    # Python between the op's forward and backward; torch.compile needs only the fake (shape) functions here.
-    @torch.library.register_fake(_FORWARD_NAME)
-    def _dpo_loss_forward_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                               rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
-                               dpop_lambda):
-        scalar = policy_chosen.new_empty(())
-        vector = torch.empty_like(policy_chosen, memory_format=torch.contiguous_format)
-        return (scalar, vector, vector.clone(), vector.clone(), scalar.clone(), scalar.clone(), vector.clone(),
-                vector.clone())
+# The autograd formula is registered in C++ (csrc/dpo_loss_autograd.cpp), so that a training step runs no
+# Python between the op's forward and backward; torch.compile needs only the fake (shape) functions here.
+@torch.library.register_fake(_FORWARD_NAME)
+def _dpo_loss_forward_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                           rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
+                           dpop_lambda):
+    scalar = policy_chosen.new_empty(())
+    vector = torch.empty_like(policy_chosen, memory_format=torch.contiguous_format)
+    return (scalar, vector, vector.clone(), vector.clone(), scalar.clone(), scalar.clone(), vector.clone(),
+            vector.clone())
 
-    @torch.library.register_fake(_BACKWARD_NAME)
-    def _dpo_loss_backward_fake(grad_loss, grad_chosen, grad_rejected):
-        return (torch.empty_like(grad_chosen, memory_format=torch.contiguous_format),
-                torch.empty_like(grad_rejected, memory_format=torch.contiguous_format))
+
+@torch.library.register_fake(_BACKWARD_NAME)
+def _dpo_loss_backward_fake(grad_loss, grad_chosen, grad_rejected):
+    return (torch.empty_like(grad_chosen, memory_format=torch.contiguous_format),
+            torch.empty_like(grad_rejected, memory_format=torch.contiguous_format))
 
 
 def _require_cuda_kernel():
@@ -80,7 +73,6 @@ def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_le
                              rejected_lengths)
     const = op_constants(loss_type, beta, label_smoothing, chosen_lengths is not None, rejected_lengths is not None,
                          loss_params)
-    _require_extension()
     if policy_chosen.is_cuda:
         _require_cuda_kernel()
     # Casts only where needed (each is a launch); lengths reach the op only when a term reads them (trainers pass
