@@ -28,6 +28,16 @@ def force_backend(monkeypatch):
     return force
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: tests on tiny tensors, where OpenMP threads on a 2-core runner mostly spin.
+    Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

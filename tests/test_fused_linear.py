@@ -21,13 +21,7 @@ LOSS_PARAMS = {"exo_pair": {"label_smoothing": 1e-2}, "robust": {"label_smoothin
 REFERENCE_FREE = {"simpo"}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: these tensors are tiny, and on a shared 2-core runner OpenMP threads mostly spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_batch(B, T, H, V, dtype=torch.float32, *, prompt=3, empty_rows=(1,), seed=0):

@@ -15,12 +15,7 @@ from tests.tiny_models import build_llama
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def batch(rows=4, length=11, seed=0):
