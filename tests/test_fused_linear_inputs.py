@@ -4,7 +4,9 @@ import torch
 
 import dpo_kernels
 from dpo_kernels.ops import _fused_linear_engine as engine
-from tests.test_fused_linear import make_batch, single_thread  # noqa: F401  (autouse fixture)
+from tests.test_fused_linear import make_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 B, T, H, V = 2, 7, 24, 1000
 

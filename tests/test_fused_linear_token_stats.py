@@ -12,13 +12,14 @@ import dpo_kernels
 from dpo_kernels.integrations._token_metrics import token_sums
 from dpo_kernels.ops import logsoftmax_pass as lp
 from tests.accuracy import assert_within_rule
-from tests.test_fused_linear import (  # noqa: F401  (single_thread is an autouse fixture)
+from tests.test_fused_linear import (
     DTYPE_ATOL,
     IGNORE,
     MODES,
     make_batch,
-    single_thread,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_BLOCK = 256  # several tiles per row at V = 1000, so the running max and first argmax cross tiles

@@ -5,15 +5,16 @@ import torch
 import dpo_kernels
 from dpo_kernels.ops.logsoftmax_pass import logsoftmax_pass, logsoftmax_pass_torch
 from tests.accuracy import assert_within_rule
-from tests.test_fused_linear import (  # noqa: F401  (single_thread is an autouse fixture)
+from tests.test_fused_linear import (
     DTYPE_ATOL,
     MODES,
     check_against_truth,
     eager_dpo,
     make_batch,
     run_fused,
-    single_thread,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

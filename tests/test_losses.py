@@ -4,13 +4,14 @@ import torch
 
 import dpo_kernels
 from dpo_kernels import reference
-from tests.test_fused_linear import (  # noqa: F401  (single_thread is an autouse fixture)
+from tests.test_fused_linear import (
     IGNORE,
     LOSS_PARAMS,
     assert_close_to_truth,
     make_batch,
-    single_thread,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _reference_dpo(logits, labels, ref_c, ref_r, loss_type, average, **params):
