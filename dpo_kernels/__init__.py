@@ -8,10 +8,10 @@ Public API:
     reference                           plain-PyTorch references of all of the above
 """
 from dpo_kernels import reference
+from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+from dpo_kernels.logprobs.from_logits import sequence_logprobs, token_logprobs
+from dpo_kernels.loss_op.op import LOSS_TYPES, DPOLossOutput, dpo_loss
 from dpo_kernels.losses import DPOLoss, DPOOutput, FusedLinearDPOLoss
-from dpo_kernels.ops.dpo_loss import LOSS_TYPES, DPOLossOutput, dpo_loss
-from dpo_kernels.ops.fused_linear import fused_linear_dpo, linear_sequence_logprobs
-from dpo_kernels.ops.sequence_logprobs import sequence_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 

@@ -7,11 +7,12 @@ length-normalized losses are the numbers of scored tokens.
 """
 from torch import nn
 
-from dpo_kernels.ops._dpo_output import DPOOutput
-from dpo_kernels.ops._validation import check_ndim
-from dpo_kernels.ops.dpo_loss import dpo_loss
-from dpo_kernels.ops.fused_linear import fused_linear_dpo
-from dpo_kernels.ops.sequence_logprobs import sequence_logprobs
+from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.fused_linear.functional import fused_linear_dpo
+from dpo_kernels.logprobs.from_logits import sequence_logprobs
+from dpo_kernels.loss_op.op import dpo_loss
+from dpo_kernels.outputs import DPOOutput
+from dpo_kernels.validation import check_ndim
 
 __all__ = ["DPOLoss", "DPOOutput", "FusedLinearDPOLoss"]
 
@@ -24,7 +25,7 @@ class DPOLoss(nn.Module):
     `loss_params` are the loss's hyper-parameters (`gamma`, `tau`, `dpop_lambda`, `loss_weights`), as `dpo_loss`.
     """
 
-    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=-100,
+    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX,
                  shift=True, **loss_params):
         super().__init__()
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
@@ -67,7 +68,7 @@ class FusedLinearDPOLoss(nn.Module):
     `chosen_entropy_sum` ... `rejected_top1_count`), taken from the pass that reads the logits anyway.
     """
 
-    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=-100,
+    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX,
                  memory_budget=None, shift=True, token_stats=False, **loss_params):
         super().__init__()
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing

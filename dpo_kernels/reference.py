@@ -6,6 +6,8 @@ way eager training code does (`log_softmax(logits.float())`).
 """
 import torch
 
+from dpo_kernels.constants import IGNORE_INDEX
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -17,7 +19,7 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor, shift: bool):
     return logits, labels
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True):
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX, shift: bool = True):
     """Per-token log-probabilities of the labels.
 
     Args:
@@ -38,7 +40,7 @@ def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     shift: bool = True,
     average: bool = False,
 ):
@@ -56,10 +58,10 @@ def sequence_logprobs(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# DPO loss (helper B). Formulas follow TRL 1.16's DPOTrainer._compute_loss line by line; see dpo_kernels.ops.dpo_loss
+# DPO loss (helper B). Formulas follow TRL 1.16's DPOTrainer._compute_loss line by line; see dpo_kernels.loss_op.op
 # for the papers and where this package departs from TRL (sigmoid's label smoothing, simpo, dpop).
 # ---------------------------------------------------------------------------------------------------------------------
-from dpo_kernels.ops._dpo_loss_api import (  # noqa: E402  (kept beside the loss it serves)
+from dpo_kernels.loss_op.spec import (  # noqa: E402  (kept beside the loss it serves)
     DPOLossOutput,
     compute_dtype,
     validate_spec,

@@ -11,11 +11,8 @@ assert "triton" not in sys.modules, "conftest must run before Triton is imported
 
 import torch  # noqa: E402  (torch does not import Triton eagerly)
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 @pytest.fixture

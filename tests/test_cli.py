@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import preference_rows, tiny_setup, write_jsonl
 
 from dpo_kernels import cli
+from tests.tiny_models import preference_rows, tiny_setup, write_jsonl
 
 REQUIRED_FLAGS = ["--model", "--data", "--eval-data", "--output-dir", "--config", "--max-steps", "--epochs",
                   "--batch-size", "--grad-accum", "--lr", "--beta", "--loss-type", "--loss-weights",

@@ -71,7 +71,7 @@ def test_bad_split_sizes_are_refused():
 
 def test_demo_scores_the_tokens_the_trainer_trains_on(tokenizer):
     # The demo's own evaluation must measure the same log-probs as the trainer's data pipeline optimizes.
-    from dpo_kernels.data import tokenize_pair
+    from dpo_kernels.trainer.data import tokenize_pair
 
     _, held_out = make_dataset.make_splits(1, 12, seed=0)
     for pair in held_out:

@@ -4,8 +4,8 @@ import torch
 
 import dpo_kernels
 from dpo_kernels import reference
-from tests.test_fused_linear import (
-    IGNORE,
+from tests.helpers import (
+    IGNORE_INDEX,
     LOSS_PARAMS,
     assert_close_to_truth,
     make_batch,
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _reference_dpo(logits, labels, ref_c, ref_r, loss_type, average, **params):
     logps = reference.sequence_logprobs(logits, labels, average=average)
-    counts = (labels[:, 1:] != IGNORE).sum(-1)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
     B = labels.shape[0] // 2
     rc = None if ref_c is None else ref_c.to(logps.dtype)
     rr = None if ref_r is None else ref_r.to(logps.dtype)
@@ -50,7 +50,7 @@ def test_dpo_loss_module_matches_reference(loss_type, dtype, average):
     assert_close_to_truth(out.chosen_logps, truth_logps[:3], base_logps[:3], dtype, "chosen_logps")
     assert_close_to_truth(out.rejected_rewards, truth.rejected_rewards, base.rejected_rewards, dtype, "rejected_rw")
     assert_close_to_truth(x.grad, truth_grad, base_grad, dtype, "grad_logits")
-    counts = (labels[:, 1:] != IGNORE).sum(-1)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
     assert out.chosen_lengths.tolist() == counts[:3].tolist() and out.rejected_lengths.tolist() == counts[3:].tolist()
     assert not out.chosen_logps.requires_grad and not out.chosen_rewards.requires_grad
 
@@ -101,7 +101,7 @@ def test_dpo_loss_module_bad_input():
 
 def test_dpo_loss_module_checks_labels_once(monkeypatch):
     """The label-range check is a reduction plus a device sync on CUDA: one per step, not one per layer of glue."""
-    from dpo_kernels.ops import _validation
+    from dpo_kernels import validation as _validation
 
     calls = []
     real = _validation.check_labels_in_range

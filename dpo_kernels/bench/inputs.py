@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from dpo_kernels.constants import IGNORE_INDEX
+
 PROMPT_FRACTION = 0.25
 ZIPF_EXPONENT = 1.1
 LABEL_MARGIN = (0.0, 6.0)

@@ -16,7 +16,7 @@ import torch
 # The engine's own fp32-accumulating GEMM: its one-time probe picks addmm's out_dtype overload, or, on torch
 # releases that refuse an fp32 C, an fp32-result mm added in a second step; never upcast [C, V] operands (which would
 # time fp32 GEMMs and report a floor several times too high).
-from dpo_kernels.ops._fp32_gemm import addmm_fp32_
+from dpo_kernels.fused_linear.fp32_gemm import addmm_fp32_
 
 _CHUNK_TOKENS = 8192
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpo_kernels.ops.fused_linear import linear_sequence_logprobs
+from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.fused_linear.functional import linear_sequence_logprobs
 
 __all__ = [
     "backbone_hidden_states",
@@ -217,7 +218,7 @@ def sequence_logprobs(
     labels: torch.Tensor,
     *,
     average: bool = False,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     shift: bool = True,
     cu_seqlens: torch.Tensor | None = None,
     reference: bool = False,

@@ -39,10 +39,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 import dpo_kernels
+from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.integrations import hf
-from dpo_kernels.integrations._forward_patch import install_head_forward
-from dpo_kernels.integrations._packing import next_token_labels, pack_rows
-from dpo_kernels.integrations._token_metrics import token_sums, with_engine_stats
+from dpo_kernels.integrations.head_forward import install_head_forward
+from dpo_kernels.integrations.packing import next_token_labels, pack_rows
+from dpo_kernels.integrations.token_metrics import token_sums, with_engine_stats
 
 __all__ = ["TESTED_TRL_VERSIONS", "FusedDPOMixin", "FusedDPOTrainer", "patch_dpo_trainer"]
 
@@ -139,7 +140,7 @@ class FusedDPOMixin:
             found.append(f"loss_type={unknown}")
         else:
             try:
-                from dpo_kernels.ops._dpo_loss_api import validate_spec
+                from dpo_kernels.loss_op.spec import validate_spec
 
                 ones = torch.ones(1)
                 validate_spec(self.loss_types, self.beta, self._dk_label_smoothing(), ones, ones, self._dk_params())
@@ -232,7 +233,7 @@ class FusedDPOMixin:
     def _dk_model_inputs(inputs):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
         return model_kwargs, labels
 
     def _dk_lengths(self, completion_mask: torch.Tensor):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpo_kernels.constants import IGNORE_INDEX
+
 BETA = 0.1
 
 
@@ -60,7 +62,8 @@ def dpo_head(seq_logps: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(margin).mean()
 
 
-def masked_token_sum(token_logps: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def masked_token_sum(token_logps: torch.Tensor, targets: torch.Tensor,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Sum over positions of `token_logps` `[R, T]` where `targets != ignore_index`: `[R]`."""
     return token_logps.masked_fill(targets == ignore_index, 0.0).sum(-1)
 

@@ -9,6 +9,7 @@ import inspect
 import torch
 
 from dpo_kernels.bench.providers.common import BETA, Provider, compiled, dpo_head, masked_token_sum
+from dpo_kernels.constants import IGNORE_INDEX
 
 # TRL 1.16's fused LM head uses this vocabulary chunk (trl/trainer/utils.py, _CHUNKED_LOGPROB_CHUNK_SIZE).
 TRL_VOCAB_CHUNK = 32768
@@ -44,7 +45,7 @@ def build_trl(inputs, **_):
     # log-probs, recompute in backward (trl/trainer/utils.py add_fused_lm_head).
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-    mask = inputs.targets != -100
+    mask = inputs.targets != IGNORE_INDEX
 
     def forward():
         token = ChunkedLogProbFunction.apply(

@@ -1,0 +1,9 @@
+"""Sequence log-probs and the DPO loss from hidden states and the lm_head, never materializing `[N, V]` logits.
+
+`functional` (autograd Functions and the public API) -> `plan` (which tokens, which chunks, which mode) ->
+`engine` (the chunk loops that execute a plan) -> `logsoftmax_pass` (the Triton pass over one `[C, V]` chunk) and
+`fp32_gemm` (fp32-result GEMMs); `memory_model` counts the bytes of the same plan.
+"""
+from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+
+__all__ = ["fused_linear_dpo", "linear_sequence_logprobs"]

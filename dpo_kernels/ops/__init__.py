@@ -1,1 +1,0 @@
-"""One module per op: Triton kernels -> launcher -> autograd.Function -> typed functional API."""

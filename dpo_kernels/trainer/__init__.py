@@ -1,0 +1,13 @@
+"""The thin DPO trainer behind `dpo-kernels train`: any HuggingFace causal LM, a preference dataset, the fused
+kernels.
+
+    from dpo_kernels.trainer import TrainConfig, train
+    result = train(TrainConfig(model="path/or/id", data="pairs.jsonl", output_dir="out", max_steps=100))
+
+Modules, one job each: `loop` (set-up and the step loop), `data` (rows -> batches), `forward` (the loss backends),
+`ref_logps` (reference log-probs: a frozen model or a disk cache), `checkpoint` (atomic checkpoints),
+`distributed` (DDP/FSDP2), `metrics_log` (metrics.jsonl, the console line, curves.png).
+"""
+from dpo_kernels.trainer.loop import NonFiniteLossError, TrainConfig, TrainResult, train
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "train"]

@@ -1,0 +1,577 @@
+"""The thin DPO trainer: any HuggingFace causal LM, a preference dataset, the fused kernels.
+
+    from dpo_kernels.trainer import TrainConfig, train
+    result = train(TrainConfig(model="path/or/id", data="pairs.jsonl", output_dir="out", max_steps=100))
+
+The loop is meant to be read in one sitting: every knob is a field of `TrainConfig` below, and `train` shows the
+step (forward, loss, backward, clip, step, zero_grad) with one log line per step. The pieces it leans on live in
+small modules: `data` (rows -> batches), `forward` (the loss backends), `ref_logps` (precomputed reference
+log-probs), `checkpoint` (atomic checkpoints), `distributed` (DDP/FSDP2), `metrics_log` (metrics and plots).
+
+Data order is a pure function of (seed, epoch), and a checkpoint stores the optimizer, scheduler and RNG states, so a
+resumed run reproduces the numbers of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpo_kernels.trainer import checkpoint, distributed, ref_logps
+from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data
+from dpo_kernels.trainer.forward import BACKENDS, DPOForward, sequence_logps
+from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
+
+PRECISIONS = ("auto", "bf16", "fp32", "fp64")
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train, on what, where to write ---
+    model: str = ""                        # HF model dir or hub id already in the local cache (local_files_only)
+    data: str = ""                         # JSON / JSONL / parquet file, or a `datasets.save_to_disk` directory
+    output_dir: str = "dpo-output"         # checkpoints, metrics.jsonl, curves.png
+    eval_data: str | None = None           # held-out pairs (same formats); None = no evaluation
+    tokenizer: str | None = None           # defaults to `model`
+    ref_model: str | None = None           # a separate frozen reference; None = frozen copy of the initial policy
+    precompute_ref: bool = False           # one no-grad pass of the reference, cached on disk, reused by later runs
+    ref_cache_dir: str | None = None       # where precomputed reference log-probs live (default OUTPUT_DIR/ref-cache)
+    reference_free: bool = False           # no reference model at all (reference log-probs are 0); implied when
+                                           # every loss type is reference-free (simpo)
+    model_dtype: str = "float32"           # dtype the weights are loaded (and trained) in: float32 | bfloat16 | ...
+    # --- length of the run ---
+    max_steps: int = -1                    # optimizer steps; -1 = run `epochs` epochs
+    epochs: int = 1
+    batch_size: int = 4                    # pairs per micro-batch per process (2*batch_size rows: chosen then rejected)
+    grad_accum: int = 1                    # micro-batches per optimizer step
+    eval_batch_size: int | None = None     # defaults to batch_size
+    stop_after_steps: int = -1             # stop (with a checkpoint) at this step although the schedule runs on to
+                                           # max_steps, as a time-limited job would; -1 = never
+    # --- optimizer and schedule (AdamW + transformers.get_scheduler) ---
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "cosine"           # any transformers.get_scheduler name: cosine, linear, constant, ...
+    warmup_steps: int = 0                  # wins over warmup_ratio when > 0
+    warmup_ratio: float = 0.1              # fraction of the run spent warming up
+    max_grad_norm: float = 1.0             # clip the global gradient norm; <= 0 disables clipping
+    # --- the DPO loss (dpo_kernels.dpo_loss) ---
+    beta: float = 0.1
+    loss_type: str = "sigmoid"             # one name or a comma list, e.g. "sigmoid,sft"
+    loss_weights: list[float] | None = None  # one weight per loss type (comma list on the command line)
+    label_smoothing: float = 0.0           # conservative DPO / robust eps
+    gamma: float | None = None             # SimPO target margin
+    tau: float | None = None               # DiscoPOP temperature
+    dpop_lambda: float | None = None       # DPO-Positive penalty weight
+    loss_params: dict = field(default_factory=dict)  # any other keyword dpo_loss takes
+    # --- tokenization ---
+    max_length: int = 1024                 # prompt + response tokens per row
+    max_prompt_length: int = 512           # prompts keep their last tokens
+    skip_bad_rows: bool = False            # drop (and count) malformed rows instead of stopping with an error
+    # --- how the step runs ---
+    loss_backend: str = "fused-linear"     # fused-linear (hidden states + lm_head) | logits | reference (plain torch)
+    memory_budget: int | str | None = None  # fused-linear: bytes for its [chunk, V] logits buffer (default 2 GiB),
+                                           # or "low" (recompute in backward: least memory, a third more FLOPs)
+    precision: str = "auto"                # auto (bf16 autocast on CUDA, none on CPU) | bf16 | fp32 | fp64 (tests)
+    gradient_checkpointing: bool = False
+    distributed: str = "none"              # none | ddp | fsdp (launch with torchrun)
+    device: str = "auto"                   # auto | cpu | cuda
+    seed: int = 42
+    # --- logging, evaluation, checkpoints ---
+    log_every: int = 1                     # steps between metrics.jsonl lines
+    eval_every: int = 0                    # steps between evaluations (0 = only at the end)
+    save_every: int = 0                    # steps between checkpoints (0 = only at the end)
+    resume: str | None = None              # checkpoint dir, or "latest" for the newest one in output_dir
+    max_nonfinite_steps: int = 5           # stop after this many non-finite losses in a row
+    progress: bool = True                  # tqdm progress bar (False: one printed line per step)
+    plot: bool = True                      # curves.png at the end
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    global_step: int                       # optimizer steps taken in total (resumed runs count from the start)
+    final_checkpoint: str | None           # OUTPUT_DIR/checkpoint-STEP written at the end
+    history: list[dict]                    # every metrics.jsonl record of this run (train steps and evals)
+    eval_metrics: dict                     # the last evaluation ({} without eval_data)
+    skipped_steps: int = 0                 # steps skipped because the loss was not finite
+    dropped_rows: int = 0                  # rows dropped by skip_bad_rows
+    plot_path: str | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run has diverged."""
+
+
+# ---------------------------------------------------------------------------------------------------- set-up steps
+def check_config(c: TrainConfig) -> None:
+    """Raises ValueError for a config that cannot run, before anything is loaded."""
+    if not c.model:
+        raise ValueError("model is required (a local directory or a hub id in the local cache)")
+    if not c.data:
+        raise ValueError("data is required (a .json/.jsonl/.parquet file or a saved datasets directory)")
+    positive = {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "epochs": c.epochs,
+                "max_length": c.max_length, "max_prompt_length": c.max_prompt_length, "log_every": c.log_every,
+                "max_nonfinite_steps": c.max_nonfinite_steps}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if c.eval_batch_size is not None and c.eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
+    if c.max_steps == 0 or c.max_steps < -1:
+        raise ValueError(f"max_steps must be >= 1 (or -1 to run `epochs` epochs), got {c.max_steps}")
+    if c.lr <= 0 or not math.isfinite(c.lr):
+        raise ValueError(f"lr must be > 0, got {c.lr}")
+    if c.loss_backend not in BACKENDS:
+        raise ValueError(f"loss_backend must be one of {BACKENDS}, got {c.loss_backend!r}")
+    if c.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    if c.model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype must be one of {tuple(MODEL_DTYPES)}, got {c.model_dtype!r}")
+    if c.distributed not in distributed.MODES:
+        raise ValueError(f"distributed must be one of {distributed.MODES}, got {c.distributed!r}")
+    if not 0.0 <= c.warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
+    if c.reference_free and (c.ref_model or c.precompute_ref):
+        raise ValueError("reference_free excludes ref_model and precompute_ref")
+    # The loss op validates names and ranges: ask it now on dummy inputs rather than after loading a model.
+    from dpo_kernels import reference
+
+    one = torch.zeros(1, dtype=torch.float64)
+    ref = None if is_reference_free(c) else one
+    reference.dpo_loss(one, one, ref, ref, chosen_lengths=one + 1, rejected_lengths=one + 1, **loss_kwargs(c))
+    if c.memory_budget is not None and c.memory_budget != "low":
+        try:
+            if int(c.memory_budget) <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"memory_budget must be a positive number of bytes or 'low', got {c.memory_budget!r}") \
+                from None
+
+
+REFERENCE_FREE_LOSSES = frozenset({"simpo"})
+
+
+def loss_types(c: TrainConfig) -> list[str]:
+    return [t.strip() for t in c.loss_type.split(",") if t.strip()]
+
+
+def is_reference_free(c: TrainConfig) -> bool:
+    return c.reference_free or set(loss_types(c)) <= REFERENCE_FREE_LOSSES
+
+
+def loss_kwargs(c: TrainConfig) -> dict:
+    """Keyword arguments of dpo_kernels.dpo_loss from the config."""
+    types = loss_types(c)
+    if not types:
+        raise ValueError("loss_type is empty")
+    kwargs = {"beta": c.beta, "loss_type": types[0] if len(types) == 1 else types,
+              "label_smoothing": c.label_smoothing}
+    if c.loss_weights is not None:
+        kwargs["loss_weights"] = list(c.loss_weights)
+    for name in ("gamma", "tau", "dpop_lambda"):
+        if getattr(c, name) is not None:
+            kwargs[name] = getattr(c, name)
+    kwargs.update(c.loss_params)
+    return kwargs
+
+
+def prepare_output_dir(path: str, ctx) -> Path:
+    """Creates the output dir and proves it writable before any model is loaded."""
+    out = Path(path)
+    if ctx.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"output_dir {str(out)!r} is not writable: {e.strerror or e}") from None
+        checkpoint.remove_stale_temporaries(out)
+    ctx.barrier()
+    return out
+
+
+def resolve_resume(c: TrainConfig) -> Path | None:
+    if not c.resume:
+        return None
+    if c.resume == "latest":
+        latest = checkpoint.latest_checkpoint(c.output_dir)
+        if latest is None:
+            raise ValueError(f"resume=latest but {c.output_dir} holds no complete checkpoint-STEP directory")
+        return latest
+    path = Path(c.resume)
+    checkpoint.load_trainer_state(path)  # raises for an incomplete or wrong directory
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def precision_settings(c: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, autocast dtype or None)."""
+    if c.precision == "fp64":
+        return torch.float64, None
+    dtype = MODEL_DTYPES[c.model_dtype]
+    if c.precision == "bf16" or (c.precision == "auto" and device.type == "cuda"):
+        return dtype, torch.bfloat16
+    return dtype, None
+
+
+def load_model(path, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def enable_checkpointing(model) -> None:
+    # transformers >= 5.x renames gradient_checkpointing_enable to activation_checkpointing_enable.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def decoder_layer_types(model) -> tuple[type, ...]:
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+# ------------------------------------------------------------------------------------------------ data positions
+@dataclass
+class Plan:
+    """How the data maps onto steps: every global micro-batch takes `batch_size * world` pairs of an epoch's
+    permutation (seeded by seed + epoch); process r takes the r-th slice. Incomplete global batches are dropped."""
+
+    num_pairs: int
+    batch_size: int
+    world: int
+    grad_accum: int
+    seed: int
+    total_steps: int = 0
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.num_pairs // (self.batch_size * self.world)
+
+    def steps_per_epoch(self) -> int:
+        return self.micro_per_epoch // self.grad_accum
+
+    def indices(self, micro: int, rank: int) -> list[int]:
+        epoch, j = divmod(micro, self.micro_per_epoch)
+        perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = (j * self.world + rank) * self.batch_size
+        return perm[start:start + self.batch_size].tolist()
+
+
+def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:
+    plan = Plan(len(data), c.batch_size, world, c.grad_accum, c.seed)
+    per_step = c.batch_size * world * c.grad_accum
+    if plan.steps_per_epoch() < 1:
+        raise ValueError(f"{c.data} has {len(data)} usable pairs, fewer than one optimizer step needs "
+                         f"(batch_size {c.batch_size} x processes {world} x grad_accum {c.grad_accum} = {per_step})")
+    plan.total_steps = c.max_steps if c.max_steps > 0 else c.epochs * plan.steps_per_epoch()
+    return plan
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------ reference log-probs
+class Reference:
+    """Reference log-probs for a batch: from a frozen model, from the precomputed cache, or zeros (reference-free)."""
+
+    def __init__(self, c: TrainConfig, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int):
+        self.c, self.ctx, self.pad_id = c, ctx, pad_id
+        self.free = is_reference_free(c)
+        self.model_id = c.ref_model or c.model
+        self.dtype, self.autocast_dtype = dtype, autocast_dtype
+        self.cache_dir = Path(c.ref_cache_dir) if c.ref_cache_dir else out_dir / "ref-cache"
+        self.model = None
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_files: dict[str, str] = {}
+        if not self.free and not c.precompute_ref:
+            self.model = self._load()
+
+    def _load(self):
+        model = load_model(self.model_id, self.dtype, self.ctx.device).eval()
+        model.requires_grad_(False)
+        return model
+
+    def precompute(self, name: str, data: PreferenceData) -> None:
+        """Fills the table for `data` from the disk cache, or computes it (every rank, same order) and caches it."""
+        settings = {"backend": self.c.loss_backend, "dtype": str(self.dtype), "autocast": str(self.autocast_dtype),
+                    "pad": self.pad_id}
+        path = ref_logps.cache_path(self.cache_dir, ref_logps.cache_key(self.model_id, data.fingerprint, settings))
+        self.cache_files[name] = str(path)
+        cached = ref_logps.load_cached(path, len(data))
+        if cached is None:
+            model = self._load()
+            bs = self.c.eval_batch_size or self.c.batch_size
+            chosen, rejected = [], []
+            for start in range(0, len(data), bs):
+                batch = to_device(collate(data.examples[start:start + bs], self.pad_id), self.ctx.device)
+                logps = sequence_logps(model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"], self.autocast_dtype).cpu()
+                half = logps.shape[0] // 2
+                chosen.append(logps[:half])
+                rejected.append(logps[half:])
+            del model
+            cached = torch.cat(chosen), torch.cat(rejected)
+            if self.ctx.is_main:
+                ref_logps.save_cached(path, *cached)
+            self.ctx.barrier()
+        self.tables[name] = cached
+
+    def logps(self, name: str, indices: list[int], batch: dict):
+        """`(ref_chosen [B], ref_rejected [B])` fp32, or `(None, None)` when reference-free."""
+        if self.free:
+            return None, None
+        if self.model is None:
+            chosen, rejected = self.tables[name]
+            idx = torch.tensor(indices)
+            return chosen[idx].to(self.ctx.device), rejected[idx].to(self.ctx.device)
+        logps = sequence_logps(self.model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
+                               batch["labels"], self.autocast_dtype)
+        half = logps.shape[0] // 2
+        return logps[:half], logps[half:]
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+
+
+def batch_metrics(out) -> list[float]:
+    """The METRIC_KEYS of one forward, as floats, in that order (one device sync)."""
+    values = [out.loss.detach(), out.chosen_rewards.mean(), out.rejected_rewards.mean(), out.reward_accuracy,
+              out.reward_margin, out.chosen_logps.mean(), out.rejected_logps.mean()]
+    return torch.stack([v.double() for v in values]).tolist()
+
+
+@torch.no_grad()
+def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, pad_id: int) -> dict:
+    """Mean of each metric over all held-out pairs (every process evaluates all of them, in the same order, so
+    FSDP's collectives line up; only rank 0 writes)."""
+    bs = c.eval_batch_size or c.batch_size
+    module.eval()
+    totals, count = [0.0] * len(METRIC_KEYS), 0
+    for start in range(0, len(data), bs):
+        indices = list(range(start, min(start + bs, len(data))))
+        batch = to_device(collate([data.examples[i] for i in indices], pad_id), ctx.device)
+        ref_c, ref_r = ref.logps("eval", indices, batch)
+        out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)
+        totals = [t + v * len(indices) for t, v in zip(totals, batch_metrics(out), strict=True)]
+        count += len(indices)
+    module.train()
+    return {f"eval/{k}": v / count for k, v in zip(METRIC_KEYS, totals, strict=True)}
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+def train(config: TrainConfig) -> TrainResult:
+    """Runs DPO as `config` says and returns what happened; see TrainConfig for every field.
+
+    Raises ValueError for bad settings, data (naming file and row) or an unwritable output dir before training
+    starts, and NonFiniteLossError after `max_nonfinite_steps` non-finite losses in a row.
+    """
+    check_config(config)
+    ctx = distributed.setup(config.distributed, config.device)
+    try:
+        return _train(config, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(c: TrainConfig, ctx) -> TrainResult:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, get_scheduler
+
+    out_dir = prepare_output_dir(c.output_dir, ctx)
+    resume_dir = resolve_resume(c)
+    if resume_dir is None and ctx.is_main and checkpoint.latest_checkpoint(out_dir) is not None:
+        warnings.warn(f"{out_dir} already holds checkpoints; starting from scratch and overwriting them "
+                      "(pass resume='latest' / --resume to continue instead)", stacklevel=2)
+    seed_everything(c.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(c.tokenizer or c.model, local_files_only=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set one (tokenizer.pad_token)")
+    data_kwargs = {"max_length": c.max_length, "max_prompt_length": c.max_prompt_length,
+                   "skip_bad_rows": c.skip_bad_rows}
+    train_data = load_preference_data(c.data, tokenizer, **data_kwargs)
+    eval_data = load_preference_data(c.eval_data, tokenizer, **data_kwargs) if c.eval_data else None
+    plan = make_plan(c, train_data, ctx.world)
+
+    dtype, autocast_dtype = precision_settings(c, ctx.device)
+    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad_id)
+    if c.precompute_ref and not ref.free:
+        ref.precompute("train", train_data)
+        if eval_data is not None:
+            ref.precompute("eval", eval_data)
+
+    policy = load_model(resume_dir or c.model, dtype, ctx.device)
+    if c.gradient_checkpointing:
+        enable_checkpointing(policy)
+    policy.train()
+    budget = c.memory_budget if c.memory_budget in (None, "low") else int(c.memory_budget)
+    dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype, memory_budget=budget)
+    model = distributed.wrap(dpo, ctx, decoder_layer_types(policy))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps,
+                                  weight_decay=c.weight_decay)
+    warmup = c.warmup_steps if c.warmup_steps > 0 else int(c.warmup_ratio * plan.total_steps)
+    scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=plan.total_steps)
+
+    step, skipped, nonfinite_run = 0, 0, 0
+    if resume_dir is not None:
+        state = checkpoint.load_trainer_state(resume_dir)
+        if state["data_fingerprint"] != train_data.fingerprint:
+            raise ValueError(f"{resume_dir} was trained on other data (token fingerprint differs from {c.data})")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(dpo, optimizer, checkpoint.load_tensors(resume_dir, "optimizer.pt"),
+                                 options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(checkpoint.load_tensors(resume_dir, "scheduler.pt"))
+        checkpoint.set_rng_tensors(checkpoint.load_tensors(resume_dir, "rng_state.pt")[ctx.rank])
+        checkpoint.set_python_rng_state(state["rng"][ctx.rank])
+        step, skipped, nonfinite_run = state["step"], state["skipped_steps"], state["nonfinite_run"]
+
+    log = MetricsLog(out_dir, resume_step=step if resume_dir else None, enabled=ctx.is_main)
+    stop_at = min(plan.total_steps, c.stop_after_steps) if c.stop_after_steps > 0 else plan.total_steps
+    bar = tqdm(total=plan.total_steps, initial=step, disable=not (c.progress and ctx.is_main), desc="dpo")
+    eval_metrics, last_saved = {}, None
+    is_ddp = c.distributed == "ddp"
+
+    def save(at_step: int):
+        return _save(c, ctx, out_dir, at_step, dpo, tokenizer, optimizer, scheduler, train_data,
+                     {"step": at_step, "skipped_steps": skipped, "nonfinite_run": nonfinite_run,
+                      "total_steps": plan.total_steps})
+
+    while step < stop_at:
+        t0 = time.perf_counter()
+        sums, tokens, finite = [0.0] * len(METRIC_KEYS), 0, True
+        for a in range(c.grad_accum):
+            micro = step * c.grad_accum + a
+            indices = plan.indices(micro, ctx.rank)
+            batch = to_device(collate([train_data.examples[i] for i in indices], pad_id), ctx.device)
+            ref_c, ref_r = ref.logps("train", indices, batch)
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = model.no_sync() if is_ddp and a < c.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)  # forward
+                (out.loss / c.grad_accum).backward()                                                    # backward
+            values = batch_metrics(out)
+            finite = finite and math.isfinite(values[0])
+            sums = [s + v / c.grad_accum for s, v in zip(sums, values, strict=True)]
+            tokens += int(batch["num_tokens"])
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)                                  # clip
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        finite = ctx.all_true(finite) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()                                                                            # step
+            nonfinite_run = 0
+        else:
+            skipped += 1
+            nonfinite_run += 1
+        optimizer.zero_grad(set_to_none=True)                                                          # zero_grad
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (the step is spent); torch warns about the order.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            scheduler.step()
+        step += 1
+
+        metrics = ctx.mean(sums + [float(tokens)])
+        elapsed = time.perf_counter() - t0
+        record = {"step": step, "epoch": step * c.grad_accum / plan.micro_per_epoch,
+                  **dict(zip(METRIC_KEYS, metrics[:-1], strict=True)), "grad_norm": grad_norm, "lr": lr,
+                  "tokens_per_sec": metrics[-1] * ctx.world / max(elapsed, 1e-9), "skipped_steps": skipped}
+        if not finite:
+            record["loss"] = float("nan")
+        if step % c.log_every == 0 or step == stop_at:
+            log.write(record)
+            if ctx.is_main and not c.progress:
+                print(step_line(record, plan.total_steps), flush=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                        margin=f"{record['rewards/margins']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        if nonfinite_run >= c.max_nonfinite_steps:
+            bar.close()
+            raise NonFiniteLossError(
+                f"stopping at step {step}: {nonfinite_run} non-finite losses in a row ({skipped} skipped in all); "
+                "lower lr, check the data, or try precision fp32"
+            )
+        if eval_data is not None and c.eval_every > 0 and step % c.eval_every == 0 and step < stop_at:
+            eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad_id)
+            log.write({"step": step, **eval_metrics})
+        if c.save_every > 0 and step % c.save_every == 0 and step < stop_at:
+            save(step)
+            last_saved = step
+    bar.close()
+
+    if eval_data is not None:
+        eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad_id)
+        log.write({"step": step, **eval_metrics})
+    final_checkpoint = save(step) if last_saved != step else out_dir / f"{checkpoint.PREFIX}{step}"
+    plot_path = None
+    if c.plot and ctx.is_main:
+        plot_path = str(plot_curves(log.path, out_dir / PLOT_FILE))
+    ctx.barrier()
+    return TrainResult(output_dir=str(out_dir), global_step=step, final_checkpoint=str(final_checkpoint),
+                       history=log.history, eval_metrics=eval_metrics, skipped_steps=skipped,
+                       dropped_rows=train_data.dropped, plot_path=plot_path)
+
+
+def _eval_module(model, c: TrainConfig):
+    # DDP's forward bookkeeping expects a backward; evaluation runs the module inside (FSDP needs its own forward).
+    return distributed.unwrap(model) if c.distributed == "ddp" else model
+
+
+def _save(c, ctx, out_dir, step, dpo, tokenizer, optimizer, scheduler, data, counters) -> Path | None:
+    """Gathers full (unsharded) model and optimizer states and every rank's RNG state; rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    sharded = c.distributed == "fsdp"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    model_state = get_model_state_dict(dpo.model, options=options) if sharded else None
+    optim_state = get_optimizer_state_dict(dpo, optimizer, options=options)
+    rng = ctx.gather_objects(checkpoint.rng_tensors())
+    py_rng = ctx.gather_objects(checkpoint.python_rng_state())
+    path = None
+    if ctx.is_main:
+        state = {**counters, "rng": py_rng, "data_fingerprint": data.fingerprint,
+                 "config": dataclasses.asdict(c)}
+        path = checkpoint.save_checkpoint(out_dir, step, model=dpo.model, tokenizer=tokenizer,
+                                           model_state_dict=model_state, optimizer_state=optim_state,
+                                           scheduler_state=scheduler.state_dict(), rng_per_rank=rng,
+                                           trainer_state=state)
+    ctx.barrier()
+    return path or out_dir / f"{checkpoint.PREFIX}{step}"

@@ -1,0 +1,193 @@
+"""What the tests share: the accuracy rule, the devices, and the batch builders and oracles of each op's tests.
+
+The accuracy rule (docs/design.md, "Numerics"): a kernel's result `out` is judged against the float64 truth `truth`;
+its max abs error may be at most `factor` (2) times the error of plain PyTorch in the same dtype (`baseline`), plus
+`atol`. NaN never passes.
+"""
+import math
+from pathlib import Path
+
+import torch
+
+import dpo_kernels
+from dpo_kernels import reference
+from dpo_kernels.constants import IGNORE_INDEX
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# Where tests of a forced backend put their tensors: Triton runs CUDA tensors where there is a GPU and CPU tensors in
+# the interpreter elsewhere (conftest sets TRITON_INTERPRET only without CUDA); the PyTorch fallback runs on the CPU.
+BACKENDS = ["triton", "torch"]
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "triton" and HAS_CUDA else "cpu")
+
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_rule(out, truth, baseline, *, atol: float, factor: float = 2.0, name: str = "output"):
+    out, truth, baseline = out.detach(), truth.detach(), baseline.detach()
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != expected {tuple(truth.shape)}"
+    finite = torch.isfinite(truth)
+    # Non-finite truth must be matched exactly (inf by the same inf, NaN by NaN); a finite truth by a finite value.
+    same_nonfinite = (out.double() == truth.double()) | (torch.isnan(out) & torch.isnan(truth))
+    bad = (~finite & ~same_nonfinite) | (finite & ~torch.isfinite(out))
+    assert not bad.any(), (
+        f"{name}: non-finite mismatch at {bad.nonzero()[:3].tolist()}: "
+        f"got {out[bad][:3].tolist()}, expected {truth[bad][:3].tolist()}"
+    )
+    if out.numel() == 0:
+        return
+    keep = finite
+    o, t, b = out.double()[keep], truth.double()[keep], baseline.double()[keep]
+    err = (o - t).abs()
+    allowed = factor * max_abs_error(b, t) + atol
+    if err.numel() and err.max().item() > allowed:
+        worst = err.argmax().item()
+        where = keep.nonzero()[worst].tolist()
+        raise AssertionError(
+            f"{name}: max abs error {err.max().item():.3e} > allowed {allowed:.3e} "
+            f"(baseline error {max_abs_error(b, t):.3e}, atol {atol:.1e}) at index {where}: "
+            f"got {o[worst].item():.8g}, expected {t[worst].item():.8g}"
+        )
+
+
+# --- Fused linear DPO: batches, the eager oracle, the fused call and its check against the truth.
+
+# (dtype, atol) pairs of the accuracy rule.
+DTYPE_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+LOSS_PARAMS = {"exo_pair": {"label_smoothing": 1e-2}, "robust": {"label_smoothing": 0.1}}
+REFERENCE_FREE = {"simpo"}
+
+
+
+def make_batch(B, T, H, V, dtype=torch.float32, *, prompt=3, empty_rows=(1,), seed=0):
+    """Hidden states giving peaked logits, labels with a prompt prefix, right padding and empty responses.
+
+    Returns (hidden [2B, T, H], weight [V, H], bias [V], labels [2B, T], lengths [2B] of the unpadded rows,
+    ref_chosen [B], ref_rejected [B]).
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (3.0 / math.sqrt(H))).to(dtype)
+    bias = (torch.randn(V, generator=g) * 0.5).to(dtype)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    lengths = torch.randint(prompt + 1, T + 1, (2 * B,), generator=g)
+    lengths[0] = T
+    labels[:, :prompt] = IGNORE_INDEX
+    for r in range(2 * B):
+        labels[r, lengths[r]:] = IGNORE_INDEX
+    for r in empty_rows:
+        labels[r] = IGNORE_INDEX
+    ref = torch.randn(2 * B, generator=g) * 3 - 30
+    return hidden, weight, bias, labels, lengths, ref[:B], ref[B:]
+
+
+def eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average, dtype=None, **params):
+    """Plain PyTorch DPO (in `dtype`, float64 for the truth): (DPOLossOutput, logps [2B], grads (h, W, b)).
+
+    Differentiates only w.r.t. the policy tensors given (bias None: no bias)."""
+    dtype = dtype or hidden.dtype
+    h, w = hidden.to(dtype, copy=True).requires_grad_(), weight.to(dtype, copy=True).requires_grad_()
+    b = None if bias is None else bias.to(dtype, copy=True).requires_grad_()
+    logits = torch.nn.functional.linear(h, w, b)  # what an HF lm_head computes
+    logps = reference.sequence_logprobs(logits, labels, ignore_index=IGNORE_INDEX, average=average)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    B = labels.shape[0] // 2
+    rc = None if ref_c is None else ref_c.to(logps.dtype)
+    rr = None if ref_r is None else ref_r.to(logps.dtype)
+    out = reference.dpo_loss(logps[:B], logps[B:], rc, rr, loss_type=loss_type, chosen_lengths=counts[:B],
+                             rejected_lengths=counts[B:], **params)
+    inputs = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(out.loss, inputs)
+    return out, logps.detach(), grads
+
+
+def run_fused(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average, memory_budget=None,
+              cu_seqlens=None, **params):
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = dpo_kernels.fused_linear_dpo(h, w, labels, bias=b, cu_seqlens=cu_seqlens, ref_chosen_logps=ref_c,
+                                       ref_rejected_logps=ref_r, loss_type=loss_type, average=average,
+                                       memory_budget=memory_budget, **params)
+    out.loss.backward()
+    grads = [t.grad for t in (h, w, b) if t is not None]
+    return out, grads
+
+
+def assert_close_to_truth(out, truth, baseline, dtype, name):
+    """The accuracy rule with the dtype's atol relative to the values' size (log-probs reach ~100, where one fp32
+    ulp is 8e-6)."""
+    atol = DTYPE_ATOL[dtype] * max(1.0, truth.detach().abs().max().item() if truth.numel() else 1.0)
+    assert_within_rule(out, truth, baseline, atol=atol, name=name)
+
+
+def check_against_truth(out, grads, truth, baseline, dtype, grad_names=("hidden", "weight", "bias")):
+    t_out, t_logps, t_grads = truth
+    b_out, b_logps, b_grads = baseline
+    B = t_logps.numel() // 2
+    assert out.loss.dtype == torch.float32 and out.chosen_logps.dtype == torch.float32
+    assert_close_to_truth(out.loss, t_out.loss, b_out.loss, dtype, "loss")
+    assert_close_to_truth(out.chosen_logps, t_logps[:B], b_logps[:B], dtype, "chosen_logps")
+    assert_close_to_truth(out.rejected_logps, t_logps[B:], b_logps[B:], dtype, "rejected_logps")
+    assert_close_to_truth(out.chosen_rewards, t_out.chosen_rewards, b_out.chosen_rewards, dtype, "chosen_rewards")
+    assert_close_to_truth(out.rejected_rewards, t_out.rejected_rewards, b_out.rejected_rewards, dtype,
+                          "rejected_rewards")
+    assert_close_to_truth(out.losses, t_out.losses, b_out.losses, dtype, "losses")
+    for name, g, tg, bg in zip(grad_names[: len(grads)], grads, t_grads, b_grads, strict=True):
+        assert g is not None and g.dtype == dtype, f"{name}: gradient missing or not in {dtype}"
+        assert_close_to_truth(g, tg, bg, dtype, f"grad_{name}")
+
+
+def budget(tokens, V, dtype):
+    """The memory_budget that gives chunks of `tokens` tokens."""
+    return tokens * V * torch.tensor([], dtype=dtype).element_size()
+
+
+# Modes: one resident chunk for the batch, resident chunks of whole pairs, streaming (chunks shorter than every
+# pair), recompute.
+MODES = {"resident": lambda T, V, dt: None, "pairs": lambda T, V, dt: budget(2 * T, V, dt),
+         "streaming": lambda T, V, dt: budget(4, V, dt), "low": lambda T, V, dt: "low"}
+
+
+# --- Log-probs from logits: inputs and the check of one op against the float64 reference.
+
+# (dtype, atol): the kernel may differ from float64 by 2x plain PyTorch's error in that dtype plus atol. Every dtype
+# reduces in fp32, and sequence sums reach |100| where one fp32 ulp is 7.6e-6, so atol is that for all three (a
+# real bug, e.g. a wrong row's lse or a missed zero, is of the order of a softmax probability, >= 1e-4 here).
+LOGPROBS_ATOL = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
+
+
+def make_inputs(R, T, V, dtype, *, scale=3.0, prompt=2, empty_row=0):
+    """Peaked logits, labels with a prompt prefix, right padding, and one row with no valid label."""
+    logits = (torch.randn(R, T, V) * scale).to(dtype)
+    labels = torch.randint(0, V, (R, T))
+    labels[:, :prompt] = IGNORE_INDEX
+    if T > 3:
+        labels[-1, -2:] = IGNORE_INDEX
+    if empty_row is not None and R > 1:
+        labels[empty_row] = IGNORE_INDEX
+    return logits, labels
+
+
+def forward_backward(fn, logits, labels, upstream, **kwargs):
+    x = logits.detach().clone().requires_grad_()
+    out = fn(x, labels, **kwargs)
+    (out * upstream.to(out.dtype)).sum().backward()
+    return out.detach(), x.grad
+
+
+def check_against_reference(name, logits, labels, upstream, atol, **kwargs):
+    fn, ref_fn = getattr(dpo_kernels, name), getattr(reference, name)
+    out, grad = forward_backward(fn, logits, labels, upstream, **kwargs)
+    truth, truth_grad = forward_backward(ref_fn, logits.double(), labels, upstream, **kwargs)
+    base, base_grad = forward_backward(ref_fn, logits, labels, upstream, **kwargs)
+    assert out.dtype == torch.float32 and grad.dtype == logits.dtype
+    assert_within_rule(out, truth, base, atol=atol, name=f"{name} forward")
+    assert_within_rule(grad, truth_grad, base_grad, atol=atol, name=f"{name} dlogits")
+    return out, grad
