@@ -21,7 +21,8 @@ import torch
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear import engine
 from dpo_kernels.fused_linear.plan import chunk_tokens, compact_tokens
-from dpo_kernels.loss_op.op import dpo_loss_and_grads, loss_traits
+from dpo_kernels.loss_op.loss_types import couples_logps, is_tied
+from dpo_kernels.loss_op.op import dpo_loss_and_grads
 from dpo_kernels.loss_op.spec import validate_spec
 from dpo_kernels.outputs import DPOOutput
 from dpo_kernels.validation import (
@@ -203,15 +204,6 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         return tuple(None if g is None else g.mul_(grad_loss) for g in grads) + (None,)
 
 
-def _values_couple_pairs(loss_type) -> bool:
-    """True when a pair's gradient depends on other pairs' log-probs (aot, aot_unpaired sort the batch).
-
-    `sft` also couples the batch, but only through the chosen lengths, which are known before any chunk runs.
-    """
-    names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    return any(loss_traits(name).couples_batch for name in names if name != "sft")
-
-
 def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_pairs, hidden):
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
@@ -283,8 +275,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
                                   loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=counts[:B],
                                   rejected_lengths=counts[B:], **loss_params)
 
-    recompute = memory_budget == "low" or (_values_couple_pairs(loss_type) and layout.rows.numel() > chunk)
-    run = _DPORun(layout, B, bool(average), chunk, loss_traits(loss_type).tied, recompute, loss_fn,
+    recompute = memory_budget == "low" or (couples_logps(loss_type) and layout.rows.numel() > chunk)
+    run = _DPORun(layout, B, bool(average), chunk, is_tied(loss_type), recompute, loss_fn,
                   bool(token_stats))
     outputs = FusedLinearDPOFunction.apply(hidden, weight, bias, run)
     ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()

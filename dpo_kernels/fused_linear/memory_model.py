@@ -28,6 +28,7 @@ U, scaled, beside the logits buffer: 6.6 GiB at 2 x 8192 and 8.3 GiB at 1 x 3276
 import torch
 
 from dpo_kernels.fused_linear.plan import chunk_tokens, even_chunks, longest_streaming_first, plan_pairs
+from dpo_kernels.loss_op.loss_types import couples_logps, is_tied
 
 # Per scored token: the layout (rows, targets, seq, slot: int64) and the fp32 token log-probs.
 _TOKEN_BYTES = 4 * 8 + 4
@@ -58,8 +59,6 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
         hidden_size, vocab: H and V of the `[V, H]` head; dtype: the hidden states' and head's dtype.
         memory_budget, loss_type: as `fused_linear_dpo`.
     """
-    from dpo_kernels.fused_linear.functional import _values_couple_pairs
-    from dpo_kernels.loss_op.spec import loss_traits
 
     s = torch.tensor([], dtype=dtype).element_size()
     H, V = hidden_size, vocab
@@ -67,13 +66,13 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
     total = int(sum(pair_lengths))
     live = _Live()
     live.alloc(_TOKEN_BYTES * total)
-    if memory_budget == "low" or (_values_couple_pairs(loss_type) and total > chunk):
+    if memory_budget == "low" or (couples_logps(loss_type) and total > chunk):
         chunks = even_chunks(total, chunk)
         _recompute_step(live, _Shapes(H, V, s, chunks), hidden_rows, chunks)
     else:
         groups = longest_streaming_first(plan_pairs(list(pair_lengths), chunk))
         shapes = _Shapes(H, V, s, [c for group in groups for c in group.chunks])
-        _fused_step(live, shapes, hidden_rows, groups, loss_traits(loss_type).tied)
+        _fused_step(live, shapes, hidden_rows, groups, is_tied(loss_type))
     return live.peak
 
 

@@ -44,15 +44,12 @@ from dpo_kernels.integrations import hf
 from dpo_kernels.integrations.head_forward import install_head_forward
 from dpo_kernels.integrations.packing import next_token_labels, pack_rows
 from dpo_kernels.integrations.token_metrics import token_sums, with_engine_stats
+from dpo_kernels.loss_op.loss_types import LOSSES
 
 __all__ = ["TESTED_TRL_VERSIONS", "FusedDPOMixin", "FusedDPOTrainer", "patch_dpo_trainer"]
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
 
-# The losses in which TRL 1.16 reads `label_smoothing` (its sigmoid ignores it; dpo_kernels' sigmoid would not).
-_TRL_SMOOTHED = frozenset({"exo_pair", "robust", "aot", "aot_unpaired"})
-# Losses that TRL normalizes by `completion_mask.sum()` (unshifted), and the one that averages shifted tokens.
-_UNSHIFTED_LENGTHS = frozenset({"ipo", "sigmoid_norm"})
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 
 
@@ -173,7 +170,7 @@ class FusedDPOMixin:
             hf.check_output_head(model, ids)
 
     def _dk_label_smoothing(self) -> list[float]:
-        return [self.label_smoothing if name in _TRL_SMOOTHED else 0.0 for name in self.loss_types]
+        return [self.label_smoothing if LOSSES[name].trl_smoothed else 0.0 for name in self.loss_types]
 
     def _dk_params(self) -> dict:
         return {"loss_weights": list(self.loss_weights), "tau": self.args.discopop_tau}
@@ -243,7 +240,8 @@ class FusedDPOMixin:
         unshifted = completion_mask.sum(dim=1).float()
         shifted = completion_mask[:, 1:].sum(dim=1).float()
         names = set(self.loss_types)
-        if "sft" in names and names & _UNSHIFTED_LENGTHS and not torch.equal(unshifted, shifted):
+        unshifted_loss = any(LOSSES[n].trl_unshifted_lengths for n in names)
+        if "sft" in names and unshifted_loss and not torch.equal(unshifted, shifted):
             return None
         return shifted if "sft" in names else unshifted
 
@@ -253,7 +251,7 @@ class FusedDPOMixin:
         `FusedLinearDPOLoss` hands length-normalized losses the number of scored tokens, which is TRL's
         `completion_mask.sum()` unless a completion starts at position 0 (its first token is never scored).
         """
-        if set(self.loss_types) & _UNSHIFTED_LENGTHS and completion_mask[:, 0].any():
+        if any(LOSSES[n].trl_unshifted_lengths for n in self.loss_types) and completion_mask[:, 0].any():
             return None
         return dpo_kernels.FusedLinearDPOLoss(
             beta=self.beta, loss_type=list(self.loss_types), label_smoothing=self._dk_label_smoothing(),

@@ -9,40 +9,14 @@ from typing import NamedTuple
 
 import torch
 
-# The order is the integer code the C++ op receives (csrc/dpo_loss_math.h, enum LossType): append only.
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
-    "simpo",
-    "dpop",
+from dpo_kernels.loss_op.loss_types import (
+    LOSS_TYPES,
+    LOSSES,
+    couples_batch,
+    is_tied,
+    loss_names,
 )
 
-# Losses whose loss depends on the chosen-minus-rejected margin only, with no per-sequence length: the gradient
-# w.r.t. the rejected log-prob is the negation of the chosen one for every pair.
-_TIED = frozenset({"sigmoid", "hinge", "exo_pair", "robust", "aot", "discopop"})
-# Losses where one pair's loss or gradient depends on other pairs: aot/aot_unpaired sort the batch, sft averages over
-# all chosen tokens of the batch.
-_COUPLED = frozenset({"aot", "aot_unpaired", "sft"})
-# Which losses read `label_smoothing` (the others ignore it, as TRL does).
-_USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo"})
-_NEEDS_BOTH_LENGTHS = frozenset({"ipo", "sigmoid_norm", "simpo"})
-_NEEDS_CHOSEN_LENGTHS = frozenset({"sft"})
-
-# csrc/dpo_loss_math.h kMaxTerms.
-MAX_LOSS_TERMS = 16
 DEFAULT_LOSS_PARAMS = {"gamma": 0.5, "tau": 0.05, "dpop_lambda": 50.0}
 _KNOWN_LOSS_PARAMS = frozenset(DEFAULT_LOSS_PARAMS) | {"loss_weights"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,23 +61,7 @@ class LossSpec(NamedTuple):
 
 def loss_traits(loss_type) -> LossTraits:
     """Structural facts about a loss (or a list of losses combined) that kernels may exploit."""
-    names = _loss_type_list(loss_type)
-    return LossTraits(
-        tied=all(n in _TIED for n in names),
-        couples_batch=any(n in _COUPLED for n in names),
-    )
-
-
-def _loss_type_list(loss_type) -> tuple:
-    names = (loss_type,) if isinstance(loss_type, str) else loss_type
-    if not isinstance(names, Sequence) or isinstance(names, str) or len(names) == 0:
-        raise ValueError(f"loss_type must be a loss name or a non-empty list of names from {LOSS_TYPES}")
-    if len(names) > MAX_LOSS_TERMS:
-        raise ValueError(f"at most {MAX_LOSS_TERMS} loss types can be combined, got {len(names)}")
-    for name in names:
-        if name not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {name!r}; expected one of {LOSS_TYPES}")
-    return tuple(names)
+    return LossTraits(tied=is_tied(loss_type), couples_batch=couples_batch(loss_type))
 
 
 def _real(name: str, value) -> float:
@@ -124,7 +82,7 @@ def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_len
     unknown = set(loss_params) - _KNOWN_LOSS_PARAMS
     if unknown:
         raise ValueError(f"unknown loss parameter(s) {sorted(unknown)}; expected some of {sorted(_KNOWN_LOSS_PARAMS)}")
-    names = _loss_type_list(loss_type)
+    names = loss_names(loss_type)
     beta = _real("beta", beta)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -139,7 +97,7 @@ def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_len
             raise ValueError(
                 f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper suggests 1e-3), got {eps}"
             )
-        if name in _USES_LABEL_SMOOTHING and not 0.0 <= eps <= 1.0:
+        if LOSSES[name].reads_label_smoothing and not 0.0 <= eps <= 1.0:
             raise ValueError(f"loss_type {name!r} needs 0 <= label_smoothing <= 1, got {eps}")
         if name == "discopop" and params["tau"] <= 0:
             raise ValueError(f"loss_type 'discopop' needs tau > 0, got {params['tau']}")
@@ -147,9 +105,9 @@ def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_len
             raise ValueError(f"loss_type 'simpo' needs gamma >= 0, got {params['gamma']}")
         if name == "dpop" and params["dpop_lambda"] < 0:
             raise ValueError(f"loss_type 'dpop' needs dpop_lambda >= 0, got {params['dpop_lambda']}")
-        if name in _NEEDS_BOTH_LENGTHS and (chosen_lengths is None or rejected_lengths is None):
+        if LOSSES[name].needs_rejected_lengths and (chosen_lengths is None or rejected_lengths is None):
             raise ValueError(f"loss_type {name!r} is length-normalized: pass chosen_lengths and rejected_lengths")
-        if name in _NEEDS_CHOSEN_LENGTHS and chosen_lengths is None:
+        if LOSSES[name].needs_chosen_lengths and chosen_lengths is None:
             raise ValueError(f"loss_type {name!r} averages over chosen tokens: pass chosen_lengths")
     return LossSpec(names, weights, smoothing, beta, params["gamma"], params["tau"], params["dpop_lambda"])
 
@@ -185,11 +143,11 @@ def _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, ha
     # validate_spec only asks whether lengths were passed.
     spec = validate_spec(loss_type, beta, label_smoothing, True if has_chosen_lengths else None,
                          True if has_rejected_lengths else None, loss_params)
-    names = set(spec.loss_types)
+    infos = [LOSSES[name] for name in spec.loss_types]
     op_args = (tuple(LOSS_TYPES.index(name) for name in spec.loss_types), spec.loss_weights, spec.label_smoothing,
                spec.beta, spec.gamma, spec.tau, spec.dpop_lambda)
-    reads_both = bool(names & _NEEDS_BOTH_LENGTHS)
-    return OpConstants(op_args, reads_both or bool(names & _NEEDS_CHOSEN_LENGTHS), reads_both)
+    return OpConstants(op_args, any(i.needs_chosen_lengths for i in infos),
+                       any(i.needs_rejected_lengths for i in infos))
 
 
 def op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, has_rejected_lengths,

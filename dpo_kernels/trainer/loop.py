@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpo_kernels.loss_op import loss_types as loss_table
 from dpo_kernels.trainer import checkpoint, distributed, ref_logps
 from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data
 from dpo_kernels.trainer.forward import BACKENDS, DPOForward, sequence_logps
@@ -162,7 +163,6 @@ def check_config(c: TrainConfig) -> None:
                 from None
 
 
-REFERENCE_FREE_LOSSES = frozenset({"simpo"})
 
 
 def loss_types(c: TrainConfig) -> list[str]:
@@ -170,7 +170,7 @@ def loss_types(c: TrainConfig) -> list[str]:
 
 
 def is_reference_free(c: TrainConfig) -> bool:
-    return c.reference_free or set(loss_types(c)) <= REFERENCE_FREE_LOSSES
+    return c.reference_free or loss_table.is_reference_free(loss_types(c))
 
 
 def loss_kwargs(c: TrainConfig) -> dict:
