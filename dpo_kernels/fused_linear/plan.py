@@ -21,6 +21,7 @@ aot_unpaired) take the recompute path unless the whole batch fits in one chunk. 
 `_memory_model.estimate_peak_bytes` (its docstring has the issue-4 table: 2.6 / 4.5 / 5.3 GiB by default,
 3.0 / 3.2 / 3.4 GiB "low", at B x T = 2 x 2048 / 2 x 8192 / 1 x 32768, H = 4096, V = 128256 bf16).
 """
+import math
 import numbers
 from typing import NamedTuple
 
@@ -78,16 +79,26 @@ def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired) ->
     return TokenLayout(rows, targets, seq, slot, counts, counts_host, max(counts_host, default=0))
 
 
+def parse_memory_budget(value):
+    """The `memory_budget` setting, checked: None, "low", or a positive number of bytes (returned as an int).
+
+    Raises ValueError for anything else; the trainer, the TRL drop-in and the engine all check it here."""
+    if value is None or (isinstance(value, str) and value == "low"):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and 1 <= value < math.inf:
+        return int(value)
+    raise ValueError(f"memory_budget must be None, 'low' or a positive number of bytes, got {value!r}")
+
+
 def chunk_tokens(vocab: int, itemsize: int, memory_budget) -> int:
     """C, the most tokens one chunk projects (see the module docstring)."""
+    memory_budget = parse_memory_budget(memory_budget)
     if memory_budget is None:
         budget = DEFAULT_BUFFER_BYTES
-    elif isinstance(memory_budget, str) and memory_budget == "low":
+    elif memory_budget == "low":
         budget = LOW_BUFFER_BYTES
-    elif isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool) and memory_budget >= 1:
-        budget = int(memory_budget)
     else:
-        raise ValueError(f"memory_budget must be None, 'low' or a positive number of bytes, got {memory_budget!r}")
+        budget = memory_budget
     tokens = max(1, min(MAX_CHUNK_TOKENS, budget // (vocab * itemsize)))
     return tokens - tokens % 128 if tokens >= 128 else tokens
 
