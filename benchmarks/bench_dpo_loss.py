@@ -1,13 +1,12 @@
 """The DPO loss alone over per-sequence log-probs `[B]`, fwd+bwd, per provider (launch-bound).
 
-`make bench` runs the pytest-benchmark suite below. Run this file directly for the per-step overhead table of
-issue 3 (target: fwd+bwd <= 60 us per step on an H100/H200 at B = 8 ... 65536, where the step is bound by host-side
-overhead): `python benchmarks/bench_dpo_loss.py [--batch 8 1024 65536] [--device cuda]`. It times back-to-back
-steps (`zero grads -> dpo_loss -> loss.backward()`), synchronizing once per batch of steps, so a step costs the
-larger of its host time and its device time, as in a training loop. Rows: `dpo_kernels.dpo_loss`; the raw op
-called directly (the floor of the Python wrapper); eager PyTorch (the sigmoid loss and its metrics); and the
-autograd engine's own floor, `x.sum().backward()`, which no op can go below.
-"""
+`make bench` runs the pytest-benchmark suite below. Run this file directly for the per-step overhead table (target:
+fwd+bwd <= 60 us per step on an H100/H200 at B = 8 ... 65536, where the step is bound by host-side overhead): `python
+benchmarks/bench_dpo_loss.py [--batch 8 1024 65536] [--device cuda]`. It times back-to-back steps (`zero grads ->
+dpo_loss -> loss.backward()`), synchronizing once per batch of steps, so a step costs the larger of its host time and
+its device time, as in a training loop. Rows: `dpo_kernels.dpo_loss`; the raw op called directly (the floor of the
+Python wrapper); eager PyTorch (the sigmoid loss and its metrics); and the autograd engine's own floor,
+`x.sum().backward()`, which no op can go below."""
 import argparse
 import time
 

@@ -1,10 +1,9 @@
 """pytest-benchmark setup shared by the op suites (`make bench`).
 
 The suites time exactly what `dpo-kernels bench` compares and what the tests check: the providers and inputs of
-`dpo_kernels.bench`. Sizes are DESIGN.md section 7's on CUDA (bf16) and small ones on the CPU (fp32), where the
-package's ops take their PyTorch fallback. A provider that is not installed, not applicable or cannot run on this
-device is skipped with its reason; one that runs out of memory is skipped as such.
-"""
+`dpo_kernels.bench`. Sizes are the reference sizes (docs/design.md, "Benchmarks") on CUDA (bf16) and small ones on the
+CPU (fp32), where the package's ops take their PyTorch fallback. A provider that is not installed, not applicable or
+cannot run on this device is skipped with its reason; one that runs out of memory is skipped as such."""
 import pytest
 import torch
 

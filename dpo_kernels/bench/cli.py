@@ -115,7 +115,8 @@ def add_subcommands(subparsers) -> None:
         "bench", help="side-by-side comparison sweep of every op and provider",
         description="Times one DPO step (fwd+bwd) per provider and size on the same realistic inputs and writes, per "
                     "op, <op>.json, <op>.md and <op>.png: median ms, peak extra memory, fraction of the floor and the "
-                    "error vs eager. Sizes: DESIGN.md section 7 on CUDA, small ones on the CPU.")
+                    "error vs eager. Sizes: the reference sizes of docs/design.md (Benchmarks) on CUDA, small ones on "
+                    "the CPU.")
     _common(bench)
     bench.add_argument("--ops", type=_csv, default=["linear", "logits", "loss"],
                        help="comma-separated ops: linear, logits, loss (default: all)")

@@ -36,7 +36,7 @@ class Size:
         return f"{self.pairs}x{self.seq_len}{dims} V={self.vocab}"
 
 
-# DESIGN.md section 7: [4*4096, V] logits are 2 pairs of 4096 tokens.
+# The reference logits size (docs/design.md, "Benchmarks"): [4*4096, V] logits are 2 pairs of 4096 tokens.
 GPU_SIZES = {
     "linear": (Size(2, 2048, 4096, 128256), Size(2, 8192, 4096, 128256), Size(1, 32768, 4096, 128256)),
     "logits": (Size(2, 4096, 0, 128256),),
@@ -291,7 +291,8 @@ def write_op(result: dict, output_dir: str, png: bool = True) -> dict:
 
 def run_sweep(ops, output_dir, *, sizes=None, provider_names=None, dtype=None, device=None,
               compile_backend="inductor", iterations=None, log=print) -> dict:
-    """Runs and writes every op in `ops`; sizes default to DESIGN.md section 7 on CUDA, small ones on the CPU."""
+    """Runs and writes every op in `ops`; sizes default to the reference sizes (docs/design.md, "Benchmarks") on
+    CUDA, small ones on the CPU."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -1,7 +1,8 @@
 """The benchmark's inputs are realistic and every provider computes the same DPO step as eager PyTorch.
 
 Each available provider's loss and gradients are judged against the float64 truth (eager on float64 copies of the
-same inputs) with the DESIGN.md section 5 rule, eager in the same dtype being the baseline.
+same inputs) with the accuracy rule (docs/design.md, "Numerics and the accuracy rule"), eager in the same dtype being
+the baseline.
 """
 import math
 

@@ -3,7 +3,8 @@
 A provider turns one op's inputs into a `forward()` closure returning the scalar DPO loss; the harness calls
 `forward().backward()` and reads the gradients of the inputs' leaves. Every provider computes the same thing: the
 summed label log-probs of the 2B sequences (chosen rows first), a sigmoid DPO loss with beta 0.1, reference-free
-(the reference log-probs are 0 for all, as in the DESIGN.md section 7 anchors), and the backward into the leaves.
+(the reference log-probs are 0 for all, as in the peers' reference measurements: docs/design.md, "Benchmarks"), and
+the backward into the leaves.
 """
 import importlib
 import importlib.util
