@@ -96,6 +96,31 @@ def logsoftmax_pass_kernel(
             tl.store(z_row + cols, (d * scale).to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
+# Resident programs per SM when the rows are small enough for L2 not to bound them: 4 programs of 8 warps are the
+# occupancy a launch of one program per row reaches on H100/H200.
+PROGRAMS_PER_SM = 4
+# The share of L2 the rows in flight may fill, so that a row is still there when its own program sweeps it again:
+# L2 is split in two partitions, and the gradient written back and the GEMM's operands compete for the rest.
+L2_SHARE = 0.5
+
+
+def pass_grid(num_rows: int, vocab: int, itemsize: int, l2_bytes: int, num_sms: int) -> tuple[int, int]:
+    """The pass's persistent grid: `(programs, rows_in_flight)` for `num_rows` rows of `vocab` elements of `itemsize`
+    bytes on a device with `l2_bytes` of L2 and `num_sms` SMs.
+
+    Each program sweeps one row at a time (statistics, then the gradient) and then moves on to the row `programs`
+    further, so `rows_in_flight == programs`: as many as fit in `L2_SHARE` of L2 (at least one), at most
+    `PROGRAMS_PER_SM` per SM, never more than there are rows. Within that bound the second sweep of every row reads
+    L2, not HBM.
+    """
+    if num_rows <= 0:
+        return 0, 0
+    row_bytes = max(1, vocab * itemsize)
+    fit = max(1, int(l2_bytes * L2_SHARE) // row_bytes)
+    programs = max(1, min(num_rows, PROGRAMS_PER_SM * num_sms, fit))
+    return programs, programs
+
+
 def _block_v(vocab: int) -> int:
     # 8192 fp32 values over 8 warps is 32 registers a thread: wide enough to keep H100/H200 loads in flight, small
     # enough not to spill. Narrow vocabularies take one tile.

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dpo_kernels
-from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass, logsoftmax_pass_torch
+from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass, logsoftmax_pass_torch, pass_grid
 from tests.helpers import (
     DTYPE_ATOL,
     MODES,
@@ -166,3 +166,25 @@ def test_pass_reads_padding_but_never_uses_or_writes_it(force_backend, write_gra
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(z, plain, rtol=1e-6, atol=1e-6, msg="padded and contiguous rows differ")
     assert torch.equal(buffer[:, V:].nan_to_num(), pad_before.nan_to_num()), "the padding was written"
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("l2_bytes,num_sms", [(50 * MIB, 132), (60 * MIB, 132), (40 * MIB, 114)])
+def test_pass_grid_keeps_the_rows_in_flight_within_half_of_l2(l2_bytes, num_sms):
+    # Llama 3's vocabulary in bf16: 250 KiB rows, far more rows than programs.
+    programs, in_flight = pass_grid(8192, 128256, 2, l2_bytes, num_sms)
+    assert in_flight == programs
+    assert in_flight * 128256 * 2 <= l2_bytes // 2 < (in_flight + 1) * 128256 * 2
+    assert pass_grid(8192, 128256, 2, 50 * MIB, 132) == (102, 102)
+
+
+def test_pass_grid_bounds():
+    # Small rows: L2 does not bind, the grid stops at PROGRAMS_PER_SM per SM.
+    assert pass_grid(100_000, 1000, 4, 50 * MIB, 132) == (4 * 132, 4 * 132)
+    # Fewer rows than programs: one program per row.
+    assert pass_grid(7, 128256, 2, 50 * MIB, 132) == (7, 7)
+    # A row larger than half of L2 still gets a program; no rows, no programs.
+    assert pass_grid(64, 32 * MIB, 4, 50 * MIB, 132) == (1, 1)
+    assert pass_grid(0, 1000, 4, 50 * MIB, 132) == (0, 0)
