@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from dpo_kernels.loss_op.loss_types import (
+    HYPER_PARAMS,
     LOSS_TYPES,
     LOSSES,
     couples_batch,
@@ -17,8 +18,10 @@ from dpo_kernels.loss_op.loss_types import (
     loss_names,
 )
 
-DEFAULT_LOSS_PARAMS = {"gamma": 0.5, "tau": 0.05, "dpop_lambda": 50.0}
-_KNOWN_LOSS_PARAMS = frozenset(DEFAULT_LOSS_PARAMS) | {"loss_weights"}
+# `dpo_loss`'s `**loss_params`: every hyper-parameter but the two it names, `beta` and `label_smoothing`.
+LOSS_PARAM_NAMES = tuple(name for name in HYPER_PARAMS if name not in ("beta", "label_smoothing"))
+# The ones that take one value for the whole call (gamma, tau, dpop_lambda), as LossSpec and the op hold them.
+_SHARED_PARAMS = tuple(name for name in LOSS_PARAM_NAMES if not HYPER_PARAMS[name].per_loss)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -71,6 +74,8 @@ def _real(name: str, value) -> float:
 
 
 def _per_loss(name: str, value, count: int) -> tuple:
+    if value is None:
+        value = HYPER_PARAMS[name].default
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != count:
             raise ValueError(f"{name} has {len(value)} entries but there are {count} loss types")
@@ -78,38 +83,50 @@ def _per_loss(name: str, value, count: int) -> tuple:
     return (_real(name, value),) * count
 
 
-def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params) -> LossSpec:
-    unknown = set(loss_params) - _KNOWN_LOSS_PARAMS
+def check_loss_settings(loss_type, *, beta=HYPER_PARAMS["beta"].default,
+                        label_smoothing=HYPER_PARAMS["label_smoothing"].default, loss_params=None) -> LossSpec:
+    """Validates every loss setting that needs no tensor, against the ranges of the loss table
+    (`dpo_kernels.loss_op.loss_types`: `HYPER_PARAMS` and each loss's `params`).
+
+    Args:
+        loss_type: a name of `LOSS_TYPES` or a non-empty list of them.
+        beta, label_smoothing: as `dpo_kernels.dpo_loss` (label_smoothing: one value or one per loss type).
+        loss_params: a dict of `dpo_loss`'s other keyword hyper-parameters (`loss_weights`, `gamma`, `tau`,
+            `dpop_lambda`), or None.
+    Returns:
+        the normalized `LossSpec`. Raises ValueError naming the setting (and the loss type that rejects it).
+    """
+    loss_params = {} if loss_params is None else loss_params
+    unknown = set(loss_params) - set(LOSS_PARAM_NAMES)
     if unknown:
-        raise ValueError(f"unknown loss parameter(s) {sorted(unknown)}; expected some of {sorted(_KNOWN_LOSS_PARAMS)}")
+        raise ValueError(f"unknown loss parameter(s) {sorted(unknown)}; expected some of {sorted(LOSS_PARAM_NAMES)}")
     names = loss_names(loss_type)
     beta = _real("beta", beta)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    weights = loss_params.get("loss_weights")
-    weights = (1.0,) * len(names) if weights is None else _per_loss("loss_weights", list(weights), len(names))
+    if not HYPER_PARAMS["beta"].valid.contains(beta):
+        raise ValueError(f"beta = {beta} is invalid: needs {HYPER_PARAMS['beta'].valid.describe('beta')}")
+    weights = _per_loss("loss_weights", loss_params.get("loss_weights"), len(names))
     smoothing = _per_loss("label_smoothing", label_smoothing, len(names))
-    params = {k: _real(k, loss_params.get(k, v)) for k, v in DEFAULT_LOSS_PARAMS.items()}
-    for name, eps in zip(names, smoothing, strict=True):
-        if name == "robust" and not 0.0 <= eps < 0.5:
-            raise ValueError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {eps}")
-        if name == "exo_pair" and not 0.0 < eps < 1.0:
-            raise ValueError(
-                f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper suggests 1e-3), got {eps}"
-            )
-        if LOSSES[name].reads_label_smoothing and not 0.0 <= eps <= 1.0:
-            raise ValueError(f"loss_type {name!r} needs 0 <= label_smoothing <= 1, got {eps}")
-        if name == "discopop" and params["tau"] <= 0:
-            raise ValueError(f"loss_type 'discopop' needs tau > 0, got {params['tau']}")
-        if name == "simpo" and params["gamma"] < 0:
-            raise ValueError(f"loss_type 'simpo' needs gamma >= 0, got {params['gamma']}")
-        if name == "dpop" and params["dpop_lambda"] < 0:
-            raise ValueError(f"loss_type 'dpop' needs dpop_lambda >= 0, got {params['dpop_lambda']}")
+    shared = {name: _real(name, loss_params.get(name, HYPER_PARAMS[name].default)) for name in _SHARED_PARAMS}
+    for index, name in enumerate(names):
+        # label_smoothing is per loss type, the others are shared by every term.
+        values = {**shared, "label_smoothing": smoothing[index]}
+        for param, valid in LOSSES[name].params.items():
+            if not valid.contains(values[param]):
+                note = f" ({valid.note})" if valid.note else ""
+                raise ValueError(f"{param} = {values[param]} is invalid for loss_type {name!r}: needs "
+                                 f"{valid.describe(param)}{note}")
+    return LossSpec(names, weights, smoothing, beta, shared["gamma"], shared["tau"], shared["dpop_lambda"])
+
+
+def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params) -> LossSpec:
+    """`check_loss_settings`, and that the lengths the loss types divide by were passed (not None)."""
+    spec = check_loss_settings(loss_type, beta=beta, label_smoothing=label_smoothing, loss_params=loss_params)
+    for name in spec.loss_types:
         if LOSSES[name].needs_rejected_lengths and (chosen_lengths is None or rejected_lengths is None):
             raise ValueError(f"loss_type {name!r} is length-normalized: pass chosen_lengths and rejected_lengths")
         if LOSSES[name].needs_chosen_lengths and chosen_lengths is None:
             raise ValueError(f"loss_type {name!r} averages over chosen tokens: pass chosen_lengths")
-    return LossSpec(names, weights, smoothing, beta, params["gamma"], params["tau"], params["dpop_lambda"])
+    return spec
 
 
 class OpConstants(NamedTuple):
