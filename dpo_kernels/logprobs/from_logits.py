@@ -270,23 +270,65 @@ class TokenLogprobsFunction(torch.autograd.Function):
         tok, lse = forward(logits, labels, ignore_index, shift)
         ctx.save_for_backward(logits, labels, lse)
         ctx.args = (ignore_index, shift, inplace_backward, triton_path)
+        ctx.overwritten = False
         return tok
 
     @staticmethod
     def backward(ctx, grad_tok):
-        logits, labels, lse = ctx.saved_tensors
         ignore_index, shift, inplace, triton_path = ctx.args
+        if inplace and ctx.overwritten:
+            raise RuntimeError(
+                "token_logprobs/sequence_logprobs with inplace_backward=True: backward ran a second time (e.g. "
+                "retain_graph=True), but the first one overwrote the logits with their gradient; use "
+                "inplace_backward=False to backpropagate more than once"
+            )
+        logits, labels, lse = ctx.saved_tensors
         backward = token_logprobs_backward if triton_path else _backward_torch
         out = logits.detach() if inplace else None
         dlogits = backward(logits, labels, lse, grad_tok, ignore_index, shift, out)
+        if inplace:
+            ctx.overwritten = True
+            # The kernel writes through a raw pointer, which autograd does not see: bump the version as an in-place
+            # op would, so that a node that saved these logits (e.g. the `exp` that made them) fails its version
+            # check instead of using the gradient as if it were the logits.
+            torch.autograd.graph.increment_version(logits)
         return dlogits, None, None, None, None
 
 
-def _prepare(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+def _rows_overlap(logits: torch.Tensor) -> bool:
+    """Whether two positions of `logits [R, T, V]` (unit V stride) share memory, as in an expanded tensor."""
+    R, T, V = logits.shape
+    dims = sorted((stride, size) for stride, size in zip(logits.stride()[:2], (R, T), strict=True) if size > 1)
+    span = V
+    for stride, size in dims:
+        if stride < span:
+            break
+        span += stride * (size - 1)
+    else:
+        return False
+    # Not nested: the positions overlap, or their strides interleave. Compare the sorted row starts (R * T integers).
+    starts = torch.arange(R).mul_(logits.stride(0)).unsqueeze(1) + torch.arange(T).mul_(logits.stride(1))
+    return bool((starts.flatten().sort().values.diff() < V).any())
+
+
+def _check_inplace_backward(logits: torch.Tensor) -> None:
+    """The backward may overwrite `logits` only where no two positions share a row."""
+    if logits.requires_grad and torch.is_grad_enabled() and logits.numel() and _rows_overlap(logits):
+        raise ValueError(
+            f"inplace_backward=True needs logits whose positions do not share memory, got strides "
+            f"{tuple(logits.stride())} for shape {tuple(logits.shape)} (an expanded tensor?): the gradients of "
+            "positions sharing a row would overwrite each other; pass .contiguous() logits or use "
+            "inplace_backward=False"
+        )
+
+
+def _prepare(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool):
     check_logits_labels(logits, labels, ignore_index)
     if logits.stride(-1) != 1:
         # The kernels vectorize along the vocabulary; only a non-unit vocabulary stride forces a copy.
         logits = logits.contiguous()
+    if inplace_backward:
+        _check_inplace_backward(logits)
     if labels.dtype != torch.int64:
         labels = labels.long()
     return logits, labels
@@ -312,12 +354,14 @@ def token_logprobs(
             position scores nothing and gets a zero gradient.
         inplace_backward: the backward writes dlogits into the logits' own buffer instead of allocating one. The
             logits are DESTROYED by the backward: use it only when nothing else reads them afterwards, and call
-            backward once.
+            backward once. Misuse is an error on both backends: logits whose positions share memory (expanded)
+            raise ValueError here; a second backward raises RuntimeError, and so does the backward of any op that
+            saved these logits (autograd's in-place version check).
     Returns:
         `[R, T - 1]` if shift else `[R, T]`, float32; 0 where the label is ignored. Gradients come back in the
         logits' dtype.
     """
-    logits, labels = _prepare(logits, labels, ignore_index)
+    logits, labels = _prepare(logits, labels, ignore_index, inplace_backward)
     return TokenLogprobsFunction.apply(logits, labels, ignore_index, bool(shift), bool(inplace_backward))
 
 
@@ -339,7 +383,7 @@ def sequence_logprobs(
         `[R]` float32; a row with no valid label gives 0 in both modes (never NaN). Differentiable w.r.t. `logits`
         for any upstream gradient (e.g. a different weight per row); gradients in the logits' dtype.
     """
-    logits, labels = _prepare(logits, labels, ignore_index)
+    logits, labels = _prepare(logits, labels, ignore_index, inplace_backward)
     tok = TokenLogprobsFunction.apply(logits, labels, ignore_index, bool(shift), bool(inplace_backward))
     total = tok.sum(-1)
     if not average:

@@ -120,6 +120,49 @@ def test_inplace_backward(backend, dtype):
     assert torch.equal(buffer.detach(), expected_grad), "inplace_backward must write dlogits into the logits buffer"
 
 
+def test_inplace_backward_fails_the_version_check_of_an_op_that_saved_the_logits(backend):
+    # exp saves its output: overwriting it with the gradient would make exp's backward multiply by the gradient.
+    logits, labels = make_inputs(2, 5, 100, torch.float32)
+    leaf = logits.clone().requires_grad_()
+    out = dpo_kernels.sequence_logprobs(leaf.exp(), labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_inplace_backward_refuses_a_second_backward(backend):
+    logits, labels = make_inputs(2, 5, 100, torch.float32)
+    leaf = logits.clone().requires_grad_()
+    out = dpo_kernels.token_logprobs(leaf * 1, labels, inplace_backward=True).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran a second time"):
+        out.backward()
+
+
+@pytest.mark.parametrize("name", ["sequence_logprobs", "token_logprobs"])
+def test_inplace_backward_refuses_positions_that_share_memory(backend, name):
+    R, T, V = 2, 3, 100
+    _, labels = make_inputs(R, T, V, torch.float32)
+    one_row = torch.randn(1, T, V, requires_grad=True)
+    flat = torch.randn(8 * V, requires_grad=True)
+    for logits in (
+        (one_row * 1).expand(R, T, V),  # stride 0 along R
+        (flat * 1).as_strided((R, T, V), (V, V, 1)),  # rows (0, 1) and (1, 0) are the same row
+        (flat * 1).as_strided((R, T, V), (V // 2, 2 * V, 1)),  # rows overlapping by half
+    ):
+        with pytest.raises(ValueError, match="do not share memory"):
+            getattr(dpo_kernels, name)(logits, labels, inplace_backward=True)
+    # Interleaved but disjoint rows (starts 0, 2V, 4V and 3V, 5V, 7V) are written in place.
+    strides = (3 * V, 2 * V, 1)
+    buffer = (flat * 1).as_strided((R, T, V), strides)
+    weights = torch.randn(R) if name == "sequence_logprobs" else torch.randn(R, T - 1)
+    expected_out, expected_grad = forward_backward(getattr(dpo_kernels, name), buffer.detach().clone(), labels, weights)
+    out = getattr(dpo_kernels, name)(buffer, labels, inplace_backward=True)
+    (out * weights).sum().backward()
+    assert torch.equal(out, expected_out)
+    assert torch.equal(flat.grad.as_strided((R, T, V), strides), expected_grad)
+    assert torch.equal(buffer.detach(), expected_grad)
+
+
 def test_deterministic(backend):
     logits, labels = make_inputs(3, 9, 3001, torch.bfloat16)
     weights = torch.randn(3)
