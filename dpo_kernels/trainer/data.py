@@ -232,3 +232,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[r, p : len(seq)] = ids[p:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "num_tokens": attention_mask.sum()}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 from dpo_kernels.loss_op import loss_types as loss_table
-from dpo_kernels.trainer import checkpoint, distributed, ref_logps
-from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data
-from dpo_kernels.trainer.forward import BACKENDS, DPOForward, sequence_logps
+from dpo_kernels.trainer import checkpoint, distributed, models
+from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data, to_device
+from dpo_kernels.trainer.forward import BACKENDS, DPOForward
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
+from dpo_kernels.trainer.models import decoder_layer_types, enable_checkpointing, load_model, load_tokenizer
+from dpo_kernels.trainer.ref_logps import Reference
 
 PRECISIONS = ("auto", "bf16", "fp32", "fp64")
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -234,28 +236,6 @@ def precision_settings(c: TrainConfig, device: torch.device) -> tuple[torch.dtyp
     return dtype, None
 
 
-def load_model(path, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    model.config.use_cache = False
-    return model.to(device)
-
-
-def enable_checkpointing(model) -> None:
-    # transformers >= 5.x renames gradient_checkpointing_enable to activation_checkpointing_enable.
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def decoder_layer_types(model) -> tuple[type, ...]:
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
-
-
 # ------------------------------------------------------------------------------------------------ data positions
 @dataclass
 class Plan:
@@ -293,68 +273,7 @@ def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:
     return plan
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-
-# ------------------------------------------------------------------------------------------ reference log-probs
-class Reference:
-    """Reference log-probs for a batch: from a frozen model, from the precomputed cache, or zeros (reference-free)."""
-
-    def __init__(self, c: TrainConfig, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int):
-        self.c, self.ctx, self.pad_id = c, ctx, pad_id
-        self.free = is_reference_free(c)
-        self.model_id = c.ref_model or c.model
-        self.dtype, self.autocast_dtype = dtype, autocast_dtype
-        self.cache_dir = Path(c.ref_cache_dir) if c.ref_cache_dir else out_dir / "ref-cache"
-        self.model = None
-        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cache_files: dict[str, str] = {}
-        if not self.free and not c.precompute_ref:
-            self.model = self._load()
-
-    def _load(self):
-        model = load_model(self.model_id, self.dtype, self.ctx.device).eval()
-        model.requires_grad_(False)
-        return model
-
-    def precompute(self, name: str, data: PreferenceData) -> None:
-        """Fills the table for `data` from the disk cache, or computes it (every rank, same order) and caches it."""
-        settings = {"backend": self.c.loss_backend, "dtype": str(self.dtype), "autocast": str(self.autocast_dtype),
-                    "pad": self.pad_id}
-        path = ref_logps.cache_path(self.cache_dir, ref_logps.cache_key(self.model_id, data.fingerprint, settings))
-        self.cache_files[name] = str(path)
-        cached = ref_logps.load_cached(path, len(data))
-        if cached is None:
-            model = self._load()
-            bs = self.c.eval_batch_size or self.c.batch_size
-            chosen, rejected = [], []
-            for start in range(0, len(data), bs):
-                batch = to_device(collate(data.examples[start:start + bs], self.pad_id), self.ctx.device)
-                logps = sequence_logps(model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
-                                       batch["labels"], self.autocast_dtype).cpu()
-                half = logps.shape[0] // 2
-                chosen.append(logps[:half])
-                rejected.append(logps[half:])
-            del model
-            cached = torch.cat(chosen), torch.cat(rejected)
-            if self.ctx.is_main:
-                ref_logps.save_cached(path, *cached)
-            self.ctx.barrier()
-        self.tables[name] = cached
-
-    def logps(self, name: str, indices: list[int], batch: dict):
-        """`(ref_chosen [B], ref_rejected [B])` fp32, or `(None, None)` when reference-free."""
-        if self.free:
-            return None, None
-        if self.model is None:
-            chosen, rejected = self.tables[name]
-            idx = torch.tensor(indices)
-            return chosen[idx].to(self.ctx.device), rejected[idx].to(self.ctx.device)
-        logps = sequence_logps(self.model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
-                               batch["labels"], self.autocast_dtype)
-        half = logps.shape[0] // 2
-        return logps[:half], logps[half:]
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -404,7 +323,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(c: TrainConfig, ctx) -> TrainResult:
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
 
     out_dir = prepare_output_dir(c.output_dir, ctx)
     resume_dir = resolve_resume(c)
@@ -413,10 +332,8 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
                       "(pass resume='latest' / --resume to continue instead)", stacklevel=2)
     seed_everything(c.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(c.tokenizer or c.model, local_files_only=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set one (tokenizer.pad_token)")
+    tokenizer = load_tokenizer(c.tokenizer or c.model)
+    pad = models.pad_id(tokenizer)
     data_kwargs = {"max_length": c.max_length, "max_prompt_length": c.max_prompt_length,
                    "skip_bad_rows": c.skip_bad_rows}
     train_data = load_preference_data(c.data, tokenizer, **data_kwargs)
@@ -424,7 +341,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
     plan = make_plan(c, train_data, ctx.world)
 
     dtype, autocast_dtype = precision_settings(c, ctx.device)
-    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad_id)
+    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c))
     if c.precompute_ref and not ref.free:
         ref.precompute("train", train_data)
         if eval_data is not None:
@@ -476,7 +393,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
         for a in range(c.grad_accum):
             micro = step * c.grad_accum + a
             indices = plan.indices(micro, ctx.rank)
-            batch = to_device(collate([train_data.examples[i] for i in indices], pad_id), ctx.device)
+            batch = to_device(collate([train_data.examples[i] for i in indices], pad), ctx.device)
             ref_c, ref_r = ref.logps("train", indices, batch)
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = model.no_sync() if is_ddp and a < c.grad_accum - 1 else contextlib.nullcontext()
@@ -526,7 +443,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
                 "lower lr, check the data, or try precision fp32"
             )
         if eval_data is not None and c.eval_every > 0 and step % c.eval_every == 0 and step < stop_at:
-            eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad_id)
+            eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad)
             log.write({"step": step, **eval_metrics})
         if c.save_every > 0 and step % c.save_every == 0 and step < stop_at:
             save(step)
@@ -534,7 +451,7 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
     bar.close()
 
     if eval_data is not None:
-        eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad_id)
+        eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad)
         log.write({"step": step, **eval_metrics})
     final_checkpoint = save(step) if last_saved != step else out_dir / f"{checkpoint.PREFIX}{step}"
     plot_path = None

@@ -1,6 +1,7 @@
-"""Precomputed reference log-probs, cached on disk (`--precompute-ref`).
+"""Reference log-probs for the trainer: from a frozen model, from a disk cache (`--precompute-ref`), or none.
 
-One no-grad pass of the reference model over a dataset gives each pair's `(ref_chosen, ref_rejected)` log-probs;
+`Reference` is what the loop asks for each batch's `(ref_chosen, ref_rejected)`. With `--precompute-ref`, one no-grad
+pass of the reference model over a dataset gives each pair's `(ref_chosen, ref_rejected)` log-probs;
 they are stored as safetensors under a key that hashes the reference model's identity (its config and weight
 files' names, sizes and mtimes — cheap for multi-GB checkpoints), the dataset's token fingerprint and the numeric
 settings, so that a later run with the same model and data reuses them and any change recomputes them.
@@ -11,10 +12,16 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from dpo_kernels.trainer.data import PreferenceData, collate, to_device
+from dpo_kernels.trainer.forward import sequence_logps
+from dpo_kernels.trainer.models import load_model
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
 
@@ -54,11 +61,16 @@ def cache_path(cache_dir, key: str) -> Path:
 
 
 def load_cached(path, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(chosen [N], rejected [N])` fp32 from `path`, or None when absent or of another size."""
+    """`(chosen [N], rejected [N])` fp32 from `path`, or None when absent, unreadable or of another size (an
+    unreadable file, truncated by a crash or a full disk, is recomputed with a warning)."""
     path = Path(path)
     if not path.is_file():
         return None
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        warnings.warn(f"{path}: unreadable reference log-prob cache ({e}); recomputing it", stacklevel=2)
+        return None
     chosen, rejected = tensors.get("chosen"), tensors.get("rejected")
     if chosen is None or rejected is None or chosen.numel() != num_pairs or rejected.numel() != num_pairs:
         return None
@@ -77,3 +89,66 @@ def save_cached(path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class Reference:
+    """Reference log-probs for a batch: from a frozen model, from the precomputed cache, or zeros (reference-free).
+
+    `config` is the run's TrainConfig; `free` says the run is reference-free (no model, no cache).
+    """
+
+    def __init__(self, config, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int, *, free: bool):
+        self.c, self.ctx, self.pad_id = config, ctx, pad_id
+        self.free = free
+        self.model_id = config.ref_model or config.model
+        self.dtype, self.autocast_dtype = dtype, autocast_dtype
+        self.cache_dir = Path(config.ref_cache_dir) if config.ref_cache_dir else Path(out_dir) / "ref-cache"
+        self.model = None
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_files: dict[str, str] = {}
+        if not self.free and not config.precompute_ref:
+            self.model = self._load()
+
+    def _load(self):
+        what = "reference model" if self.c.ref_model else "model"
+        model = load_model(self.model_id, self.dtype, self.ctx.device, what).eval()
+        model.requires_grad_(False)
+        return model
+
+    def precompute(self, name: str, data: PreferenceData) -> None:
+        """Fills the table for `data` from the disk cache, or computes it (every rank, same order) and caches it."""
+        settings = {"backend": self.c.loss_backend, "dtype": str(self.dtype), "autocast": str(self.autocast_dtype),
+                    "pad": self.pad_id}
+        path = cache_path(self.cache_dir, cache_key(self.model_id, data.fingerprint, settings))
+        self.cache_files[name] = str(path)
+        cached = load_cached(path, len(data))
+        if cached is None:
+            model = self._load()
+            bs = self.c.eval_batch_size or self.c.batch_size
+            chosen, rejected = [], []
+            for start in range(0, len(data), bs):
+                batch = to_device(collate(data.examples[start:start + bs], self.pad_id), self.ctx.device)
+                logps = sequence_logps(model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"], self.autocast_dtype).cpu()
+                half = logps.shape[0] // 2
+                chosen.append(logps[:half])
+                rejected.append(logps[half:])
+            del model
+            cached = torch.cat(chosen), torch.cat(rejected)
+            if self.ctx.is_main:
+                save_cached(path, *cached)
+            self.ctx.barrier()
+        self.tables[name] = cached
+
+    def logps(self, name: str, indices: list[int], batch: dict):
+        """`(ref_chosen [B], ref_rejected [B])` fp32, or `(None, None)` when reference-free."""
+        if self.free:
+            return None, None
+        if self.model is None:
+            chosen, rejected = self.tables[name]
+            idx = torch.tensor(indices)
+            return chosen[idx].to(self.ctx.device), rejected[idx].to(self.ctx.device)
+        logps = sequence_logps(self.model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
+                               batch["labels"], self.autocast_dtype)
+        half = logps.shape[0] // 2
+        return logps[:half], logps[half:]
