@@ -3,7 +3,8 @@
 The logsoftmax pass (Triton, interpreted on the CPU here, and its PyTorch twin) against a float64 truth, on rows
 built to catch the hard cases: ties (torch.argmax takes the first maximum), -inf logits (0 log 0 = 0), a whole
 first tile of -inf, a maximum that moves to a later tile, a tie across tiles. Then the engine's per-sequence sums in
-every chunking mode against the float64 truth and against the separate chunked pass the TRL drop-in used before.
+every chunking mode against the float64 truth and against the separate chunked pass (`token_sums(full=True)`, which
+the TRL drop-in runs where the fused loss is not used).
 """
 import pytest
 import torch
@@ -16,12 +17,13 @@ from tests.helpers import (
     IGNORE_INDEX,
     MODES,
     assert_within_rule,
+    device_for,
     make_batch,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = device_for("triton").type  # the Triton kernels: CUDA where there is one, else the interpreter
 SMALL_BLOCK = 256  # several tiles per row at V = 1000, so the running max and first argmax cross tiles
 
 
@@ -135,8 +137,9 @@ def _truth_sums(hidden, weight, bias, labels, dtype):
 def test_engine_sums_match_float64_and_the_separate_pass(force_backend, backend, loss_type, dtype, mode):
     # bco_pair's chosen and rejected coefficients are not tied: a streaming pair runs twice (stats from the forward).
     force_backend(backend)
+    device = device_for(backend)
     B, T, H, V = 2, 9, 24, 1000
-    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, dtype, seed=5)
+    hidden, weight, bias, labels, _, ref_c, ref_r = (t.to(device) for t in make_batch(B, T, H, V, dtype, seed=5))
     # Every other scored label is the argmax of its position's logits, so that there are hits to count.
     best = torch.nn.functional.linear(hidden.double(), weight.double(), bias.double()).argmax(-1)
     labels[:, 1::2] = torch.where(labels[:, 1::2] == IGNORE_INDEX, labels[:, 1::2], best[:, :-1:2])
@@ -163,9 +166,9 @@ def test_engine_sums_match_float64_and_the_separate_pass(force_backend, backend,
     if dtype == torch.float32:
         assert torch.equal(got_hits, want_hits) and want_hits.sum() > 0
 
-    # The separate chunked pass the TRL drop-in ran before gives the same batch sums.
-    nxt = torch.cat([labels[:, 1:], torch.full((2 * B, 1), IGNORE_INDEX)], 1).reshape(-1)
-    rows = torch.arange(2 * B).repeat_interleave(T)
+    # The separate chunked pass gives the same batch sums.
+    nxt = torch.cat([labels[:, 1:], torch.full((2 * B, 1), IGNORE_INDEX, device=device)], 1).reshape(-1)
+    rows = torch.arange(2 * B, device=device).repeat_interleave(T)
     sums = token_sums(hidden.reshape(-1, H), weight, bias, nxt, rows, B, full=True)
     torch.testing.assert_close(got_entropy.sum(), sums.entropy_sum, rtol=1e-5, atol=1e-4)
     assert out.chosen_top1_count.sum().item() == sums.chosen_top1.item()
