@@ -49,10 +49,11 @@ DpoLossResult dpo_loss_forward_cpu(const at::Tensor& policy_chosen, const at::Te
                                    const std::optional<at::Tensor>& chosen_lengths,
                                    const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
                                    at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
-                                   double beta, double gamma, double tau, double dpop_lambda) {
+                                   double beta, double gamma, double tau, double dpop_lambda, bool average) {
   TORCH_CHECK(policy_chosen.device().is_cpu(), "dpo_loss_forward (CPU) got a tensor on ", policy_chosen.device());
   DpoLossBuffers b = prepare_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                                      rejected_lengths, loss_types, loss_weights, label_smoothing);
+                                      rejected_lengths, loss_types, loss_weights, label_smoothing,
+                                      average);
   if (b.policy_chosen.scalar_type() == at::kDouble) {
     dpo_loss_cpu_kernel(make_dpo_loss_args<double>(b, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
                                                    dpop_lambda));

@@ -4,26 +4,41 @@
 // and its derivatives w.r.t. the policy's chosen and rejected log-probs; `dpo_pair` combines the terms of one pair
 // into the pair's loss and its final coefficients dL/dlogp of the batch-mean loss.
 //
-// Formulas (TRL 1.16 DPOTrainer; papers in dpo_kernels/ops/dpo_loss.py). With c = pc - rc, r = pr - rr,
-// z = beta * (c - r) and eps the term's label smoothing:
-//   sigmoid       -(1-eps) logsig(z) - eps logsig(-z)                 (eps > 0: conservative DPO)
-//   hinge         relu(1 - z)
-//   ipo           (c/lc - r/lr - 1/(2 beta))^2
-//   exo_pair      sig(z)(logsig(z) - log(1-eps)) + sig(-z)(logsig(-z) - log(eps))
-//   nca_pair      -logsig(beta c) - logsig(-beta c)/2 - logsig(-beta r)/2
-//   robust        (-(1-eps) logsig(z) + eps logsig(-z)) / (1 - 2 eps)
-//   bco_pair      -logsig(beta c) - logsig(-beta r)
-//   sppo_hard     (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2
-//   aot           smoothed logistic of beta (sort(pc - pr)[k] - sort(rc - rr)[k])
-//   aot_unpaired  smoothed logistic of beta (sort(c)[k] - sort(r)[k])
-//   apo_zero      1 - sig(beta c) + sig(beta r)
-//   apo_down      sig(beta c) + 1 - sig(z)
-//   discopop      -logsig(z)(1 - m) + exp(-z) m,  m = sig(z / tau)
-//   sigmoid_norm  -logsig(beta (c/lc - r/lr))
-//   sft           -sum(pc) / sum(lc)  (the same value for every pair)
-//   simpo         smoothed logistic of beta (pc/lc - pr/lr) - gamma  (reference-free)
-//   dpop          -logsig(beta (c - r - lambda max(0, rc - pc)))
-// Lengths are clamped to >= 1 (TRL's `.clamp(min=1.0)`), except sft's sum, which TRL does not clamp.
+// The formulas: this comment is their one statement; dpo_kernels/reference.py restates them as PyTorch code, and
+// dpo_kernels/loss_op/loss_types.py holds each loss's summary, hyper-parameter ranges and structural facts. They
+// follow TRL 1.16's DPOTrainer unless noted. With pc, pr the policy's and rc, rr the reference's summed log-probs of
+// the chosen and rejected responses (rc = rr = 0 reference-free), c = pc - rc, r = pr - rr, z = beta (c - r),
+// eps the term's label smoothing, lc, lr the response lengths clamped to >= 1, sig the logistic function:
+//
+//   sigmoid       DPO (Rafailov et al. 2023): -logsig(z); with eps > 0 conservative DPO (cDPO, Mitchell 2023)
+//                 -(1-eps) logsig(z) - eps logsig(-z). TRL 1.16 ignores label_smoothing here: pass 0 (or a
+//                 per-loss list) to reproduce TRL.
+//   hinge         SLiC (Zhao et al. 2023): relu(1 - z).
+//   ipo           IPO (Azar et al. 2023): (c/lc - r/lr - 1/(2 beta))^2. TRL length-normalizes the log-ratios
+//                 (confirmed with the IPO authors); the paper's Eq. 17 uses the sums. We follow TRL.
+//   exo_pair      EXO (Ji et al. 2024): sig(z)(logsig(z) - log(1-eps)) + sig(-z)(logsig(-z) - log(eps)), 0 < eps < 1.
+//   nca_pair      NCA (Chen et al. 2024): -logsig(beta c) - logsig(-beta c)/2 - logsig(-beta r)/2.
+//   robust        rDPO (Chowdhury et al. 2024): (-(1-eps) logsig(z) + eps logsig(-z)) / (1 - 2 eps), 0 <= eps < 0.5.
+//   bco_pair      BCO (Jung et al. 2024): -logsig(beta c) - logsig(-beta r). Stateless: TRL 1.16's bco_pair has no
+//                 running reward mean (older TRL subtracted one).
+//   sppo_hard     SPPO, hard labels (Wu et al. 2024): (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2.
+//   aot           AOT (Melnyk et al. 2024): the sigmoid loss (with eps) on beta (sort(pc - pr)[k] - sort(rc - rr)[k]),
+//   aot_unpaired  resp. beta (sort(c)[k] - sort(r)[k]), the sorts over the batch (stable, in the host code: a sort is
+//                 not a per-pair map); pair k's entry of `losses` is the k-th sorted position, and each pair's
+//                 gradient is gathered from the position it was sorted to.
+//   apo_zero      APO (D'Oosterlinck et al. 2024): 1 - sig(beta c) + sig(beta r).
+//   apo_down      APO: sig(beta c) + 1 - sig(z).
+//   discopop      DiscoPOP (Lu et al. 2024): -logsig(z)(1 - m) + exp(-z) m, m = sig(z / tau).
+//   sigmoid_norm  length-normalized DPO, as TRL: -logsig(beta (c/lc - r/lr)).
+//   sft           the NLL of the chosen responses, as TRL adds it (e.g. RPO, Pang et al. 2024): -sum(pc) / sum(lc)
+//                 over the batch, the same value for every pair, sum(lc) clamped to >= 1 (0 when no chosen token is
+//                 scored). From per-token means (the op's `average`), -sum(pc * lc) / sum(lc): the same mean NLL.
+//   simpo         SimPO (Meng et al. 2024), reference-free (ignores rc, rr): the sigmoid loss (with eps) on
+//                 beta (pc/lc - pr/lr) - gamma.
+//   dpop          DPO-Positive (Pal et al. 2024): -logsig(beta (c - r - dpop_lambda max(0, rc - pc))).
+//
+// Rewards are beta (policy - ref) for every loss type; the accuracy counts chosen reward > rejected reward (strict),
+// as TRL logs them. TRL's f_divergence_type, ld_alpha and use_weighting are not part of this op.
 #pragma once
 
 #include <math.h>
@@ -37,7 +52,8 @@
 
 namespace dpo_kernels {
 
-// The index of each name in dpo_kernels/ops/_dpo_loss_api.py LOSS_TYPES.
+// The index of each name in dpo_kernels/loss_op/loss_types.py LOSS_TYPES (tests/loss_op/test_loss_types.py
+// checks that the two agree).
 enum LossType : int {
   kSigmoid = 0,
   kHinge,
@@ -83,7 +99,8 @@ struct DpoLossArgs {
   const T* aotu_sorted_rejected; // sort(pr - rr)
   const int64_t* aotu_rank_chosen;
   const int64_t* aotu_rank_rejected;
-  const T* sft_sums;             // [2]: sum(pc), sum(lc)
+  const T* sft_sums;             // [2]: sum(pc) (sum(pc * lc) from means), sum(lc)
+  bool sft_from_means;           // policy log-probs are per-token means: d sft / d pc scales with lc
   // Outputs.
   T* losses;
   T* chosen_rewards;
@@ -273,9 +290,9 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
       return;
     }
     case kSft: {
-      const T total_len = a.sft_sums[1];
+      const T total_len = a.sft_sums[1] < T(1) ? T(1) : a.sft_sums[1];
       value = -a.sft_sums[0] / total_len;
-      dc = -T(1) / total_len, dr = T(0);
+      dc = -(a.sft_from_means ? a.chosen_lengths[p] : T(1)) / total_len, dr = T(0);
       already_mean = true;
       return;
     }

@@ -40,7 +40,8 @@ DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tenso
                                 const std::optional<at::Tensor>& ref_rejected,
                                 const std::optional<at::Tensor>& chosen_lengths,
                                 const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
-                                at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing) {
+                                at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
+                                bool average) {
   TORCH_CHECK(policy_chosen.dim() == 1 && policy_chosen.numel() > 0,
               "dpo_loss: policy_chosen_logps must be a non-empty 1-D [B] tensor, got shape ", policy_chosen.sizes());
   TORCH_CHECK(policy_chosen.scalar_type() == at::kFloat || policy_chosen.scalar_type() == at::kDouble,
@@ -83,7 +84,10 @@ DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tenso
     std::tie(b.aotu_sorted_rejected, b.aotu_rank_rejected) = sort_with_rank(rejected_ratio);
   }
   if (uses(loss_types, kSft)) {
-    b.sft_sums = at::stack({pc.sum(), b.chosen_lengths.sum()}).contiguous();
+    // From per-token means (average), mean * count is each response's token sum.
+    const at::Tensor token_sum = average ? (pc * b.chosen_lengths).sum() : pc.sum();
+    b.sft_sums = at::stack({token_sum, b.chosen_lengths.sum()}).contiguous();
+    b.sft_from_means = average;
   }
   // at::empty rather than empty_like: one dispatcher hop fewer per output, which counts at launch-bound sizes.
   const at::TensorOptions options = pc.options();
@@ -134,6 +138,7 @@ DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types,
   a.aotu_rank_chosen = ptr_or_null<int64_t>(b.aotu_rank_chosen);
   a.aotu_rank_rejected = ptr_or_null<int64_t>(b.aotu_rank_rejected);
   a.sft_sums = ptr_or_null<T>(b.sft_sums);
+  a.sft_from_means = b.sft_from_means;
   a.losses = b.losses.data_ptr<T>();
   a.chosen_rewards = b.chosen_rewards.data_ptr<T>();
   a.rejected_rewards = b.rejected_rewards.data_ptr<T>();
@@ -184,7 +189,7 @@ TORCH_LIBRARY(dpo_kernels, m) {
   m.def(
       "dpo_loss_forward(Tensor policy_chosen, Tensor policy_rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
       "Tensor? chosen_lengths, Tensor? rejected_lengths, int[] loss_types, float[] loss_weights, "
-      "float[] label_smoothing, float beta, float gamma, float tau, float dpop_lambda) -> "
+      "float[] label_smoothing, float beta, float gamma, float tau, float dpop_lambda, bool average=False) -> "
       "(Tensor loss, Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor reward_accuracy, "
       "Tensor reward_margin, Tensor grad_chosen, Tensor grad_rejected)");
   // The backward of dpo_loss_forward: grad_loss (a scalar) times the saved coefficients, in one launch.

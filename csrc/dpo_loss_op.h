@@ -21,6 +21,7 @@ struct DpoLossBuffers {
   at::Tensor aot_sorted_policy, aot_sorted_ref, aot_rank;
   at::Tensor aotu_sorted_chosen, aotu_sorted_rejected, aotu_rank_chosen, aotu_rank_rejected;
   at::Tensor sft_sums;
+  bool sft_from_means = false;
   at::Tensor loss, losses, chosen_rewards, rejected_rewards, reward_accuracy, reward_margin, grad_chosen,
       grad_rejected;
 };
@@ -30,7 +31,8 @@ DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tenso
                                 const std::optional<at::Tensor>& ref_rejected,
                                 const std::optional<at::Tensor>& chosen_lengths,
                                 const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
-                                at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing);
+                                at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
+                                bool average);
 
 template <typename T>
 DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,

@@ -11,6 +11,7 @@ from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import fused_linear_dpo
 from dpo_kernels.logprobs.from_logits import sequence_logprobs
 from dpo_kernels.loss_op.op import dpo_loss
+from dpo_kernels.loss_op.spec import check_average, check_loss_settings, check_reference_logps, op_constants
 from dpo_kernels.outputs import DPOOutput
 from dpo_kernels.validation import check_ndim
 
@@ -28,6 +29,7 @@ class DPOLoss(nn.Module):
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX,
                  shift=True, **loss_params):
         super().__init__()
+        check_loss_settings(loss_type, beta=beta, label_smoothing=label_smoothing, loss_params=loss_params)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.average, self.ignore_index, self.shift, self.loss_params = average, ignore_index, shift, loss_params
 
@@ -39,13 +41,18 @@ class DPOLoss(nn.Module):
             raise ValueError(f"the batch needs an even, non-zero number of rows (B chosen then B rejected), got "
                              f"{logits.shape[0]}")
         B = logits.shape[0] // 2
+        # Settings and references before the pass over the logits (the settings' check is cached, and the attributes
+        # may have changed since __init__ checked them).
+        op_constants(self.loss_type, self.beta, self.label_smoothing, True, True, self.loss_params)
+        check_average(self.average)
+        check_reference_logps(ref_chosen_logps, ref_rejected_logps, B, logits.device, "logits")
         logps = sequence_logprobs(logits, labels, ignore_index=self.ignore_index, shift=self.shift,
                                   average=self.average)
         scored = labels[:, 1:] if self.shift else labels
         counts = (scored != self.ignore_index).sum(-1)
         out = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=self.beta,
                        loss_type=self.loss_type, label_smoothing=self.label_smoothing, chosen_lengths=counts[:B],
-                       rejected_lengths=counts[B:], **self.loss_params)
+                       rejected_lengths=counts[B:], average=self.average, **self.loss_params)
         ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
         ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
         return DPOOutput(out.loss, logps[:B].detach(), logps[B:].detach(), out.chosen_rewards.detach(),

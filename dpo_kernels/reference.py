@@ -58,11 +58,12 @@ def sequence_logprobs(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# DPO loss (helper B). Formulas follow TRL 1.16's DPOTrainer._compute_loss line by line; see dpo_kernels.loss_op.op
-# for the papers and where this package departs from TRL (sigmoid's label smoothing, simpo, dpop).
+# DPO loss. The formulas, their papers and where this package departs from TRL 1.16's DPOTrainer._compute_loss
+# (sigmoid's label smoothing, simpo, dpop) are stated in the header comment of csrc/dpo_loss_math.h.
 # ---------------------------------------------------------------------------------------------------------------------
 from dpo_kernels.loss_op.spec import (  # noqa: E402  (kept beside the loss it serves)
     DPOLossOutput,
+    check_average,
     compute_dtype,
     validate_spec,
     validate_tensors,
@@ -74,7 +75,7 @@ def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
     return loss - torch.nn.functional.logsigmoid(-z) * eps if eps != 0 else loss
 
 
-def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr):
+def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average):
     logsigmoid = torch.nn.functional.logsigmoid
     beta = spec.beta
     chosen, rejected = pc - rc, pr - rr
@@ -121,7 +122,8 @@ def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr):
         d = chosen / lc.clamp(min=1.0) - rejected / lr.clamp(min=1.0)
         return -logsigmoid(beta * d)
     if name == "sft":
-        return (-pc.sum() / lc.sum()).expand(pc.shape[0])
+        token_sum = (pc * lc).sum() if average else pc.sum()
+        return (-token_sum / lc.sum().clamp(min=1.0)).expand(pc.shape[0])
     if name == "simpo":
         return _smoothed_logistic(beta * (pc / lc.clamp(min=1.0) - pr / lr.clamp(min=1.0)) - spec.gamma, eps)
     if name == "dpop":
@@ -140,6 +142,7 @@ def dpo_loss(
     label_smoothing=0.0,
     chosen_lengths=None,
     rejected_lengths=None,
+    average=False,
     **loss_params,
 ) -> DPOLossOutput:
     """Plain-PyTorch DPO loss with autograd; same signature and validation as `dpo_kernels.dpo_loss`.
@@ -147,6 +150,7 @@ def dpo_loss(
     Computes in float64 when any log-prob input is float64, else in float32. Reference log-probs are constants
     (detached), as in TRL where they come from a no-grad forward.
     """
+    average = check_average(average)
     validate_tensors(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
         rejected_lengths,
@@ -164,7 +168,7 @@ def dpo_loss(
     loss = 0.0
     losses = torch.zeros_like(pc)
     for name, weight, eps in zip(spec.loss_types, spec.loss_weights, spec.label_smoothing, strict=True):
-        per_pair = _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr)
+        per_pair = _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average)
         loss = loss + per_pair.mean() * weight
         losses = losses + per_pair.detach() * weight
 

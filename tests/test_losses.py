@@ -21,7 +21,7 @@ def _reference_dpo(logits, labels, ref_c, ref_r, loss_type, average, **params):
     rc = None if ref_c is None else ref_c.to(logps.dtype)
     rr = None if ref_r is None else ref_r.to(logps.dtype)
     out = reference.dpo_loss(logps[:B], logps[B:], rc, rr, loss_type=loss_type, chosen_lengths=counts[:B],
-                             rejected_lengths=counts[B:], **params)
+                             rejected_lengths=counts[B:], average=average, **params)
     return out, logps
 
 
@@ -117,3 +117,54 @@ def test_dpo_loss_module_checks_labels_once(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(ValueError, match="outside"):
         dpo_kernels.DPOLoss()(logits, labels.masked_fill(labels == labels[0, 3], 50))
+
+
+def _mean_chosen_token_nll(logits, labels):
+    tok = reference.token_logprobs(logits.double(), labels)
+    B = labels.shape[0] // 2
+    return -tok[:B].sum() / (labels[:B, 1:] != IGNORE_INDEX).sum()
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_dpo_loss_module_sft_is_the_mean_chosen_token_nll(average):
+    """With or without `average`, the sft term is the NLL per chosen token of the batch (not divided by the lengths
+    a second time when the log-probs are already means)."""
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(3, 9, 24, 100, seed=44)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    out = dpo_kernels.DPOLoss(loss_type="sft", average=average)(logits, labels, ref_c, ref_r)
+    torch.testing.assert_close(out.loss.double(), _mean_chosen_token_nll(logits, labels), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="fused sft average")
+def test_fused_module_sft_average_is_the_mean_chosen_token_nll():
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(3, 9, 24, 100, seed=44)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    out = dpo_kernels.FusedLinearDPOLoss(loss_type=["sigmoid", "sft"], loss_weights=[0.0, 1.0], average=True)(
+        hidden, weight, labels, bias=bias, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    torch.testing.assert_close(out.loss.double(), _mean_chosen_token_nll(logits, labels), rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_loss_module_checks_settings_before_the_logits(monkeypatch):
+    """Bad hyper-parameters or reference log-probs fail before the pass over the logits, and settings already at
+    construction."""
+    import dpo_kernels.losses as losses
+
+    passes = []
+    monkeypatch.setattr(losses, "sequence_logprobs", lambda *args, **kwargs: passes.append(1))
+    logits, labels = torch.randn(4, 6, 50), torch.randint(0, 50, (4, 6))
+    with pytest.raises(ValueError, match="beta"):
+        dpo_kernels.DPOLoss(beta=-0.1)
+    module = dpo_kernels.DPOLoss()
+    for attribute, value, message in (("beta", 0.0, "beta"), ("label_smoothing", 1.5, "label_smoothing"),
+                                      ("loss_type", "kto", "loss_type"), ("average", "yes", "average")):
+        bad = dpo_kernels.DPOLoss()
+        setattr(bad, attribute, value)
+        with pytest.raises(ValueError, match=message):
+            bad(logits, labels)
+    for ref_c, ref_r, message in ((torch.zeros(3), torch.zeros(3), "shape"),
+                                  (torch.zeros(2, dtype=torch.long), torch.zeros(2), "dtype"),
+                                  (torch.zeros(2, device="meta"), torch.zeros(2, device="meta"), "meta"),
+                                  (torch.zeros(2), None, "both")):
+        with pytest.raises(ValueError, match=message):
+            module(logits, labels, ref_c, ref_r)
+    assert not passes

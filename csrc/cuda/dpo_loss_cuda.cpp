@@ -16,11 +16,12 @@ DpoLossResult dpo_loss_forward_cuda(const at::Tensor& policy_chosen, const at::T
                                     const std::optional<at::Tensor>& chosen_lengths,
                                     const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
                                     at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
-                                    double beta, double gamma, double tau, double dpop_lambda) {
+                                    double beta, double gamma, double tau, double dpop_lambda, bool average) {
   TORCH_CHECK(policy_chosen.is_cuda(), "dpo_loss_forward (CUDA) got a tensor on ", policy_chosen.device());
   const c10::cuda::CUDAGuard guard(policy_chosen.device());
   DpoLossBuffers b = prepare_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                                      rejected_lengths, loss_types, loss_weights, label_smoothing);
+                                      rejected_lengths, loss_types, loss_weights, label_smoothing,
+                                      average);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const size_t workspace_bytes = dpo_loss_forward_workspace_bytes(b.policy_chosen.size(0));
   // Large batches only: per-block partial sums, from the caching allocator on the current stream.

@@ -4,8 +4,8 @@ pass; the backward (`torch.ops.dpo_kernels.dpo_loss_backward`, one launch) only 
 upstream gradient. The autograd formula is registered in C++ (csrc/dpo_loss_autograd.cpp), so a step runs no Python
 between the forward and the backward: at training batch sizes the op is bound by host overhead, not by the device.
 
-The per-loss math lives in csrc/dpo_loss_math.h, shared by the CPU and CUDA kernels. `dpo_kernels.reference.dpo_loss`
-is the plain-PyTorch oracle with the same signature.
+The per-loss math lives in csrc/dpo_loss_math.h, shared by the CPU and CUDA kernels; its header comment states every
+loss's formula and paper. `dpo_kernels.reference.dpo_loss` is the plain-PyTorch oracle with the same signature.
 """
 import torch
 
@@ -13,6 +13,7 @@ from dpo_kernels.loss_op.spec import (
     LOSS_TYPES,
     DPOLossOutput,
     LossTraits,
+    check_average,
     loss_traits,
     op_constants,
     validate_tensors,
@@ -42,7 +43,7 @@ _forward_op = torch.ops.dpo_kernels.dpo_loss_forward.default
 @torch.library.register_fake(_FORWARD_NAME)
 def _dpo_loss_forward_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
                            rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
-                           dpop_lambda):
+                           dpop_lambda, average=False):
     scalar = policy_chosen.new_empty(())
     vector = torch.empty_like(policy_chosen, memory_format=torch.contiguous_format)
     return (scalar, vector, vector.clone(), vector.clone(), scalar.clone(), scalar.clone(), vector.clone(),
@@ -67,8 +68,9 @@ def _require_cuda_kernel():
 
 
 def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
-             beta, label_smoothing, loss_params):
+             beta, label_smoothing, average, loss_params):
     # Every check runs before the launch; the hyper-parameters' part is cached (a training loop repeats them).
+    average = check_average(average)
     dtype = validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
                              rejected_lengths)
     const = op_constants(loss_type, beta, label_smoothing, chosen_lengths is not None, rejected_lengths is not None,
@@ -88,7 +90,7 @@ def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_le
     chosen_lengths = chosen_lengths.to(dtype) if const.reads_chosen_lengths else None
     rejected_lengths = rejected_lengths.to(dtype) if const.reads_rejected_lengths else None
     return _forward_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                       *const.op_args)
+                       *const.op_args, average)
 
 
 def dpo_loss(
@@ -102,6 +104,7 @@ def dpo_loss(
     label_smoothing=0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    average: bool = False,
     **loss_params,
 ) -> DPOLossOutput:
     r"""Direct Preference Optimization loss and metrics in one fused op (C++ on CPU, one CUDA launch on GPU).
@@ -117,46 +120,25 @@ def dpo_loss(
         label_smoothing: a float, or one per loss type; read by sigmoid, robust, exo_pair, aot, aot_unpaired and
             simpo, ignored by the others (as TRL ignores it).
         chosen_lengths, rejected_lengths: `[B]` integer or float counts of response tokens, needed by ipo,
-            sigmoid_norm and simpo (both) and sft (chosen); clamped to >= 1 where they divide, as in TRL.
+            sigmoid_norm and simpo (both) and sft (chosen); clamped to >= 1 where they divide, as in TRL (sft
+            divides by the batch's total, clamped likewise).
+        average: the log-probs are per-token means (`sequence_logprobs(..., average=True)`), not sums: the sft term
+            weighs each by its chosen length, so that it stays the mean NLL of the batch's chosen tokens. The other
+            terms read the log-probs as given.
         loss_params: `loss_weights` (one float per loss type, default 1), `gamma` (simpo margin, >= 0, default 0.5),
             `tau` (discopop temperature, > 0, default 0.05), `dpop_lambda` (dpop, >= 0, default 50).
     Returns:
         `DPOLossOutput(loss [], chosen_rewards [B], rejected_rewards [B], reward_accuracy [], reward_margin [],
         losses [B])` in float32 (float64 if any log-prob input is float64). Only `loss` has a gradient.
 
-    Losses, with `c = pc - rc`, `r = pr - rr`, `z = beta (c - r)`, `eps = label_smoothing`, `sig` the logistic:
-
-    - sigmoid (DPO, Rafailov et al. 2023): `-logsig(z)`; with `eps > 0` the conservative DPO of the paper's
-      authors (cDPO, Mitchell 2023) `-(1-eps) logsig(z) - eps logsig(-z)`. TRL 1.16 ignores label_smoothing here:
-      pass `label_smoothing=0` (or a per-loss list) to reproduce TRL.
-    - hinge (SLiC, Zhao et al. 2023): `relu(1 - z)`.
-    - ipo (Azar et al. 2023): `(c/lc - r/lr - 1/(2 beta))^2`. TRL length-normalizes the log-ratios (confirmed with
-      the IPO authors); the paper's Eq. 17 uses the sums. We follow TRL.
-    - exo_pair (EXO, Ji et al. 2024): `sig(z)(logsig(z) - log(1-eps)) + sig(-z)(logsig(-z) - log eps)`, 0 < eps < 1.
-    - nca_pair (NCA, Chen et al. 2024): `-logsig(beta c) - logsig(-beta c)/2 - logsig(-beta r)/2`.
-    - robust (rDPO, Chowdhury et al. 2024): `(-(1-eps) logsig(z) + eps logsig(-z)) / (1 - 2 eps)`, 0 <= eps < 0.5.
-    - bco_pair (BCO, Jung et al. 2024): `-logsig(beta c) - logsig(-beta r)`. Stateless: TRL 1.16's bco_pair has no
-      running reward mean (older TRL subtracted one), so there is no state to emulate.
-    - sppo_hard (SPPO, Wu et al. 2024, hard-label version): `(c - 1/(2 beta))^2 + (r + 1/(2 beta))^2`.
-    - aot / aot_unpaired (AOT, Melnyk et al. 2024): the sigmoid loss (with eps) on
-      `beta (sort(pc - pr) - sort(rc - rr))`, resp. `beta (sort(c) - sort(r))`, the sorts over the batch. The sorts
-      run before the kernel (ATen sort, stable, in the op's host code) because a sort is not a per-pair map; the
-      kernel gathers each pair's gradient from the sorted position it landed on.
-    - apo_zero / apo_down (APO, D'Oosterlinck et al. 2024): `1 - sig(beta c) + sig(beta r)` /
-      `sig(beta c) + 1 - sig(z)`.
-    - discopop (DiscoPOP, Lu et al. 2024): `-logsig(z)(1 - m) + exp(-z) m`, `m = sig(z / tau)`.
-    - sigmoid_norm (length-normalized DPO, as TRL): `-logsig(beta (c/lc - r/lr))`.
-    - sft (NLL of the chosen responses, as TRL adds it, e.g. RPO, Pang et al. 2024): `-sum(pc) / sum(lc)` over the
-      batch (every pair's entry of `losses` is this value).
-    - simpo (SimPO, Meng et al. 2024; reference-free, ignores ref): sigmoid loss (with eps) on
-      `beta (pc/lc - pr/lr) - gamma`.
-    - dpop (DPO-Positive, Pal et al. 2024): `-logsig(beta (c - r - dpop_lambda * max(0, rc - pc)))`.
-
+    The formula and paper of each loss type, and where this package departs from TRL 1.16, are stated once, in the
+    header comment of csrc/dpo_loss_math.h, beside the code that computes them; `loss_type_help()` of
+    `dpo_kernels.loss_op.loss_types` lists the loss types with their hyper-parameters and ranges.
     Rewards are `beta * (policy - ref)` for every loss type, and accuracy counts `chosen_rewards > rejected_rewards`,
-    as TRL logs them. TRL's `f_divergence_type`, `ld_alpha` and `use_weighting` are not part of this op.
+    as TRL logs them.
     """
     out = _call_op(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-                   rejected_lengths, loss_type, beta, label_smoothing, loss_params)
+                   rejected_lengths, loss_type, beta, label_smoothing, average, loss_params)
     # The op marks every output but `loss` non-differentiable (csrc/dpo_loss_autograd.cpp): no detach needed.
     loss, losses, chosen_rewards, rejected_rewards, accuracy, margin = out[:6]
     return DPOLossOutput(loss, chosen_rewards, rejected_rewards, accuracy, margin, losses)
@@ -173,6 +155,7 @@ def dpo_loss_and_grads(
     label_smoothing=0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    average: bool = False,
     **loss_params,
 ):
     """`dpo_loss` without autograd, plus dloss/dlogp for an upstream gradient of 1.
@@ -183,6 +166,6 @@ def dpo_loss_and_grads(
     detach = (lambda t: t.detach() if isinstance(t, torch.Tensor) else t)
     out = _call_op(detach(policy_chosen_logps), detach(policy_rejected_logps), detach(ref_chosen_logps),
                    detach(ref_rejected_logps), chosen_lengths, rejected_lengths, loss_type, beta, label_smoothing,
-                   loss_params)
+                   average, loss_params)
     loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected = out
     return DPOLossOutput(loss, chosen_rewards, rejected_rewards, accuracy, margin, losses), grad_chosen, grad_rejected

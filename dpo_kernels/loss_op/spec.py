@@ -129,6 +129,13 @@ def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_len
     return spec
 
 
+def check_average(average) -> bool:
+    """`average` (the log-probs are per-token means) is a bool."""
+    if not isinstance(average, bool):
+        raise ValueError(f"average must be True or False, got {average!r}")
+    return average
+
+
 class OpConstants(NamedTuple):
     """The C++ op's non-tensor arguments for one validated spec, and which lengths its terms read."""
 
@@ -211,6 +218,23 @@ def _check_tensor(name: str, t, shape, device, *, lengths: bool = False) -> torc
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {device}")
     return dtype
+
+
+def check_reference_logps(ref_chosen, ref_rejected, num_pairs: int, device, source: str) -> None:
+    """Both None, or both float `[num_pairs]` tensors on `device`, the device of the input named `source`.
+
+    For callers that get the reference log-probs beside a batch they have not reduced yet (logits, hidden states):
+    a bad reference fails before the pass over the batch. The dtype is checked before the shape."""
+    if (ref_chosen is None) != (ref_rejected is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    for name, t in (("ref_chosen_logps", ref_chosen), ("ref_rejected_logps", ref_rejected)):
+        if t is None:
+            continue
+        _check_tensor(name, t, None, None)
+        if t.shape[0] != num_pairs:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the batch has B = {num_pairs} pairs")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {source} is on {device}")
 
 
 def validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,

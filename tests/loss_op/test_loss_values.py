@@ -1,5 +1,5 @@
 """The fused DPO loss op against the float64 reference: every loss type, its hyper-parameter edges, every output and
-both gradients, by the accuracy rule of DESIGN.md section 5."""
+both gradients, by the accuracy rule (docs/design.md, "Numerics and the accuracy rule")."""
 import math
 
 import pytest
@@ -7,10 +7,13 @@ import torch
 
 import dpo_kernels
 from dpo_kernels import reference
+from dpo_kernels.loss_op.loss_types import LOSSES
 from dpo_kernels.loss_op.op import LOSS_TYPES, dpo_loss_and_grads, loss_traits
 from tests.helpers import assert_within_rule
 
-SMOOTHED = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1, "simpo": 0.1}
+# A label smoothing inside every range of the table, for each loss that reads it.
+SMOOTHED = {name: {"robust": 0.2, "exo_pair": 1e-3}.get(name, 0.1) for name, info in LOSSES.items()
+            if info.reads_label_smoothing}
 
 
 def make_inputs(batch, *, dtype=torch.float32, spread=2.0, with_ref=True, generator_seed=0):
@@ -107,8 +110,12 @@ def test_equal_logprobs(loss_type):
               label_smoothing=SMOOTHED.get(loss_type, 0.0))
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "aot", "aot_unpaired", "simpo", "robust"])
-@pytest.mark.parametrize("eps", [0.0, 0.25, 0.49])
+EPS_EDGES = [0.0, 0.25, 0.49]
+
+
+@pytest.mark.parametrize("loss_type", [name for name in SMOOTHED
+                                       if all(LOSSES[name].params["label_smoothing"].contains(e) for e in EPS_EDGES)])
+@pytest.mark.parametrize("eps", EPS_EDGES)
 def test_label_smoothing(loss_type, eps):
     check_all(make_inputs(21), loss_type=loss_type, label_smoothing=eps)
 
@@ -243,3 +250,40 @@ def test_matches_trl_loss_formulas():
     for name, per_sequence in trl.items():
         got = dpo_kernels.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=name).loss
         torch.testing.assert_close(got, per_sequence.mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [dpo_kernels.dpo_loss, reference.dpo_loss], ids=["op", "reference"])
+def test_sft_without_chosen_tokens_is_finite(fn):
+    """No chosen token scored anywhere in the batch: the total length is clamped to 1, as documented, so the term
+    is 0 (the log-probs of empty responses are 0) with zero gradient, not 0/0."""
+    pc = torch.zeros(3, requires_grad=True)
+    out = fn(pc, torch.full((3,), -4.0), loss_type=["sigmoid", "sft"], chosen_lengths=torch.zeros(3, dtype=torch.long))
+    out.loss.backward()
+    sigmoid_only = fn(pc.detach(), torch.full((3,), -4.0)).loss
+    assert torch.isfinite(out.losses).all() and torch.isfinite(pc.grad).all()
+    torch.testing.assert_close(out.loss, sigmoid_only)
+
+
+@pytest.mark.parametrize("fn", [dpo_kernels.dpo_loss, reference.dpo_loss], ids=["op", "reference"])
+def test_sft_from_per_token_means_is_the_mean_token_nll(fn):
+    """`average=True`: the log-probs are per-token means, and sft is still the NLL per chosen token of the batch:
+    the same value and per-token gradient as from the sums."""
+    pc, pr, rc, rr, lc, lr = make_inputs(11, dtype=torch.float64)
+    means = torch.where(lc > 0, pc / lc.clamp(min=1), torch.zeros_like(pc)).requires_grad_()
+    sums = pc.clone().requires_grad_()
+    kwargs = dict(loss_type="sft", chosen_lengths=lc, rejected_lengths=lr)
+    from_means = fn(means, pr, rc, rr, average=True, **kwargs)
+    from_sums = fn(sums, pr, rc, rr, **kwargs)
+    torch.testing.assert_close(from_means.loss, from_sums.loss, rtol=1e-12, atol=0)
+    from_means.loss.backward()
+    from_sums.loss.backward()
+    # d loss / d token log-prob: through the mean it is d/d mean / length (for responses with tokens).
+    scored = lc > 0
+    torch.testing.assert_close(means.grad[scored] / lc[scored], sums.grad[scored], rtol=1e-12, atol=0)
+
+
+def test_average_must_be_a_bool():
+    pc, pr, rc, rr, lc, lr = make_inputs(4)
+    for fn in (dpo_kernels.dpo_loss, reference.dpo_loss):
+        with pytest.raises(ValueError, match="average"):
+            fn(pc, pr, rc, rr, average="yes")
