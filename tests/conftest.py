@@ -65,3 +65,30 @@ def _interpreter_rounds_to_nearest_bf16():
     interpreter._convert_float = convert
     yield
     interpreter._convert_float = original
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_takes_indices_under_numpy_2_4():
+    """Triton 3.6's CPU interpreter makes an index of a scalar (a loop bound such as `range(0, V, BLOCK_V)`) with
+    `int()` of its one-element array, which numpy >= 2.4 refuses (only 0-d arrays convert): every interpreted kernel
+    with such a loop fails. Triton 3.7 squeezes the array first; do the same for older Triton under newer numpy."""
+    try:
+        import numpy as np
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        yield
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    triton_version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if original is None or triton_version >= (3, 7) or np.lib.NumpyVersion(np.__version__) < "2.4.0":
+        yield
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    yield
+    interpreter._patch_lang_tensor = original

@@ -17,6 +17,7 @@ trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
+from tests.helpers import device_for  # noqa: E402
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
 RTOL = 1e-4
@@ -53,8 +54,8 @@ def tiny():
 
 def make_trainer(cls, tiny, *, ref=True, quiet=True, **config):
     config = {"per_device_train_batch_size": 4, "max_steps": 1, "learning_rate": 0.5, "optim": "sgd",
-              "logging_steps": 1, **config}
-    args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_trl_test", report_to=[], save_strategy="no", use_cpu=True,
+              "logging_steps": 1, "use_cpu": True, **config}
+    args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_trl_test", report_to=[], save_strategy="no",
                          bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0, **config)
     with warnings.catch_warnings():
         if quiet:
@@ -317,13 +318,16 @@ def test_evaluate_matches_stock(tiny):
 
 
 def test_triton_kernels_in_the_trainer_match_stock(tiny, force_backend):
-    # The engine's Triton pass (interpreted on the CPU) inside the trainer, padded and packed.
+    # The engine's Triton pass inside the trainer, padded and packed. Forced Triton needs CUDA tensors where there is
+    # a GPU (the interpreter is on only without one), so there both trainers run on it: the tiny model costs seconds,
+    # and it is the one test of the kernels inside a real trainer step on the device they are built for.
     force_backend("triton")
-    stock = make_trainer(trl.DPOTrainer, tiny)
+    on_cpu = {"use_cpu": device_for("triton").type == "cpu"}
+    stock = make_trainer(trl.DPOTrainer, tiny, **on_cpu)
     batch = next(iter(stock.get_train_dataloader()))
     want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
     for config in ({}, {"padding_free": True}):
-        fused = make_trainer(FusedDPOTrainer, tiny, **config)
+        fused = make_trainer(FusedDPOTrainer, tiny, **on_cpu, **config)
         got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
         assert_close(f"loss {config}", got_loss, want_loss)
         assert_same_logs(got_logs, want_logs)
