@@ -38,11 +38,20 @@ def check_ignore_index(ignore_index) -> None:
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
+def check_not_meta(**tensors: torch.Tensor) -> None:
+    """No named tensor (None entries skipped) is on the meta device: ops that read label values need real data."""
+    for name, t in tensors.items():
+        if t is not None and t.is_meta:
+            raise ValueError(f"{name} is a meta tensor, which holds no values: this op reads the labels' values "
+                             f"(their range check and the token layout), so it needs tensors on the CPU or a GPU")
+
+
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     """Every label is `ignore_index` or in `[0, vocab)`.
 
     One small reduction over `labels`; on CUDA its `.item()` synchronizes with the device once per call.
     """
+    check_not_meta(**{name: labels})
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
@@ -60,6 +69,7 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     check_integer_dtype(labels, "labels")
     check_ignore_index(ignore_index)
     check_same_device(logits=logits, labels=labels)
+    check_not_meta(logits=logits, labels=labels)
     if tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits [R, T] = {tuple(logits.shape[:2])}")
     if logits.shape[2] == 0:

@@ -168,3 +168,14 @@ def test_dpo_loss_module_checks_settings_before_the_logits(monkeypatch):
         with pytest.raises(ValueError, match=message):
             module(logits, labels, ref_c, ref_r)
     assert not passes
+
+
+def test_meta_tensors_get_a_clear_error():
+    """Shapes alone cannot run these modules (the labels' values are read up front): one ValueError naming the meta
+    tensor rather than `Tensor.item()` failing inside a check."""
+    labels = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="logits is a meta tensor"):
+        dpo_kernels.DPOLoss()(torch.randn(2, 5, 11, device="meta"), labels)
+    with pytest.raises(ValueError, match="labels is a meta tensor"):
+        dpo_kernels.FusedLinearDPOLoss()(torch.randn(2, 5, 8, device="meta"), torch.randn(11, 8, device="meta"),
+                                         labels)
