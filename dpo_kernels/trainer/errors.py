@@ -12,3 +12,12 @@ class InputFileError(UserInputError):
     def __init__(self, path, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class DiskFullError(InputFileError):
+    """No space left on the device while writing `path` (the message says so, not the writer's own error)."""
+
+    def __init__(self, path, consequence: str = ""):
+        self.path, self.problem = str(path), "no space left on the device"
+        UserInputError.__init__(self, f"no space left writing {self.path}" + (f"; {consequence}" if consequence
+                                                                              else ""))

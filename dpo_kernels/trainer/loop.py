@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
 import warnings
@@ -29,6 +28,7 @@ import torch
 from dpo_kernels.loss_op import loss_types as loss_table
 from dpo_kernels.trainer import checkpoint, distributed, models
 from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data, to_device
+from dpo_kernels.trainer.errors import InputFileError
 from dpo_kernels.trainer.forward import BACKENDS, DPOForward
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
 from dpo_kernels.trainer.models import decoder_layer_types, enable_checkpointing, load_model, load_tokenizer
@@ -191,32 +191,13 @@ def loss_kwargs(c: TrainConfig) -> dict:
     return kwargs
 
 
-def prepare_output_dir(path: str, ctx) -> Path:
-    """Creates the output dir and proves it writable before any model is loaded."""
-    out = Path(path)
-    if ctx.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise ValueError(f"output_dir {str(out)!r} is not writable: {e.strerror or e}") from None
-        checkpoint.remove_stale_temporaries(out)
-    ctx.barrier()
-    return out
-
-
 def resolve_resume(c: TrainConfig) -> Path | None:
     if not c.resume:
         return None
-    if c.resume == "latest":
-        latest = checkpoint.latest_checkpoint(c.output_dir)
-        if latest is None:
-            raise ValueError(f"resume=latest but {c.output_dir} holds no complete checkpoint-STEP directory")
-        return latest
-    path = Path(c.resume)
-    checkpoint.load_trainer_state(path)  # raises for an incomplete or wrong directory
+    path = checkpoint.latest_checkpoint(c.output_dir) if c.resume == "latest" else Path(c.resume)
+    if path is None:
+        raise InputFileError(c.output_dir, "resume=latest but it holds no complete checkpoint-STEP directory")
+    checkpoint.read_state(path)  # every field and file checked before anything is loaded or written
     return path
 
 
@@ -316,16 +297,16 @@ def train(config: TrainConfig) -> TrainResult:
     check_config(config)
     ctx = distributed.setup(config.distributed, config.device)
     try:
-        return _train(config, ctx)
+        with checkpoint.claim_output_dir(config.output_dir, ctx) as out_dir:
+            return _train(config, ctx, out_dir)
     finally:
         ctx.close()
 
 
-def _train(c: TrainConfig, ctx) -> TrainResult:
+def _train(c: TrainConfig, ctx, out_dir: Path) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    out_dir = prepare_output_dir(c.output_dir, ctx)
     resume_dir = resolve_resume(c)
     if resume_dir is None and ctx.is_main and checkpoint.latest_checkpoint(out_dir) is not None:
         warnings.warn(f"{out_dir} already holds checkpoints; starting from scratch and overwriting them "
@@ -364,17 +345,10 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
 
     step, skipped, nonfinite_run = 0, 0, 0
     if resume_dir is not None:
-        state = checkpoint.load_trainer_state(resume_dir)
-        if state["data_fingerprint"] != train_data.fingerprint:
-            raise ValueError(f"{resume_dir} was trained on other data (token fingerprint differs from {c.data})")
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(dpo, optimizer, checkpoint.load_tensors(resume_dir, "optimizer.pt"),
-                                 options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(checkpoint.load_tensors(resume_dir, "scheduler.pt"))
-        checkpoint.set_rng_tensors(checkpoint.load_tensors(resume_dir, "rng_state.pt")[ctx.rank])
-        checkpoint.set_python_rng_state(state["rng"][ctx.rank])
-        step, skipped, nonfinite_run = state["step"], state["skipped_steps"], state["nonfinite_run"]
+        state = checkpoint.restore_state(resume_dir, ctx=ctx, dpo=dpo, optimizer=optimizer, scheduler=scheduler,
+                                         total_steps=plan.total_steps, data_fingerprint=train_data.fingerprint,
+                                         data_source=c.data)
+        step, skipped, nonfinite_run = state.step, state.skipped_steps, state.nonfinite_run
 
     log = MetricsLog(out_dir, resume_step=step if resume_dir else None, enabled=ctx.is_main)
     stop_at = min(plan.total_steps, c.stop_after_steps) if c.stop_after_steps > 0 else plan.total_steps
@@ -382,10 +356,11 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
     eval_metrics, last_saved = {}, None
     is_ddp = c.distributed == "ddp"
 
-    def save(at_step: int):
-        return _save(c, ctx, out_dir, at_step, dpo, tokenizer, optimizer, scheduler, train_data,
-                     {"step": at_step, "skipped_steps": skipped, "nonfinite_run": nonfinite_run,
-                      "total_steps": plan.total_steps})
+    def save(at_step: int) -> Path:
+        state = checkpoint.TrainState(at_step, plan.total_steps, skipped, nonfinite_run, train_data.fingerprint,
+                                      dataclasses.asdict(c))
+        return checkpoint.save_state(out_dir, state, ctx=ctx, dpo=dpo, optimizer=optimizer, scheduler=scheduler,
+                                     tokenizer=tokenizer, sharded=c.distributed == "fsdp")
 
     while step < stop_at:
         t0 = time.perf_counter()
@@ -466,29 +441,3 @@ def _train(c: TrainConfig, ctx) -> TrainResult:
 def _eval_module(model, c: TrainConfig):
     # DDP's forward bookkeeping expects a backward; evaluation runs the module inside (FSDP needs its own forward).
     return distributed.unwrap(model) if c.distributed == "ddp" else model
-
-
-def _save(c, ctx, out_dir, step, dpo, tokenizer, optimizer, scheduler, data, counters) -> Path | None:
-    """Gathers full (unsharded) model and optimizer states and every rank's RNG state; rank 0 writes."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    sharded = c.distributed == "fsdp"
-    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
-    model_state = get_model_state_dict(dpo.model, options=options) if sharded else None
-    optim_state = get_optimizer_state_dict(dpo, optimizer, options=options)
-    rng = ctx.gather_objects(checkpoint.rng_tensors())
-    py_rng = ctx.gather_objects(checkpoint.python_rng_state())
-    path = None
-    if ctx.is_main:
-        state = {**counters, "rng": py_rng, "data_fingerprint": data.fingerprint,
-                 "config": dataclasses.asdict(c)}
-        path = checkpoint.save_checkpoint(out_dir, step, model=dpo.model, tokenizer=tokenizer,
-                                           model_state_dict=model_state, optimizer_state=optim_state,
-                                           scheduler_state=scheduler.state_dict(), rng_per_rank=rng,
-                                           trainer_state=state)
-    ctx.barrier()
-    return path or out_dir / f"{checkpoint.PREFIX}{step}"
