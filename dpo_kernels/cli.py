@@ -14,178 +14,178 @@ import dataclasses
 import json
 import os
 import sys
+import types
+import typing
 from pathlib import Path
+
+from dpo_kernels.trainer.errors import InputFileError, UserInputError
 
 
 def _float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _loss_param(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return [float(v) for v in text.split(",")]
+        return key.strip(), float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{key}: value must be a number, got {value!r}") from None
 
 
-# field -> (help, argparse kwargs). Defaults come from TrainConfig, so they are written once.
-_TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
-    "model": ("policy to train: a local HF model directory or a hub id already in the local cache", {}),
-    "data": ("training pairs: .json / .jsonl / .parquet file or a datasets.save_to_disk directory; rows "
-             "{prompt, chosen, rejected} as strings or as lists of chat messages", {}),
-    "eval_data": ("held-out pairs, same formats; evaluated every --eval-every steps and at the end", {}),
-    "output_dir": ("where checkpoint-STEP/, metrics.jsonl and curves.png go (must be writable)", {}),
-    "tokenizer": ("tokenizer path or id (default: --model)", {}),
-    "ref_model": ("a separate frozen reference model (default: a frozen copy of the initial policy)", {}),
-    "precompute_ref": ("compute reference log-probs once before training, cache them on disk (keyed by "
-                       "model and data) and reuse them in later runs; frees the reference model's memory", {}),
-    "ref_cache_dir": ("directory of the reference log-prob cache (default: OUTPUT_DIR/ref-cache)", {}),
-    "reference_free": ("no reference model: reference log-probs are 0 (implied by --loss-type simpo)", {}),
-    "model_dtype": ("dtype the weights are loaded and trained in", {"choices": ["float32", "bfloat16", "float16",
-                                                                               "float64"]}),
-    "max_steps": ("optimizer steps to run; -1 runs --epochs epochs", {"type": int}),
-    "epochs": ("passes over the data when --max-steps is -1", {"type": int}),
-    "batch_size": ("preference pairs per micro-batch per process", {"type": int}),
-    "grad_accum": ("micro-batches accumulated per optimizer step", {"type": int}),
-    "eval_batch_size": ("pairs per evaluation batch (default: --batch-size)", {"type": int}),
-    "stop_after_steps": ("stop with a checkpoint at this step while the LR schedule still spans --max-steps "
-                         "(for time-limited jobs; continue with --resume); -1 never", {"type": int}),
-    "lr": ("AdamW learning rate", {"type": float}),
-    "weight_decay": ("AdamW weight decay", {"type": float}),
-    "adam_beta1": ("AdamW beta1", {"type": float}),
-    "adam_beta2": ("AdamW beta2", {"type": float}),
-    "adam_eps": ("AdamW epsilon", {"type": float}),
-    "lr_scheduler": ("schedule name for transformers.get_scheduler (cosine, linear, constant, "
-                     "constant_with_warmup, ...)", {}),
-    "warmup_steps": ("warm-up steps (wins over --warmup-ratio when > 0)", {"type": int}),
-    "warmup_ratio": ("fraction of the steps spent warming up", {"type": float}),
-    "max_grad_norm": ("clip the global gradient norm to this; <= 0 disables clipping", {"type": float}),
-    "beta": ("DPO temperature beta (rewards are beta * (policy - reference) log-probs)", {"type": float}),
-    "loss_type": ("loss name or comma list, from dpo_kernels.LOSS_TYPES (sigmoid, hinge, ipo, exo_pair, "
-                  "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
-                  "sigmoid_norm, sft, simpo, dpop)", {}),
-    "loss_weights": ("comma list of weights, one per --loss-type", {"type": _float_list, "metavar": "W1,W2"}),
-    "label_smoothing": ("label smoothing for conservative DPO; eps for robust / exo_pair", {"type": float}),
-    "gamma": ("SimPO target reward margin (default: the op's, 0.5)", {"type": float}),
-    "tau": ("DiscoPOP temperature (default: the op's, 0.05)", {"type": float}),
-    "dpop_lambda": ("DPO-Positive penalty weight (default: the op's, 50)", {"type": float}),
-    "max_length": ("maximum prompt + response tokens per row (responses are cut to fit)", {"type": int}),
-    "max_prompt_length": ("maximum prompt tokens; longer prompts keep their end", {"type": int}),
-    "skip_bad_rows": ("drop malformed rows (missing field, empty text, prompt too long) and report how many, "
-                      "instead of stopping with an error naming file and row", {}),
-    "loss_backend": ("fused-linear: hidden states + lm_head, never the [2B,T,V] logits; logits: model logits "
-                     "through the Triton log-prob kernel; reference: plain PyTorch (for checking)",
-                     {"choices": ["fused-linear", "logits", "reference"]}),
-    "memory_budget": ("fused-linear only: bytes for its [chunk, V] logits buffer, or 'low' to recompute in the "
-                      "backward (least memory) (default: 2 GiB)", {}),
-    "precision": ("auto = bf16 autocast on CUDA, none on CPU; fp64 is for tests",
-                  {"choices": ["auto", "bf16", "fp32", "fp64"]}),
-    "gradient_checkpointing": ("recompute activations in backward to save memory", {}),
-    "distributed": ("data parallelism across torchrun processes: ddp, or fsdp (FSDP2 fully_shard)",
-                    {"choices": ["none", "ddp", "fsdp"]}),
-    "device": ("auto picks CUDA when available", {"choices": ["auto", "cpu", "cuda"]}),
-    "seed": ("seed for initialisation and data order", {"type": int}),
-    "log_every": ("steps between metrics.jsonl records", {"type": int}),
-    "eval_every": ("steps between evaluations; 0 evaluates only at the end", {"type": int}),
-    "save_every": ("steps between checkpoints; 0 saves only at the end", {"type": int}),
-    "resume": ("continue from a checkpoint dir; bare --resume takes the newest checkpoint in --output-dir",
-               {"nargs": "?", "const": "latest"}),
-    "max_nonfinite_steps": ("stop after this many non-finite losses in a row (each one skips its step)",
-                            {"type": int}),
-    "progress": ("tqdm progress bar; --no-progress prints one line per step instead", {}),
-    "plot": ("write curves.png (loss, reward accuracy, margins) at the end", {}),
-}
+def _number_or_word(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+_PARSERS = {int: (int, "an integer"), float: (float, "a number"), list: (_float_list, "comma-separated numbers"),
+            dict: (_loss_param, "KEY=VALUE"), str: (str, "text")}
+
+
+def _non_none(kind) -> list:
+    """The types an annotation allows besides None, as classes (`list[float]` as list)."""
+    args = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    return [typing.get_origin(a) or a for a in args if a is not type(None)]
+
+
+def _text_parser(kind):
+    """How a flag's text becomes a value of the annotation `kind` (`X | None` as X; `int | str`: a number when the
+    text is one, else the text), and what the text should look like."""
+    kinds = _non_none(kind)
+    return (_number_or_word, "a number or a word") if len(kinds) > 1 else _PARSERS[kinds[0]]
+
+
+def _argparse_type(parse, expected: str):
+    """`parse` as an argparse type: a ValueError becomes one usage error saying what was expected."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            detail = str(e) if parse in (_loss_param,) else f"expected {expected}, got {text!r}"
+            raise argparse.ArgumentTypeError(detail) from None
+
+    convert.__name__ = expected
+    return convert
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _parse_loss_param(text: str) -> tuple[str, float]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{key}: value must be a number, got {value!r}") from None
+def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field, kind) -> None:
+    """The flag of one TrainConfig field, from its type, default and metadata."""
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    text = meta["help"]
+    kwargs = {k: meta[k] for k in ("choices", "metavar", "nargs", "const") if k in meta}
+    if isinstance(default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        parse, expected = _text_parser(kind)
+        if parse is not str:
+            kwargs["type"] = _argparse_type(parse, expected)
+        if isinstance(default, dict):
+            kwargs["action"] = "append"
+        if "choices" not in kwargs and "metavar" not in kwargs:
+            kwargs["metavar"] = {int: "N", float: "X"}.get(parse, "PATH")
+    if default == "":
+        text += " (required)"
+    elif "(default" not in text and default != {}:
+        text += f" (default: {default})"
+    # SUPPRESS keeps unset flags out of the namespace, so that a config file's value is not overwritten by a
+    # default; the help text states the default.
+    p.add_argument(meta.get("flag", _flag(f.name)), dest=f.name, default=argparse.SUPPRESS, help=text, **kwargs)
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    from dpo_kernels.trainer import TrainConfig
+    from dpo_kernels.loss_op.loss_types import loss_type_help
+    from dpo_kernels.trainer.config import FIELDS, field_types
 
-    defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    # The epilog's table is preformatted, so the description carries its own line breaks.
     p = subparsers.add_parser(
         "train", help="train a HuggingFace causal LM with DPO",
-        description="Train a HuggingFace causal LM with DPO on a preference dataset, using the fused kernels. "
+        description="Train a HuggingFace causal LM with DPO on a preference dataset, using the fused kernels.\n"
                     "Precedence: explicit flags > --config file > defaults.",
+        epilog=loss_type_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="JSON (or YAML, with PyYAML) file of TrainConfig values; explicit flags override it")
-    for name, (text, kwargs) in _TRAIN_FLAGS.items():
-        f = defaults[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(kwargs)
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif "choices" not in kwargs and "metavar" not in kwargs:
-            word = {"loss_type": "NAME", "lr_scheduler": "NAME", "memory_budget": "BYTES|low"}.get(name, "PATH")
-            kwargs["metavar"] = {int: "N", float: "X"}.get(kwargs.get("type"), word)
-        if "(default" not in text:
-            text += " (required)" if default == "" else f" (default: {default})"
-        # SUPPRESS keeps unset flags out of the namespace, so that a config file's value is not overwritten by a
-        # default; the help text states the default.
-        p.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=text, **kwargs)
-    p.add_argument("--loss-param", dest="loss_params", action="append", type=_parse_loss_param,
-                   default=argparse.SUPPRESS, metavar="KEY=VALUE",
-                   help="any other keyword of dpo_kernels.dpo_loss, repeatable")
+    for name, f in FIELDS.items():
+        _add_flag(p, f, field_types()[name])
     p.set_defaults(func=run_train)
     return p
 
 
 def _read_config_file(path: str) -> dict:
+    """The settings of a JSON or YAML config file, with names as TrainConfig spells them."""
     file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"config file not found: {path}")
-    text = file.read_text()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(path, "config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputFileError(path, f"cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
     if file.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use JSON") from None
-        values = yaml.safe_load(text)
+            raise InputFileError(path, "reading YAML needs PyYAML (pip install pyyaml); or use JSON") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserInputError(f"{path}{where}: not valid YAML ({problem})") from None
     else:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise UserInputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+        raise UserInputError(f"{path}: expected a mapping of TrainConfig fields")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
 def config_from_args(args: argparse.Namespace):
-    """TrainConfig from defaults, then the --config file, then explicit flags."""
-    from dpo_kernels.trainer import TrainConfig
+    """TrainConfig from defaults, then the --config file, then explicit flags; checked (`check_config`), naming
+    the file for the settings that came from it."""
+    from dpo_kernels.trainer.config import FIELDS, TrainConfig, check_config, check_setting, field_types
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {}
+    values, sources = {}, {}
     if getattr(args, "config", None):
         values = _read_config_file(args.config)
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - set(FIELDS))
         if unknown:
-            raise ValueError(f"{args.config}: unknown setting(s) {unknown}")
-    flags = {k: v for k, v in vars(args).items() if k in names}
+            raise UserInputError(f"{args.config}: unknown setting(s) {unknown}")
+        for name, value in values.items():
+            if isinstance(value, str) and list in _non_none(field_types()[name]):  # a comma list, as a flag takes
+                try:
+                    values[name] = value = _float_list(value)
+                except ValueError:
+                    raise UserInputError(f"{args.config}: {name} must be comma-separated numbers, got {value!r}") \
+                        from None
+            check_setting(name, value, args.config)
+        sources = dict.fromkeys(values, args.config)
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     if "loss_params" in flags:
         flags["loss_params"] = {**values.get("loss_params", {}), **dict(flags["loss_params"])}
     values.update(flags)
-    if isinstance(values.get("loss_weights"), str):
-        values["loss_weights"] = [float(v) for v in values["loss_weights"].split(",")]
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    check_config(config, {k: v for k, v in sources.items() if k not in flags})
+    return config
 
 
 def run_train(args: argparse.Namespace) -> int:
     from dpo_kernels.trainer import NonFiniteLossError, train
 
     config = config_from_args(args)
-    if not config.model or not config.data:
-        raise ValueError("--model and --data are required (as flags or in the --config file)")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs the command. Its user errors (`UserInputError` for train) are one line and status 2, a Ctrl-C that
+    stops at once is status 130; any other exception is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -230,6 +232,10 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:
+    except getattr(args, "user_errors", (ValueError,)) as e:
         print(f"dpo-kernels {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        note = "; nothing saved since the last checkpoint" if args.command == "train" else ""
+        print(f"dpo-kernels {args.command}: interrupted{note}", file=sys.stderr)
+        return 130

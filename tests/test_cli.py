@@ -103,3 +103,44 @@ def test_bad_row_exits_with_file_and_row(tiny, tmp_path, capsys):
                    "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl, row 3" in err and "missing field" in err
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("run.json", '{"batch_size": "four"}', "run.json: batch_size must be an integer, got 'four'"),
+    ("run.json", '{"lr": "1e-3"}', "run.json: lr must be a number, got '1e-3' (a number in quotes is text"),
+    ("run.json", '{"save_every": "1"}', "run.json: save_every must be an integer, got '1'"),
+    ("run.json", '{"max_steps": 1.5}', "run.json: max_steps must be an integer, got 1.5"),
+    ("run.json", '{"loss_params": "gamma=1"}', "run.json: loss_params must be a mapping of keyword to number"),
+    ("run.json", '{"loss_weights": "1,x"}', "run.json: loss_weights must be comma-separated numbers"),
+    ("run.yaml", "lr: 1e-3\n", "run.yaml: lr must be a number, got '1e-3' (YAML reads 1e-3 as text: write 1.0e-3)"),
+    ("run.yaml", "batch_size: [1,\n", "run.yaml, line 2: not valid YAML (expected the node content"),
+    ("run.yaml", "!!python/object:os.system x\n", "run.yaml, line 1: not valid YAML (could not determine"),
+    ("run.json", '{"seed": 1', "run.json: not valid JSON"),
+])
+def test_config_file_values_are_checked_before_anything_runs(tiny, tmp_path, capsys, name, text, message):
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    rc = cli.main(["train", "--config", str(cfg), "--model", tiny["model"], "--data", tiny["data"],
+                   "--output-dir", str(out), "--max-length", "32", "--no-progress", "--no-plot"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"dpo-kernels train: error: {tmp_path}/{message}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "seed must be in [0, 2**32 - 1], got -1"),
+    (["--precision", "fp64"], "precision fp64 needs loss_backend reference"),
+    (["--model-dtype", "float64", "--loss-backend", "logits"], "model_dtype float64 needs loss_backend reference"),
+    (["--model-dtype", "float16"], "model_dtype float16 cannot be trained here"),
+])
+def test_settings_that_cannot_train_fail_before_any_work(tiny, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    rc = cli.main(["train", "--model", tiny["model"], "--data", tiny["data"], "--output-dir", str(out),
+                   "--max-steps", "2", "--batch-size", "2", "--max-length", "32", "--no-progress", "--no-plot",
+                   *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
