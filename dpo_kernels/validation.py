@@ -75,3 +75,18 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     if logits.shape[2] == 0:
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
     check_labels_in_range(labels, logits.shape[2], ignore_index)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """`cu_seqlens [R + 1]`: integer offsets of packed sequences, from 0 to `total` tokens, non-decreasing."""
+    check_ndim(cu_seqlens, 1, "cu_seqlens", "[R + 1]")
+    check_integer_dtype(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least 2 offsets (one sequence), got {cu_seqlens.numel()}")
+    cu = cu_seqlens.long()
+    if cu[0].item() != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}")
+    if cu[-1].item() != total:
+        raise ValueError(f"cu_seqlens must end at the number of packed tokens N = {total}, got {cu[-1].item()}")

@@ -22,12 +22,14 @@ from torch import nn
 
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import linear_sequence_logprobs
+from dpo_kernels.validation import check_cu_seqlens
 
 __all__ = [
     "backbone_hidden_states",
     "check_output_head",
     "logit_multiplier",
     "output_head",
+    "packed_position_ids",
     "sequence_logprobs",
     "unwrap_model",
 ]
@@ -211,6 +213,15 @@ def _adapters_disabled(model: nn.Module):
     return disable() if callable(disable) else contextlib.nullcontext()
 
 
+def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """`[1, N]` int64 positions restarting at 0 at each offset of `cu_seqlens` (how transformers tells packed
+    sequences apart when there is no attention mask)."""
+    check_cu_seqlens(cu_seqlens, total)
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return (torch.arange(total, device=cu.device) - starts).unsqueeze(0)
+
+
 def sequence_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -230,8 +241,9 @@ def sequence_logprobs(
 
     Args:
         model: HF causal LM (PEFT / compiled / DDP wrappers accepted).
-        input_ids: `[R, T]` int64; or, with `cu_seqlens`, packed `[1, N]` (padding-free, with `position_ids`
-            restarting at 0 per sequence in `model_kwargs`).
+        input_ids: `[R, T]` int64; or, with `cu_seqlens`, packed `[1, N]` (padding-free: `position_ids` in
+            `model_kwargs` restart at 0 per sequence, and are derived from `cu_seqlens` when not given, so that
+            attention stays within each sequence).
         attention_mask: `[R, T]` or None.
         labels: `[R, T]` int64 (`[1, N]` or `[N]` when packed); `ignore_index` marks unscored positions.
         average: mean over valid tokens instead of the sum.
@@ -248,6 +260,8 @@ def sequence_logprobs(
         raise ValueError(f"input_ids must be [R, T] (or [1, N] packed), got shape {tuple(input_ids.shape)}")
     if cu_seqlens is None and labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if cu_seqlens is not None and model_kwargs.get("position_ids") is None:
+        model_kwargs["position_ids"] = packed_position_ids(cu_seqlens, input_ids.numel())
     grad_ctx = torch.no_grad() if reference else contextlib.nullcontext()
     adapter_ctx = _adapters_disabled(model) if disable_adapters else contextlib.nullcontext()
     with grad_ctx, adapter_ctx:
