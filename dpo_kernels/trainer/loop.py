@@ -3,7 +3,7 @@
     from dpo_kernels.trainer import TrainConfig, train
     result = train(TrainConfig(model="path/or/id", data="pairs.jsonl", output_dir="out", max_steps=100))
 
-The loop is meant to be read in one sitting: every knob is a field of `TrainConfig` below, and `train` shows the
+The loop is meant to be read in one sitting: every knob is a field of `TrainConfig` (config.py), and `train` shows the
 step (forward, loss, backward, clip, step, zero_grad) with one log line per step. The pieces it leans on live in
 small modules: `data` (rows -> batches), `forward` (the loss backends), `ref_logps` (precomputed reference
 log-probs), `checkpoint` (atomic checkpoints), `distributed` (DDP/FSDP2), `metrics_log` (metrics and plots).
@@ -19,88 +19,20 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dpo_kernels.loss_op import loss_types as loss_table
 from dpo_kernels.trainer import checkpoint, distributed, models
+from dpo_kernels.trainer.config import TrainConfig, check_config, is_reference_free, loss_kwargs, precision_settings
 from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data, to_device
 from dpo_kernels.trainer.errors import InputFileError
-from dpo_kernels.trainer.forward import BACKENDS, DPOForward
+from dpo_kernels.trainer.forward import DPOForward
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
 from dpo_kernels.trainer.models import decoder_layer_types, enable_checkpointing, load_model, load_tokenizer
 from dpo_kernels.trainer.ref_logps import Reference
-
-PRECISIONS = ("auto", "bf16", "fp32", "fp64")
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float64": torch.float64}
-
-
-@dataclass
-class TrainConfig:
-    # --- what to train, on what, where to write ---
-    model: str = ""                        # HF model dir or hub id already in the local cache (local_files_only)
-    data: str = ""                         # JSON / JSONL / parquet file, or a `datasets.save_to_disk` directory
-    output_dir: str = "dpo-output"         # checkpoints, metrics.jsonl, curves.png
-    eval_data: str | None = None           # held-out pairs (same formats); None = no evaluation
-    tokenizer: str | None = None           # defaults to `model`
-    ref_model: str | None = None           # a separate frozen reference; None = frozen copy of the initial policy
-    precompute_ref: bool = False           # one no-grad pass of the reference, cached on disk, reused by later runs
-    ref_cache_dir: str | None = None       # where precomputed reference log-probs live (default OUTPUT_DIR/ref-cache)
-    reference_free: bool = False           # no reference model at all (reference log-probs are 0); implied when
-                                           # every loss type is reference-free (simpo)
-    model_dtype: str = "float32"           # dtype the weights are loaded (and trained) in: float32 | bfloat16 | ...
-    # --- length of the run ---
-    max_steps: int = -1                    # optimizer steps; -1 = run `epochs` epochs
-    epochs: int = 1
-    batch_size: int = 4                    # pairs per micro-batch per process (2*batch_size rows: chosen then rejected)
-    grad_accum: int = 1                    # micro-batches per optimizer step
-    eval_batch_size: int | None = None     # defaults to batch_size
-    stop_after_steps: int = -1             # stop (with a checkpoint) at this step although the schedule runs on to
-                                           # max_steps, as a time-limited job would; -1 = never
-    # --- optimizer and schedule (AdamW + transformers.get_scheduler) ---
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    lr_scheduler: str = "cosine"           # any transformers.get_scheduler name: cosine, linear, constant, ...
-    warmup_steps: int = 0                  # wins over warmup_ratio when > 0
-    warmup_ratio: float = 0.1              # fraction of the run spent warming up
-    max_grad_norm: float = 1.0             # clip the global gradient norm; <= 0 disables clipping
-    # --- the DPO loss (dpo_kernels.dpo_loss) ---
-    beta: float = 0.1
-    loss_type: str = "sigmoid"             # one name or a comma list, e.g. "sigmoid,sft"
-    loss_weights: list[float] | None = None  # one weight per loss type (comma list on the command line)
-    label_smoothing: float = 0.0           # conservative DPO / robust eps
-    gamma: float | None = None             # SimPO target margin
-    tau: float | None = None               # DiscoPOP temperature
-    dpop_lambda: float | None = None       # DPO-Positive penalty weight
-    loss_params: dict = field(default_factory=dict)  # any other keyword dpo_loss takes
-    # --- tokenization ---
-    max_length: int = 1024                 # prompt + response tokens per row
-    max_prompt_length: int = 512           # prompts keep their last tokens
-    skip_bad_rows: bool = False            # drop (and count) malformed rows instead of stopping with an error
-    # --- how the step runs ---
-    loss_backend: str = "fused-linear"     # fused-linear (hidden states + lm_head) | logits | reference (plain torch)
-    memory_budget: int | str | None = None  # fused-linear: bytes for its [chunk, V] logits buffer (default 2 GiB),
-                                           # or "low" (recompute in backward: least memory, a third more FLOPs)
-    precision: str = "auto"                # auto (bf16 autocast on CUDA, none on CPU) | bf16 | fp32 | fp64 (tests)
-    gradient_checkpointing: bool = False
-    distributed: str = "none"              # none | ddp | fsdp (launch with torchrun)
-    device: str = "auto"                   # auto | cpu | cuda
-    seed: int = 42
-    # --- logging, evaluation, checkpoints ---
-    log_every: int = 1                     # steps between metrics.jsonl lines
-    eval_every: int = 0                    # steps between evaluations (0 = only at the end)
-    save_every: int = 0                    # steps between checkpoints (0 = only at the end)
-    resume: str | None = None              # checkpoint dir, or "latest" for the newest one in output_dir
-    max_nonfinite_steps: int = 5           # stop after this many non-finite losses in a row
-    progress: bool = True                  # tqdm progress bar (False: one printed line per step)
-    plot: bool = True                      # curves.png at the end
 
 
 @dataclass
@@ -120,77 +52,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- set-up steps
-def check_config(c: TrainConfig) -> None:
-    """Raises ValueError for a config that cannot run, before anything is loaded."""
-    if not c.model:
-        raise ValueError("model is required (a local directory or a hub id in the local cache)")
-    if not c.data:
-        raise ValueError("data is required (a .json/.jsonl/.parquet file or a saved datasets directory)")
-    positive = {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "epochs": c.epochs,
-                "max_length": c.max_length, "max_prompt_length": c.max_prompt_length, "log_every": c.log_every,
-                "max_nonfinite_steps": c.max_nonfinite_steps}
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if c.eval_batch_size is not None and c.eval_batch_size < 1:
-        raise ValueError(f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
-    if c.max_steps == 0 or c.max_steps < -1:
-        raise ValueError(f"max_steps must be >= 1 (or -1 to run `epochs` epochs), got {c.max_steps}")
-    if c.lr <= 0 or not math.isfinite(c.lr):
-        raise ValueError(f"lr must be > 0, got {c.lr}")
-    if c.loss_backend not in BACKENDS:
-        raise ValueError(f"loss_backend must be one of {BACKENDS}, got {c.loss_backend!r}")
-    if c.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
-    if c.model_dtype not in MODEL_DTYPES:
-        raise ValueError(f"model_dtype must be one of {tuple(MODEL_DTYPES)}, got {c.model_dtype!r}")
-    if c.distributed not in distributed.MODES:
-        raise ValueError(f"distributed must be one of {distributed.MODES}, got {c.distributed!r}")
-    if not 0.0 <= c.warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
-    if c.reference_free and (c.ref_model or c.precompute_ref):
-        raise ValueError("reference_free excludes ref_model and precompute_ref")
-    # The loss op validates names and ranges: ask it now on dummy inputs rather than after loading a model.
-    from dpo_kernels import reference
-
-    one = torch.zeros(1, dtype=torch.float64)
-    ref = None if is_reference_free(c) else one
-    reference.dpo_loss(one, one, ref, ref, chosen_lengths=one + 1, rejected_lengths=one + 1, **loss_kwargs(c))
-    if c.memory_budget is not None and c.memory_budget != "low":
-        try:
-            if int(c.memory_budget) <= 0:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ValueError(f"memory_budget must be a positive number of bytes or 'low', got {c.memory_budget!r}") \
-                from None
-
-
-
-
-def loss_types(c: TrainConfig) -> list[str]:
-    return [t.strip() for t in c.loss_type.split(",") if t.strip()]
-
-
-def is_reference_free(c: TrainConfig) -> bool:
-    return c.reference_free or loss_table.is_reference_free(loss_types(c))
-
-
-def loss_kwargs(c: TrainConfig) -> dict:
-    """Keyword arguments of dpo_kernels.dpo_loss from the config."""
-    types = loss_types(c)
-    if not types:
-        raise ValueError("loss_type is empty")
-    kwargs = {"beta": c.beta, "loss_type": types[0] if len(types) == 1 else types,
-              "label_smoothing": c.label_smoothing}
-    if c.loss_weights is not None:
-        kwargs["loss_weights"] = list(c.loss_weights)
-    for name in ("gamma", "tau", "dpop_lambda"):
-        if getattr(c, name) is not None:
-            kwargs[name] = getattr(c, name)
-    kwargs.update(c.loss_params)
-    return kwargs
-
-
 def resolve_resume(c: TrainConfig) -> Path | None:
     if not c.resume:
         return None
@@ -205,16 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def precision_settings(c: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(weight dtype, autocast dtype or None)."""
-    if c.precision == "fp64":
-        return torch.float64, None
-    dtype = MODEL_DTYPES[c.model_dtype]
-    if c.precision == "bf16" or (c.precision == "auto" and device.type == "cuda"):
-        return dtype, torch.bfloat16
-    return dtype, None
 
 
 # ------------------------------------------------------------------------------------------------ data positions
@@ -321,7 +172,7 @@ def _train(c: TrainConfig, ctx, out_dir: Path) -> TrainResult:
     eval_data = load_preference_data(c.eval_data, tokenizer, **data_kwargs) if c.eval_data else None
     plan = make_plan(c, train_data, ctx.world)
 
-    dtype, autocast_dtype = precision_settings(c, ctx.device)
+    dtype, autocast_dtype = precision_settings(c, ctx.device.type)
     ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c))
     if c.precompute_ref and not ref.free:
         ref.precompute("train", train_data)
