@@ -1,35 +1,31 @@
-"""The chunk loops of the fused linear engine (DESIGN.md 4.2). No autograd here: callers pass flattened tensors.
+"""The chunk loops that execute a `plan.StepPlan` (docs/design.md, "The fused linear engine"). No autograd here.
 
 Every loop reuses one `[C, V]` buffer: `Z = h_c @ W^T (+ b)` (cuBLAS on CUDA), then `logsoftmax_pass` reads Z once
 and, when gradients are wanted, leaves `D = scale * (onehot - softmax(Z))` in the same buffer; then
 `U = D @ W` (hidden-state gradient) and `acc += D^T [h | 1]` (weight and bias gradient, fp32).
 
-- `sequence_logps`: steps 1-2 only (2NHV): log-probs for eval, the reference model, and recompute forwards.
+- `forward_logps`: steps 1-2 only (2NHV): log-probs for eval, the reference model, and recompute forwards.
 - `recompute_grads`: every token's coefficient is known, so it goes straight into D's scale (6NHV).
 - `fused_dpo`: DPO forward that forms the gradients for an upstream gradient of 1 while it computes the loss
-  (6NHV), pair by pair: resident groups of whole pairs, or one long pair streamed through chunks.
+  (6NHV), group by group in the plan's order and mode: `resident` groups of whole pairs, or one long pair streamed
+  `once` or `twice`.
 
-`sequence_logps` and `fused_dpo` optionally fill a `TokenStats` (each token's entropy and top-1 hit) from the pass
-that first reads the token's logits: no extra GEMM, no extra read of the buffer.
+Each takes a `ChunkLoop`: the operands, the token layout, the plan, and the buffers the loops fill (gradients and
+the optional per-token entropy and top-1 `TokenStats`, filled by the pass that first reads a token's logits).
 
-Memory (the byte model is `_memory_model.py`): at most one `[V, H]` fp32 buffer ever lives, the weight-gradient
-accumulator, and none when one GEMM forms the whole weight gradient (a single resident chunk without bias: cuBLAS
-accumulates in fp32 and rounds once into the weight's dtype, as the fp32 buffer's final conversion would).
-A streaming pair streams into that accumulator while nothing else is in it and scales it by the pair's coefficient
-at the end (tied losses); the longest streaming pair runs first for that. Otherwise (the accumulator already holds
-other pairs, or the chosen and rejected coefficients are not tied) the pair runs twice: a forward pass for its
-log-probs, then, its coefficients known, a gradient pass that adds straight into the accumulator (no second
-`[V, H]` buffer; the pair's tokens outside its last chunk are projected twice: 8 instead of 6 units of GEMM work
-for those). The unscaled hidden-state gradient `U` of a
-streaming pair stays fp32 (`[n, H]`, n its tokens).
+Memory (the byte model is `memory_model.py`, over the same plan): at most one `[V, H]` fp32 buffer ever lives, the
+weight-gradient accumulator, and none when one GEMM forms the whole weight gradient (a single chunk without bias:
+cuBLAS accumulates in fp32 and rounds once into the weight's dtype, as the fp32 buffer's final conversion would).
+The unscaled hidden-state gradient `U` of a streaming pair stays fp32 (`[n, H]`, n its tokens).
 """
 import functools
+from dataclasses import dataclass, field
 
 import torch
 
 from dpo_kernels.fused_linear.fp32_gemm import addmm_fp32_, mm_fp32
 from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass
-from dpo_kernels.fused_linear.plan import even_chunks, longest_streaming_first, plan_pairs
+from dpo_kernels.fused_linear.plan import RESIDENT, STREAM_ONCE, StepPlan, TokenLayout
 
 # Extra columns of the weight-gradient GEMM's right operand when the bias needs a gradient: the per-token
 # coefficient c, split as c_hi + c_lo in the operand's dtype so that bf16 does not round c (D^T c_hi + D^T c_lo is
@@ -38,19 +34,20 @@ _BIAS_COLUMNS = 8
 
 
 def _explicit_dtypes(fn):
-    """Runs an engine entry point with autocast off on the hidden states' device.
+    """Runs an engine entry point with autocast off on the operands' device.
 
-    The caller picked the dtypes; autocast (a bf16 region in a training loop) would otherwise turn the fp32
-    products that keep U and the weight gradient unrounded into bf16 ones, and make `torch.mm(D, W)` return bf16
-    for fp32 operands, which `index_copy_` into the fp32 hidden-state gradient then refuses."""
+    The entry (`functional.head_operands`) picked the dtypes; autocast (a bf16 region in a training loop, or a
+    backward called inside one) would otherwise turn the fp32 products that keep U and the weight gradient
+    unrounded into bf16 ones, and make `torch.mm(D, W)` return bf16 for fp32 operands, which `index_copy_` into
+    the fp32 hidden-state gradient then refuses."""
 
     @functools.wraps(fn)
-    def run(hidden2d, *args, **kwargs):
-        device_type = hidden2d.device.type
+    def run(loop, *args, **kwargs):
+        device_type = loop.hidden2d.device.type
         if not torch.amp.is_autocast_available(device_type):  # e.g. "meta": no autocast to turn off
-            return fn(hidden2d, *args, **kwargs)
+            return fn(loop, *args, **kwargs)
         with torch.autocast(device_type, enabled=False):
-            return fn(hidden2d, *args, **kwargs)
+            return fn(loop, *args, **kwargs)
 
     return run
 
@@ -140,32 +137,64 @@ class TokenStats:
                 reduce_sequences(self.top1.long(), layout, num_seqs, False))
 
 
-def _score(z, layout, s, e, tok, stats, **kwargs):
-    """The pass over the logits `z` of tokens `s:e`: log-probs into `tok` (and entropy, top-1 into `stats`)."""
-    if stats is None:
-        tok[s:e] = logsoftmax_pass(z, layout.targets[s:e], **kwargs)
-    else:
-        tok[s:e], stats.entropy[s:e], stats.top1[s:e] = logsoftmax_pass(z, layout.targets[s:e], stats=True,
-                                                                        **kwargs)
+def _new_buffer(hidden2d, vocab, rows):
+    """The reused logits buffer `[rows, V]`. Its rows start on 16-element boundaries even when V does not divide
+    (32003, 50257): cuBLAS takes the padded leading dimension, and the pass keeps its 16-byte vector accesses.
+    The padding columns are zeroed once and never written again: CPU bf16 GEMMs (oneDNN) read a row past K up to
+    its stride, where a NaN left in freed memory would reach `D @ W`."""
+    padded = -(-vocab // 16) * 16
+    buffer = torch.empty(rows, padded, dtype=hidden2d.dtype, device=hidden2d.device)
+    buffer[:, vocab:].zero_()
+    return buffer[:, :vocab]
 
 
-def _project(h, weight, bias, zbuf):
-    z = zbuf[: h.shape[0]]
-    if bias is None:
-        torch.mm(h, weight.t(), out=z)
+@dataclass
+class ChunkLoop:
+    """One engine call, passed whole to the chunk loops.
+
+    hidden2d: `[rows, H]` hidden states; weight: `[V, H]`; bias: `[V]` or None (one dtype, chosen by the caller).
+    layout: the scored tokens (`plan.compact_tokens`); plan: their chunks and modes (`plan.StepPlan`).
+    grads: the gradient buffers to fill, or None (forward only); stats: per-token entropy and top-1, or None.
+    Allocated with the loop: `zbuf`, the reused `[C, V]` logits buffer, and `tok`, the `[N]` fp32 token log-probs.
+    """
+
+    hidden2d: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    layout: TokenLayout
+    plan: StepPlan
+    grads: Grads | None = None
+    stats: TokenStats | None = None
+    tok: torch.Tensor = field(init=False, repr=False)
+    zbuf: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.tok = torch.empty(self.plan.total, dtype=torch.float32, device=self.hidden2d.device)
+        self.zbuf = _new_buffer(self.hidden2d, self.weight.shape[0], self.plan.buffer_rows)
+
+    def hidden_rows(self, s, e):
+        """`[e - s, H]` hidden states of tokens `s:e` (a copy: the rows are scattered)."""
+        return self.hidden2d.index_select(0, self.layout.rows[s:e])
+
+
+def _project(loop, h):
+    """`Z = h @ W^T (+ b)` into the first rows of the logits buffer."""
+    z = loop.zbuf[: h.shape[0]]
+    if loop.bias is None:
+        torch.mm(h, loop.weight.t(), out=z)
     else:
-        torch.addmm(bias, h, weight.t(), out=z)
+        torch.addmm(loop.bias, h, loop.weight.t(), out=z)
     return z
 
 
-def _new_buffer(hidden2d, weight, chunks):
-    """The reused logits buffer, as many rows as the longest of `chunks` (at most C). Its rows start on 16-element
-    boundaries even when V does not divide (32003, 50257): cuBLAS takes the padded leading dimension, and the pass
-    keeps its 16-byte vector accesses."""
-    vocab = weight.shape[0]
-    padded = -(-vocab // 16) * 16
-    rows = max([1] + [e - s for s, e in chunks])
-    return torch.empty(rows, padded, dtype=hidden2d.dtype, device=hidden2d.device)[:, :vocab]
+def _score(loop, z, s, e, **kwargs):
+    """The pass over the logits `z` of tokens `s:e`: log-probs into `loop.tok` (and entropy, top-1 into `stats`)."""
+    targets = loop.layout.targets[s:e]
+    if loop.stats is None:
+        loop.tok[s:e] = logsoftmax_pass(z, targets, **kwargs)
+    else:
+        loop.tok[s:e], loop.stats.entropy[s:e], loop.stats.top1[s:e] = logsoftmax_pass(z, targets, stats=True,
+                                                                                      **kwargs)
 
 
 def reduce_sequences(tok, layout, num_seqs, average):
@@ -178,51 +207,46 @@ def reduce_sequences(tok, layout, num_seqs, average):
     return total
 
 
-def _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok, stats=None):
-    """Token log-probs of `chunks` into `tok` (2NHV); the last chunk's logits stay in `zbuf`."""
+def _forward_chunks(loop, chunks):
+    """Token log-probs of `chunks` into `loop.tok` (2NHV); the last chunk's logits stay in the buffer."""
     for s, e in chunks:
-        z = _project(hidden2d.index_select(0, layout.rows[s:e]), weight, bias, zbuf)
-        _score(z, layout, s, e, tok, stats)
+        _score(loop, _project(loop, loop.hidden_rows(s, e)), s, e)
 
 
 @_explicit_dtypes
-def sequence_logps(hidden2d, weight, bias, layout, num_seqs, average, chunk, stats: TokenStats | None = None):
-    """`[R]` float32 sequence log-probs (forward only, 2NHV); `stats` (if given) is filled."""
-    total = layout.rows.numel()
-    tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
-    chunks = even_chunks(total, chunk)
-    _forward_chunks(hidden2d, weight, bias, layout, chunks, _new_buffer(hidden2d, weight, chunks), tok, stats)
-    return reduce_sequences(tok, layout, num_seqs, average)
+def forward_logps(loop: ChunkLoop, num_seqs: int, average: bool) -> torch.Tensor:
+    """`[R]` float32 sequence log-probs (forward only, 2NHV); `loop.stats` (if given) is filled."""
+    _forward_chunks(loop, loop.plan.chunks)
+    return reduce_sequences(loop.tok, loop.layout, num_seqs, average)
 
 
-def _gradient_chunk(hidden2d, weight, bias, layout, s, e, coef, zbuf, grads, *, projected=False, only=False):
+def _gradient_chunk(loop, s, e, coef, *, projected=False):
     """Gradients of tokens `s:e` whose coefficients `coef [e - s]` are known; `projected`: their logits are already
-    in `zbuf`."""
-    rows = layout.rows[s:e]
-    h = hidden2d.index_select(0, rows)
-    d = zbuf[: e - s] if projected else _project(h, weight, bias, zbuf)
-    logsoftmax_pass(d, layout.targets[s:e], scale=coef, write_grad=True)
+    in the buffer."""
+    grads = loop.grads
+    h = loop.hidden_rows(s, e)
+    d = loop.zbuf[: e - s] if projected else _project(loop, h)
+    logsoftmax_pass(d, loop.layout.targets[s:e], scale=coef, write_grad=True)
     if grads.hidden is not None:
-        grads.hidden.index_copy_(0, rows, torch.mm(d, weight))
+        grads.hidden.index_copy_(0, loop.layout.rows[s:e], torch.mm(d, loop.weight))
     if grads.width:
-        grads.add_weight_gemm(d, grads.operand(h, None), only=only)
+        grads.add_weight_gemm(d, grads.operand(h, None), only=loop.plan.one_weight_gemm)
 
 
 @_explicit_dtypes
-def recompute_grads(hidden2d, weight, bias, layout, token_coef, chunk, grads: Grads):
-    """Gradients for known per-token coefficients `token_coef [N]` (d out / d token log-prob), 6NHV."""
-    total = layout.rows.numel()
-    chunks = even_chunks(total, chunk)
-    zbuf = _new_buffer(hidden2d, weight, chunks)
-    for s, e in chunks:
-        _gradient_chunk(hidden2d, weight, bias, layout, s, e, token_coef[s:e], zbuf, grads, only=len(chunks) == 1)
+def recompute_grads(loop: ChunkLoop, token_coef: torch.Tensor) -> None:
+    """Gradients into `loop.grads` for known per-token coefficients `token_coef [N]` (d out / d token log-prob),
+    6NHV."""
+    for s, e in loop.plan.chunks:
+        _gradient_chunk(loop, s, e, token_coef[s:e])
 
 
-class _PairLoss:
+class PairLoss:
     """Calls the DPO loss op on the whole batch as pairs complete; pairs not yet seen hold placeholder zeros.
 
+    `loss_fn(chosen_logps [B], rejected_logps [B]) -> (DPOLossOutput, grad_chosen [B], grad_rejected [B])`.
     A pair's coefficient depends only on its own log-probs and on batch facts known up front (lengths, reference
-    log-probs), except for losses that couple pairs through their log-probs (those never get here with more than
+    log-probs), except for losses that couple pairs through their log-probs (the plan never gives those more than
     one group), so the placeholders do not change the coefficients of the completed pairs.
     """
 
@@ -261,51 +285,37 @@ def _group_sums(tok, layout, seqs, start, end, average):
 
 
 @_explicit_dtypes
-def fused_dpo(hidden2d, weight, bias, layout, num_pairs, average, chunk, tied, loss_fn, grads: Grads | None,
-              stats: TokenStats | None = None):
-    """DPO forward over pair-ordered tokens, forming the gradients for an upstream gradient of 1.
-
-    `loss_fn(chosen_logps [B], rejected_logps [B]) -> (DPOLossOutput, grad_chosen [B], grad_rejected [B])`.
-    Returns `(DPOLossOutput, logps [2B] float32)`; `grads` and `stats` (if given) are filled.
-    """
-    B, counts = num_pairs, layout.counts_host
-    total = layout.rows.numel()
-    tok = torch.empty(total, dtype=torch.float32, device=hidden2d.device)
-    pair_loss = _PairLoss(layout, B, average, loss_fn)
-    want = grads is not None and (grads.hidden is not None or grads.width > 0)
-    groups = longest_streaming_first(plan_pairs([counts[i] + counts[B + i] for i in range(B)], chunk))
-    zbuf = _new_buffer(hidden2d, weight, [c for group in groups for c in group.chunks])
-    only = len(groups) == 1
-    for group in groups:
-        if not group.streaming:
-            _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads if want else None,
-                            only, stats)
-        elif want and grads.width and (grads.started or not tied):
-            _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, stats)
+def fused_dpo(loop: ChunkLoop, pair_loss: PairLoss):
+    """DPO forward over pair-ordered tokens, forming the gradients (into `loop.grads`, if any) for an upstream
+    gradient of 1. Returns `(DPOLossOutput, logps [2B] float32)`; `loop.stats` (if given) is filled."""
+    for group in loop.plan.groups:
+        if group.mode == RESIDENT:
+            _resident_group(loop, group, pair_loss)
+        elif group.mode == STREAM_ONCE:
+            _stream_once(loop, group, pair_loss)
         else:
-            _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss,
-                         grads if want else None, stats)
+            _stream_twice(loop, group, pair_loss)
     return pair_loss.out, pair_loss.logps
 
 
-def _resident_group(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, only, stats):
+def _resident_group(loop, group, pair_loss):
     """Whole pairs in one chunk: their coefficients are known after the pass, so D is used at once."""
-    s, e = group.chunks[0]
+    grads = loop.grads
+    s, e = group.start, group.end
     if e == s:
-        pair_loss.complete(tok, group.pairs, s, e)
+        pair_loss.complete(loop.tok, group.pairs, s, e)
         return
-    rows = layout.rows[s:e]
-    h = hidden2d.index_select(0, rows)
-    d = _project(h, weight, bias, zbuf)
-    _score(d, layout, s, e, tok, stats, write_grad=grads is not None)
-    g = pair_loss.complete(tok, group.pairs, s, e)
+    h = loop.hidden_rows(s, e)
+    d = _project(loop, h)
+    _score(loop, d, s, e, write_grad=grads is not None)
+    g = pair_loss.complete(loop.tok, group.pairs, s, e)
     if grads is None:
         return
     c = pair_loss.token_coefficients(g, s, e)
     if grads.hidden is not None:
-        _scaled_hidden_grad(d, weight, c, grads.hidden, rows)
+        _scaled_hidden_grad(d, loop.weight, c, grads.hidden, loop.layout.rows[s:e])
     if grads.width:
-        grads.add_weight_gemm(d, grads.operand(h, c), only=only)
+        grads.add_weight_gemm(d, grads.operand(h, c), only=loop.plan.one_weight_gemm)
 
 
 def _scaled_hidden_grad(d, weight, c, out, rows):
@@ -315,61 +325,58 @@ def _scaled_hidden_grad(d, weight, c, out, rows):
     out.index_copy_(0, rows, u.to(out.dtype))
 
 
-def _stream_pair(hidden2d, weight, bias, layout, group, B, average, tied, tok, zbuf, pair_loss, grads, stats):
+def _stream_once(loop, group, pair_loss):
     """One pair longer than a chunk, in one pass: D carries each row's known factor (the rejected rows' sign for
     tied losses, 1/len in average mode); the pair's `D^T h` sums go straight into the (still empty) weight-gradient
     accumulator, and `U = D @ W` into an fp32 `[n, H]` buffer, both scaled once the pair's coefficient is known.
 
-    Reached with gradients only when the accumulator is unused or not wanted, and for tied losses when it is used.
+    The plan takes this mode with a weight gradient only for tied losses while the accumulator is unused.
     """
+    grads, layout, B = loop.grads, loop.layout, pair_loss.B
     s0, e0 = group.start, group.end
     seq = layout.seq[s0:e0]
     rejected = seq >= B
-    scale = torch.ones(e0 - s0, dtype=torch.float32, device=hidden2d.device)
-    if tied:
+    scale = torch.ones(e0 - s0, dtype=torch.float32, device=loop.hidden2d.device)
+    if loop.plan.tied:
         scale = torch.where(rejected, -scale, scale)
-    if average:
+    if pair_loss.average:
         scale = scale / layout.counts[seq].clamp_min(1)
     u = None
     if grads is not None and grads.hidden is not None:
-        u = torch.empty(e0 - s0, weight.shape[1], dtype=torch.float32, device=hidden2d.device)
+        u = torch.empty(e0 - s0, loop.weight.shape[1], dtype=torch.float32, device=loop.hidden2d.device)
     for s, e in group.chunks:
-        h = hidden2d.index_select(0, layout.rows[s:e])
-        d = _project(h, weight, bias, zbuf)
-        _score(d, layout, s, e, tok, stats, scale=scale[s - s0 : e - s0], write_grad=grads is not None)
+        h = loop.hidden_rows(s, e)
+        d = _project(loop, h)
+        _score(loop, d, s, e, scale=scale[s - s0 : e - s0], write_grad=grads is not None)
         if grads is None:
             continue
         if u is not None:
-            addmm_fp32_(u[s - s0 : e - s0], d, weight, accumulate=False)
+            addmm_fp32_(u[s - s0 : e - s0], d, loop.weight, accumulate=False)
         if grads.width:
             grads.add_weight_gemm(d, grads.operand(h, None))
     del h
-    g = pair_loss.complete(tok, group.pairs, s0, e0)
+    g = pair_loss.complete(loop.tok, group.pairs, s0, e0)
     if grads is None:
         return
     i = group.pairs[0]
     if grads.width:
         grads.scale_(g[i])
     if u is not None:
-        row_g = g[i].expand(e0 - s0) if tied else torch.where(rejected, g[B + i], g[i])
+        row_g = g[i].expand(e0 - s0) if loop.plan.tied else torch.where(rejected, g[B + i], g[i])
         u.mul_(row_g.unsqueeze(1))
         # Rounded chunk by chunk: a [C, H] temporary rather than a second [n, H] one.
         for s, e in group.chunks:
-            grads.hidden.index_copy_(0, layout.rows[s:e], u[s - s0 : e - s0].to(hidden2d.dtype))
+            grads.hidden.index_copy_(0, layout.rows[s:e], u[s - s0 : e - s0].to(loop.hidden2d.dtype))
 
 
-def _stream_pair_twice(hidden2d, weight, bias, layout, group, tok, zbuf, pair_loss, grads, stats):
-    """One pair longer than a chunk when its weight-gradient sums cannot go straight into the accumulator: a
-    forward pass gives its log-probs and coefficients, then a gradient pass adds into the accumulator (no second
-    `[V, H]` buffer). The forward pass takes the short remainder chunk first, and the gradient pass runs backwards
-    from the last, full chunk, whose logits are still in the buffer: the extra GEMM work is the projection of the
-    pair's tokens outside its last chunk. Token statistics come from the forward pass."""
+def _stream_twice(loop, group, pair_loss):
+    """One pair longer than a chunk whose weight-gradient sums cannot go straight into the accumulator: a forward
+    pass through `group.chunks` gives its log-probs and coefficients, then a gradient pass adds into the
+    accumulator (no second `[V, H]` buffer), in reverse from the last chunk, whose logits are still in the buffer.
+    Token statistics come from the forward pass."""
     s0, e0 = group.start, group.end
-    sizes = [e - s for s, e in reversed(group.chunks)]
-    starts = [s0 + sum(sizes[:k]) for k in range(len(sizes))]
-    chunks = [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
-    _forward_chunks(hidden2d, weight, bias, layout, chunks, zbuf, tok, stats)
-    g = pair_loss.complete(tok, group.pairs, s0, e0)
+    _forward_chunks(loop, group.chunks)
+    g = pair_loss.complete(loop.tok, group.pairs, s0, e0)
     coef = pair_loss.token_coefficients(g, s0, e0)
-    for k, (s, e) in enumerate(reversed(chunks)):
-        _gradient_chunk(hidden2d, weight, bias, layout, s, e, coef[s - s0 : e - s0], zbuf, grads, projected=k == 0)
+    for k, (s, e) in enumerate(reversed(group.chunks)):
+        _gradient_chunk(loop, s, e, coef[s - s0 : e - s0], projected=k == 0)

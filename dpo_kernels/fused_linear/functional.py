@@ -1,27 +1,30 @@
 """Sequence log-probs and the DPO loss straight from hidden states, never materializing `[N, V]` logits.
 
-The engine (DESIGN.md 4.2, `_fused_linear_engine.py`) projects only the positions that score a valid label, in
+The engine (docs/design.md, "The fused linear engine") projects only the positions that score a valid label, in
 chunks of at most C tokens, through one reused `[C, V]` buffer: a cuBLAS GEMM for the logits, one Triton pass
 (`logsoftmax_pass.py`) for the log-probs and, in place, their gradient, then GEMMs into fp32 gradient buffers.
+Each call validates its inputs, builds one `plan.StepPlan` (chunk size, pair groups and their modes: the rule is
+the docstring of `plan.py`), and hands it to the engine; `memory_model.estimate_peak_bytes` counts the same plan.
 
 - `linear_sequence_logprobs`: the general primitive (any upstream gradient). Forward 2NHV; backward recomputes
   each chunk's logits (6NHV).
 - `fused_linear_dpo` (and `losses.FusedLinearDPOLoss`): the DPO fast path. Its forward calls the DPO loss op as
   pairs complete and forms the hidden/weight/bias gradients at once (6NHV in all); the backward only scales them
-  by the upstream gradient. Chunk size and mode follow `memory_budget` (rule in `_chunking.py`): resident chunks
-  of whole pairs, pairs longer than a chunk streamed through the weight-gradient accumulator (or run twice when it
-  already holds other pairs or the loss's chosen and rejected coefficients are not tied), and the recompute path
-  (8NHV, least memory) for `memory_budget="low"` and for losses that couple pairs through their log-probs (aot,
-  aot_unpaired) when the batch is not resident. Peak memory of a step: `_memory_model.estimate_peak_bytes`.
-  With `token_stats=True` the pass that reads each token's logits also returns its entropy and top-1 hit, summed
-  per sequence into the output (what TRL logs as `entropy` and `mean_token_accuracy`), at no extra GEMM.
+  by the upstream gradient. With `token_stats=True` the pass that reads each token's logits also returns its
+  entropy and top-1 hit, summed per sequence into the output (what TRL logs as `entropy` and
+  `mean_token_accuracy`), at no extra GEMM.
+
+Both compute in the dtype the model's own lm_head would (`head_operands`): inside an autocast region the autocast
+dtype, else the inputs' own; the engine itself then runs on those explicit dtypes with autocast off.
 """
+import functools
+from dataclasses import dataclass, field
+
 import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear import engine
-from dpo_kernels.fused_linear.plan import chunk_tokens, compact_tokens
-from dpo_kernels.loss_op.loss_types import couples_logps, is_tied
+from dpo_kernels.fused_linear.plan import StepPlan, TokenLayout, compact_tokens, plan_dpo_step, plan_logps
 from dpo_kernels.loss_op.op import dpo_loss_and_grads
 from dpo_kernels.loss_op.spec import validate_spec
 from dpo_kernels.outputs import DPOOutput
@@ -33,6 +36,29 @@ from dpo_kernels.validation import (
     check_ndim,
     check_same_device,
 )
+
+
+def head_operands(hidden, weight, bias=None):
+    """`(hidden, weight, bias)` in the dtype the model's own lm_head would compute in.
+
+    Inside an autocast region for the tensors' device that is the autocast dtype (autocast casts every floating
+    operand of a linear layer but float64), as `F.linear` would: a model with fp32 master weights must not run the
+    head's GEMMs in fp32. Outside autocast the tensors are returned as they are. The casts are differentiable:
+    gradients reach the caller's tensors in their own dtype.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        return hidden, weight, bias
+    device = hidden.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, prefix=""):
@@ -98,25 +124,46 @@ def _token_coefficients(per_seq, layout, average):
     return coef / layout.counts[layout.seq] if average else coef
 
 
+def _weight_grad_wanted(weight, bias):
+    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _grads_of(hidden2d, weight, need_h, need_w, need_b):
+    """The gradient buffers for the wanted gradients, or None when none is."""
+    if not (need_h or need_w or need_b):
+        return None
+    return engine.Grads(hidden2d, weight, need_h, need_w, need_b)
+
+
+@dataclass(frozen=True)
+class _LogpsRun:
+    """Everything about one `linear_sequence_logprobs` call that is not a differentiable input."""
+
+    layout: TokenLayout
+    plan: StepPlan
+    num_seqs: int
+    average: bool
+
+
 class LinearSequenceLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, layout, num_seqs, average, chunk):
+    def forward(ctx, hidden, weight, bias, run: _LogpsRun):
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.args = (layout, average, chunk)
-        return engine.sequence_logps(_flat(hidden), weight, bias, layout, num_seqs, average, chunk)
+        ctx.run = run
+        loop = engine.ChunkLoop(_flat(hidden), weight, bias, run.layout, run.plan)
+        return engine.forward_logps(loop, run.num_seqs, run.average)
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias = ctx.saved_tensors
-        layout, average, chunk = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        run = ctx.run
         hidden2d = _flat(hidden)
-        grads = engine.Grads(hidden2d, weight, need_h, need_w, need_b)
-        coef = _token_coefficients(grad_out, layout, average)
-        engine.recompute_grads(hidden2d, weight, bias, layout, coef, chunk, grads)
+        grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
+        coef = _token_coefficients(grad_out, run.layout, run.average)
+        engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads), coef)
         grad_w, grad_b = grads.weight_bias(weight.dtype)
         grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=IGNORE_INDEX, shift=True, average=False,
@@ -125,74 +172,86 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
 
     Args:
         hidden: `[R, T, H]` float32/bfloat16/float16 last hidden states, or packed `[N, H]` with `cu_seqlens`.
-        weight: `[V, H]` lm_head weight, same dtype and device as `hidden`.
+        weight: `[V, H]` lm_head weight, same dtype and device as `hidden` (inside autocast both are cast to the
+            autocast dtype first, see `head_operands`).
         labels: `[R, T]` (or `[N]` packed) int64; `ignore_index` marks positions that are not scored.
         bias: optional `[V]` lm_head bias.
         shift: position t scores label t+1 of the same sequence (HuggingFace causal LM); the last position of each
             sequence scores nothing.
         average: divide each sum by its number of scored tokens (0 for a sequence with none).
         cu_seqlens: `[R + 1]` int32/int64 offsets of the packed sequences (flash-attention varlen convention).
-        memory_budget: bytes for the `[C, V]` logits buffer (default 2 GiB, C <= 8192); see `_chunking.py`.
+        memory_budget: bytes for the `[C, V]` logits buffer (default 2 GiB, C <= 8192); see `plan.py`.
     Returns:
         `[R]` float32. Differentiable w.r.t. hidden, weight and bias for any upstream gradient; the backward
         recomputes each chunk's logits.
     """
+    hidden, weight, bias = head_operands(hidden, weight, bias)
     num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index)
     layout = compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=False)
-    chunk = chunk_tokens(weight.shape[0], hidden.element_size(), memory_budget)
-    return LinearSequenceLogprobsFunction.apply(hidden, weight, bias, layout, num_seqs, bool(average), chunk)
+    plan = plan_logps(layout.rows.numel(), weight.shape[0], hidden.element_size(), memory_budget)
+    run = _LogpsRun(layout, plan, num_seqs, bool(average))
+    return LinearSequenceLogprobsFunction.apply(hidden, weight, bias, run)
 
 
+@dataclass(frozen=True)
 class _DPORun:
-    """Everything about one fused DPO call that is not a differentiable input."""
+    """Everything about one fused DPO call that is not a differentiable input.
 
-    def __init__(self, layout, num_pairs, average, chunk, tied, recompute, loss_fn, token_stats):
-        self.layout, self.num_pairs, self.average, self.chunk = layout, num_pairs, average, chunk
-        self.tied, self.recompute, self.loss_fn, self.token_stats = tied, recompute, loss_fn, token_stats
-        # Read outside the Function: its forward always runs without grad mode. Under no_grad (evaluation with
-        # parameters that require grad) the forward must not form gradients nobody will ask for.
-        self.grad_enabled = torch.is_grad_enabled()
+    `grad_enabled` is read outside the Function, whose forward always runs without grad mode: under no_grad
+    (evaluation with parameters that require grad) the forward must not form gradients nobody will ask for.
+    `result` receives the forward's non-differentiable results by name (`DPOLossOutput` as `out`, `logps [2B]`,
+    and with token stats `entropy [2B]`, `top1 [2B]`); only the loss leaves the Function as its output.
+    """
+
+    layout: TokenLayout
+    plan: StepPlan
+    num_pairs: int
+    average: bool
+    loss_fn: object
+    token_stats: bool
+    grad_enabled: bool
+    result: dict = field(default_factory=dict, compare=False)
 
 
 class FusedLinearDPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, run):
+    def forward(ctx, hidden, weight, bias, run: _DPORun):
         need_h, need_w, need_b = (need and run.grad_enabled for need in ctx.needs_input_grad[:3])
         hidden2d = _flat(hidden)
         B = run.num_pairs
         ctx.run, ctx.shape = run, hidden.shape
         stats = engine.TokenStats(run.layout.rows.numel(), hidden.device) if run.token_stats else None
-        if run.recompute:
-            logps = engine.sequence_logps(hidden2d, weight, bias, run.layout, 2 * B, run.average, run.chunk, stats)
+        if run.plan.recompute:
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats)
+            logps = engine.forward_logps(loop, 2 * B, run.average)
+            del loop
             out, grad_c, grad_r = run.loss_fn(logps[:B], logps[B:])
             ctx.save_for_backward(hidden, weight, bias)
             ctx.seq_grad = torch.cat([grad_c, grad_r]).float()
         else:
-            grads = engine.Grads(hidden2d, weight, need_h, need_w, need_b) if (need_h or need_w or need_b) else None
-            out, logps = engine.fused_dpo(hidden2d, weight, bias, run.layout, B, run.average, run.chunk, run.tied,
-                                          run.loss_fn, grads, stats)
+            grads = _grads_of(hidden2d, weight, need_h, need_w, need_b)
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats)
+            out, logps = engine.fused_dpo(loop, engine.PairLoss(run.layout, B, run.average, run.loss_fn))
+            del loop
             ctx.grads = None
             if grads is not None:
                 grad_w, grad_b = grads.weight_bias(weight.dtype)
                 grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
                 ctx.grads = [grad_h, grad_w, grad_b]
-        metrics = (logps[:B], logps[B:], out.chosen_rewards, out.rejected_rewards, out.reward_accuracy,
-                   out.reward_margin, out.losses)
+        run.result.update(out=out, logps=logps)
         if stats is not None:
-            entropy, top1 = stats.per_sequence(run.layout, 2 * B)
-            metrics += (entropy[:B], entropy[B:], top1[:B], top1[B:])
-        ctx.mark_non_differentiable(*metrics)
-        return (out.loss.float(),) + metrics
+            run.result["entropy"], run.result["top1"] = stats.per_sequence(run.layout, 2 * B)
+        return out.loss.float()
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx, grad_loss):
         run = ctx.run
-        if run.recompute:
+        if run.plan.recompute:
             hidden, weight, bias = ctx.saved_tensors
             hidden2d = _flat(hidden)
             grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
             coef = _token_coefficients(ctx.seq_grad, run.layout, run.average) * grad_loss.float()
-            engine.recompute_grads(hidden2d, weight, bias, run.layout, coef, run.chunk, grads)
+            engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads), coef)
             grad_w, grad_b = grads.weight_bias(weight.dtype)
             grad_h = None if grads.hidden is None else grads.hidden.view(ctx.shape)
             return grad_h, grad_w, grad_b, None
@@ -230,7 +289,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     Args:
         hidden: `[2B, T, H]` float32/bfloat16/float16 (rows 0..B-1 chosen, B..2B-1 rejected; pair i is rows i and
             B+i), or packed `[N, H]` with `cu_seqlens` `[2B + 1]` (the 2B sequences chosen first).
-        weight: `[V, H]` lm_head weight (same dtype); bias: optional `[V]`.
+        weight: `[V, H]` lm_head weight (same dtype; inside autocast both are cast to the autocast dtype first, see
+            `head_operands`); bias: optional `[V]`.
         labels: `[2B, T]` (or `[N]`) int64, `ignore_index` on prompt and padding positions.
         ref_chosen_logps, ref_rejected_logps: `[B]` precomputed reference log-probs, or
         ref_hidden, ref_weight, ref_bias: the reference model's hidden states (same layout as `hidden`) and head;
@@ -238,7 +298,7 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         beta, loss_type, label_smoothing, **loss_params: as `dpo_kernels.dpo_loss`.
         average: use per-token mean log-probs instead of sums (for policy and reference alike).
         memory_budget: None (2 GiB, C <= 8192), bytes for the `[C, V]` logits buffer, or "low" (512 MiB and the
-            recompute path): see `_chunking.py`.
+            recompute path): see `plan.py`.
         token_stats: also fill the output's `chosen_entropy_sum`, `rejected_entropy_sum`, `chosen_top1_count`,
             `rejected_top1_count` (the policy's per-token entropy and first-argmax hits, summed per sequence), from
             the pass that already reads every logit: no extra GEMM.
@@ -246,6 +306,7 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         `DPOOutput`; only `loss` is differentiable (w.r.t. hidden, weight, bias). Response lengths passed to the
         loss are the numbers of scored tokens per sequence.
     """
+    hidden, weight, bias = head_operands(hidden, weight, bias)
     num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index)
     if num_seqs == 0 or num_seqs % 2:
         raise ValueError(f"the batch needs an even, non-zero number of sequences (B chosen then B rejected), got "
@@ -253,7 +314,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     B = num_seqs // 2
     _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, B, hidden)
     if ref_hidden is not None:
-        ref_weight, ref_bias = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
+        ref_hidden, ref_weight, ref_bias = head_operands(ref_hidden, *((weight, bias) if ref_weight is None
+                                                                       else (ref_weight, ref_bias)))
         if ref_hidden.shape[:-1] != hidden.shape[:-1]:
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
                              f"{tuple(hidden.shape[:-1])}")
@@ -261,24 +323,49 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     layout = compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=True)
     counts = layout.counts
     validate_spec(loss_type, beta, label_smoothing, counts[:B], counts[B:], loss_params)
-    chunk = chunk_tokens(weight.shape[0], hidden.element_size(), memory_budget)
+    pair_counts = [layout.counts_host[i] + layout.counts_host[B + i] for i in range(B)]
+    plan = plan_dpo_step(pair_counts, weight.shape[0], hidden.element_size(), memory_budget, loss_type,
+                         weight_grad=_weight_grad_wanted(weight, bias))
     if ref_hidden is not None:
-        with torch.no_grad():
-            ref_chunk = chunk_tokens(ref_weight.shape[0], ref_hidden.element_size(), memory_budget)
-            ref = engine.sequence_logps(_flat(ref_hidden.detach()), ref_weight.detach(),
-                                        None if ref_bias is None else ref_bias.detach(), layout, num_seqs, average,
-                                        ref_chunk)
+        ref = _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget)
         ref_chosen_logps, ref_rejected_logps = ref[:B], ref[B:]
+    loss_fn = functools.partial(dpo_loss_and_grads, ref_chosen_logps=ref_chosen_logps,
+                                ref_rejected_logps=ref_rejected_logps, beta=beta, loss_type=loss_type,
+                                label_smoothing=label_smoothing, chosen_lengths=counts[:B],
+                                rejected_lengths=counts[B:], **loss_params)
+    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled())
+    loss = FusedLinearDPOFunction.apply(hidden, weight, bias, run)
+    return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
 
-    def loss_fn(chosen, rejected):
-        return dpo_loss_and_grads(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta=beta,
-                                  loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=counts[:B],
-                                  rejected_lengths=counts[B:], **loss_params)
 
-    recompute = memory_budget == "low" or (couples_logps(loss_type) and layout.rows.numel() > chunk)
-    run = _DPORun(layout, B, bool(average), chunk, is_tied(loss_type), recompute, loss_fn,
-                  bool(token_stats))
-    outputs = FusedLinearDPOFunction.apply(hidden, weight, bias, run)
-    ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
-    ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
-    return DPOOutput(*outputs[:8], ref_c, ref_r, counts[:B], counts[B:], *outputs[8:])
+@torch.no_grad()
+def _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget):
+    """`[2B]` reference log-probs from the reference model's hidden states, forward only, in its own chunks."""
+    plan = plan_logps(layout.rows.numel(), ref_weight.shape[0], ref_hidden.element_size(), memory_budget)
+    loop = engine.ChunkLoop(_flat(ref_hidden.detach()), ref_weight.detach(),
+                            None if ref_bias is None else ref_bias.detach(), layout, plan)
+    return engine.forward_logps(loop, num_seqs, average)
+
+
+def _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps) -> DPOOutput:
+    B, result, counts = run.num_pairs, run.result, run.layout.counts
+    out, logps = result["out"], result["logps"]
+    entropy, top1 = result.get("entropy"), result.get("top1")
+    return DPOOutput(
+        loss=loss,
+        chosen_logps=logps[:B],
+        rejected_logps=logps[B:],
+        chosen_rewards=out.chosen_rewards,
+        rejected_rewards=out.rejected_rewards,
+        reward_accuracy=out.reward_accuracy,
+        reward_margin=out.reward_margin,
+        losses=out.losses,
+        ref_chosen_logps=None if ref_chosen_logps is None else ref_chosen_logps.detach(),
+        ref_rejected_logps=None if ref_rejected_logps is None else ref_rejected_logps.detach(),
+        chosen_lengths=counts[:B],
+        rejected_lengths=counts[B:],
+        chosen_entropy_sum=None if entropy is None else entropy[:B],
+        rejected_entropy_sum=None if entropy is None else entropy[B:],
+        chosen_top1_count=None if top1 is None else top1[:B],
+        rejected_top1_count=None if top1 is None else top1[B:],
+    )

@@ -1,15 +1,17 @@
 """Byte model of the fused linear DPO step: the peak extra memory of one forward + backward.
 
-`estimate_peak_bytes` replays the engine's allocations in order (`_fused_linear_engine.py`, `fused_linear.py`) and
-returns the highest sum of live bytes, counting everything the step allocates, the returned gradients included;
-inputs and the weights' existing storage are not counted (what `torch.cuda.max_memory_allocated()` minus the
-memory allocated before the step measures). Assumptions: CUDA with torch's fp32-result GEMMs (`out_dtype`, see
-`_fp32_gemm.py`), the Triton pass (in place, no `[C, V]` temporaries), hidden states and weight requiring
-gradients, no bias, and autograd taking the returned gradients as `.grad` without a copy (it does when nothing
-else holds them). Kilobyte-sized tensors are counted per token (`_TOKEN_BYTES`).
+`plan_peak_bytes` walks the `plan.StepPlan` the engine runs, group by group in the plan's mode, replays the
+engine's allocations of that mode in order (`engine.py`, `functional.py`) and returns the highest sum of live
+bytes, counting everything the step allocates, the returned gradients included; inputs and the weights' existing
+storage are not counted (what `torch.cuda.max_memory_allocated()` minus the memory allocated before the step
+measures). `estimate_peak_bytes` builds that plan from scored-token counts, as `fused_linear_dpo` does from its
+labels. Assumptions: CUDA with torch's fp32-result GEMMs (`out_dtype`, see `fp32_gemm.py`), the Triton pass (in
+place, no `[C, V]` temporaries), hidden states and weight requiring gradients, no bias, and autograd taking the
+returned gradients as `.grad` without a copy (it does when nothing else holds them). Kilobyte-sized tensors are
+counted per token (`_TOKEN_BYTES`).
 
-Table (issue 4: H = 4096, V = 128256 bf16, the first quarter of each row prompt, reference-free sigmoid; GiB, and
-the issue's target):
+Table (H = 4096, V = 128256 bf16, the first quarter of each row prompt, reference-free sigmoid; GiB, and the
+target: 1.3x the peak of TRL's own loss for the default, that peak for "low"):
 
     B x T      valid tokens   default (C = 8192)                  "low" (C = 2048, recompute)
     2 x 2048       6144       2.60   (<= 4.4) one chunk           3.00   (<= 3.37)
@@ -21,14 +23,11 @@ Where the default peaks come from (V*H fp32 = 1.96 GiB, V*H bf16 = 0.98, [8192, 
 2 x 8192: each pair (12288 tokens) is longer than C; the first streams into the fp32 accumulator (1.96) beside the
 logits buffer (1.96), its fp32 U (0.19), grad_h (0.25) and two chunks' hidden rows (0.06 each); the second pair
 runs twice (forward, then gradients) and peaks lower. 1 x 32768: as that first pair, with U = 0.75, grad_h = 0.5.
-Before this model was written the engine held a second fp32 `[V, H]` accumulator per streaming pair and its fp32
-U, scaled, beside the logits buffer: 6.6 GiB at 2 x 8192 and 8.3 GiB at 1 x 32768 (3.7 at 2 x 2048).
 "low": the end of the backward, the fp32 accumulator (1.96) and its bf16 conversion (0.98) plus grad_h.
 """
 import torch
 
-from dpo_kernels.fused_linear.plan import chunk_tokens, even_chunks, longest_streaming_first, plan_pairs
-from dpo_kernels.loss_op.loss_types import couples_logps, is_tied
+from dpo_kernels.fused_linear.plan import RESIDENT, STREAM_ONCE, StepPlan, plan_dpo_step
 
 # Per scored token: the layout (rows, targets, seq, slot: int64) and the fp32 token log-probs.
 _TOKEN_BYTES = 4 * 8 + 4
@@ -59,27 +58,28 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
         hidden_size, vocab: H and V of the `[V, H]` head; dtype: the hidden states' and head's dtype.
         memory_budget, loss_type: as `fused_linear_dpo`.
     """
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    plan = plan_dpo_step(list(pair_lengths), vocab, itemsize, memory_budget, loss_type)
+    return plan_peak_bytes(plan, hidden_rows, hidden_size, vocab, itemsize)
 
-    s = torch.tensor([], dtype=dtype).element_size()
-    H, V = hidden_size, vocab
-    chunk = chunk_tokens(V, s, memory_budget)
-    total = int(sum(pair_lengths))
+
+def plan_peak_bytes(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, itemsize: int) -> int:
+    """Peak extra bytes of one forward + backward that runs `plan` (weight and hidden states requiring gradients,
+    no bias): the engine's allocations replayed in its order, mode by mode as the plan gives them."""
     live = _Live()
-    live.alloc(_TOKEN_BYTES * total)
-    if memory_budget == "low" or (couples_logps(loss_type) and total > chunk):
-        chunks = even_chunks(total, chunk)
-        _recompute_step(live, _Shapes(H, V, s, chunks), hidden_rows, chunks)
+    live.alloc(_TOKEN_BYTES * plan.total)
+    shapes = _Shapes(hidden_size, vocab, itemsize, plan.buffer_rows)
+    if plan.recompute:
+        _recompute_step(live, shapes, hidden_rows, plan)
     else:
-        groups = longest_streaming_first(plan_pairs(list(pair_lengths), chunk))
-        shapes = _Shapes(H, V, s, [c for group in groups for c in group.chunks])
-        _fused_step(live, shapes, hidden_rows, groups, is_tied(loss_type))
+        _fused_step(live, shapes, hidden_rows, plan)
     return live.peak
 
 
 class _Shapes:
-    def __init__(self, H, V, s, chunks):
+    def __init__(self, H, V, s, buffer_rows):
         self.H, self.V, self.s = H, V, s
-        self.zbuf = max([1] + [end - start for start, end in chunks]) * (-(-V // 16) * 16) * s  # the longest chunk
+        self.zbuf = buffer_rows * (-(-V // 16) * 16) * s  # the logits buffer, rows padded to 16 elements
         self.acc = V * H * 4
 
     def rows(self, n, itemsize=None):
@@ -98,17 +98,17 @@ def _finish_weight(live, sh, acc):
         live.free(acc)
 
 
-def _fused_step(live, sh, hidden_rows, groups, tied):
+def _fused_step(live, sh, hidden_rows, plan):
     live.alloc(sh.rows(hidden_rows))  # grad_h
     live.alloc(sh.zbuf)
     state = {"acc": 0}
-    for group in groups:
-        if not group.streaming:
-            _resident(live, sh, group.end - group.start, state, only=len(groups) == 1)
-        elif state["acc"] or not tied:
-            _twice(live, sh, group.chunks, state)
-        else:
+    for group in plan.groups:
+        if group.mode == RESIDENT:
+            _resident(live, sh, group.end - group.start, state, only=plan.one_weight_gemm)
+        elif group.mode == STREAM_ONCE:
             _stream(live, sh, group, state)
+        else:
+            _twice(live, sh, group.chunks, state)
     live.free(sh.zbuf)
     _finish_weight(live, sh, state["acc"])
 
@@ -160,8 +160,9 @@ def _twice(live, sh, chunks, state):
         live.free(h)
 
 
-def _recompute_step(live, sh, hidden_rows, chunks):
-    """`memory_budget="low"`: a forward that keeps nothing, then a backward that recomputes every chunk."""
+def _recompute_step(live, sh, hidden_rows, plan):
+    """A forward that keeps nothing, then a backward that recomputes every chunk."""
+    chunks = plan.chunks
     live.alloc(sh.zbuf)
     for s, e in chunks:
         live.free(live.alloc(sh.rows(e - s)))
@@ -172,7 +173,7 @@ def _recompute_step(live, sh, hidden_rows, chunks):
     for s, e in chunks:
         h = live.alloc(sh.rows(e - s))
         live.free(live.alloc(sh.rows(e - s)))
-        _weight_gemm(live, sh, state, only=len(chunks) == 1)
+        _weight_gemm(live, sh, state, only=plan.one_weight_gemm)
         live.free(h)
     live.free(sh.zbuf)
     _finish_weight(live, sh, state["acc"])

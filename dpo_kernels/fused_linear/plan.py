@@ -1,31 +1,40 @@
-"""Which tokens the fused linear engine projects, in which order, in which chunks.
+"""The fused linear engine's plan: which tokens it projects, in which order, in which chunks, in which mode.
 
-Compaction keeps only the positions that score a valid label. Tokens are then laid out sequence by sequence
-(`natural` order) or pair by pair (`paired`: chosen i, rejected B+i, chosen i+1, ...), and the chunk planner cuts
-that list into chunks of at most `C` tokens.
+Compaction (`compact_tokens`) keeps only the positions that score a valid label, laid out sequence by sequence
+(`paired=False`) or pair by pair (`paired=True`: chosen i, rejected B+i, chosen i+1, ...). A `StepPlan` is then
+built once from the scored-token counts alone (`plan_dpo_step`, `plan_logps`): the engine executes it and the
+memory model (`memory_model.estimate_peak_bytes`) counts the bytes of the same object, so the mode decisions exist
+only here. See docs/design.md, "The fused linear engine".
 
-Chunk-size and mode rule (`memory_budget`):
+Chunk size C (`memory_budget`, checked by `parse_memory_budget`):
     None     the logits buffer `[C, V]` in the input dtype may take 2 GiB, and C <= 8192 tokens
              (C = 8192 at V = 128256 in bf16, where the buffer is 1.96 GiB).
     bytes    what the `[C, V]` buffer may take: C = min(8192, budget // (V * itemsize)), at least 1.
-    "low"    a 512 MiB buffer (C = 2048 at V = 128256 in bf16), and the DPO loss takes the recompute path:
-             the forward saves nothing and the backward recomputes each chunk's logits (8NHV in all, no [V, H]
-             streaming accumulators): the least memory.
-C of 128 tokens or more is rounded down to a multiple of 128 (whole GEMM tiles). "low" pays in FLOPs (the
-recompute); its GEMMs (2048 x 4096 x 128256 at the Llama-3 head) are still large ones for H100/H200 (not timed here).
-A pair whose tokens fit in C is handled in a resident chunk; a longer pair streams through chunks. Besides the
-`[C, V]` buffer the engine holds at most one fp32 `[V, H]` buffer, the weight-gradient accumulator (none when a
-single resident chunk forms the whole weight gradient); streaming pairs that cannot use it alone run twice rather
-than add a second one (`_fused_linear_engine.py`). Losses that couple pairs through their log-probs (aot,
-aot_unpaired) take the recompute path unless the whole batch fits in one chunk. The peak of a whole step is
-`_memory_model.estimate_peak_bytes` (its docstring has the issue-4 table: 2.6 / 4.5 / 5.3 GiB by default,
-3.0 / 3.2 / 3.4 GiB "low", at B x T = 2 x 2048 / 2 x 8192 / 1 x 32768, H = 4096, V = 128256 bf16).
+    "low"    a 512 MiB buffer (C = 2048 at V = 128256 in bf16), and the DPO loss takes the recompute path.
+C of 128 tokens or more is rounded down to a multiple of 128 (whole GEMM tiles).
+
+Modes of a DPO step:
+    recompute   the forward keeps nothing and the backward recomputes each chunk's logits (8NHV, no `[V, H]`
+                accumulator while streaming): `memory_budget="low"`, and losses that couple pairs through their
+                log-probs (aot, aot_unpaired) unless the whole batch fits in one chunk.
+    otherwise   the forward forms the gradients as pairs complete (6NHV). Pairs are grouped greedily in batch
+                order: whole pairs fill a `resident` chunk of at most C tokens (their coefficients are known after
+                the chunk's pass); a pair longer than C streams through chunks. The longest streaming pair runs
+                first: while the one fp32 `[V, H]` weight-gradient accumulator is still empty it streams in `one
+                pass` (tied losses: the accumulator is scaled by the pair's coefficient at the end). A streaming
+                pair that finds the accumulator in use, or whose chosen and rejected coefficients are not tied,
+                runs `twice` (a forward pass for its log-probs, then a gradient pass: its tokens outside the last
+                chunk are projected twice), rather than hold a second `[V, H]` buffer; without a weight gradient
+                every streaming pair takes one pass.
 """
 import math
 import numbers
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from dpo_kernels.loss_op.loss_types import couples_logps, is_tied
 
 DEFAULT_BUFFER_BYTES = 2 << 30
 LOW_BUFFER_BYTES = 512 << 20
@@ -103,51 +112,132 @@ def chunk_tokens(vocab: int, itemsize: int, memory_budget) -> int:
     return tokens - tokens % 128 if tokens >= 128 else tokens
 
 
-def even_chunks(total: int, chunk: int):
+def even_chunks(total: int, chunk: int) -> tuple:
     """(start, end) of consecutive chunks of at most `chunk` tokens."""
-    return [(s, min(total, s + chunk)) for s in range(0, total, chunk)]
+    return tuple((s, min(total, s + chunk)) for s in range(0, total, chunk))
 
 
-class PairGroup(NamedTuple):
-    """Consecutive tokens of whole pairs: resident (one chunk) or, for one long pair, streaming (several)."""
+RESIDENT, STREAM_ONCE, STREAM_TWICE = "resident", "stream once", "stream twice"
+
+
+@dataclass(frozen=True)
+class PairGroup:
+    """Consecutive tokens `start:end` of whole pairs, and how the engine runs them.
+
+    `resident`: pairs whose tokens fit one chunk. `stream once`: one pair longer than a chunk, streamed through
+    `chunks` in one pass. `stream twice`: such a pair run as a forward pass through `chunks` (the short remainder
+    first), then a gradient pass through them in reverse, starting from the last chunk, whose logits are still in
+    the buffer. See the module docstring for when each applies.
+    """
 
     start: int
     end: int
     pairs: range
-    chunks: list
-    streaming: bool
+    chunks: tuple
+    mode: str
+
+    @property
+    def streaming(self) -> bool:
+        return self.mode != RESIDENT
 
 
-def plan_pairs(pair_counts, chunk: int):
-    """Greedy: whole pairs fill a resident chunk up to `chunk` tokens; a longer pair becomes a streaming group."""
-    groups, start, first = [], 0, 0
-    size = 0
+@dataclass(frozen=True)
+class StepPlan:
+    """One engine call, decided before any tensor work: chunk size, run order and mode of every token.
+
+    chunk:      C, the most tokens one chunk projects.
+    total:      N, the scored tokens.
+    recompute:  chunks of the flat token list (`chunks`); the gradients, if any, are formed by recomputing them.
+    tied:       the loss's chosen and rejected coefficients of a pair are negatives of each other.
+    groups:     the pair groups in run order (DPO steps that form gradients in the forward); empty otherwise.
+    """
+
+    chunk: int
+    total: int
+    recompute: bool
+    tied: bool = False
+    groups: tuple = ()
+
+    @property
+    def chunks(self) -> tuple:
+        """Every chunk, in the order the first pass over the tokens meets them."""
+        if self.recompute:
+            return even_chunks(self.total, self.chunk)
+        return tuple(c for group in self.groups for c in group.chunks)
+
+    @property
+    def buffer_rows(self) -> int:
+        """Rows of the reused `[rows, V]` logits buffer: the longest chunk (at least 1)."""
+        return max([1] + [e - s for s, e in self.chunks])
+
+    @property
+    def one_weight_gemm(self) -> bool:
+        """One GEMM forms the whole weight gradient (no fp32 `[V, H]` accumulator): a single chunk."""
+        if self.recompute:
+            return len(self.chunks) == 1
+        return len(self.groups) == 1 and not self.groups[0].streaming
+
+
+def group_pairs(pair_counts, chunk: int) -> list:
+    """Greedy, in batch order: whole pairs fill a resident chunk up to `chunk` tokens; a longer pair gets a group
+    of its own, streamed through chunks. Returns `(start, end, pairs, streaming)` per group, in token order."""
+    groups, start, first, size = [], 0, 0, 0
     for i, n in enumerate(pair_counts):
         if n > chunk:
             if size:
-                groups.append(PairGroup(start, start + size, range(first, i), [(start, start + size)], False))
+                groups.append((start, start + size, range(first, i), False))
                 start += size
-            groups.append(PairGroup(start, start + n, range(i, i + 1), _offset(even_chunks(n, chunk), start), True))
+            groups.append((start, start + n, range(i, i + 1), True))
             start, first, size = start + n, i + 1, 0
             continue
         if size + n > chunk:
-            groups.append(PairGroup(start, start + size, range(first, i), [(start, start + size)], False))
+            groups.append((start, start + size, range(first, i), False))
             start, first, size = start + size, i, 0
         size += n
     if size or first < len(pair_counts):
-        groups.append(PairGroup(start, start + size, range(first, len(pair_counts)), [(start, start + size)], False))
+        groups.append((start, start + size, range(first, len(pair_counts)), False))
     return groups
 
 
-def longest_streaming_first(groups):
-    """The groups in the order the engine runs them: the longest streaming pair first (while the weight-gradient
-    accumulator is still empty it streams in one pass), then the others in batch order."""
-    streaming = [g for g in groups if g.streaming]
+def longest_streaming_first(groups: list) -> list:
+    """The groups in run order: the longest streaming pair first (the first longest on a tie), then the others in
+    batch order."""
+    streaming = [g for g in groups if g[3]]
     if not streaming:
         return groups
-    first = max(streaming, key=lambda g: g.end - g.start)
+    first = max(streaming, key=lambda g: g[1] - g[0])
     return [first] + [g for g in groups if g is not first]
 
 
-def _offset(chunks, base):
-    return [(base + s, base + e) for s, e in chunks]
+def plan_dpo_step(pair_counts, vocab: int, itemsize: int, memory_budget, loss_type, *,
+                  weight_grad: bool = True) -> StepPlan:
+    """The plan of one `fused_linear_dpo` call from its scored tokens per pair (chosen plus rejected, in batch order).
+
+    `weight_grad`: the weight (or bias) gradient is formed in this call; without it no streaming pair runs twice.
+    """
+    memory_budget = parse_memory_budget(memory_budget)
+    chunk = chunk_tokens(vocab, itemsize, memory_budget)
+    total = int(sum(pair_counts))
+    tied = is_tied(loss_type)
+    if memory_budget == "low" or (couples_logps(loss_type) and total > chunk):
+        return StepPlan(chunk, total, recompute=True, tied=tied)
+    groups, accumulating = [], False
+    for start, end, pairs, streaming in longest_streaming_first(group_pairs(pair_counts, chunk)):
+        if not streaming:
+            mode, chunks = RESIDENT, ((start, end),)
+        elif weight_grad and (accumulating or not tied):
+            mode, sizes = STREAM_TWICE, [e - s for s, e in reversed(even_chunks(end - start, chunk))]
+            ends = [start + sum(sizes[: k + 1]) for k in range(len(sizes))]
+            chunks = tuple((e - n, e) for n, e in zip(sizes, ends, strict=True))
+        else:
+            mode = STREAM_ONCE
+            chunks = tuple((start + s, start + e) for s, e in even_chunks(end - start, chunk))
+        groups.append(PairGroup(start, end, pairs, chunks, mode))
+        accumulating = accumulating or end > start
+    return StepPlan(chunk, total, recompute=False, tied=tied, groups=tuple(groups))
+
+
+def plan_logps(total: int, vocab: int, itemsize: int, memory_budget) -> StepPlan:
+    """The plan of per-sequence log-probs (`linear_sequence_logprobs`, a reference model's pass): `total` scored
+    tokens in even chunks; a backward, if any, recomputes them."""
+    return StepPlan(chunk_tokens(vocab, itemsize, memory_budget), int(total), recompute=True)

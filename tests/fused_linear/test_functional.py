@@ -99,7 +99,8 @@ def test_no_grad_forward_matches(monkeypatch):
     out_grad, _ = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
     formed = []
     original = engine.fused_dpo
-    monkeypatch.setattr(engine, "fused_dpo", lambda *a: (formed.append(a[-1] is not None), original(*a))[1])
+    monkeypatch.setattr(engine, "fused_dpo", lambda loop, *a: (formed.append(loop.grads is not None),
+                                                                original(loop, *a))[1])
     with torch.no_grad():
         # Evaluation: parameters still require grad, but no gradient may be formed (forward only, 2NHV).
         out = dpo_kernels.fused_linear_dpo(hidden, weight.clone().requires_grad_(), labels, bias=bias,
@@ -217,10 +218,10 @@ def test_modes_really_run(monkeypatch):
     B, T, H, V = 2, 9, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=11)
     calls = []
-    for name in ("_stream_pair", "recompute_grads", "fused_dpo"):
+    for name in ("_stream_once", "recompute_grads", "fused_dpo"):
         original = getattr(engine, name)
         monkeypatch.setattr(engine, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
-    expect = {"resident": {"fused_dpo"}, "pairs": {"fused_dpo"}, "streaming": {"fused_dpo", "_stream_pair"},
+    expect = {"resident": {"fused_dpo"}, "pairs": {"fused_dpo"}, "streaming": {"fused_dpo", "_stream_once"},
               "low": {"recompute_grads"}}
     for mode, wanted in expect.items():
         calls.clear()
@@ -352,19 +353,45 @@ def test_long_pair_after_short_pairs(monkeypatch, loss_type):
     labels = torch.randint(0, V, (2 * B, T), generator=torch.Generator().manual_seed(17))
     labels[[0, 1, 3, 4], 4:] = IGNORE_INDEX  # pairs 0 and 1: 3 + 3 scored tokens; pair 2: 11 + 11
     calls, projected = [], []
-    for name in ("_resident_group", "_stream_pair", "_stream_pair_twice"):
+    for name in ("_resident_group", "_stream_once", "_stream_twice"):
         original = getattr(engine, name)
         monkeypatch.setattr(engine, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
     project = engine._project
-    monkeypatch.setattr(engine, "_project", lambda h, *a: (projected.append(h.shape[0]), project(h, *a))[1])
+    monkeypatch.setattr(engine, "_project", lambda loop, h: (projected.append(h.shape[0]), project(loop, h))[1])
     truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
                       dtype=torch.float64)
     base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
     out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
                            memory_budget=budget(8, V, torch.float32))
     check_against_truth(out, grads, truth, base, torch.float32)
-    stream = "_stream_pair" if loss_type == "sigmoid" else "_stream_pair_twice"
+    stream = "_stream_once" if loss_type == "sigmoid" else "_stream_twice"
     assert calls == [stream, "_resident_group", "_resident_group"], calls
     # Chunks of 8: the long pair is 8 + 8 + 6 tokens; run twice, it projects the remainder first, keeps its last
     # full chunk's logits for the gradient pass and projects the other 6 + 8 tokens again.
     assert projected == ([8, 8, 6, 6, 6] if loss_type == "sigmoid" else [6, 8, 8, 8, 6, 6, 6]), projected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_uninitialized_buffers_are_never_read(monkeypatch, dtype, mode):
+    """Every buffer the engine takes from `torch.empty` is written before it is read, padding included.
+
+    The logits buffer's rows are padded to 16 elements (V = 1000 -> 1008); CPU bf16 GEMMs (oneDNN) read a row
+    past K up to that stride, so garbage there (a NaN left by an earlier tensor) reached the hidden-state gradient
+    of the chunks whose `D @ W` takes the buffer as its left operand (recompute, a pair run twice)."""
+    B, T, H, V = 2, 33, 24, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, dtype, seed=18)
+    kwargs = dict(loss_type="sigmoid", average=False, memory_budget=MODES[mode](T, V, dtype))
+    want, want_grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, **kwargs)
+    empty = torch.empty
+
+    def poisoned(*args, **kw):
+        t = empty(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, **kwargs)
+    for name in ("loss", "chosen_logps", "rejected_logps"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name, g, w in zip(("hidden", "weight", "bias"), grads, want_grads, strict=True):
+        assert torch.equal(g, w), f"grad_{name}: {g.isnan().sum().item()} NaN"

@@ -24,7 +24,7 @@ def no_projection(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the engine ran before the input was rejected")
 
-    for name in ("sequence_logps", "fused_dpo", "recompute_grads"):
+    for name in ("forward_logps", "fused_dpo", "recompute_grads"):
         monkeypatch.setattr(engine, name, refuse)
 
 
