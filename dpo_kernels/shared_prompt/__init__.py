@@ -1,0 +1,42 @@
+"""Shared-prompt DPO: each pair's prompt runs through the model once, with every number unchanged.
+
+`batch.py`     `build_shared_batch`: one row per pair `[prompt | chosen | rejected]` (or several pairs per row), the
+               position ids, the attention rule and the attribution of every scored position to its sequence
+`hf.py`        the mask a HuggingFace causal LM takes for it (eager, SDPA, FlexAttention), the allow-list of
+               architectures, and the backbone / logits forward on a shared batch
+`logprobs.py`  per-sequence log-probs through the attribution, from logits or (fused linear engine) hidden states
+
+    batch = build_shared_batch([(prompt_ids, chosen_ids, rejected_ids), ...], pad_id=tok.pad_token_id)
+    hidden = shared_backbone_hidden_states(model, batch)
+    logps = sequence_logprobs_from_hidden(hidden, *output_head(model)[:1], batch)   # [2B]: chosen, then rejected
+"""
+from dpo_kernels.shared_prompt.batch import (
+    SharedPromptBatch,
+    build_shared_batch,
+    pairs_from_examples,
+    truncate_pair,
+)
+from dpo_kernels.shared_prompt.hf import (
+    SUPPORTED_MODELS,
+    SharedPromptUnsupported,
+    check_shared_prompt_support,
+    shared_attention_mask,
+    shared_backbone_hidden_states,
+    shared_logits,
+)
+from dpo_kernels.shared_prompt.logprobs import sequence_logprobs_from_hidden, sequence_logprobs_from_logits
+
+__all__ = [
+    "SUPPORTED_MODELS",
+    "SharedPromptBatch",
+    "SharedPromptUnsupported",
+    "build_shared_batch",
+    "check_shared_prompt_support",
+    "pairs_from_examples",
+    "sequence_logprobs_from_hidden",
+    "sequence_logprobs_from_logits",
+    "shared_attention_mask",
+    "shared_backbone_hidden_states",
+    "shared_logits",
+    "truncate_pair",
+]

@@ -1,0 +1,264 @@
+"""The shared-prompt batch: each pair's prompt runs through the model once, its two responses after it.
+
+One row per pair holds `[prompt | chosen | rejected]` (with packing, several pairs one after another in a row):
+
+    tokens     p0 p1 p2 | c0 c1 | r0 r1 r2
+    positions   0  1  2 |  3  4 |  3  4  5      rejected positions continue from the prompt's end
+    segment     P  P  P |  C  C |  R  R  R
+
+Chosen tokens attend causally to the prompt and to earlier chosen tokens; rejected tokens attend to the prompt and
+to earlier rejected tokens, never to chosen ones; pairs packed in one row never see each other. So every token sees
+the same context at the same positions as in the unshared rows `[prompt | chosen]` and `[prompt | rejected]`, and
+its hidden state is the same function of its inputs.
+
+The first token of each response is predicted from the last prompt position, which therefore scores two labels
+(c0 and r0): the batch carries an attribution instead of shift-by-one labels, one entry per scored position:
+`token_rows` (the position's row in the flattened `[rows * T, H]` hidden states; the last prompt row appears
+twice), `token_targets` (the label it scores) and `token_seqs` (the sequence in the package's convention: chosen i
+is i, rejected i is B + i). That costs no extra position; the alternative, repeating the last prompt token at the
+start of the rejected segment, costs one position per pair and gains nothing (docs/design.md, "Data flow").
+
+Truncation follows the trainer's unshared rows exactly (`truncate_pair`): the prompt keeps its last
+`max_prompt_length` tokens (and its BOS), then each response is cut to `max_length - len(prompt)`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dpo_kernels.constants import IGNORE_INDEX
+
+# Segment ids: what part of its pair a position holds.
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+
+__all__ = [
+    "CHOSEN",
+    "PAD",
+    "PROMPT",
+    "REJECTED",
+    "SharedPromptBatch",
+    "build_shared_batch",
+    "pairs_from_examples",
+    "truncate_pair",
+]
+
+
+@dataclass(frozen=True)
+class SharedPromptBatch:
+    """B pairs laid out with one copy of each prompt. `rows` and `T` below are `input_ids.shape`, N the number of
+    scored positions. All tensors are int64 on one device.
+
+    Attributes:
+        input_ids: `[rows, T]` token ids, `pad_id` in padding.
+        position_ids: `[rows, T]` the positions each token has in its unshared row (0 in padding).
+        segment_ids: `[rows, T]` PROMPT, CHOSEN, REJECTED or PAD.
+        document_ids: `[rows, T]` the pair index (0..B-1) of each position, -1 in padding.
+        labels: `[rows, T]` each response token's own id, IGNORE_INDEX on prompt and padding. Not for a shift by
+            one (the first rejected token's predecessor in the row is the last chosen token): score through the
+            attribution below.
+        token_rows: `[N]` row of the flattened `[rows * T, H]` hidden states that scores each label.
+        token_targets: `[N]` the label it scores.
+        token_seqs: `[N]` its sequence: chosen i is i, rejected i is B + i. Entries are sequence by sequence, in
+            token order within a sequence.
+        counts: `[2B]` scored positions per sequence (what the unshared rows score).
+        num_pairs: B.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    document_ids: torch.Tensor
+    labels: torch.Tensor
+    token_rows: torch.Tensor
+    token_targets: torch.Tensor
+    token_seqs: torch.Tensor
+    counts: torch.Tensor
+    num_pairs: int
+
+    @property
+    def num_positions(self) -> int:
+        """Token positions the backbone runs on, padding included (`rows * T`)."""
+        return self.input_ids.numel()
+
+    def attention_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """`[rows, 1, T, T]` bool, True where query position q may attend to key position k.
+
+        `sliding_window` W (HuggingFace's convention) also requires `position(q) - position(k) < W`, measured in
+        the unshared rows' positions. A padding position attends to itself (and earlier padding), so no softmax
+        row is empty.
+        """
+        return allowed_pairs(self.document_ids, self.segment_ids, self.position_ids, sliding_window).unsqueeze(1)
+
+    def to(self, device) -> SharedPromptBatch:
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return SharedPromptBatch(**moved, num_pairs=self.num_pairs)
+
+
+_TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "document_ids", "labels", "token_rows",
+                  "token_targets", "token_seqs", "counts")
+
+
+def attends(q, k, doc_q, doc_k, seg_q, seg_k, pos_q, pos_k, sliding_window=None):
+    """The attention rule for query index q and key index k of one row (tensors that broadcast): same document,
+    key not after the query, key in the prompt or in the query's own segment, and within the sliding window (in the
+    unshared rows' positions) if there is one. Both the dense masks and FlexAttention's mask_mod evaluate it."""
+    allowed = (doc_q == doc_k) & (q >= k) & ((seg_k == PROMPT) | (seg_q == seg_k))
+    if sliding_window is not None:
+        allowed = allowed & (pos_q - pos_k < sliding_window)
+    return allowed
+
+
+def allowed_pairs(document_ids, segment_ids, position_ids, sliding_window=None):
+    """`attends` for every (query, key) of `[..., T]` ids: `[..., T, T]` bool."""
+    index = torch.arange(document_ids.shape[-1], device=document_ids.device)
+    ids = [(t.unsqueeze(-1), t.unsqueeze(-2)) for t in (index, document_ids, segment_ids, position_ids)]
+    return attends(*(x for pair in ids for x in pair), sliding_window)
+
+
+def truncate_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], *,
+                  max_length: int | None = None, max_prompt_length: int | None = None,
+                  bos_token_id: int | None = None) -> tuple[list[int], list[int], list[int]]:
+    """Cuts one tokenized pair as the trainer cuts its unshared rows (`trainer.data.tokenize_pair`).
+
+    The prompt keeps its last `max_prompt_length` tokens, and its first token too when that is `bos_token_id` (and
+    `max_prompt_length > 1`); then each response keeps its first `max_length - len(prompt)` tokens.
+    Returns `(prompt, chosen, rejected)` as lists; raises ValueError when the prompt leaves no room for a response.
+    """
+    prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        keep_bos = int(bos_token_id is not None and prompt[0] == bos_token_id and max_prompt_length > 1)
+        prompt = prompt[:keep_bos] + prompt[len(prompt) - (max_prompt_length - keep_bos):]
+    if max_length is not None:
+        if len(prompt) >= max_length:
+            raise ValueError(f"the prompt alone is {len(prompt)} tokens, which leaves no room for a response "
+                             f"within max_length={max_length}")
+        room = max_length - len(prompt)
+        chosen, rejected = chosen[:room], rejected[:room]
+    return prompt, chosen, rejected
+
+
+def pairs_from_examples(examples) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """`(prompt, chosen, rejected)` id tuples from the trainer's tokenized pairs (`trainer.data.Example`, already
+    truncated: no cut is needed)."""
+    pairs = []
+    for e in examples:
+        p = e.prompt_len
+        pairs.append((e.chosen_ids[:p], e.chosen_ids[p:], e.rejected_ids[p:]))
+    return pairs
+
+
+def _check_ids(ids, what):
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"{what} must hold non-negative integer token ids, got {t!r}")
+
+
+def _rows_of(lengths, pack, max_row_tokens):
+    """Which pairs share each row: one pair per row, or consecutive pairs up to `max_row_tokens` per row."""
+    if not pack:
+        return [[i] for i in range(len(lengths))]
+    rows, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if max_row_tokens is not None and n > max_row_tokens:
+            raise ValueError(f"pair {i} holds {n} tokens (prompt + chosen + rejected), more than "
+                             f"max_row_tokens={max_row_tokens}")
+        if current and max_row_tokens is not None and used + n > max_row_tokens:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
+
+
+def build_shared_batch(
+    pairs: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int = 0,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    bos_token_id: int | None = None,
+    pack: bool = False,
+    max_row_tokens: int | None = None,
+    pad_to_multiple_of: int = 1,
+    device: torch.device | str | None = None,
+) -> SharedPromptBatch:
+    """Builds the shared-prompt batch of B tokenized pairs.
+
+    Args:
+        pairs: B tuples `(prompt_ids, chosen_ids, rejected_ids)`; the responses without the prompt (as
+            `pairs_from_examples` gives them from the trainer's tokenized data). Any of the three may be empty.
+        pad_id: the id written into padding positions (never attended to by real tokens, never scored).
+        max_length, max_prompt_length, bos_token_id: truncation, exactly as the unshared rows (`truncate_pair`).
+        pack: several pairs per row (padding-free), each its own document in the mask; `max_row_tokens` caps a
+            row (default: all pairs in one row). Without `pack`, one pair per row, right-padded.
+        pad_to_multiple_of: round T up (e.g. 128, FlexAttention's block size, or to reuse compiled shapes).
+        device: where the tensors go (default CPU).
+    Returns:
+        a `SharedPromptBatch`.
+    """
+    pairs = [truncate_pair(p, c, r, max_length=max_length, max_prompt_length=max_prompt_length,
+                           bos_token_id=bos_token_id) for p, c, r in pairs]
+    if not pairs:
+        raise ValueError("build_shared_batch needs at least one pair")
+    if max_row_tokens is not None and not pack:
+        raise ValueError("max_row_tokens caps packed rows; pass pack=True with it")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    for i, (p, c, r) in enumerate(pairs):
+        for name, ids in (("prompt", p), ("chosen", c), ("rejected", r)):
+            _check_ids(ids, f"pair {i}'s {name}")
+    B = len(pairs)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in pairs]
+    row_pairs = _rows_of(lengths, pack, max_row_tokens)
+    T = max(1, max(sum(lengths[i] for i in row) for row in row_pairs))
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+
+    shape = (len(row_pairs), T)
+    input_ids = [[pad_id] * T for _ in row_pairs]
+    position_ids = [[0] * T for _ in row_pairs]
+    segment_ids = [[PAD] * T for _ in row_pairs]
+    document_ids = [[-1] * T for _ in row_pairs]
+    labels = [[IGNORE_INDEX] * T for _ in row_pairs]
+    scored = [[] for _ in range(2 * B)]  # per sequence: (flat hidden row, target)
+    for r, row in enumerate(row_pairs):
+        at = 0
+        for i in row:
+            p, c, rej = pairs[i]
+            last_prompt = r * T + at + len(p) - 1 if p else None
+            for seg, ids, seq in ((PROMPT, p, None), (CHOSEN, c, i), (REJECTED, rej, B + i)):
+                start_pos = 0 if seg == PROMPT else len(p)
+                previous = last_prompt  # the row that predicts this segment's first token
+                for j, t in enumerate(ids):
+                    input_ids[r][at] = t
+                    position_ids[r][at] = start_pos + j
+                    segment_ids[r][at] = seg
+                    document_ids[r][at] = i
+                    if seq is not None:
+                        labels[r][at] = t
+                        if previous is not None:
+                            scored[seq].append((previous, t))
+                        previous = r * T + at
+                    at += 1
+
+    flat = [(row, target, seq) for seq, entries in enumerate(scored) for row, target in entries]
+
+    def tensor(data):
+        return torch.tensor(data, dtype=torch.long, device=device)
+
+    token_rows, token_targets, token_seqs = (tensor([e[k] for e in flat]) for k in range(3))
+    return SharedPromptBatch(
+        input_ids=tensor(input_ids).reshape(shape),
+        position_ids=tensor(position_ids).reshape(shape),
+        segment_ids=tensor(segment_ids).reshape(shape),
+        document_ids=tensor(document_ids).reshape(shape),
+        labels=tensor(labels).reshape(shape),
+        token_rows=token_rows,
+        token_targets=token_targets,
+        token_seqs=token_seqs,
+        counts=tensor([len(s) for s in scored]),
+        num_pairs=B,
+    )

@@ -1,0 +1,182 @@
+"""Running a HuggingFace causal LM on a shared-prompt batch: the mask each attention implementation takes.
+
+transformers 5.x hands a 4D attention mask (a tensor or a FlexAttention `BlockMask`) to the attention layers as it
+is, so the shared layout needs no patch of the model, only a mask and the position ids:
+
+    eager            `[rows, 1, T, T]` additive float mask (0 where allowed, the dtype's minimum elsewhere),
+                     because eager attention adds the mask to the scores
+    sdpa             `[rows, 1, T, T]` bool mask (True where allowed): SDPA takes bool masks in any compute dtype,
+                     while a float mask must match the query's dtype (bf16 under autocast)
+    flex_attention   a `BlockMask` from a mask_mod over the per-position document / segment / position ids (no
+                     `[T, T]` tensor on CUDA, where `create_block_mask` runs compiled); fully masked blocks are
+                     skipped, which is where packing gains
+    flash_attention_2 and others: refused. One varlen call cannot express "rejected sees the prompt but not the
+                     chosen response"; callers fall back to unshared rows.
+
+Sliding windows: a prepared 4D mask bypasses transformers' own window, so the window goes into the mask, measured
+in the unshared rows' positions. Models whose layers mix full and sliding attention (Qwen2/3 with
+`use_sliding_window`, Gemma 2/3) take a mapping `{"full_attention": mask, "sliding_attention": mask}`; models with
+one window for every layer (Mistral, Phi-3) take one windowed mask.
+
+Only architectures verified to honour a custom 4D mask and the given position ids are accepted
+(`SUPPORTED_MODELS`, each tested against its unshared rows); others raise `SharedPromptUnsupported` naming the
+model class.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpo_kernels.integrations.hf import backbone_hidden_states, unwrap_model
+from dpo_kernels.shared_prompt.batch import SharedPromptBatch, attends
+
+__all__ = [
+    "SUPPORTED_ATTENTION",
+    "SUPPORTED_MODELS",
+    "SharedPromptUnsupported",
+    "check_shared_prompt_support",
+    "shared_attention_mask",
+    "shared_backbone_hidden_states",
+    "shared_logits",
+]
+
+# How the backbone takes a prepared mask: one mask for every layer (with the config's sliding window, if any,
+# applying to every layer), or a mapping keyed by `config.layer_types`.
+_ONE_MASK, _BY_LAYER_TYPE = "one mask", "by layer type"
+
+SUPPORTED_MODELS = {
+    "LlamaForCausalLM": _ONE_MASK,
+    "MistralForCausalLM": _ONE_MASK,
+    "Phi3ForCausalLM": _ONE_MASK,
+    "GemmaForCausalLM": _ONE_MASK,
+    "Qwen2ForCausalLM": _BY_LAYER_TYPE,
+    "Qwen3ForCausalLM": _BY_LAYER_TYPE,
+    "Gemma2ForCausalLM": _BY_LAYER_TYPE,
+    "Gemma3ForCausalLM": _BY_LAYER_TYPE,
+}
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class SharedPromptUnsupported(ValueError):
+    """The model (or its attention implementation) cannot run the shared-prompt layout; use unshared rows."""
+
+
+def _attention_implementation(model: nn.Module) -> str:
+    config = unwrap_model(model).config
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def check_shared_prompt_support(model: nn.Module) -> None:
+    """Raises `SharedPromptUnsupported` (a ValueError) unless `model` (or the model inside a PEFT / compiled / DDP
+    wrapper) is a causal LM in `SUPPORTED_MODELS` running eager, SDPA or FlexAttention."""
+    inner = unwrap_model(model)
+    name = type(inner).__name__
+    if name not in SUPPORTED_MODELS:
+        raise SharedPromptUnsupported(
+            f"{name} is not verified to honour a custom 4D attention mask and position ids, so the shared-prompt "
+            f"layout cannot run on it; supported: {', '.join(sorted(SUPPORTED_MODELS))}. Use unshared rows."
+        )
+    attention = _attention_implementation(inner)
+    if attention not in SUPPORTED_ATTENTION:
+        raise SharedPromptUnsupported(
+            f"{name} runs attn_implementation={attention!r}, which cannot express the shared-prompt mask (a "
+            "rejected token must see the prompt but not the chosen response: not one varlen flash-attention call); "
+            f"load the model with attn_implementation in {SUPPORTED_ATTENTION}, or use unshared rows."
+        )
+    if SUPPORTED_MODELS[name] == _BY_LAYER_TYPE:
+        kinds = set(getattr(inner.config, "layer_types", None) or ())
+        if not kinds <= set(_LAYER_TYPES):
+            raise SharedPromptUnsupported(f"{name} has layer types {sorted(kinds)}; the shared-prompt mask knows "
+                                          f"{_LAYER_TYPES}. Use unshared rows.")
+
+
+def _windows(config, kind: str) -> dict[str, int | None]:
+    """The sliding window of each mask the backbone takes (None: full causal attention)."""
+    window = getattr(config, "sliding_window", None)
+    if kind == _ONE_MASK:
+        return {"": window}
+    windows = {"full_attention": None}
+    if "sliding_attention" in (config.layer_types or ()):
+        windows["sliding_attention"] = window
+    return windows
+
+
+def _dense_mask(batch: SharedPromptBatch, window, attention, dtype):
+    allowed = batch.attention_mask(window)
+    if attention == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                       torch.finfo(dtype).min)
+
+
+# Compiled once per process on CUDA (and re-specialized for dynamic shapes by torch.compile): the compiled
+# create_block_mask evaluates the mask_mod block by block instead of materializing [rows, 1, T, T].
+_compiled_create_block_mask = None
+
+
+def _block_mask(batch: SharedPromptBatch, window):
+    global _compiled_create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc, seg, pos = batch.document_ids, batch.segment_ids, batch.position_ids
+
+    def mask_mod(b, h, q, kv):
+        return attends(q, kv, doc[b, q], doc[b, kv], seg[b, q], seg[b, kv], pos[b, q], pos[b, kv], window)
+
+    rows, T = batch.input_ids.shape
+    create = create_block_mask
+    if doc.device.type == "cuda":
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(create_block_mask)
+        create = _compiled_create_block_mask
+    return create(mask_mod, rows, None, T, T, device=doc.device)
+
+
+def shared_attention_mask(model: nn.Module, batch: SharedPromptBatch, dtype: torch.dtype | None = None):
+    """The `attention_mask` argument that makes `model`'s backbone run `batch` with the shared-prompt rule.
+
+    Returns a 4D tensor, a FlexAttention `BlockMask`, or (for models mixing full and sliding layers) a dict of them
+    keyed by layer type. `dtype`: the additive mask's dtype under eager attention (default: the input embeddings'
+    dtype, as transformers builds its own). Raises `SharedPromptUnsupported` for unsupported models.
+    """
+    check_shared_prompt_support(model)
+    inner = unwrap_model(model)
+    attention = _attention_implementation(inner)
+    if dtype is None:
+        dtype = inner.get_input_embeddings().weight.dtype
+    masks = {}
+    for key, window in _windows(inner.config, SUPPORTED_MODELS[type(inner).__name__]).items():
+        if attention == "flex_attention":
+            masks[key] = _block_mask(batch, window)
+        else:
+            masks[key] = _dense_mask(batch, window, attention, dtype)
+    return masks[""] if "" in masks else masks
+
+
+def _model_inputs(model, batch, model_kwargs):
+    if "attention_mask" in model_kwargs or "position_ids" in model_kwargs:
+        raise ValueError("the shared-prompt batch sets attention_mask and position_ids itself")
+    model_kwargs["position_ids"] = batch.position_ids
+    return shared_attention_mask(model, batch)
+
+
+def shared_backbone_hidden_states(model: nn.Module, batch: SharedPromptBatch, **model_kwargs: Any) -> torch.Tensor:
+    """`[rows, T, H]` last hidden states of `batch` (what the lm_head reads; constant logit multipliers folded in,
+    as `integrations.hf.backbone_hidden_states`). Rows of the flattened result are what `batch.token_rows` index.
+    `model_kwargs` go to the backbone."""
+    mask = _model_inputs(model, batch, model_kwargs)
+    return backbone_hidden_states(model, batch.input_ids, mask, **model_kwargs)
+
+
+def shared_logits(model: nn.Module, batch: SharedPromptBatch, *, reference: bool = False,
+                  **model_kwargs: Any) -> torch.Tensor:
+    """`[rows, T, V]` logits of `batch` from the model's own forward (the logits path); under no_grad with
+    `reference`."""
+    mask = _model_inputs(model, batch, model_kwargs)
+    model_kwargs.setdefault("use_cache", False)
+    with torch.no_grad() if reference else contextlib.nullcontext():
+        return model(input_ids=batch.input_ids, attention_mask=mask, **model_kwargs).logits

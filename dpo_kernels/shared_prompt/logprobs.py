@@ -1,0 +1,77 @@
+"""Per-sequence log-probs of a shared-prompt batch, from logits or from hidden states, through its attribution.
+
+The attribution (`SharedPromptBatch.token_rows/token_targets/token_seqs`) says which position scores which label
+for which sequence; the last prompt position scores two labels (one per response), so a gradient reaching it is
+the sum of both, as the unshared rows' two copies of the prompt would give after the backbone.
+"""
+from __future__ import annotations
+
+import torch
+
+from dpo_kernels.fused_linear.functional import linear_sequence_logprobs
+from dpo_kernels.logprobs.from_logits import token_logprobs
+from dpo_kernels.shared_prompt.batch import SharedPromptBatch
+
+__all__ = ["sequence_logprobs_from_hidden", "sequence_logprobs_from_logits"]
+
+
+def _per_sequence(tok: torch.Tensor, batch: SharedPromptBatch, average: bool) -> torch.Tensor:
+    """`[2B]` sums (means) of the token log-probs `tok [N]` (attribution order) in a fixed order: the same bits on
+    every run, as the engine's per-sequence reduction."""
+    counts = batch.counts.to(tok.device)
+    seqs = batch.token_seqs.to(tok.device)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(seqs.numel(), device=tok.device) - starts[seqs]
+    table = tok.new_zeros(counts.numel(), max(int(counts.max().item()) if counts.numel() else 0, 1))
+    table = table.index_put((seqs, slot), tok)
+    total = table.sum(1)
+    if average:
+        total = torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total))
+    return total
+
+
+def sequence_logprobs_from_logits(logits: torch.Tensor, batch: SharedPromptBatch, *,
+                                  average: bool = False) -> torch.Tensor:
+    """`[2B]` float32 log-probs (chosen then rejected) of the batch's labels.
+
+    Args:
+        logits: `[rows, T, V]` float32/bfloat16/float16, the model's logits on `batch`
+            (`shared_prompt.hf.shared_logits`).
+        batch: the `SharedPromptBatch` they were computed on.
+        average: per-token means instead of sums (0 for a sequence with no scored token).
+    Returns:
+        `[2B]` float32, differentiable w.r.t. `logits`. Only the N scored rows are read (a `[N, V]` gather).
+    """
+    rows, T, V = logits.shape
+    if (rows, T) != tuple(batch.input_ids.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match the batch's [rows, T] = "
+                         f"{tuple(batch.input_ids.shape)}")
+    scored = logits.reshape(rows * T, V).index_select(0, batch.token_rows.to(logits.device))
+    tok = token_logprobs(scored.unsqueeze(0), batch.token_targets.to(logits.device).unsqueeze(0), shift=False)
+    return _per_sequence(tok.reshape(-1), batch, average)
+
+
+def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: SharedPromptBatch, *,
+                                  bias: torch.Tensor | None = None, average: bool = False,
+                                  memory_budget=None) -> torch.Tensor:
+    """`[2B]` float32 log-probs of the batch's labels under `softmax(hidden @ weight.T + bias)`, by the fused linear
+    engine (no `[*, V]` logits).
+
+    Args:
+        hidden: `[rows, T, H]` last hidden states of `batch` (`shared_prompt.hf.shared_backbone_hidden_states`).
+        weight: `[V, H]` lm_head weight in hidden's dtype; bias: optional `[V]`.
+        average, memory_budget: as `dpo_kernels.linear_sequence_logprobs`.
+    Returns:
+        `[2B]` float32, differentiable w.r.t. hidden, weight and bias.
+    """
+    rows, T, H = hidden.shape
+    if (rows, T) != tuple(batch.input_ids.shape):
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match the batch's [rows, T] = "
+                         f"{tuple(batch.input_ids.shape)}")
+    device = hidden.device
+    scored = hidden.reshape(rows * T, H).index_select(0, batch.token_rows.to(device))
+    counts = batch.counts.to(device)
+    cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=device)
+    cu_seqlens[1:] = torch.cumsum(counts, 0)
+    return linear_sequence_logprobs(scored, weight, batch.token_targets.to(device), bias=bias, shift=False,
+                                    average=average, cu_seqlens=cu_seqlens, memory_budget=memory_budget)
