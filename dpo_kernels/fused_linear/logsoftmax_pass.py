@@ -7,7 +7,11 @@ log-prob `Z[label] - lse`. With `write_grad` it then overwrites `Z` in place wit
 
 (the gradient of the token log-prob w.r.t. its logits, optionally times a per-row factor such as the rejected rows'
 sign or `1/len` in average mode), so the `[C, V]` buffer that held the logits is reused for their gradient.
-Each program owns a row and sweeps it twice (statistics, then the gradient); the second sweep mostly hits L2.
+Each program sweeps a row twice (statistics, then the gradient), then moves to its next row. The grid is persistent
+(`pass_grid`): at most `PROGRAMS_PER_SM` programs per SM, and no more than keep the rows in flight within half of L2
+(about 100 of Llama 3's 250 KiB rows on an H100/H200: one program per SM or fewer), so that the second sweep of a row
+reads L2 rather than HBM. With so few programs, the first sweep issues the next tile's loads before the current
+tile's math, so that each program keeps two tiles of HBM reads in flight.
 CUDA tensors (or `DPO_KERNELS_BACKEND=triton`) run the Triton kernel; CPU tensors run the PyTorch twin below.
 
 With `stats` the first sweep also yields what TRL logs per token, at no extra read: the entropy of softmax(Z) and
@@ -39,6 +43,7 @@ def logsoftmax_pass_kernel(
     logp_ptr,
     entropy_ptr,
     top1_ptr,
+    num_rows,
     V,
     V_LOAD,
     BLOCK_V: tl.constexpr,
@@ -46,62 +51,69 @@ def logsoftmax_pass_kernel(
     HAS_SCALE: tl.constexpr,
     WITH_STATS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * stride_z
     offs = tl.arange(0, BLOCK_V)
-
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    first = tl.zeros([], tl.int32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        # Loads are masked at V_LOAD (>= V, a multiple of 16 where the rows have room): a mask at a V that is not
-        # one (50257, 32001) makes every access of the row scalar. Columns V..V_LOAD become -inf.
-        x = tl.load(z_row + cols, mask=cols < V_LOAD, other=float("-inf")).to(tl.float32)
-        x = tl.where(cols < V, x, float("-inf"))
-        tile_max = tl.max(x, axis=0)
-        m_new = tl.maximum(m, tile_max)
-        # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would turn s into NaN.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - shift)
-        e = tl.exp(x - shift)
-        if WITH_STATS:
-            # sum e^(z-m_new)(z-m_new) = alpha * (t + (m - m_new) s); s = 0 (and m = -inf) before any finite logit.
-            # The where()s pick 0 before multiplying, so -inf never meets 0.
-            moved = tl.where(s > 0, m - shift, 0.0) * s
-            t = alpha * (t + moved) + tl.sum(tl.where(e > 0, x - shift, 0.0) * e, axis=0)
-            tile_first = tl.min(tl.where(x == tile_max, cols, V), axis=0)
-            first = tl.where(tile_max > m, tile_first, first)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    label_logit = tl.load(z_row + label).to(tl.float32)
-    tl.store(logp_ptr + row, label_logit - lse)
-    if WITH_STATS:
-        tl.store(entropy_ptr + row, tl.log(s) - t / s)
-        tl.store(top1_ptr + row, first.to(tl.int64) == label)
-
-    if WRITE_GRAD:
-        scale = 1.0
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + row).to(tl.float32)
+    # A persistent grid (`pass_grid`): each program takes every num_programs-th row; int64 rows, as C * V > 2**31.
+    for row in range(tl.program_id(0).to(tl.int64), num_rows, tl.num_programs(0)):
+        z_row = z_ptr + row * stride_z
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], tl.float32)
+        t = tl.zeros([], tl.float32)
+        first = tl.zeros([], tl.int32)
+        # Loads are masked at V_LOAD (>= V, a multiple of 16 where the rows have room): a mask at a V that is not one
+        # (50257, 32001) makes every access of the row scalar. Columns V..V_LOAD become -inf.
+        tile = tl.load(z_row + offs, mask=offs < V_LOAD, other=float("-inf"))
         for start in range(0, V, BLOCK_V):
             cols = start + offs
-            x = tl.load(z_row + cols, mask=cols < V_LOAD, other=0.0).to(tl.float32)
-            x = tl.where(cols < V, x, 0.0)
-            d = tl.where(cols == label, 1.0, 0.0) - tl.exp(x - lse)
-            tl.store(z_row + cols, (d * scale).to(z_ptr.dtype.element_ty), mask=cols < V)
+            x = tl.where(cols < V, tile.to(tl.float32), float("-inf"))
+            # The next tile's loads go out before this tile's math: with about one program per SM, that keeps two
+            # tiles of HBM reads in flight where the math would otherwise leave none.
+            tile = tl.load(z_row + BLOCK_V + cols, mask=BLOCK_V + cols < V_LOAD, other=float("-inf"))
+            tile_max = tl.max(x, axis=0)
+            m_new = tl.maximum(m, tile_max)
+            # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would turn s into NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - shift)
+            e = tl.exp(x - shift)
+            if WITH_STATS:
+                # sum e^(z-m_new)(z-m_new) = alpha * (t + (m - m_new) s); s = 0 (and m = -inf) before any finite
+                # logit. The where()s pick 0 before multiplying, so -inf never meets 0.
+                moved = tl.where(s > 0, m - shift, 0.0) * s
+                t = alpha * (t + moved) + tl.sum(tl.where(e > 0, x - shift, 0.0) * e, axis=0)
+                tile_first = tl.min(tl.where(x == tile_max, cols, V), axis=0)
+                first = tl.where(tile_max > m, tile_first, first)
+            s = s * alpha + tl.sum(e, axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        label_logit = tl.load(z_row + label).to(tl.float32)
+        tl.store(logp_ptr + row, label_logit - lse)
+        if WITH_STATS:
+            tl.store(entropy_ptr + row, tl.log(s) - t / s)
+            tl.store(top1_ptr + row, first.to(tl.int64) == label)
+
+        if WRITE_GRAD:
+            scale = 1.0
+            if HAS_SCALE:
+                scale = tl.load(scale_ptr + row).to(tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                x = tl.load(z_row + cols, mask=cols < V_LOAD, other=0.0).to(tl.float32)
+                x = tl.where(cols < V, x, 0.0)
+                d = tl.where(cols == label, 1.0, 0.0) - tl.exp(x - lse)
+                tl.store(z_row + cols, (d * scale).to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
-# Resident programs per SM when the rows are small enough for L2 not to bound them: 4 programs of 8 warps are the
-# occupancy a launch of one program per row reaches on H100/H200.
-PROGRAMS_PER_SM = 4
+# Programs per SM when the rows are small enough for L2 not to bound them. Two programs of 8 warps fit an SM in every
+# variant (at most 128 registers a thread on sm_90), so the whole grid is resident: a persistent grid with more
+# programs than fit would start its last ones only when the first finish, and take up to twice as long.
+PROGRAMS_PER_SM = 2
 # The share of L2 the rows in flight may fill, so that a row is still there when its own program sweeps it again:
 # L2 is split in two partitions, and the gradient written back and the GEMM's operands compete for the rest.
 L2_SHARE = 0.5
+# The interpreter's stand-in device: one SM, so that a chunk of more than PROGRAMS_PER_SM rows gives its programs
+# several rows each, as a GPU does.
+INTERPRETER_L2_BYTES, INTERPRETER_SMS = 1 << 20, 1
 
 
 def pass_grid(num_rows: int, vocab: int, itemsize: int, l2_bytes: int, num_sms: int) -> tuple[int, int]:
@@ -144,6 +156,15 @@ def _load_width(z: torch.Tensor) -> int:
     return padded if end * z.element_size() <= z.untyped_storage().nbytes() else vocab
 
 
+def _l2_and_sms(device: torch.device) -> tuple[int, int]:
+    """`(L2 bytes, SM count)` of a CUDA device; for the interpreter, a small device that still gives each program
+    several rows of a test's chunk."""
+    if device.type != "cuda":
+        return INTERPRETER_L2_BYTES, INTERPRETER_SMS
+    props = torch.cuda.get_device_properties(device)
+    return props.L2_cache_size, props.multi_processor_count
+
+
 def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
     rows, vocab = z.shape
     logp = torch.empty(rows, dtype=torch.float32, device=z.device)
@@ -151,8 +172,9 @@ def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
     top1 = torch.empty(rows, dtype=torch.bool, device=z.device) if stats else None
     if rows > 0:
         block = _block_v(vocab)
+        programs, _ = pass_grid(rows, vocab, z.element_size(), *_l2_and_sms(z.device))
         with _on_device(z):
-            logsoftmax_pass_kernel[(rows,)](
+            logsoftmax_pass_kernel[(programs,)](
                 z,
                 z.stride(0),
                 labels,
@@ -160,6 +182,7 @@ def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
                 logp,
                 entropy,
                 top1,
+                rows,
                 vocab,
                 _load_width(z),
                 BLOCK_V=block,

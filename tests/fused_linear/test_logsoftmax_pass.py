@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dpo_kernels
-from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass, logsoftmax_pass_torch, pass_grid
+from dpo_kernels.fused_linear.logsoftmax_pass import PROGRAMS_PER_SM, logsoftmax_pass, logsoftmax_pass_torch, pass_grid
 from tests.helpers import (
     DTYPE_ATOL,
     MODES,
@@ -183,9 +183,42 @@ def test_pass_grid_keeps_the_rows_in_flight_within_half_of_l2(l2_bytes, num_sms)
 
 def test_pass_grid_bounds():
     # Small rows: L2 does not bind, the grid stops at PROGRAMS_PER_SM per SM.
-    assert pass_grid(100_000, 1000, 4, 50 * MIB, 132) == (4 * 132, 4 * 132)
+    assert pass_grid(100_000, 1000, 4, 50 * MIB, 132) == (PROGRAMS_PER_SM * 132, PROGRAMS_PER_SM * 132)
     # Fewer rows than programs: one program per row.
     assert pass_grid(7, 128256, 2, 50 * MIB, 132) == (7, 7)
     # A row larger than half of L2 still gets a program; no rows, no programs.
     assert pass_grid(64, 32 * MIB, 4, 50 * MIB, 132) == (1, 1)
     assert pass_grid(0, 1000, 4, 50 * MIB, 132) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pass_results_do_not_depend_on_the_grid(force_backend, monkeypatch, dtype):
+    """Each row is swept by exactly one program, the same way whichever program it falls to: the outputs are the same
+    bits for one program, a few, and one per row. The launcher sizes the grid from the device with `pass_grid`."""
+    from dpo_kernels.fused_linear import logsoftmax_pass as op
+
+    force_backend("triton")
+    rows, V = 7, 1000
+    z = (torch.randn(rows, V) * 4).to(dtype).to(DEVICE)
+    labels = torch.randint(0, V, (rows,), device=DEVICE)
+    scale = torch.randn(rows, device=DEVICE)
+    asked, results = [], []
+    for programs in (1, 3, rows):
+        def grid(*args, programs=programs):
+            asked.append(args)
+            return programs, programs
+
+        monkeypatch.setattr(op, "pass_grid", grid)
+        d = z.clone()
+        results.append((*logsoftmax_pass(d, labels, scale=scale, write_grad=True, stats=True), d))
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            assert torch.equal(got, want)
+    assert not torch.equal(results[0][-1], z), "the gradient was not written"
+    device = torch.device(DEVICE)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        limits = (props.L2_cache_size, props.multi_processor_count)
+    else:
+        limits = (op.INTERPRETER_L2_BYTES, op.INTERPRETER_SMS)
+    assert asked == [(rows, V, z.element_size(), *limits)] * 3

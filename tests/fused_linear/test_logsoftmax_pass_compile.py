@@ -40,7 +40,8 @@ def compile_for_sm90(dtype: str, write_grad: bool, has_scale: bool, stats: bool,
     block = op._block_v(vocab)
     constexprs = {"BLOCK_V": block, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "WITH_STATS": stats}
     types = {"z_ptr": f"*{dtype}", "stride_z": "i32", "labels_ptr": "*i64", "scale_ptr": "*fp32",
-             "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "top1_ptr": "*i1", "V": "i32", "V_LOAD": "i32"}
+             "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "top1_ptr": "*i1", "num_rows": "i32", "V": "i32",
+             "V_LOAD": "i32"}
     if not has_scale:
         constexprs["scale_ptr"] = None
     if not stats:
