@@ -8,7 +8,7 @@ STAMP := build/.installed-$(subst $(comma),_,$(EXTRAS))
 comma := ,
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test demo bench gpu-check lint clean
+.PHONY: install test demo bench gpu-check gpu-wheels lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,26 @@ bench: install
 
 gpu-check: install
 	bash benchmarks/gpu_check.sh
+
+# The wheels that benchmarks/gpu_check.sh installs on the GPU machine, which reaches no registry: the packages its
+# TRL, Liger and CCE rows need that the GPU image (Python 3.12 with torch 2.11, Triton 3.6, transformers 5.17,
+# accelerate, pandas, xxhash, fsspec, huggingface-hub, psutil, jinja2, pyyaml, tqdm) lacks. Pinned, and without their
+# needs (--no-deps), so that the set stays one version of each and small: the working tree that travels to the
+# machine, these wheels included, is limited to 64 MiB. datasets 5.2 needs pyarrow>=24, and the image's pyarrow is
+# not known to be that new; pyarrow 24 is the smallest that does (26 alone would take the set over the limit).
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==24.0.0 \
+	liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+GPU_WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64
+GPU_WHEELS_MAX_BYTES := 62914560
+
+gpu-wheels:
+	@mkdir -p .whl && rm -f .whl/*.whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) -d .whl $(GPU_WHEELS)
+	@ls -l .whl/*.whl | awk '{ printf "%12d  %s\n", $$5, $$9; total += $$5 } \
+		END { printf "%12d  total (%.2f MiB) in %d wheels; carry .whl\n", total, total / 1048576, NR; \
+		      if (total > $(GPU_WHEELS_MAX_BYTES)) { print "over 60 MiB: the working tree would not travel"; exit 1 } }'
 
 lint:
 	$(PYTHON) -m ruff check dpo_kernels tests benchmarks python
