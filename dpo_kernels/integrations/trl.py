@@ -40,11 +40,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 import dpo_kernels
 from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.integrations import hf
 from dpo_kernels.integrations.head_forward import install_head_forward
 from dpo_kernels.integrations.packing import next_token_labels, pack_rows
 from dpo_kernels.integrations.token_metrics import token_sums, with_engine_stats
 from dpo_kernels.loss_op.loss_types import LOSSES
+from dpo_kernels.loss_op.spec import check_loss_settings
 
 __all__ = ["TESTED_TRL_VERSIONS", "FusedDPOMixin", "FusedDPOTrainer", "patch_dpo_trainer"]
 
@@ -97,7 +99,7 @@ class FusedDPOMixin:
             return
         options = getattr(self, "_dk_options", {})
         self._dk_token_metrics = options.get("token_metrics", True)
-        self._dk_memory_budget = options.get("memory_budget")
+        self._dk_memory_budget = parse_memory_budget(options.get("memory_budget"))
         self._dk_unsupported = self._dk_unsupported_options()
         if self._dk_unsupported:
             names = "; ".join(self._dk_unsupported)
@@ -137,10 +139,8 @@ class FusedDPOMixin:
             found.append(f"loss_type={unknown}")
         else:
             try:
-                from dpo_kernels.loss_op.spec import validate_spec
-
-                ones = torch.ones(1)
-                validate_spec(self.loss_types, self.beta, self._dk_label_smoothing(), ones, ones, self._dk_params())
+                check_loss_settings(self.loss_types, beta=self.beta, label_smoothing=self._dk_label_smoothing(),
+                                    loss_params=self._dk_params())
             except ValueError as exc:
                 found.append(f"these loss settings ({exc})")
         model = self.model
@@ -379,6 +379,7 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
     """
 
     def __init__(self, *args, token_metrics: bool = True, memory_budget: int | str | None = None, **kwargs):
+        parse_memory_budget(memory_budget)  # a bad value fails here, before TRL's setup
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         # TRL 1.16 switches padding_free off with a warning during its __init__; this trainer implements it, so keep
         # the flag out of TRL's sight and restore it once TRL is set up.
@@ -404,6 +405,7 @@ def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True,
     """
     if not isinstance(trainer, DPOTrainer):
         raise ValueError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
+    parse_memory_budget(memory_budget)
     if not isinstance(trainer, FusedDPOMixin):
         cls = type(trainer)
         trainer.__class__ = type(f"Fused{cls.__name__}", (FusedDPOMixin, cls), {})

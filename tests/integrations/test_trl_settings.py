@@ -1,0 +1,60 @@
+"""FusedDPOTrainer and patch_dpo_trainer check their own settings when built, not at the first training step: a bad
+memory_budget raises, and loss settings the fused loss refuses make the trainer use TRL's computation."""
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
+datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
+
+from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = build_tokenizer()
+    return tok, datasets.Dataset.from_list(preference_rows(4))
+
+
+def _build(cls, tiny, tmp_path, quiet=True, **kwargs):
+    tok, data = tiny
+    config = {key: kwargs.pop(key) for key in ("loss_type", "label_smoothing") if key in kwargs}
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", per_device_train_batch_size=2,
+                         max_steps=1, use_cpu=True, bf16=False, disable_tqdm=True, **config)
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        return cls(model=build_llama(tok), ref_model=build_llama(tok, seed=1), args=args, train_dataset=data,
+                   processing_class=tok, **kwargs)
+
+
+@pytest.mark.parametrize("budget", ["bogus", 0, -5, True, float("nan")])
+def test_bad_memory_budget_raises_at_construction(tiny, tmp_path, monkeypatch, budget):
+    built = []
+    monkeypatch.setattr(trl.DPOTrainer, "__init__", lambda self, *a, **k: built.append(1))
+    with pytest.raises(ValueError, match="memory_budget"):
+        _build(FusedDPOTrainer, tiny, tmp_path, memory_budget=budget)
+    assert not built, "the check must come before TRL's own (slow) setup"
+
+
+def test_patch_with_a_bad_memory_budget_leaves_the_trainer_alone(tiny, tmp_path):
+    stock = _build(trl.DPOTrainer, tiny, tmp_path)
+    with pytest.raises(ValueError, match="memory_budget"):
+        patch_dpo_trainer(stock, memory_budget="bogus")
+    assert type(stock) is trl.DPOTrainer
+
+
+def test_loss_settings_the_fused_loss_refuses_fall_back_to_trl(tiny, tmp_path):
+    """Robust DPO divides by 1 - 2 label_smoothing (TRL accepts 0.5); the loss table's check names the setting in the
+    warning."""
+    with pytest.warns(UserWarning, match=r"label_smoothing = 0.5 is invalid for loss_type 'robust'"):
+        trainer = _build(FusedDPOTrainer, tiny, tmp_path, quiet=False, loss_type=["robust"], label_smoothing=0.5)
+    assert trainer._dk_unsupported
+    ok = _build(FusedDPOTrainer, tiny, tmp_path, loss_type=["robust"], label_smoothing=0.1)
+    assert not ok._dk_unsupported
