@@ -102,7 +102,7 @@ def eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average,
     rc = None if ref_c is None else ref_c.to(logps.dtype)
     rr = None if ref_r is None else ref_r.to(logps.dtype)
     out = reference.dpo_loss(logps[:B], logps[B:], rc, rr, loss_type=loss_type, chosen_lengths=counts[:B],
-                             rejected_lengths=counts[B:], **params)
+                             rejected_lengths=counts[B:], average=average, **params)
     inputs = [t for t in (h, w, b) if t is not None]
     grads = torch.autograd.grad(out.loss, inputs)
     return out, logps.detach(), grads

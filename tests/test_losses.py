@@ -135,7 +135,6 @@ def test_dpo_loss_module_sft_is_the_mean_chosen_token_nll(average):
     torch.testing.assert_close(out.loss.double(), _mean_chosen_token_nll(logits, labels), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="fused sft average")
 def test_fused_module_sft_average_is_the_mean_chosen_token_nll():
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(3, 9, 24, 100, seed=44)
     logits = torch.nn.functional.linear(hidden, weight, bias)

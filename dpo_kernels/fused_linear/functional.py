@@ -332,7 +332,7 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     loss_fn = functools.partial(dpo_loss_and_grads, ref_chosen_logps=ref_chosen_logps,
                                 ref_rejected_logps=ref_rejected_logps, beta=beta, loss_type=loss_type,
                                 label_smoothing=label_smoothing, chosen_lengths=counts[:B],
-                                rejected_lengths=counts[B:], **loss_params)
+                                rejected_lengths=counts[B:], average=bool(average), **loss_params)
     run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled())
     loss = FusedLinearDPOFunction.apply(hidden, weight, bias, run)
     return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
