@@ -1,9 +1,14 @@
 """The trainer's outputs for people: `metrics.jsonl`, one line per step on the console, the curves PNG."""
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import warnings
 from pathlib import Path
+
+from dpo_kernels.trainer.errors import DiskFullError, InputFileError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -16,11 +21,37 @@ def _clean(value):
     return value
 
 
+def read_records(path) -> list[dict]:
+    """The records of a metrics.jsonl file. A torn last line (a crash or a full disk mid-write) is dropped with a
+    warning; any other line that is not a JSON object with an integer "step" is an InputFileError naming the line."""
+    path = Path(path)
+    data = path.read_bytes()
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == last and not data.endswith(b"\n"):
+                warnings.warn(f"{path}: line {i + 1} is torn (cut off mid-write); dropping it", stacklevel=2)
+                continue
+            raise InputFileError(path, f"line {i + 1}: not valid JSON ({e.msg}); delete the line or the file") \
+                from None
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise InputFileError(path, f"line {i + 1}: not a metrics record (a JSON object with an integer step)")
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """Appends one JSON object per record to OUTPUT_DIR/metrics.jsonl; `history` keeps this run's records.
 
     On resume, records past the resumed step (written by the interrupted run after its last checkpoint) are dropped
-    so that the file reads as one uninterrupted run.
+    so that the file reads as one uninterrupted run. The file is rewritten atomically (a temporary, then a rename):
+    a crash at any moment leaves the old history or the new one, never a truncated file.
     """
 
     def __init__(self, output_dir, *, resume_step: int | None, enabled: bool):
@@ -31,19 +62,26 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    if record.get("step", 0) <= resume_step:
-                        kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
+        # The output dir is locked for this run, so a fixed temporary name cannot collide with another writer.
+        tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         self.history.append(record)
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise DiskFullError(self.path) from None
+                raise
 
 
 def step_line(r: dict, total_steps: int) -> str:
@@ -63,7 +101,7 @@ def plot_curves(metrics_path, png_path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = read_records(metrics_path)
     panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels, strict=True):
