@@ -307,7 +307,8 @@ def _rows_overlap(logits: torch.Tensor) -> bool:
     else:
         return False
     # Not nested: the positions overlap, or their strides interleave. Compare the sorted row starts (R * T integers).
-    starts = torch.arange(R).mul_(logits.stride(0)).unsqueeze(1) + torch.arange(T).mul_(logits.stride(1))
+    starts = torch.arange(R, device="cpu").mul_(logits.stride(0)).unsqueeze(1)
+    starts = starts + torch.arange(T, device="cpu").mul_(logits.stride(1))
     return bool((starts.flatten().sort().values.diff() < V).any())
 
 
