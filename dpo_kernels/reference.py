@@ -7,6 +7,8 @@ way eager training code does (`log_softmax(logits.float())`).
 import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.outputs import DPOOutput
+from dpo_kernels.validation import check_ndim
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,3 +184,53 @@ def dpo_loss(
         reward_margin=(chosen_rewards - rejected_rewards).mean(),
         losses=losses,
     )
+
+
+def fused_linear_dpo(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    average=False,
+    ignore_index=IGNORE_INDEX,
+    shift=True,
+    **loss_params,
+) -> DPOOutput:
+    """Plain-PyTorch `dpo_kernels.fused_linear_dpo` (padded layout): the lm_head's `linear`, then `sequence_logprobs`
+    and `dpo_loss` above, with the `[2B, T, V]` logits materialized.
+
+    Args:
+        hidden: `[2B, T, H]` float (rows 0..B-1 chosen, B..2B-1 rejected); weight: `[V, H]`; bias: `[V]` or None.
+            The logits are computed in their dtype (as an eager lm_head does), the log-softmax in float32 (float64
+            for float64 logits).
+        labels: `[2B, T]` int64, `ignore_index` on unscored positions.
+        ref_chosen_logps, ref_rejected_logps: `[B]` or both None (reference-free).
+        beta, loss_type, label_smoothing, loss_params: as `dpo_loss`; average, ignore_index, shift: as
+            `sequence_logprobs` (the sft term stays the mean NLL of the chosen tokens with `average`).
+    Returns:
+        `DPOOutput` in float32 (float64 for float64 inputs); `loss` is differentiable w.r.t. hidden, weight and bias
+        by autograd; the token statistics are None.
+    """
+    check_ndim(hidden, 3, "hidden", "[2B, T, H]")
+    check_ndim(labels, 2, "labels", "[2B, T]")
+    if hidden.shape[0] == 0 or hidden.shape[0] % 2:
+        raise ValueError(f"the batch needs an even, non-zero number of rows (B chosen then B rejected), got "
+                         f"{hidden.shape[0]}")
+    B = hidden.shape[0] // 2
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logps = sequence_logprobs(logits, labels, ignore_index=ignore_index, shift=shift, average=average)
+    _, scored = _shifted(logits, labels, shift)
+    counts = (scored != ignore_index).sum(-1)
+    out = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+                   label_smoothing=label_smoothing, chosen_lengths=counts[:B], rejected_lengths=counts[B:],
+                   average=average, **loss_params)
+    ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
+    ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
+    return DPOOutput(out.loss, logps[:B].detach(), logps[B:].detach(), out.chosen_rewards, out.rejected_rewards,
+                     out.reward_accuracy, out.reward_margin, out.losses, ref_c, ref_r, counts[:B], counts[B:])

@@ -89,23 +89,18 @@ def make_batch(B, T, H, V, dtype=torch.float32, *, prompt=3, empty_rows=(1,), se
 
 
 def eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average, dtype=None, **params):
-    """Plain PyTorch DPO (in `dtype`, float64 for the truth): (DPOLossOutput, logps [2B], grads (h, W, b)).
+    """Plain PyTorch DPO (`reference.fused_linear_dpo` in `dtype`, float64 for the truth): (DPOOutput, logps [2B],
+    grads (h, W, b)).
 
     Differentiates only w.r.t. the policy tensors given (bias None: no bias)."""
     dtype = dtype or hidden.dtype
     h, w = hidden.to(dtype, copy=True).requires_grad_(), weight.to(dtype, copy=True).requires_grad_()
     b = None if bias is None else bias.to(dtype, copy=True).requires_grad_()
-    logits = torch.nn.functional.linear(h, w, b)  # what an HF lm_head computes
-    logps = reference.sequence_logprobs(logits, labels, ignore_index=IGNORE_INDEX, average=average)
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-    B = labels.shape[0] // 2
-    rc = None if ref_c is None else ref_c.to(logps.dtype)
-    rr = None if ref_r is None else ref_r.to(logps.dtype)
-    out = reference.dpo_loss(logps[:B], logps[B:], rc, rr, loss_type=loss_type, chosen_lengths=counts[:B],
-                             rejected_lengths=counts[B:], average=average, **params)
+    out = reference.fused_linear_dpo(h, w, labels, bias=b, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+                                     loss_type=loss_type, average=average, ignore_index=IGNORE_INDEX, **params)
     inputs = [t for t in (h, w, b) if t is not None]
     grads = torch.autograd.grad(out.loss, inputs)
-    return out, logps.detach(), grads
+    return out, torch.cat([out.chosen_logps, out.rejected_logps]), grads
 
 
 def run_fused(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average, memory_budget=None,

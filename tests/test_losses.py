@@ -178,3 +178,53 @@ def test_meta_tensors_get_a_clear_error():
     with pytest.raises(ValueError, match="labels is a meta tensor"):
         dpo_kernels.FusedLinearDPOLoss()(torch.randn(2, 5, 8, device="meta"), torch.randn(11, 8, device="meta"),
                                          labels)
+
+
+def _composed(hidden, weight, bias, labels, ref_c, ref_r, loss_type, average, **params):
+    """linear -> reference.sequence_logprobs -> reference.dpo_loss, written out: what the eager oracle is made of."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logps = reference.sequence_logprobs(logits, labels, average=average)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    B = labels.shape[0] // 2
+    out = reference.dpo_loss(logps[:B], logps[B:], ref_c, ref_r, loss_type=loss_type, chosen_lengths=counts[:B],
+                             rejected_lengths=counts[B:], average=average, **params)
+    return out, logps, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type, average", [("sigmoid", False), ("ipo", True), (["robust", "sft"], True),
+                                                ("simpo", False)], ids=["sigmoid", "ipo-avg", "robust+sft-avg",
+                                                                        "simpo"])
+def test_reference_fused_linear_dpo_is_the_composed_oracle(loss_type, average, dtype):
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(3, 9, 24, 100, seed=45)
+    if loss_type == "simpo":
+        ref_c = ref_r = None
+    params = {"label_smoothing": [0.1, 0.0]} if isinstance(loss_type, list) else LOSS_PARAMS.get(loss_type, {})
+    leaves = [t.to(dtype).requires_grad_() for t in (hidden, weight, bias)]
+    got = reference.fused_linear_dpo(leaves[0], leaves[1], labels, bias=leaves[2], ref_chosen_logps=ref_c,
+                                     ref_rejected_logps=ref_r, loss_type=loss_type, average=average, **params)
+    got_grads = torch.autograd.grad(got.loss, leaves)
+    want, want_logps, counts = _composed(*leaves, labels, ref_c, ref_r, loss_type, average, **params)
+    want_grads = torch.autograd.grad(want.loss, leaves)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert isinstance(got, dpo_kernels.DPOOutput) and got.loss.dtype == compute
+    for name in ("loss", "chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin", "losses"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.chosen_logps, want_logps[:3]) and torch.equal(got.rejected_logps, want_logps[3:])
+    assert got.chosen_lengths.tolist() == counts[:3].tolist() and got.rejected_lengths.tolist() == counts[3:].tolist()
+    assert not got.chosen_logps.requires_grad and not got.losses.requires_grad
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == dtype and torch.equal(g, w)
+
+
+def test_reference_fused_linear_dpo_matches_the_fused_engine():
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(2, 10, 24, 300, seed=46)
+    kwargs = dict(beta=0.2, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5])
+    truth = reference.fused_linear_dpo(hidden.double(), weight.double(), labels, bias=bias.double(),
+                                       ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, **kwargs)
+    fused = dpo_kernels.fused_linear_dpo(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_c,
+                                         ref_rejected_logps=ref_r, **kwargs)
+    for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "losses", "ref_chosen_logps",
+                 "chosen_lengths"):
+        torch.testing.assert_close(getattr(fused, name).double(), getattr(truth, name).double(), rtol=1e-5,
+                                   atol=1e-5, msg=name)
