@@ -18,6 +18,8 @@ ROOT = str(REPO_ROOT)
 # A label smoothing inside every range of the table, for each loss that reads it.
 SMOOTHED = {name: {"robust": 0.2, "exo_pair": 1e-3}.get(name, 0.1) for name, info in LOSSES.items()
             if info.reads_label_smoothing}
+# The op's integer code of each loss type (its index in the table).
+CODE = {name: code for code, name in enumerate(LOSS_TYPES)}
 
 
 def _inputs(batch, dtype=torch.float64, device="cpu"):
@@ -33,7 +35,8 @@ def _inputs(batch, dtype=torch.float64, device="cpu"):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "loss_types",
-    [[i] for i in range(len(LOSS_TYPES))] + [[0, 14, 8], [9, 15, 16]],
+    [[i] for i in range(len(LOSS_TYPES))] + [[CODE["sigmoid"], CODE["sft"], CODE["aot"]],
+                                             [CODE["aot_unpaired"], CODE["simpo"], CODE["dpop"]]],
     ids=lambda t: "+".join(LOSS_TYPES[i] for i in t),
 )
 def test_opcheck(loss_types, device):
@@ -45,11 +48,13 @@ def test_opcheck(loss_types, device):
     torch.library.opcheck(torch.ops.dpo_kernels.dpo_loss_forward, args)
 
 
-def test_opcheck_reference_free():
+@pytest.mark.parametrize("average", [False, True])
+def test_opcheck_reference_free(average):
     pc, pr, _, _, lc, lr = _inputs(5, torch.float32)
+    types = [CODE["sft"], CODE["sigmoid"]]
     torch.library.opcheck(torch.ops.dpo_kernels.dpo_loss_forward,
-                          (pc.requires_grad_(), pr, None, None, lc, None, [14, 0], [1.0, 1.0], [0.0, 0.0], 0.1, 0.5,
-                           0.05, 50.0))
+                          (pc.requires_grad_(), pr, None, None, lc, None, types, [1.0, 1.0], [0.0, 0.0], 0.1, 0.5,
+                           0.05, 50.0, average))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -182,6 +187,21 @@ def test_cuda_matches_cpu(loss_type, batch):
     assert torch.equal(again[0].loss, gpu[0].loss), "the CUDA reduction must be deterministic"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("average", [False, True])
+def test_cuda_sft_matches_cpu_from_means_and_without_tokens(average):
+    pc, pr, rc, rr, lc, lr = _inputs(37, torch.float64)
+    for lengths in (lc, torch.zeros_like(lc)):
+        cpu = dpo_kernels.loss_op.op.dpo_loss_and_grads(pc, pr, rc, rr, loss_type=["sft", "sigmoid"],
+                                                        chosen_lengths=lengths, average=average)
+        gpu = dpo_kernels.loss_op.op.dpo_loss_and_grads(pc.cuda(), pr.cuda(), rc.cuda(), rr.cuda(),
+                                                        loss_type=["sft", "sigmoid"], chosen_lengths=lengths.cuda(),
+                                                        average=average)
+        for c, g in zip(cpu[0] + cpu[1:], gpu[0] + gpu[1:], strict=True):
+            assert torch.isfinite(c).all()
+            torch.testing.assert_close(g.cpu(), c, rtol=1e-10, atol=1e-12)
+
+
 def _good():
     pc, pr, rc, rr, lc, lr = _inputs(4, torch.float32)
     return dict(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
@@ -246,9 +266,9 @@ def test_raw_op_checks_its_arguments():
     pc, pr, rc, rr, lc, lr = _inputs(4, torch.float32)
     op = torch.ops.dpo_kernels.dpo_loss_forward
     with pytest.raises(RuntimeError, match="dtype"):
-        op(pc, pr, rc.double(), rr, None, None, [0], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+        op(pc, pr, rc.double(), rr, None, None, [CODE["sigmoid"]], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
     with pytest.raises(RuntimeError, match="length-normalized"):
-        op(pc, pr, rc, rr, None, None, [2], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+        op(pc, pr, rc, rr, None, None, [CODE["ipo"]], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
     with pytest.raises(RuntimeError, match="unknown loss type code"):
         op(pc, pr, rc, rr, None, None, [99], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
 
