@@ -102,7 +102,7 @@ def test_bad_row_exits_with_file_and_row(tiny, tmp_path, capsys):
     rc = cli.main(["train", "--model", tiny["model"], "--data", str(data), "--output-dir", str(tmp_path / "o"),
                    "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "bad.jsonl, row 3" in err and "missing field" in err
+    assert rc == 2 and "bad.jsonl: line 4: " in err and "missing field" in err
 
 
 @pytest.mark.parametrize("name, text, message", [

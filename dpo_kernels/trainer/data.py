@@ -2,7 +2,8 @@
 
 Rows are `{prompt, chosen, rejected}`, either all strings (standard form) or all lists of `{role, content}`
 messages (conversational form, rendered with the tokenizer's chat template). Files: `.json` (a list of rows),
-`.jsonl`, `.parquet`, or a directory written by `datasets.Dataset.save_to_disk`.
+`.jsonl`, `.parquet`, or a directory written by `datasets.Dataset.save_to_disk`. A bad row is reported by the file's
+1-based line (JSON lines) or the 0-based row index (other formats), or skipped and counted with `skip_bad_rows`.
 
 Where the prompt ends: the prompt and prompt+response are tokenized separately and the response starts at the
 longest common prefix of the two id lists (for chosen and rejected alike: the shorter of the two), so that a BPE
@@ -15,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.trainer.errors import InputFileError, UserInputError
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -45,54 +48,126 @@ class PreferenceData:
         return len(self.examples)
 
 
-class BadRowError(ValueError):
-    """A dataset row that cannot be used; the message names the file and the row."""
+class BadRowError(InputFileError):
+    """A dataset row that cannot be used. Raised with the problem alone by `tokenize_pair`; `load_preference_data`
+    adds the file and where in it (`line N` of a JSON-lines file, `row I` of other formats)."""
+
+    def __init__(self, problem: str, path=None, where: str | None = None):
+        if path is None:
+            UserInputError.__init__(self, problem)
+            self.path, self.problem = "", problem
+        else:
+            super().__init__(path, f"{where}: {problem}")
+        self.reason, self.where = problem, where
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A line of a JSON-lines file that is no row: not UTF-8 or not JSON (dropped by skip_bad_rows like a bad row)."""
+
+    problem: str
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
-def load_rows(path: str | os.PathLike) -> list:
-    """The raw rows of a JSON / JSONL / parquet file or a saved `datasets` directory, in file order."""
+_DATASETS_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+
+def read_rows(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """`(where, raw row)` of a JSON / JSONL / parquet file or a saved `datasets` directory, in file order.
+
+    `where` is `line N` (1-based line of the file) for JSON lines and `row I` (0-based, as `dataset[I]`) for the other
+    formats. A JSON-lines line that is not UTF-8 or not JSON comes back as an unreadable row, for the caller to
+    report or skip. Raises InputFileError for a missing, unreadable or unsupported file.
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise InputFileError(path, "no such file or directory")
     if path.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" in ds:
-                ds = ds["train"]
-            elif len(ds) == 1:
-                ds = next(iter(ds.values()))
-            else:
-                raise ValueError(f"{path} holds splits {list(ds)}; point at one split's directory or name it 'train'")
-        return ds.to_list()
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+        rows = _read_datasets_dir(path)
+    elif path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(str(path)).to_pylist()
-    if suffix in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json":
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError:
-                rows = None  # a .json file holding JSON lines
-            if isinstance(rows, list):
-                return rows
-            if rows is not None:
-                raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise BadRowError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-        return rows
-    raise ValueError(f"{path}: unsupported dataset format {suffix!r}; use .json, .jsonl, .parquet or a datasets dir")
+        try:
+            rows = pq.read_table(str(path)).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            raise InputFileError(path, f"not a readable parquet file ({str(e).splitlines()[0]})") from None
+    elif path.suffix.lower() in (".json", ".jsonl"):
+        data = path.read_bytes()
+        rows = _json_document(path, data) if path.suffix.lower() == ".json" else None
+        if rows is None:
+            return _json_lines(data)
+    else:
+        raise InputFileError(path, f"unsupported dataset format {path.suffix!r}; use .json, .jsonl, .parquet or a "
+                                   "datasets.save_to_disk directory")
+    return [(f"row {i}", row) for i, row in enumerate(rows)]
+
+
+def _read_datasets_dir(path: Path) -> list:
+    if not any((path / name).is_file() for name in _DATASETS_MARKERS):
+        raise InputFileError(path, "is a directory but not one written by datasets.save_to_disk (no "
+                                   f"{' / '.join(_DATASETS_MARKERS)}); point at a .json/.jsonl/.parquet file or such "
+                                   "a directory")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as e:
+        raise InputFileError(path, f"cannot load the saved dataset ({str(e).splitlines()[0]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise InputFileError(path, f"holds splits {list(ds)}; point at one split's directory or name it 'train'")
+    return ds.to_list()
+
+
+def _json_document(path: Path, data: bytes) -> list | None:
+    """The rows of a .json file holding one list, or None when it holds JSON lines instead."""
+    is_list = data.lstrip()[:1] == b"["
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        if not is_list:
+            return None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputFileError(path, f"line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    except json.JSONDecodeError as e:
+        if not is_list:
+            return None
+        raise InputFileError(path, f"line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rows, list):
+        raise InputFileError(path, f"expected a JSON list of rows, got {type(rows).__name__}")
+    return rows
+
+
+def _json_lines(data: bytes) -> list[tuple[str, object]]:
+    rows = []
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append((f"line {line_no}", _Unreadable(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                                        f"{e.start + 1})")))
+            continue
+        try:
+            rows.append((f"line {line_no}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            rows.append((f"line {line_no}", _Unreadable(f"not valid JSON ({e.msg})")))
+    return rows
+
+
+def _not_unicode(text: str, name: str) -> str | None:
+    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer accepts.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"'{name}' holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), not Unicode text"
+    return None
 
 
 def _check_messages(value, name: str) -> str | None:
@@ -103,11 +178,16 @@ def _check_messages(value, name: str) -> str | None:
             return f"'{name}' has a message that is not {{'role': str, 'content': str}}"
         if not m["content"].strip():
             return f"'{name}' has a message with empty content"
+        problem = _not_unicode(m["role"], name) or _not_unicode(m["content"], name)
+        if problem:
+            return problem
     return None
 
 
 def row_problem(row) -> str | None:
     """What is wrong with a raw row (None when it is usable)."""
+    if isinstance(row, _Unreadable):
+        return row.problem
     if not isinstance(row, dict):
         return f"a row must be an object with {FIELDS}, got {type(row).__name__}"
     missing = [f for f in FIELDS if f not in row or row[f] is None]
@@ -115,7 +195,9 @@ def row_problem(row) -> str | None:
         return f"missing field(s) {missing}"
     if all(isinstance(row[f], str) for f in FIELDS):
         empty = [f for f in FIELDS if not row[f].strip()]
-        return f"empty text in {empty}" if empty else None
+        if empty:
+            return f"empty text in {empty}"
+        return next(filter(None, (_not_unicode(row[f], f) for f in FIELDS)), None)
     if all(isinstance(row[f], list) for f in FIELDS):
         for f in FIELDS:
             problem = _check_messages(row[f], f)
@@ -184,17 +266,19 @@ def load_preference_data(path, tokenizer, *, max_length: int, max_prompt_length:
                          skip_bad_rows: bool = False) -> PreferenceData:
     """Loads and tokenizes a preference dataset.
 
-    Raises BadRowError naming the file and the (0-based) row for a malformed row, unless `skip_bad_rows`, which
-    drops such rows and counts them in `PreferenceData.dropped`.
+    Raises InputFileError for a missing or unreadable file, and BadRowError naming the file and where in it (the
+    1-based line of a JSON-lines file, else the 0-based row) for a malformed row, a line that is not JSON or not
+    UTF-8, unless `skip_bad_rows`: then such rows are dropped, counted in `PreferenceData.dropped` and reported in
+    one warning.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
-    rows = load_rows(path)
-    examples, dropped = [], 0
+    rows = read_rows(path)
+    examples, bad = [], []
     digest = hashlib.sha256()
-    for i, row in enumerate(rows):
+    for where, row in rows:
         try:
             problem = row_problem(row)
             if problem:
@@ -202,14 +286,17 @@ def load_preference_data(path, tokenizer, *, max_length: int, max_prompt_length:
             example = tokenize_pair(tokenizer, row, max_length=max_length, max_prompt_length=max_prompt_length)
         except BadRowError as e:
             if not skip_bad_rows:
-                raise BadRowError(f"{path}, row {i}: {e} (pass --skip-bad-rows to drop such rows)") from None
-            dropped += 1
+                raise BadRowError(f"{e.reason} (pass --skip-bad-rows to drop such rows)", path, where) from None
+            bad.append(f"{where}: {e.reason}")
             continue
         examples.append(example)
         digest.update(repr((example.prompt_len, example.chosen_ids, example.rejected_ids)).encode())
+    if bad:
+        shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        warnings.warn(f"{path}: dropped {len(bad)} bad row(s) of {len(rows)} ({shown})", stacklevel=2)
     if not examples:
-        raise ValueError(f"{path}: no usable rows ({len(rows)} read, {dropped} dropped)")
-    return PreferenceData(examples=examples, source=str(path), dropped=dropped, fingerprint=digest.hexdigest())
+        raise InputFileError(path, f"no usable rows ({len(rows)} read, {len(bad)} dropped)")
+    return PreferenceData(examples=examples, source=str(path), dropped=len(bad), fingerprint=digest.hexdigest())
 
 
 # -------------------------------------------------------------------------------------------------------- batching

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dpo_kernels.trainer.data import IGNORE_INDEX, BadRowError, collate, load_preference_data, tokenize_pair
+from dpo_kernels.trainer.errors import InputFileError
 from tests.tiny_models import build_tokenizer, conversational_rows, preference_rows, write_jsonl
 
 
@@ -93,29 +94,82 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize("bad,message", BAD_ROWS, ids=[m for _, m in BAD_ROWS])
-def test_bad_row_error_names_file_and_row(tmp_path, word_tok, bad, message):
+def test_bad_row_error_names_file_and_line(tmp_path, word_tok, bad, message):
     rows = preference_rows(3)
     rows.insert(2, bad)
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(BadRowError) as info:
         load_preference_data(path, word_tok, max_length=16, max_prompt_length=32)
     text = str(info.value)
-    assert str(path) in text and "row 2" in text and message in text
+    assert text.startswith(f"{path}: line 3: ") and message in text
+
+
+def _lines(*parts: bytes) -> bytes:
+    return b"\n".join(parts) + b"\n"
+
+
+def _row(i: int) -> bytes:
+    return json.dumps(preference_rows(i + 1)[i]).encode()
+
+
+BAD_LINES = [  # a bad line of the file, what the error says
+    (b"{not json", "not valid JSON"),
+    (b'{"prompt": "the sky \xff", "chosen": " blue", "rejected": " red"}', "not valid UTF-8 (byte 0xff"),
+    (b'{"prompt": "the sky \\ud800", "chosen": " blue", "rejected": " red"}', "'prompt' holds a lone surrogate"),
+    (b'{"prompt": "the sky", "chosen": " blue"}', "missing field"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_LINES, ids=[m for _, m in BAD_LINES])
+def test_a_bad_line_after_blank_lines_is_reported_by_its_line(tmp_path, word_tok, bad, message):
+    # Blank lines count: the bad row is line 5 of the file although it is the third non-blank one.
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(_lines(_row(0), b"", _row(1), b"   ", bad, _row(2)))
+    with pytest.raises(BadRowError) as info:
+        load_preference_data(path, word_tok, max_length=64)
+    assert str(info.value).startswith(f"{path}: line 5: ") and message in str(info.value)
+
+
+def test_skip_bad_rows_drops_bad_lines_counts_and_reports_them(tmp_path, word_tok):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(_lines(_row(0), *(bad for bad, _ in BAD_LINES), _row(1), _row(2)))
+    with pytest.warns(UserWarning, match=r"mixed.jsonl: dropped 4 bad row\(s\) of 7 \(line 2: not valid JSON"):
+        data = load_preference_data(path, word_tok, max_length=64, skip_bad_rows=True)
+    assert data.dropped == 4 and len(data) == 3
 
 
 def test_skip_bad_rows_counts_dropped(tmp_path, word_tok):
     rows = preference_rows(4)
     rows[1:1] = [bad for bad, _ in BAD_ROWS]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    data = load_preference_data(path, word_tok, max_length=16, max_prompt_length=32, skip_bad_rows=True)
+    with pytest.warns(UserWarning, match="dropped 5 bad row"):
+        data = load_preference_data(path, word_tok, max_length=16, max_prompt_length=32, skip_bad_rows=True)
     assert data.dropped == len(BAD_ROWS) and len(data) == 4
 
 
-def test_invalid_json_line_names_the_line(tmp_path, word_tok):
-    path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(preference_rows(1)[0]) + "\n{not json\n")
-    with pytest.raises(BadRowError, match="broken.jsonl, line 2"):
+def test_a_bad_row_of_a_json_list_is_reported_by_its_index(tmp_path, word_tok):
+    rows = preference_rows(3)
+    rows[1] = {"prompt": "the sky", "chosen": " blue"}
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(BadRowError, match=r"rows.json: row 1: missing field"):
         load_preference_data(path, word_tok, max_length=64)
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: d / "nope.jsonl", "no such file or directory"),
+    (lambda d: (d / "plain").mkdir() or d / "plain", "is a directory but not one written by datasets.save_to_disk"),
+    (lambda d: (d / "x.csv").write_text("a,b") and d / "x.csv", "unsupported dataset format '.csv'"),
+    (lambda d: (d / "x.parquet").write_bytes(b"PAR1 not really") and d / "x.parquet", "not a readable parquet"),
+    (lambda d: (d / "x.json").write_text('[{"prompt": 1},\n oops]') and d / "x.json", "line 2: not valid JSON"),
+    (lambda d: (d / "x.json").write_text('{"rows": []}') and d / "x.json", "expected a JSON list of rows"),
+])
+def test_a_missing_or_unreadable_data_file_is_one_error_naming_it(tmp_path, word_tok, setup, message):
+    path = setup(tmp_path)
+    with pytest.raises(InputFileError) as info:
+        load_preference_data(path, word_tok, max_length=64)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_collate_puts_chosen_first_right_padded(word_tok):

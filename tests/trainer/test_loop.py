@@ -206,7 +206,7 @@ def test_skip_bad_rows_reports_dropped(tiny, tmp_path):
     with open(data, "a") as f:
         f.write(json.dumps({"prompt": "what is the sky ?", "chosen": " blue ."}) + "\n")
         f.write(json.dumps({"prompt": "", "chosen": " blue .", "rejected": " red ."}) + "\n")
-    with pytest.raises(ValueError, match=r"mixed.jsonl, row 12"):
+    with pytest.raises(ValueError, match=r"mixed.jsonl: line 13: "):
         train(config(tiny, tmp_path / "strict", data=str(data)))
     result = train(config(tiny, tmp_path / "skip", data=str(data), skip_bad_rows=True, max_steps=1))
     assert result.dropped_rows == 2
