@@ -228,7 +228,7 @@ def _gradient_chunk(loop, s, e, coef, *, projected=False):
     d = loop.zbuf[: e - s] if projected else _project(loop, h)
     logsoftmax_pass(d, loop.layout.targets[s:e], scale=coef, write_grad=True)
     if grads.hidden is not None:
-        grads.hidden.index_copy_(0, loop.layout.rows[s:e], torch.mm(d, loop.weight))
+        _put_hidden_grad(grads.hidden, loop.layout, s, e, torch.mm(d, loop.weight))
     if grads.width:
         grads.add_weight_gemm(d, grads.operand(h, None), only=loop.plan.one_weight_gemm)
 
@@ -313,16 +313,27 @@ def _resident_group(loop, group, pair_loss):
         return
     c = pair_loss.token_coefficients(g, s, e)
     if grads.hidden is not None:
-        _scaled_hidden_grad(d, loop.weight, c, grads.hidden, loop.layout.rows[s:e])
+        _scaled_hidden_grad(d, loop.weight, c, grads.hidden, loop.layout, s, e)
     if grads.width:
         grads.add_weight_gemm(d, grads.operand(h, c), only=loop.plan.one_weight_gemm)
 
 
-def _scaled_hidden_grad(d, weight, c, out, rows):
-    """`out[rows] = (c * (D @ W))` rounded once to out's dtype; the fp32 product is freed on return."""
+def _scaled_hidden_grad(d, weight, c, out, layout, s, e):
+    """The rows of tokens `s:e` get `c * (D @ W)`, rounded once to out's dtype; the fp32 product is freed on
+    return."""
     u = mm_fp32(d, weight)
     u.mul_(c.unsqueeze(1))
-    out.index_copy_(0, rows, u.to(out.dtype))
+    _put_hidden_grad(out, layout, s, e, u.to(out.dtype))
+
+
+def _put_hidden_grad(out, layout, s, e, values):
+    """`out[rows of tokens s:e] = values`; where rows may repeat (`layout.rows_repeat`) the values add instead. A
+    shared prompt's last row gets exactly two addends (one per response), and 0 + a + b is the same sum in either
+    order, so the result does not depend on the order of CUDA's atomic adds."""
+    if layout.rows_repeat:
+        out.index_add_(0, layout.rows[s:e], values)
+    else:
+        out.index_copy_(0, layout.rows[s:e], values)
 
 
 def _stream_once(loop, group, pair_loss):
@@ -366,7 +377,7 @@ def _stream_once(loop, group, pair_loss):
         u.mul_(row_g.unsqueeze(1))
         # Rounded chunk by chunk: a [C, H] temporary rather than a second [n, H] one.
         for s, e in group.chunks:
-            grads.hidden.index_copy_(0, layout.rows[s:e], u[s - s0 : e - s0].to(loop.hidden2d.dtype))
+            _put_hidden_grad(grads.hidden, layout, s, e, u[s - s0 : e - s0].to(loop.hidden2d.dtype))
 
 
 def _stream_twice(loop, group, pair_loss):

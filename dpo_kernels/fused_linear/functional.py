@@ -24,7 +24,15 @@ import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear import engine
-from dpo_kernels.fused_linear.plan import StepPlan, TokenLayout, compact_tokens, plan_dpo_step, plan_logps
+from dpo_kernels.fused_linear.plan import (
+    StepPlan,
+    TokenAttribution,
+    TokenLayout,
+    attributed_tokens,
+    compact_tokens,
+    plan_dpo_step,
+    plan_logps,
+)
 from dpo_kernels.loss_op.op import dpo_loss_and_grads
 from dpo_kernels.loss_op.spec import validate_spec
 from dpo_kernels.outputs import DPOOutput
@@ -34,6 +42,7 @@ from dpo_kernels.validation import (
     check_integer_dtype,
     check_labels_in_range,
     check_ndim,
+    check_not_meta,
     check_same_device,
 )
 
@@ -62,10 +71,14 @@ def head_operands(hidden, weight, bias=None):
 
 
 def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, prefix=""):
-    """Validates one (hidden, weight, bias) triple against labels; returns R, the number of sequences."""
+    """Validates one (hidden, weight, bias) triple against labels (a tensor or a `TokenAttribution`); returns R, the
+    number of sequences."""
     check_ignore_index(ignore_index)
     check_ndim(weight, 2, f"{prefix}weight", "[V, H]")
-    if cu_seqlens is None:
+    attribution = labels if isinstance(labels, TokenAttribution) else None
+    if attribution is not None:
+        labels = _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix)
+    elif cu_seqlens is None:
         check_ndim(hidden, 3, f"{prefix}hidden", "[R, T, H] (or packed [N, H] with cu_seqlens)")
         check_ndim(labels, 2, "labels", "[R, T]")
         if labels.shape != hidden.shape[:2]:
@@ -97,7 +110,47 @@ def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, hidden.shape[0])
     check_labels_in_range(labels, V, ignore_index)
+    if attribution is not None:
+        return attribution.num_seqs
     return hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix):
+    """Shapes and ranges of a `TokenAttribution` against `hidden` `[R, T, H]` or `[rows, H]`; returns its targets."""
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens does not apply with a TokenAttribution, which names each token's row and sequence")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
+        raise ValueError(f"{prefix}hidden must be [R, T, H] or [rows, H] with a TokenAttribution, got shape "
+                         f"{tuple(getattr(hidden, 'shape', ()))}")
+    rows, targets, seqs, num_seqs = attribution
+    for name, t in (("rows", rows), ("targets", targets), ("seqs", seqs)):
+        check_ndim(t, 1, f"attribution.{name}", "[N]")
+        check_integer_dtype(t, f"attribution.{name}")
+        check_not_meta(**{f"attribution.{name}": t})
+    if not rows.shape == targets.shape == seqs.shape:
+        raise ValueError(f"attribution rows, targets and seqs must have one length, got {rows.numel()}, "
+                         f"{targets.numel()}, {seqs.numel()}")
+    if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 1:
+        raise ValueError(f"attribution.num_seqs must be a positive int, got {num_seqs!r}")
+    check_same_device(**{f"{prefix}hidden": hidden, "attribution.rows": rows, "attribution.targets": targets,
+                         "attribution.seqs": seqs})
+    hidden_rows = hidden.shape[0] * (hidden.shape[1] if hidden.dim() == 3 else 1)
+    if rows.numel():
+        if rows.min().item() < 0 or rows.max().item() >= hidden_rows:
+            raise ValueError(f"attribution.rows must lie in [0, {hidden_rows}) (the rows of the flattened "
+                             f"{prefix}hidden), got [{rows.min().item()}, {rows.max().item()}]")
+        if seqs.min().item() < 0 or seqs.max().item() >= num_seqs:
+            raise ValueError(f"attribution.seqs must lie in [0, {num_seqs}), got [{seqs.min().item()}, "
+                             f"{seqs.max().item()}]")
+        if bool((targets == ignore_index).any()):
+            raise ValueError(f"attribution.targets holds ignore_index ({ignore_index}): it lists scored tokens only")
+    return targets
+
+
+def _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired):
+    if isinstance(labels, TokenAttribution):
+        return attributed_tokens(labels, paired)
+    return compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired)
 
 
 def _check_cu_seqlens(cu_seqlens, total):
@@ -174,7 +227,10 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
         hidden: `[R, T, H]` float32/bfloat16/float16 last hidden states, or packed `[N, H]` with `cu_seqlens`.
         weight: `[V, H]` lm_head weight, same dtype and device as `hidden` (inside autocast both are cast to the
             autocast dtype first, see `head_operands`).
-        labels: `[R, T]` (or `[N]` packed) int64; `ignore_index` marks positions that are not scored.
+        labels: `[R, T]` (or `[N]` packed) int64; `ignore_index` marks positions that are not scored. Or a
+            `plan.TokenAttribution` naming each scored token's row of the flattened hidden states, label and
+            sequence (rows may repeat: the shared-prompt layout, `SharedPromptBatch.attribution`); `shift` and
+            `cu_seqlens` do not apply then.
         bias: optional `[V]` lm_head bias.
         shift: position t scores label t+1 of the same sequence (HuggingFace causal LM); the last position of each
             sequence scores nothing.
@@ -187,7 +243,7 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     """
     hidden, weight, bias = head_operands(hidden, weight, bias)
     num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index)
-    layout = compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=False)
+    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=False)
     plan = plan_logps(layout.rows.numel(), weight.shape[0], hidden.element_size(), memory_budget)
     run = _LogpsRun(layout, plan, num_seqs, bool(average))
     return LinearSequenceLogprobsFunction.apply(hidden, weight, bias, run)
@@ -291,7 +347,10 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
             B+i), or packed `[N, H]` with `cu_seqlens` `[2B + 1]` (the 2B sequences chosen first).
         weight: `[V, H]` lm_head weight (same dtype; inside autocast both are cast to the autocast dtype first, see
             `head_operands`); bias: optional `[V]`.
-        labels: `[2B, T]` (or `[N]`) int64, `ignore_index` on prompt and padding positions.
+        labels: `[2B, T]` (or `[N]`) int64, `ignore_index` on prompt and padding positions; or a
+            `plan.TokenAttribution` with `num_seqs = 2B` (sequence i chosen, B + i rejected): the shared-prompt
+            layout, one row per pair, its last prompt row scoring both responses' first tokens
+            (`SharedPromptBatch.attribution`); `shift` and `cu_seqlens` do not apply then.
         ref_chosen_logps, ref_rejected_logps: `[B]` precomputed reference log-probs, or
         ref_hidden, ref_weight, ref_bias: the reference model's hidden states (same layout as `hidden`) and head;
             `ref_weight`/`ref_bias` default to `weight`/`bias` (a shared, frozen head). Neither: reference-free.
@@ -320,7 +379,7 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
                              f"{tuple(hidden.shape[:-1])}")
         _check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, ignore_index, prefix="ref_")
-    layout = compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=True)
+    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=True)
     counts = layout.counts
     validate_spec(loss_type, beta, label_smoothing, counts[:B], counts[B:], loss_params)
     pair_counts = [layout.counts_host[i] + layout.counts_host[B + i] for i in range(B)]

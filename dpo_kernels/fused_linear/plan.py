@@ -51,6 +51,19 @@ class TokenLayout(NamedTuple):
     counts: torch.Tensor  # [R] int64: valid tokens per sequence
     counts_host: list  # the same as Python ints
     max_count: int
+    # Rows may repeat (an attribution where one hidden row scores several labels, as a shared prompt's last row
+    # scores both responses' first tokens): the hidden-state gradient adds into a row instead of writing it.
+    rows_repeat: bool = False
+
+
+class TokenAttribution(NamedTuple):
+    """Scored positions given directly instead of by labels: token k scores `targets[k]` from row `rows[k]` of the
+    flattened hidden states, for sequence `seqs[k]`. Rows may repeat. Tokens of one sequence keep their order."""
+
+    rows: torch.Tensor  # [N] int64
+    targets: torch.Tensor  # [N] int64, each in [0, V)
+    seqs: torch.Tensor  # [N] int64, each in [0, num_seqs)
+    num_seqs: int
 
 
 def _scored_positions(labels, cu_seqlens, ignore_index, shift):
@@ -76,6 +89,18 @@ def _scored_positions(labels, cu_seqlens, ignore_index, shift):
 
 def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired) -> TokenLayout:
     rows, targets, seq = _scored_positions(labels, cu_seqlens, ignore_index, shift)
+    return _layout(rows, targets, seq, num_seqs, paired, rows_repeat=False)
+
+
+def attributed_tokens(attribution: TokenAttribution, paired) -> TokenLayout:
+    """The layout of an attribution: its tokens grouped by sequence (a stable sort keeps each sequence's order)."""
+    order = torch.sort(attribution.seqs, stable=True).indices
+    rows, targets, seq = attribution.rows[order], attribution.targets[order], attribution.seqs[order]
+    return _layout(rows, targets, seq, attribution.num_seqs, paired, rows_repeat=True)
+
+
+def _layout(rows, targets, seq, num_seqs, paired, rows_repeat) -> TokenLayout:
+    """Natural-order scored tokens (grouped by sequence) into a layout, pair by pair when `paired`."""
     counts = torch.bincount(seq, minlength=num_seqs)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel(), device=rows.device) - starts[seq]
@@ -85,7 +110,7 @@ def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired) ->
         order = torch.sort(key, stable=True).indices
         rows, targets, seq, slot = rows[order], targets[order], seq[order], slot[order]
     counts_host = counts.tolist()
-    return TokenLayout(rows, targets, seq, slot, counts, counts_host, max(counts_host, default=0))
+    return TokenLayout(rows, targets, seq, slot, counts, counts_host, max(counts_host, default=0), rows_repeat)
 
 
 def parse_memory_budget(value):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.fused_linear.plan import TokenAttribution
 
 # Segment ids: what part of its pair a position holds.
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
@@ -76,6 +77,13 @@ class SharedPromptBatch:
     token_seqs: torch.Tensor
     counts: torch.Tensor
     num_pairs: int
+
+    @property
+    def attribution(self) -> TokenAttribution:
+        """The scored positions as the fused linear engine takes them in place of labels:
+        `fused_linear_dpo(hidden, weight, batch.attribution, ...)` with `hidden` `[rows, T, H]` as the model gives
+        it (no copy into the unshared `[2B, T, H]` layout)."""
+        return TokenAttribution(self.token_rows, self.token_targets, self.token_seqs, 2 * self.num_pairs)
 
     @property
     def num_positions(self) -> int:

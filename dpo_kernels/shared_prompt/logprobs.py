@@ -64,14 +64,8 @@ def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, ba
     Returns:
         `[2B]` float32, differentiable w.r.t. hidden, weight and bias.
     """
-    rows, T, H = hidden.shape
-    if (rows, T) != tuple(batch.input_ids.shape):
+    if tuple(hidden.shape[:-1]) != tuple(batch.input_ids.shape):
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match the batch's [rows, T] = "
                          f"{tuple(batch.input_ids.shape)}")
-    device = hidden.device
-    scored = hidden.reshape(rows * T, H).index_select(0, batch.token_rows.to(device))
-    counts = batch.counts.to(device)
-    cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=device)
-    cu_seqlens[1:] = torch.cumsum(counts, 0)
-    return linear_sequence_logprobs(scored, weight, batch.token_targets.to(device), bias=bias, shift=False,
-                                    average=average, cu_seqlens=cu_seqlens, memory_budget=memory_budget)
+    return linear_sequence_logprobs(hidden, weight, batch.to(hidden.device).attribution, bias=bias, average=average,
+                                    memory_budget=memory_budget)
