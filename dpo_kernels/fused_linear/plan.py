@@ -66,6 +66,14 @@ class TokenAttribution(NamedTuple):
     num_seqs: int
 
 
+def scored_counts(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tensor:
+    """`[R]` int64 scored tokens per row of padded `labels [R, T]`: positions whose label is not `ignore_index`
+    (with `shift`, position t scores label t + 1, so label 0 never counts). The response lengths the DPO loss
+    reads."""
+    scored = labels[:, 1:] if shift else labels
+    return (scored != ignore_index).sum(-1)
+
+
 def _scored_positions(labels, cu_seqlens, ignore_index, shift):
     """Natural-order (row index, target, sequence) of every position that scores a valid label."""
     if cu_seqlens is None:

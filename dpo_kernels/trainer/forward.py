@@ -1,54 +1,38 @@
 """One DPO forward of a policy on a batch, through one of three loss backends.
 
     fused-linear  backbone hidden states + lm_head weight -> dpo_kernels.FusedLinearDPOLoss (no [2B, T, V] logits)
-    logits        model(...).logits -> dpo_kernels.sequence_logprobs (Triton on CUDA) -> dpo_kernels.dpo_loss
+    logits        model(...).logits -> dpo_kernels.DPOLoss (Triton log-probs on CUDA, then the fused loss op)
     reference     model(...).logits -> dpo_kernels.reference.sequence_logprobs -> dpo_kernels.reference.dpo_loss
+
+The model runs inside the autocast region when an autocast dtype is given; so does the fused head, which then
+computes in that dtype as the model's own lm_head would (`dpo_kernels.fused_linear.functional.head_operands`). The
+logits backends read the logits outside it.
 
 `DPOForward` is an nn.Module so that DDP and FSDP wrap it whole: the lm_head weight that the fused path reads is
 then gathered (FSDP) and its gradient synchronized (DDP/FSDP) like any parameter used inside `forward`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
+import dpo_kernels
+from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.fused_linear.plan import scored_counts
 from dpo_kernels.integrations import hf
-from dpo_kernels.trainer.data import IGNORE_INDEX
+from dpo_kernels.losses import DPOLoss, FusedLinearDPOLoss
+from dpo_kernels.outputs import DPOOutput
 
 BACKENDS = ("fused-linear", "logits", "reference")
 
 
-class StepOutput(NamedTuple):
-    loss: torch.Tensor               # [] differentiable
-    chosen_logps: torch.Tensor       # [B] fp32, detached
-    rejected_logps: torch.Tensor     # [B]
-    chosen_rewards: torch.Tensor     # [B]
-    rejected_rewards: torch.Tensor   # [B]
-    reward_accuracy: torch.Tensor    # []
-    reward_margin: torch.Tensor      # []
-
-
-def response_lengths(labels: torch.Tensor) -> torch.Tensor:
-    """Scored tokens per row `[2B]` (labels are shifted: position 0 never scores)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-
-
-def _hidden_and_head(model, input_ids, attention_mask, autocast_dtype):
-    """Backbone hidden states (under autocast when asked) and the lm_head, all in one dtype: autocast's, else the
-    head's. The fused engine then runs outside autocast, on explicit dtypes, as the lm_head GEMM it replaces would."""
-    enabled = autocast_dtype is not None
-    with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-        hidden = hf.backbone_hidden_states(model, input_ids, attention_mask)
-    weight, bias = hf.output_head(model)
-    dtype = autocast_dtype or weight.dtype
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+def _autocast(input_ids, autocast_dtype):
+    return torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
+                          enabled=autocast_dtype is not None)
 
 
 def _logits(model, input_ids, attention_mask, autocast_dtype):
-    enabled = autocast_dtype is not None
-    with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+    with _autocast(input_ids, autocast_dtype):
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
@@ -60,48 +44,62 @@ class DPOForward(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"loss backend must be one of {BACKENDS}, got {backend!r}")
-        from dpo_kernels.losses import FusedLinearDPOLoss
-
         self.model = model
         self.backend = backend
         self.loss_kwargs = dict(loss_kwargs)
         self.autocast_dtype = autocast_dtype
-        self.fused = None
-        if backend == "fused-linear":
-            self.fused = FusedLinearDPOLoss(memory_budget=memory_budget, **self.loss_kwargs)
+        self.fused = FusedLinearDPOLoss(memory_budget=memory_budget, **self.loss_kwargs) \
+            if backend == "fused-linear" else None
+        self.logits_loss = DPOLoss(**self.loss_kwargs) if backend == "logits" else None
 
-    def forward(self, input_ids, attention_mask, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> StepOutput:
-        import dpo_kernels
-
-        half = input_ids.shape[0] // 2
+    def forward(self, input_ids, attention_mask, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> DPOOutput:
+        """`DPOOutput` of the batch (`[2B, T]` tensors, chosen rows first); only `loss` carries gradient."""
         if self.fused is not None:
-            hidden, weight, bias = _hidden_and_head(self.model, input_ids, attention_mask, self.autocast_dtype)
-            out = self.fused(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
-                             ref_rejected_logps=ref_rejected_logps)
-            logps = torch.cat([out.chosen_logps, out.rejected_logps])
-        else:
-            if self.backend == "logits":
-                logps_fn, loss_fn = dpo_kernels.sequence_logprobs, dpo_kernels.dpo_loss
-            else:
-                logps_fn, loss_fn = dpo_kernels.reference.sequence_logprobs, dpo_kernels.reference.dpo_loss
-            logps = logps_fn(_logits(self.model, input_ids, attention_mask, self.autocast_dtype), labels)
-            lengths = response_lengths(labels)
-            out = loss_fn(logps[:half], logps[half:], ref_chosen_logps, ref_rejected_logps,
-                          chosen_lengths=lengths[:half], rejected_lengths=lengths[half:], **self.loss_kwargs)
-        logps = logps.detach().float()
-        return StepOutput(out.loss, logps[:half], logps[half:], out.chosen_rewards, out.rejected_rewards,
-                          out.reward_accuracy, out.reward_margin)
+            with _autocast(input_ids, self.autocast_dtype):
+                hidden = hf.backbone_hidden_states(self.model, input_ids, attention_mask)
+                weight, bias = hf.output_head(self.model)
+                return self.fused(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
+                                  ref_rejected_logps=ref_rejected_logps)
+        logits = _logits(self.model, input_ids, attention_mask, self.autocast_dtype)
+        if self.logits_loss is not None:
+            return self.logits_loss(logits, labels, ref_chosen_logps, ref_rejected_logps)
+        return _reference_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, self.loss_kwargs)
+
+
+def _reference_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, loss_kwargs) -> DPOOutput:
+    """The float64-capable plain-PyTorch oracle of `DPOLoss`."""
+    half = logits.shape[0] // 2
+    logps = dpo_kernels.reference.sequence_logprobs(logits, labels)
+    lengths = scored_counts(labels, IGNORE_INDEX, shift=True)
+    out = dpo_kernels.reference.dpo_loss(logps[:half], logps[half:], ref_chosen_logps, ref_rejected_logps,
+                                         chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
+                                         **loss_kwargs)
+    metrics = logps.detach().float()
+    return DPOOutput(
+        loss=out.loss,
+        chosen_logps=metrics[:half],
+        rejected_logps=metrics[half:],
+        chosen_rewards=out.chosen_rewards.detach(),
+        rejected_rewards=out.rejected_rewards.detach(),
+        reward_accuracy=out.reward_accuracy.detach(),
+        reward_margin=out.reward_margin.detach(),
+        losses=out.losses.detach(),
+        ref_chosen_logps=None if ref_chosen_logps is None else ref_chosen_logps.detach(),
+        ref_rejected_logps=None if ref_rejected_logps is None else ref_rejected_logps.detach(),
+        chosen_lengths=lengths[:half],
+        rejected_lengths=lengths[half:],
+    )
 
 
 @torch.no_grad()
-def sequence_logps(model: nn.Module, backend: str, input_ids, attention_mask, labels,
-                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+def reference_logps(model: nn.Module, backend: str, input_ids, attention_mask, labels,
+                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """No-grad per-row log-probs `[2B]` fp32 of `model` (the reference model), with the backend's log-prob op."""
-    import dpo_kernels
-
     if backend == "fused-linear":
-        hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, autocast_dtype)
-        logps = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, bias=bias)
+        with _autocast(input_ids, autocast_dtype):
+            hidden = hf.backbone_hidden_states(model, input_ids, attention_mask)
+            weight, bias = hf.output_head(model)
+            logps = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, bias=bias)
     else:
         logps_fn = dpo_kernels.sequence_logprobs if backend == "logits" else dpo_kernels.reference.sequence_logprobs
         logps = logps_fn(_logits(model, input_ids, attention_mask, autocast_dtype), labels)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dpo_kernels.trainer.data import PreferenceData, collate, to_device
-from dpo_kernels.trainer.forward import sequence_logps
+from dpo_kernels.trainer.forward import reference_logps
 from dpo_kernels.trainer.models import load_model
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
@@ -128,8 +128,8 @@ class Reference:
             chosen, rejected = [], []
             for start in range(0, len(data), bs):
                 batch = to_device(collate(data.examples[start:start + bs], self.pad_id), self.ctx.device)
-                logps = sequence_logps(model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
-                                       batch["labels"], self.autocast_dtype).cpu()
+                logps = reference_logps(model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
+                                         batch["labels"], self.autocast_dtype).cpu()
                 half = logps.shape[0] // 2
                 chosen.append(logps[:half])
                 rejected.append(logps[half:])
@@ -148,7 +148,7 @@ class Reference:
             chosen, rejected = self.tables[name]
             idx = torch.tensor(indices)
             return chosen[idx].to(self.ctx.device), rejected[idx].to(self.ctx.device)
-        logps = sequence_logps(self.model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
-                               batch["labels"], self.autocast_dtype)
+        logps = reference_logps(self.model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
+                                 batch["labels"], self.autocast_dtype)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
