@@ -183,7 +183,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dpo_kernels.trainer import NonFiniteLossError, train
+    from dpo_kernels.trainer import Interrupted, NonFiniteLossError, train
 
     config = config_from_args(args)
     try:
@@ -197,6 +197,9 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"dpo-kernels train: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"dpo-kernels train: {e}", file=sys.stderr)
+        return 128 + e.signum
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 prints the summary
     summary = {"global_step": result.global_step, "final_checkpoint": result.final_checkpoint,

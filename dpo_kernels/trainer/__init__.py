@@ -10,6 +10,6 @@ model or a disk cache), `checkpoint` (atomic checkpoints), `distributed` (DDP/FS
 the console line, curves.png).
 """
 from dpo_kernels.trainer.config import TrainConfig
-from dpo_kernels.trainer.loop import NonFiniteLossError, TrainResult, train
+from dpo_kernels.trainer.loop import Interrupted, NonFiniteLossError, TrainResult, train
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "train"]
+__all__ = ["Interrupted", "NonFiniteLossError", "TrainConfig", "TrainResult", "train"]

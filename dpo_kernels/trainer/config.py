@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import numbers
 import types
@@ -320,3 +321,24 @@ def _check_loss_settings(c: TrainConfig) -> None:
     kwargs = loss_kwargs(c)
     check_loss_settings(kwargs.pop("loss_type"), beta=kwargs.pop("beta"),
                         label_smoothing=kwargs.pop("label_smoothing"), loss_params=kwargs)
+
+
+def resumed_config(c: TrainConfig, saved: Mapping) -> tuple[TrainConfig, list[str]]:
+    """The config a run resumed from a checkpoint runs with, and one note per run-shaping setting (metadata
+    `resume`) whose value differs from `saved`, the checkpoint's config (as its JSON holds it), saying which value
+    is used: the checkpoint's for the settings its optimizer and scheduler states carry, this run's for the others.
+    """
+    notes, restored = [], {}
+    for name, f in FIELDS.items():
+        kind = f.metadata.get("resume")
+        if kind is None or name not in saved:
+            continue
+        ours, theirs = json.loads(json.dumps(getattr(c, name))), saved[name]
+        if ours == theirs:
+            continue
+        if kind == "checkpoint":
+            restored[name] = theirs
+            notes.append(f"{name} {ours!r} (the checkpoint's {theirs!r} is used: its optimizer state carries it)")
+        else:
+            notes.append(f"{name} {ours!r} (used; the checkpoint's run had {theirs!r})")
+    return dataclasses.replace(c, **restored), notes

@@ -16,19 +16,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.trainer import checkpoint, distributed, models
-from dpo_kernels.trainer.config import TrainConfig, check_config, is_reference_free, loss_kwargs, precision_settings
+from dpo_kernels.trainer.config import (
+    TrainConfig,
+    check_config,
+    is_reference_free,
+    loss_kwargs,
+    precision_settings,
+    resumed_config,
+)
 from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data, to_device
-from dpo_kernels.trainer.errors import InputFileError
+from dpo_kernels.trainer.errors import InputFileError, UserInputError
 from dpo_kernels.trainer.forward import DPOForward
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
 from dpo_kernels.trainer.models import decoder_layer_types, enable_checkpointing, load_model, load_tokenizer
@@ -48,7 +60,7 @@ class TrainResult:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row: the run has diverged."""
+    """The run has diverged: too many non-finite losses in a row, or a step that left non-finite weights."""
 
 
 # ---------------------------------------------------------------------------------------------------- set-up steps
@@ -99,13 +111,11 @@ def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:
     plan = Plan(len(data), c.batch_size, world, c.grad_accum, c.seed)
     per_step = c.batch_size * world * c.grad_accum
     if plan.steps_per_epoch() < 1:
-        raise ValueError(f"{c.data} has {len(data)} usable pairs, fewer than one optimizer step needs "
-                         f"(batch_size {c.batch_size} x processes {world} x grad_accum {c.grad_accum} = {per_step})")
+        raise UserInputError(f"{c.data} has {len(data)} usable pairs, fewer than one optimizer step needs "
+                             f"(batch_size {c.batch_size} x processes {world} x grad_accum {c.grad_accum} = "
+                             f"{per_step})")
     plan.total_steps = c.max_steps if c.max_steps > 0 else c.epochs * plan.steps_per_epoch()
     return plan
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -138,30 +148,64 @@ def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, 
     return {f"eval/{k}": v / count for k, v in zip(METRIC_KEYS, totals, strict=True)}
 
 
-# ------------------------------------------------------------------------------------------------------ the loop
-def train(config: TrainConfig) -> TrainResult:
-    """Runs DPO as `config` says and returns what happened; see TrainConfig for every field.
+# ---------------------------------------------------------------------------------------------------------- set-up
+@dataclass
+class Run:
+    """Everything the loop needs, built by `build_run`; `state` is where the run is (what a checkpoint stores)."""
 
-    Raises ValueError for bad settings, data (naming file and row) or an unwritable output dir before training
-    starts, and NonFiniteLossError after `max_nonfinite_steps` non-finite losses in a row.
-    """
-    check_config(config)
-    ctx = distributed.setup(config.distributed, config.device)
-    try:
-        with checkpoint.claim_output_dir(config.output_dir, ctx) as out_dir:
-            return _train(config, ctx, out_dir)
-    finally:
-        ctx.close()
+    c: TrainConfig
+    ctx: distributed.DistContext
+    out_dir: Path
+    tokenizer: Any
+    pad: int
+    train_data: PreferenceData
+    eval_data: PreferenceData | None
+    plan: Plan
+    ref: Reference
+    dpo: DPOForward               # the policy and its loss: what the optimizer updates and a checkpoint saves
+    model: torch.nn.Module        # `dpo` as it runs: wrapped for DDP, sharded for FSDP
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: checkpoint.TrainState
+    resumed: bool
+    saved_step: int | None = None
+
+    def micro_batch(self, micro: int):
+        """Global micro-batch `micro`'s share of this process: (batch tensors, reference log-probs)."""
+        indices = self.plan.indices(micro, self.ctx.rank)
+        batch = to_device(collate([self.train_data.examples[i] for i in indices], self.pad), self.ctx.device)
+        return batch, *self.ref.logps("train", indices, batch)
+
+    def gradient_sync(self, last: bool):
+        """DDP all-reduces gradients only on the last micro-batch of a step."""
+        return self.model.no_sync() if self.c.distributed == "ddp" and not last else contextlib.nullcontext()
+
+    def evaluate(self) -> dict:
+        # DDP's forward bookkeeping expects a backward; evaluation runs the module inside (FSDP needs its own).
+        module = distributed.unwrap(self.model) if self.c.distributed == "ddp" else self.model
+        return evaluate(module, self.eval_data, self.ref, self.c, self.ctx, self.pad)
+
+    def save(self) -> Path:
+        """The checkpoint of the current step, written unless this run already wrote it."""
+        path = self.out_dir / f"{checkpoint.PREFIX}{self.state.step}"
+        if self.saved_step != self.state.step:
+            self.state.config = dataclasses.asdict(self.c)
+            path = checkpoint.save_state(self.out_dir, self.state, ctx=self.ctx, dpo=self.dpo,
+                                         optimizer=self.optimizer, scheduler=self.scheduler,
+                                         tokenizer=self.tokenizer, sharded=self.c.distributed == "fsdp")
+            self.saved_step = self.state.step
+        return path
 
 
-def _train(c: TrainConfig, ctx, out_dir: Path) -> TrainResult:
-    from tqdm.auto import tqdm
+def build_run(c: TrainConfig, ctx, out_dir: Path) -> Run:
+    """Loads the tokenizer, data, reference and policy, builds the optimizer and schedule, and restores them (and
+    the RNG states) from the checkpoint to resume."""
     from transformers import get_scheduler
 
     resume_dir = resolve_resume(c)
     if resume_dir is None and ctx.is_main and checkpoint.latest_checkpoint(out_dir) is not None:
         warnings.warn(f"{out_dir} already holds checkpoints; starting from scratch and overwriting them "
-                      "(pass resume='latest' / --resume to continue instead)", stacklevel=2)
+                      "(pass resume='latest' / --resume to continue instead)", stacklevel=3)
     seed_everything(c.seed)
 
     tokenizer = load_tokenizer(c.tokenizer or c.model)
@@ -183,8 +227,8 @@ def _train(c: TrainConfig, ctx, out_dir: Path) -> TrainResult:
     if c.gradient_checkpointing:
         enable_checkpointing(policy)
     policy.train()
-    budget = c.memory_budget if c.memory_budget in (None, "low") else int(c.memory_budget)
-    dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype, memory_budget=budget)
+    dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype,
+                     memory_budget=parse_memory_budget(c.memory_budget))
     model = distributed.wrap(dpo, ctx, decoder_layer_types(policy))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -194,101 +238,195 @@ def _train(c: TrainConfig, ctx, out_dir: Path) -> TrainResult:
     scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=plan.total_steps)
 
-    step, skipped, nonfinite_run = 0, 0, 0
+    state = checkpoint.TrainState(0, plan.total_steps, data_fingerprint=train_data.fingerprint)
     if resume_dir is not None:
         state = checkpoint.restore_state(resume_dir, ctx=ctx, dpo=dpo, optimizer=optimizer, scheduler=scheduler,
                                          total_steps=plan.total_steps, data_fingerprint=train_data.fingerprint,
                                          data_source=c.data)
-        step, skipped, nonfinite_run = state.step, state.skipped_steps, state.nonfinite_run
+        state.total_steps = plan.total_steps
+        c, notes = resumed_config(c, state.config)
+        if notes and ctx.is_main:
+            warnings.warn(f"resuming from {resume_dir} with settings that differ from its run: " + "; ".join(notes),
+                          stacklevel=3)
+    return Run(c, ctx, out_dir, tokenizer, pad, train_data, eval_data, plan, ref, dpo, model, optimizer, scheduler,
+               state, resumed=resume_dir is not None)
 
-    log = MetricsLog(out_dir, resume_step=step if resume_dir else None, enabled=ctx.is_main)
+
+# ------------------------------------------------------------------------------------------------------ the loop
+def train(config: TrainConfig) -> TrainResult:
+    """Runs DPO as `config` says and returns what happened; see TrainConfig for every field.
+
+    Raises UserInputError for bad settings, data (naming file and row), checkpoints or an unwritable output dir
+    before training starts; NonFiniteLossError after `max_nonfinite_steps` non-finite losses in a row or a step
+    that leaves non-finite weights; Interrupted after the checkpoint written on SIGINT or SIGTERM.
+    """
+    check_config(config)
+    ctx = distributed.setup(config.distributed, config.device)
+    try:
+        with checkpoint.claim_output_dir(config.output_dir, ctx) as out_dir:
+            run = build_run(config, ctx, out_dir)
+            with StopRequest(announce=ctx.is_main) as stop:
+                return run_loop(run, stop)
+    finally:
+        ctx.close()
+
+
+def run_loop(run: Run, stop: StopRequest) -> TrainResult:
+    """The steps: forward, backward, clip, step, zero_grad, one log line each; evaluations and checkpoints as the
+    config says; after a signal, a checkpoint and `Interrupted`."""
+    from tqdm.auto import tqdm
+
+    c, ctx, s, plan = run.c, run.ctx, run.state, run.plan
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    log = MetricsLog(run.out_dir, resume_step=s.step if run.resumed else None, enabled=ctx.is_main)
     stop_at = min(plan.total_steps, c.stop_after_steps) if c.stop_after_steps > 0 else plan.total_steps
-    bar = tqdm(total=plan.total_steps, initial=step, disable=not (c.progress and ctx.is_main), desc="dpo")
-    eval_metrics, last_saved = {}, None
-    is_ddp = c.distributed == "ddp"
-
-    def save(at_step: int) -> Path:
-        state = checkpoint.TrainState(at_step, plan.total_steps, skipped, nonfinite_run, train_data.fingerprint,
-                                      dataclasses.asdict(c))
-        return checkpoint.save_state(out_dir, state, ctx=ctx, dpo=dpo, optimizer=optimizer, scheduler=scheduler,
-                                     tokenizer=tokenizer, sharded=c.distributed == "fsdp")
-
-    while step < stop_at:
+    bar = tqdm(total=plan.total_steps, initial=s.step, disable=not (c.progress and ctx.is_main), desc="dpo")
+    eval_metrics = {}
+    while s.step < stop_at:
         t0 = time.perf_counter()
         sums, tokens, finite = [0.0] * len(METRIC_KEYS), 0, True
         for a in range(c.grad_accum):
-            micro = step * c.grad_accum + a
-            indices = plan.indices(micro, ctx.rank)
-            batch = to_device(collate([train_data.examples[i] for i in indices], pad), ctx.device)
-            ref_c, ref_r = ref.logps("train", indices, batch)
-            # DDP all-reduces gradients only on the last micro-batch of the step.
-            sync = model.no_sync() if is_ddp and a < c.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)  # forward
+            batch, ref_c, ref_r = run.micro_batch(s.step * c.grad_accum + a)
+            with run.gradient_sync(last=a == c.grad_accum - 1):
+                out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)  # forward
                 (out.loss / c.grad_accum).backward()                                                    # backward
             values = batch_metrics(out)
             finite = finite and math.isfinite(values[0])
-            sums = [s + v / c.grad_accum for s, v in zip(sums, values, strict=True)]
+            sums = [t + v / c.grad_accum for t, v in zip(sums, values, strict=True)]
             tokens += int(batch["num_tokens"])
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)                                  # clip
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = run.optimizer.param_groups[0]["lr"]
         finite = ctx.all_true(finite) and math.isfinite(grad_norm)
+        broken = None
         if finite:
-            optimizer.step()                                                                            # step
-            nonfinite_run = 0
+            run.optimizer.step()                                                                        # step
+            broken = nonfinite_weight(run.model, ctx)
+            s.nonfinite_run = 0
         else:
-            skipped += 1
-            nonfinite_run += 1
-        optimizer.zero_grad(set_to_none=True)                                                          # zero_grad
+            s.skipped_steps += 1
+            s.nonfinite_run += 1
+        run.optimizer.zero_grad(set_to_none=True)                                                      # zero_grad
         with warnings.catch_warnings():
             # A skipped step still advances the schedule (the step is spent); torch warns about the order.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-            scheduler.step()
-        step += 1
+            run.scheduler.step()
+        s.step += 1
 
-        metrics = ctx.mean(sums + [float(tokens)])
-        elapsed = time.perf_counter() - t0
-        record = {"step": step, "epoch": step * c.grad_accum / plan.micro_per_epoch,
-                  **dict(zip(METRIC_KEYS, metrics[:-1], strict=True)), "grad_norm": grad_norm, "lr": lr,
-                  "tokens_per_sec": metrics[-1] * ctx.world / max(elapsed, 1e-9), "skipped_steps": skipped}
-        if not finite:
-            record["loss"] = float("nan")
-        if step % c.log_every == 0 or step == stop_at:
+        record = step_record(run, sums, tokens, finite, grad_norm, lr, time.perf_counter() - t0)
+        if s.step % c.log_every == 0 or s.step == stop_at:
             log.write(record)
             if ctx.is_main and not c.progress:
                 print(step_line(record, plan.total_steps), flush=True)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                         margin=f"{record['rewards/margins']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-        if nonfinite_run >= c.max_nonfinite_steps:
+        if broken is not None or s.nonfinite_run >= c.max_nonfinite_steps:
             bar.close()
-            raise NonFiniteLossError(
-                f"stopping at step {step}: {nonfinite_run} non-finite losses in a row ({skipped} skipped in all); "
-                "lower lr, check the data, or try precision fp32"
-            )
-        if eval_data is not None and c.eval_every > 0 and step % c.eval_every == 0 and step < stop_at:
-            eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad)
-            log.write({"step": step, **eval_metrics})
-        if c.save_every > 0 and step % c.save_every == 0 and step < stop_at:
-            save(step)
-            last_saved = step
+            raise NonFiniteLossError(divergence_message(run, broken, lr))
+        if stop.requested(ctx):
+            bar.close()
+            raise Interrupted(stop.signum, s.step, run.save())
+        if run.eval_data is not None and c.eval_every > 0 and s.step % c.eval_every == 0 and s.step < stop_at:
+            eval_metrics = run.evaluate()
+            log.write({"step": s.step, **eval_metrics})
+        if c.save_every > 0 and s.step % c.save_every == 0 and s.step < stop_at:
+            run.save()
     bar.close()
 
-    if eval_data is not None:
-        eval_metrics = evaluate(_eval_module(model, c), eval_data, ref, c, ctx, pad)
-        log.write({"step": step, **eval_metrics})
-    final_checkpoint = save(step) if last_saved != step else out_dir / f"{checkpoint.PREFIX}{step}"
+    if run.eval_data is not None:
+        eval_metrics = run.evaluate()
+        log.write({"step": s.step, **eval_metrics})
+    final_checkpoint = run.save()
     plot_path = None
     if c.plot and ctx.is_main:
-        plot_path = str(plot_curves(log.path, out_dir / PLOT_FILE))
+        plot_path = str(plot_curves(log.path, run.out_dir / PLOT_FILE))
     ctx.barrier()
-    return TrainResult(output_dir=str(out_dir), global_step=step, final_checkpoint=str(final_checkpoint),
-                       history=log.history, eval_metrics=eval_metrics, skipped_steps=skipped,
-                       dropped_rows=train_data.dropped, plot_path=plot_path)
+    return TrainResult(output_dir=str(run.out_dir), global_step=s.step, final_checkpoint=str(final_checkpoint),
+                       history=log.history, eval_metrics=eval_metrics, skipped_steps=s.skipped_steps,
+                       dropped_rows=run.train_data.dropped, plot_path=plot_path)
 
 
-def _eval_module(model, c: TrainConfig):
-    # DDP's forward bookkeeping expects a backward; evaluation runs the module inside (FSDP needs its own forward).
-    return distributed.unwrap(model) if c.distributed == "ddp" else model
+def step_record(run: Run, sums: list[float], tokens: int, finite: bool, grad_norm: float, lr: float,
+                elapsed: float) -> dict:
+    """The metrics.jsonl record of the step just taken (metrics averaged over processes; loss NaN when skipped)."""
+    metrics = run.ctx.mean(sums + [float(tokens)])
+    record = {"step": run.state.step, "epoch": run.state.step * run.c.grad_accum / run.plan.micro_per_epoch,
+              **dict(zip(METRIC_KEYS, metrics[:-1], strict=True)), "grad_norm": grad_norm, "lr": lr,
+              "tokens_per_sec": metrics[-1] * run.ctx.world / max(elapsed, 1e-9),
+              "skipped_steps": run.state.skipped_steps}
+    if not finite:
+        record["loss"] = float("nan")
+    return record
+
+
+# ------------------------------------------------------------------------------------------ stopping early
+def nonfinite_weight(model: torch.nn.Module, ctx) -> str | None:
+    """The name of a parameter holding NaN or inf after an optimizer step (on any process), or None.
+
+    One max-abs reduction per parameter (NaN propagates through it) and one device sync per step."""
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
+             if p.requires_grad]
+    named = [(n, p.detach()) for n, p in named if p.numel() > 0]
+    peaks = torch.stack([torch.linalg.vector_norm(p, float("inf")).float() for _, p in named])
+    bad = (~torch.isfinite(peaks)).nonzero().flatten().tolist()
+    if ctx.all_true(not bad):
+        return None
+    return named[bad[0]][0] if bad else "a parameter held by another process"
+
+
+def divergence_message(run: Run, broken: str | None, lr: float) -> str:
+    s = run.state
+    if broken is None:
+        return (f"stopping at step {s.step}: {s.nonfinite_run} non-finite losses in a row ({s.skipped_steps} "
+                "skipped in all); lower lr, check the data, or try precision fp32")
+    dtype = str(next(run.dpo.parameters()).dtype).removeprefix("torch.")
+    return (f"stopping at step {s.step}: its optimizer step left non-finite weights ({broken}, {dtype}) although "
+            f"the loss and gradients were finite: the AdamW update overflowed (lr {lr:g}, weight_decay "
+            f"{run.c.weight_decay:g}); nothing of this step is saved; lower lr or weight_decay")
+
+
+class StopRequest:
+    """Turns the first SIGINT or SIGTERM into a request that the loop honours after its step (it saves a checkpoint
+    and raises Interrupted); a second SIGINT raises KeyboardInterrupt at once. Handlers are installed only in the
+    main thread, and the previous ones are restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool):
+        self.announce = announce
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.announce:
+                # os.write: print() could re-enter a write the main thread is in the middle of.
+                os.write(2, f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                            "(Ctrl-C again stops at once)\n".encode())
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def requested(self, ctx) -> bool:
+        """Whether any process got a signal (all processes stop at the same step)."""
+        return not ctx.all_true(self.signum is None)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM after saving the checkpoint of its last step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to "
+                         f"{checkpoint} (continue with --resume)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_kernels.trainer import NonFiniteLossError, TrainConfig, train
+from dpo_kernels.trainer import NonFiniteLossError, TrainConfig, checkpoint, train
 from dpo_kernels.trainer import forward as dpo_forward
 from dpo_kernels.trainer import loop as trainer
 from tests.helpers import assert_within_rule
@@ -210,3 +210,26 @@ def test_skip_bad_rows_reports_dropped(tiny, tmp_path):
         train(config(tiny, tmp_path / "strict", data=str(data)))
     result = train(config(tiny, tmp_path / "skip", data=str(data), skip_bad_rows=True, max_steps=1))
     assert result.dropped_rows == 2
+
+
+def test_a_step_that_leaves_non_finite_weights_stops_without_saving(tiny, tmp_path):
+    # lr * weight_decay overflows float32: the first step's loss and gradients are finite, its update is not.
+    with pytest.raises(NonFiniteLossError, match=r"step 1: its optimizer step left non-finite weights \(model\."):
+        train(config(tiny, tmp_path / "out", max_steps=2, save_every=1, lr=1e30, weight_decay=1e30))
+    assert checkpoint.latest_checkpoint(tmp_path / "out") is None
+
+
+def test_resume_with_other_settings_warns_naming_each_and_the_value_used(tiny, tmp_path):
+    kw = dict(max_steps=3, lr_scheduler="constant")
+    full = train(config(tiny, tmp_path / "full", **kw))
+    train(config(tiny, tmp_path / "split", stop_after_steps=1, **kw))
+    with pytest.warns(UserWarning, match="differ from its run") as caught:
+        second = train(config(tiny, tmp_path / "split", resume="latest", lr=5e-2, batch_size=3, **kw))
+    message = str(next(w.message for w in caught if "differ from its run" in str(w.message)))
+    assert "lr 0.05 (the checkpoint's 0.005 is used" in message
+    assert "batch_size 3 (used; the checkpoint's run had 2)" in message
+    assert "max_steps" not in message and "stop_after_steps" not in message
+    # The checkpoint's learning rate is what runs, and what the next checkpoint records.
+    assert [r["lr"] for r in second.history] == [r["lr"] for r in full.history[1:]]
+    saved = json.loads((Path(second.final_checkpoint) / "trainer_state.json").read_text())["config"]
+    assert (saved["lr"], saved["batch_size"]) == (5e-3, 3)
