@@ -189,7 +189,31 @@ def test_a_short_smoke_run_leaves_one_tarball_with_every_stage(tmp_path):
     assert "| environment | 0 |" in summary and "dpo_kernels imported from" in summary
 
 
+def test_the_memory_stage_profiles_to_t_65536_at_the_reference_head():
+    assert "--seq-lens 1024,2048,4096,8192,16384,32768,65536 --hidden 4096 --vocab 128256" in TEXT
+
+
+def test_gpu_check_picks_the_python_that_has_torch(tmp_path):
+    """The GPU image's torch lives in `python3`; a `python` without torch first on PATH must not be chosen. With a
+    zero budget every stage is skipped, so the script only picks its interpreter and writes its summary."""
+    script = str(SCRIPT)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    fake = bin_dir / "python"
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", OUT=str(tmp_path / "out"), GPU_CHECK_BUDGET_S="0")
+    out = subprocess.run(["bash", script, "--cpu-smoke"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "python python3," in out.stdout, out.stdout
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DPO_KERNELS_FULL_SMOKE") != "1",
+                    reason="every stage at tiny sizes takes 1.5-3 minutes on 2 cores; the short smoke run above "
+                           "covers the script's machinery in CI. Set DPO_KERNELS_FULL_SMOKE=1 to run it")
 def test_the_whole_smoke_run_passes(tmp_path):
     proc = smoke(tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
