@@ -34,8 +34,8 @@ def resolve_model_dir(name_or_path, what: str = "model") -> Path:
 
         return Path(snapshot_download(str(name_or_path), local_files_only=True))
     except Exception:  # an invalid repo id, or one missing from the cache: both mean "not found" here
-        raise InputFileError(name_or_path, f"no such {what} directory, and no model of that id in the local "
-                                           "Hugging Face cache (nothing is downloaded)") from None
+        raise InputFileError(name_or_path, "no such directory, and no model of that id in the local Hugging Face "
+                                           "cache (nothing is downloaded)") from None
 
 
 def check_safetensors(path) -> None:
@@ -119,6 +119,9 @@ def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
 
     root = resolve_model_dir(name_or_path, "tokenizer")
+    for name in ("config.json", "tokenizer_config.json"):  # AutoTokenizer reads both when present
+        if (root / name).is_file():
+            _read_json(root / name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
