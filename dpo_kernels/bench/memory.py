@@ -194,6 +194,13 @@ def markdown_lines(result: dict) -> list:
 
 def plot(result: dict, path: str) -> str:
     """Peak extra GiB against T, log-log; a provider's out-of-memory length is marked with a red x."""
+    fig, ax = figure(result)
+    title = f"Peak memory of one DPO step, {result['pairs']} pair(s), H={result['hidden']} V={result['vocab']}"
+    return report.save_figure(fig, ax, path, title, result["stamp"])
+
+
+def figure(result: dict):
+    """The `(figure, axes)` `plot` saves."""
     fig, ax = report.new_figure()
     # An OOM is drawn at the device's capacity when known, else just above the highest measurement.
     top = result.get("device_memory_gib") or 1.5 * max([r.get("peak_extra_gib") or 0 for r in result["rows"]] + [1e-6])
@@ -214,12 +221,11 @@ def plot(result: dict, path: str) -> str:
     ax.set_xticks(result["seq_lens"], [str(t) for t in result["seq_lens"]], fontsize=8)
     ax.minorticks_off()
     if any((r.get("peak_extra_gib") or 0) > 0 for r in result["rows"]):
-        ax.set_yscale("log")  # tiny CPU runs can measure 0 (no new pages): keep a linear axis for them
+        report.plain_log_axis(ax, "y")  # tiny CPU runs can measure 0 (no new pages): keep a linear axis for them
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("peak extra memory (GiB)")
     ax.legend(fontsize=7)
-    title = f"Peak memory of one DPO step, {result['pairs']} pair(s), H={result['hidden']} V={result['vocab']}"
-    return report.save_figure(fig, ax, path, title, result["stamp"])
+    return fig, ax
 
 
 def write(result: dict, output_dir: str, png: bool = True) -> dict:

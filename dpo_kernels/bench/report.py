@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 
+import numpy as np
 import torch
 
 GIB = float(1 << 30)
@@ -88,6 +89,31 @@ def new_figure(width: float = 8.0, height: float = 4.5):
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(width, height))
+
+
+def plain_log_axis(ax, which: str = "y", base: int = 2) -> None:
+    """Puts `ax`'s `which` axis on a log scale with ticks at powers of `base` labelled as plain numbers (0.25, 0.5,
+    1, 2, 4) and no minor labels; matplotlib's own labels read `4×10^0` on an axis spanning less than a decade."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log", base=base)
+    axis.set_major_locator(LogLocator(base=base))
+    axis.set_major_formatter(FuncFormatter(plain_number))
+    axis.set_minor_locator(NullLocator())
+    # Limits at the enclosing powers of `base`, so that at least two ticks are labelled.
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
+    lo, hi = base ** math.floor(math.log(lo, base)), base ** math.ceil(math.log(hi, base))
+    (ax.set_ylim if which == "y" else ax.set_xlim)(lo, hi if hi > lo else lo * base)
+
+
+def plain_number(value: float, _pos=None) -> str:
+    """`value` in positional notation: whole numbers as integers, others to 3 significant digits."""
+    if value >= 1 and float(value).is_integer():
+        return str(int(value))
+    return np.format_float_positional(value, precision=3, fractional=False, trim="-")
 
 
 def save_figure(fig, ax, path: str, title: str, s: dict) -> str:

@@ -1,6 +1,7 @@
 """The comparison sweep, the memory profiler and their command line, run at tiny sizes on the CPU."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,6 +156,27 @@ def test_memory_profile_stops_a_provider_at_its_first_oom(tmp_path):
     saved = json.load(open(paths["json"]))
     assert {"stamp", "method", "seq_lens", "providers", "rows", "hidden", "vocab", "pairs"} <= set(saved)
     _assert_png(paths["png"])
+
+
+def test_memory_plot_labels_its_log_axis_with_plain_numbers(tmp_path, monkeypatch):
+    gib = {"eager": (0.6, 1.3, 4.5), "dpo_kernels": (0.3, 0.35, 0.4)}
+    result = {"seq_lens": [16, 32, 64], "providers": [{"name": n, "status": "ran"} for n in gib],
+              "rows": [{"provider": n, "seq_len": t, "status": "ok", "peak_extra_gib": v}
+                       for n, values in gib.items() for t, v in zip((16, 32, 64), values, strict=True)],
+              "pairs": 1, "hidden": 8, "vocab": 64, "stamp": {}}
+    labels = {}
+
+    def capture(fig, ax, path, title, stamp):
+        fig.canvas.draw()
+        labels["major"] = [t.get_text() for t in ax.get_yticklabels()]
+        labels["minor"] = [t.get_text() for t in ax.get_yticklabels(minor=True)]
+        return path
+
+    monkeypatch.setattr(memory.report, "save_figure", capture)
+    memory.plot(result, str(tmp_path / "memory.png"))
+    assert {"0.25", "0.5", "1", "2", "4"} <= set(labels["major"]), labels
+    assert all(re.fullmatch(r"\d+(\.\d+)?", text) for text in labels["major"]), labels
+    assert not any(labels["minor"]), labels
 
 
 def test_memory_profile_in_fresh_subprocesses_sees_the_eager_logits():
