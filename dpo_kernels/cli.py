@@ -118,7 +118,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="JSON (or YAML, with PyYAML) file of TrainConfig values; explicit flags override it")
     for name, f in FIELDS.items():
         _add_flag(p, f, field_types()[name])
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, user_errors=(UserInputError,))
     return p
 
 

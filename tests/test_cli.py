@@ -144,3 +144,25 @@ def test_settings_that_cannot_train_fail_before_any_work(tiny, tmp_path, capsys,
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    import dpo_kernels.trainer as trainer
+    from dpo_kernels.trainer.errors import InputFileError
+
+    argv = ["train", "--model", "m", "--data", "d.jsonl", "--output-dir", str(tmp_path / "out")]
+
+    def missing_file(config):
+        raise InputFileError(tmp_path / "model.safetensors", "truncated safetensors file")
+
+    monkeypatch.setattr(trainer, "train", missing_file)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"dpo-kernels train: error: {tmp_path}/model.safetensors: truncated " \
+                                      "safetensors file\n"
+
+    def bug(config):
+        raise ValueError("an internal invariant broke")  # not a UserInputError: the package's bug, not the user's
+
+    monkeypatch.setattr(trainer, "train", bug)
+    with pytest.raises(ValueError, match="internal invariant"):
+        cli.main(argv)

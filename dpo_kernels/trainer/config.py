@@ -26,6 +26,7 @@ import torch
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.loss_op import loss_types as loss_table
 from dpo_kernels.loss_op.spec import check_loss_settings
+from dpo_kernels.trainer.distributed import DEVICES
 from dpo_kernels.trainer.distributed import MODES as DISTRIBUTED_MODES
 from dpo_kernels.trainer.errors import UserInputError
 from dpo_kernels.trainer.forward import BACKENDS
@@ -34,7 +35,6 @@ from dpo_kernels.validation import FLOAT_DTYPES
 PRECISIONS = ("auto", "bf16", "fp32", "fp64")
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "float64": torch.float64}
-DEVICES = ("auto", "cpu", "cuda")
 SEED_LIMIT = 2**32  # numpy's seeds are 32-bit
 
 
@@ -146,6 +146,10 @@ class TrainConfig:
                                       "--loss-backend reference only) is for tests", choices=PRECISIONS,
                               resume="config")
     gradient_checkpointing: bool = _setting(False, "recompute activations in backward to save memory")
+    share_prompt: bool = _setting(False, "run each pair's prompt through the model once: one row [prompt | chosen | "
+                                         "rejected] per pair, the responses kept apart by the attention mask (the "
+                                         "same numbers, fewer tokens when prompts are long); models it does not "
+                                         "support train on unshared rows, with a warning")
     distributed: str = _setting("none", "data parallelism across torchrun processes: ddp, or fsdp (FSDP2 "
                                         "fully_shard)", choices=DISTRIBUTED_MODES)
     device: str = _setting("auto", "auto picks CUDA when available", choices=DEVICES)

@@ -222,7 +222,8 @@ def _render(tokenizer, row) -> tuple[str, str, str]:
     if isinstance(row["prompt"], str):
         return row["prompt"], row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("conversational rows need a tokenizer with a chat template (tokenizer.chat_template is unset)")
+        raise UserInputError("conversational rows need a tokenizer with a chat template (tokenizer.chat_template is "
+                             "unset)")
     prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     chosen = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
     rejected = tokenizer.apply_chat_template(row["prompt"] + row["rejected"], tokenize=False)

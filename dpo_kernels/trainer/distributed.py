@@ -13,7 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dpo_kernels.trainer.errors import UserInputError
+
 MODES = ("none", "ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -68,11 +71,11 @@ class DistContext:
 
 
 def _pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {choice!r}")
+    if choice not in DEVICES:
+        raise UserInputError(f"device must be one of {', '.join(DEVICES)}, got {choice!r}")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("device=cuda was asked for but CUDA is not available")
+            raise UserInputError("device=cuda was asked for but CUDA is not available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -81,11 +84,11 @@ def _pick_device(choice: str, local_rank: int) -> torch.device:
 def setup(mode: str, device: str = "auto") -> DistContext:
     """Joins (or creates) the process group torchrun describes in RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
     if mode not in MODES:
-        raise ValueError(f"distributed must be one of {MODES}, got {mode!r}")
+        raise UserInputError(f"distributed must be one of {MODES}, got {mode!r}")
     if mode == "none":
         return DistContext(mode, device=_pick_device(device, 0))
     if "RANK" not in os.environ and not dist.is_initialized():
-        raise ValueError(
+        raise UserInputError(
             f"--distributed {mode} needs a process group: launch with torchrun "
             f"(torchrun --nproc-per-node N -m dpo_kernels train ... --distributed {mode})"
         )

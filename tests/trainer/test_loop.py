@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from dpo_kernels.trainer import NonFiniteLossError, TrainConfig, checkpoint, train
 from dpo_kernels.trainer import forward as dpo_forward
 from dpo_kernels.trainer import loop as trainer
+from dpo_kernels.trainer.errors import UserInputError
 from tests.helpers import assert_within_rule
-from tests.tiny_models import tiny_setup
+from tests.tiny_models import build_llama, build_tokenizer, tiny_setup
 
 STANDARD_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected", "grad_norm", "lr")
@@ -233,3 +234,12 @@ def test_resume_with_other_settings_warns_naming_each_and_the_value_used(tiny, t
     assert [r["lr"] for r in second.history] == [r["lr"] for r in full.history[1:]]
     saved = json.loads((Path(second.final_checkpoint) / "trainer_state.json").read_text())["config"]
     assert (saved["lr"], saved["batch_size"]) == (5e-3, 3)
+
+
+def test_a_model_the_fused_head_cannot_run_fails_before_training(tiny, tmp_path):
+    tok = build_tokenizer()
+    build_llama(tok, save_dir=tmp_path / "capped", final_logit_softcapping=30.0)
+    tok.save_pretrained(str(tmp_path / "capped"))
+    with pytest.raises(UserInputError, match="loss_backend fused-linear cannot train .*soft-caps its logits"):
+        train(config(tiny, tmp_path / "out", model=str(tmp_path / "capped")))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
