@@ -269,12 +269,6 @@ def sequence_logprobs(
         weight, bias = output_head(model)
         if cu_seqlens is not None:
             hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        # The dtype the model's own lm_head would compute in: autocast's inside an autocast region (a model with
-        # fp32 master weights would otherwise run the head's GEMMs in fp32, many times slower on a GPU), else the
-        # head's. The engine itself runs on these explicit dtypes, outside autocast.
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-        return linear_sequence_logprobs(hidden.to(dtype), weight, labels, bias=bias,
-                                        ignore_index=ignore_index, shift=shift, average=average,
-                                        cu_seqlens=cu_seqlens, memory_budget=memory_budget)
+        # Inside an autocast region the engine computes in the autocast dtype, as the model's own lm_head would.
+        return linear_sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift,
+                                        average=average, cu_seqlens=cu_seqlens, memory_budget=memory_budget)

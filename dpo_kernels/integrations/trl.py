@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 import dpo_kernels
 from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.fused_linear.functional import head_operands
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.integrations import hf
 from dpo_kernels.integrations.head_forward import install_head_forward
@@ -73,15 +74,9 @@ class _Layout:
         return hidden.reshape(-1, hidden.shape[-1]) if self.cu_seqlens is not None else hidden
 
 
-def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    # TRL's fused head computes in the autocast dtype when autocast is on, else in the hidden states' dtype.
-    device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-
-
 @contextlib.contextmanager
-def _head_precision(hidden: torch.Tensor):
-    # The engine accumulates in fp32 on purpose; autocast must not round its inner GEMMs back to bf16.
+def _fp32_sums(hidden: torch.Tensor):
+    # token_sums' GEMV and entropy sums accumulate in fp32 on the head's operands; autocast would round them to bf16.
     with torch.autocast(hidden.device.type, enabled=False):
         yield
 
@@ -179,13 +174,9 @@ class FusedDPOMixin:
 
     def _dk_logps(self, model, layout: _Layout) -> torch.Tensor:
         def head_fn(hidden, weight, bias):
-            dtype = _compute_dtype(hidden)
-            with _head_precision(hidden):
-                return dpo_kernels.linear_sequence_logprobs(
-                    layout.flat_hidden(hidden).to(dtype), weight.to(dtype), layout.labels,
-                    bias=None if bias is None else bias.to(dtype), cu_seqlens=layout.cu_seqlens,
-                    memory_budget=self._dk_memory_budget,
-                )
+            return dpo_kernels.linear_sequence_logprobs(layout.flat_hidden(hidden), weight, layout.labels, bias=bias,
+                                                        cu_seqlens=layout.cu_seqlens,
+                                                        memory_budget=self._dk_memory_budget)
 
         with self.accelerator.autocast():
             return model(**layout.model_kwargs, dpo_kernels_head_fn=head_fn)
@@ -297,24 +288,23 @@ class FusedDPOMixin:
         fused = self._dk_fused_loss(completion_mask)
 
         def head_fn(hidden, weight, bias):
-            dtype = _compute_dtype(hidden)
-            flat = layout.flat_hidden(hidden).to(dtype)
-            weight = weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-            with _head_precision(hidden):
-                if fused is not None:
-                    result = fused(flat, weight, layout.labels, bias=bias, cu_seqlens=layout.cu_seqlens,
-                                   ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
-                else:
-                    result = dpo_kernels.linear_sequence_logprobs(flat, weight, layout.labels, bias=bias,
-                                                                  cu_seqlens=layout.cu_seqlens,
-                                                                  memory_budget=self._dk_memory_budget)
-                next_labels, row = next_token_labels(layout.labels, layout.cu_seqlens)
-                # The fused engine already returned entropy and top-1 sums; only the other path needs the extra pass.
+            # Cast once to the dtype the engine computes in (the autocast dtype inside autocast): the token metrics
+            # below read the same operands, and the engine takes them as they are.
+            flat, weight, bias = head_operands(layout.flat_hidden(hidden), weight, bias)
+            if fused is not None:
+                result = fused(flat, weight, layout.labels, bias=bias, cu_seqlens=layout.cu_seqlens,
+                               ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+            else:
+                result = dpo_kernels.linear_sequence_logprobs(flat, weight, layout.labels, bias=bias,
+                                                              cu_seqlens=layout.cu_seqlens,
+                                                              memory_budget=self._dk_memory_budget)
+            next_labels, row = next_token_labels(layout.labels, layout.cu_seqlens)
+            # The fused engine already returned entropy and top-1 sums; only the other path needs the extra pass.
+            with _fp32_sums(flat):
                 sums = token_sums(flat.reshape(-1, flat.shape[-1]), weight, bias, next_labels, row, rows // 2,
                                   full=self._dk_token_metrics and fused is None)
-                if fused is not None and self._dk_token_metrics:
-                    sums = with_engine_stats(sums, result)
+            if fused is not None and self._dk_token_metrics:
+                sums = with_engine_stats(sums, result)
             return result, sums
 
         with self.accelerator.autocast():

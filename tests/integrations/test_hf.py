@@ -6,6 +6,7 @@ import torch
 from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, GraniteConfig, GraniteForCausalLM
 
 from dpo_kernels import reference
+from dpo_kernels.fused_linear import engine
 from dpo_kernels.integrations import hf
 from dpo_kernels.integrations.packing import next_token_labels, pack_rows
 from dpo_kernels.integrations.token_metrics import token_sums
@@ -225,13 +226,13 @@ def test_sequence_logprobs_under_autocast_computes_the_head_in_the_autocast_dtyp
     model = build_llama(VOCAB)
     ids, mask, labels = batch()
     seen = []
-    engine = hf.linear_sequence_logprobs
+    forward_logps = engine.forward_logps
 
-    def spy(hidden, weight, *args, **kwargs):
-        seen.append((hidden.dtype, weight.dtype))
-        return engine(hidden, weight, *args, **kwargs)
+    def spy(loop, *args, **kwargs):
+        seen.append((loop.hidden2d.dtype, loop.weight.dtype))
+        return forward_logps(loop, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "linear_sequence_logprobs", spy)
+    monkeypatch.setattr(engine, "forward_logps", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = hf.sequence_logprobs(model, ids, mask, labels)
     assert seen == [(torch.bfloat16, torch.bfloat16)]
