@@ -8,7 +8,9 @@
 
     batch = build_shared_batch([(prompt_ids, chosen_ids, rejected_ids), ...], pad_id=tok.pad_token_id)
     hidden = shared_backbone_hidden_states(model, batch)
-    logps = sequence_logprobs_from_hidden(hidden, *output_head(model)[:1], batch)   # [2B]: chosen, then rejected
+    weight, bias = integrations.hf.output_head(model)
+    logps = sequence_logprobs_from_hidden(hidden, weight, batch, bias=bias)  # [2B]: chosen, then rejected
+    loss = fused_linear_dpo(hidden, weight, batch.attribution, bias=bias, ...).loss  # or the DPO loss at once
 """
 from dpo_kernels.shared_prompt.batch import (
     SharedPromptBatch,
@@ -24,7 +26,11 @@ from dpo_kernels.shared_prompt.hf import (
     shared_backbone_hidden_states,
     shared_logits,
 )
-from dpo_kernels.shared_prompt.logprobs import sequence_logprobs_from_hidden, sequence_logprobs_from_logits
+from dpo_kernels.shared_prompt.logprobs import (
+    gather_scored_logits,
+    sequence_logprobs_from_hidden,
+    sequence_logprobs_from_logits,
+)
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -32,6 +38,7 @@ __all__ = [
     "SharedPromptUnsupported",
     "build_shared_batch",
     "check_shared_prompt_support",
+    "gather_scored_logits",
     "pairs_from_examples",
     "sequence_logprobs_from_hidden",
     "sequence_logprobs_from_logits",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import linear_sequence_logprobs
 from dpo_kernels.logprobs.from_logits import token_logprobs
 from dpo_kernels.shared_prompt.batch import SharedPromptBatch
 
-__all__ = ["sequence_logprobs_from_hidden", "sequence_logprobs_from_logits"]
+__all__ = ["gather_scored_logits", "sequence_logprobs_from_hidden", "sequence_logprobs_from_logits"]
 
 
 def _per_sequence(tok: torch.Tensor, batch: SharedPromptBatch, average: bool) -> torch.Tensor:
@@ -69,3 +70,29 @@ def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, ba
                          f"{tuple(batch.input_ids.shape)}")
     return linear_sequence_logprobs(hidden, weight, batch.to(hidden.device).attribution, bias=bias, average=average,
                                     memory_budget=memory_budget)
+
+
+def gather_scored_logits(logits: torch.Tensor, batch: SharedPromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scored logits of a shared batch in the unshared layout, for code that takes `(logits, labels)` with the
+    HuggingFace shift (`DPOLoss`, `dpo_kernels.sequence_logprobs`, the reference oracle).
+
+    Args:
+        logits: `[rows, T, V]`, the model's logits on `batch`.
+    Returns:
+        `(logits [2B, M + 1, V], labels [2B, M + 1])`, M the most scored tokens of a sequence: row s holds the logits
+        of sequence s's scored positions in order, and `labels[s, t + 1]` the label position t scores
+        (IGNORE_INDEX elsewhere; unscored rows of the gathered logits are zeros). Differentiable w.r.t. `logits`.
+    """
+    rows, T, V = logits.shape
+    if (rows, T) != tuple(batch.input_ids.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match the batch's [rows, T] = "
+                         f"{tuple(batch.input_ids.shape)}")
+    device = logits.device
+    counts, seqs = batch.counts.to(device), batch.token_seqs.to(device)
+    width = int(counts.max().item()) + 1 if counts.numel() else 1
+    slot = torch.arange(seqs.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[seqs]
+    scored = logits.reshape(rows * T, V).index_select(0, batch.token_rows.to(device))
+    gathered = logits.new_zeros(counts.numel(), width, V).index_put((seqs, slot), scored)
+    labels = torch.full((counts.numel(), width), IGNORE_INDEX, dtype=torch.long, device=device)
+    labels[seqs, slot + 1] = batch.token_targets.to(device)
+    return gathered, labels

@@ -146,6 +146,10 @@ class TrainConfig:
                                       "--loss-backend reference only) is for tests", choices=PRECISIONS,
                               resume="config")
     gradient_checkpointing: bool = _setting(False, "recompute activations in backward to save memory")
+    share_prompt: bool = _setting(False, "run each pair's prompt through the model once: one row [prompt | chosen | "
+                                         "rejected] per pair, the responses kept apart by the attention mask (the "
+                                         "same numbers, fewer tokens when prompts are long); models it does not "
+                                         "support train on unshared rows, with a warning")
     distributed: str = _setting("none", "data parallelism across torchrun processes: ddp, or fsdp (FSDP2 "
                                         "fully_shard)", choices=DISTRIBUTED_MODES)
     device: str = _setting("auto", "auto picks CUDA when available", choices=DEVICES)

@@ -22,6 +22,12 @@ from dpo_kernels.fused_linear.plan import scored_counts
 from dpo_kernels.integrations import hf
 from dpo_kernels.losses import DPOLoss, FusedLinearDPOLoss
 from dpo_kernels.outputs import DPOOutput
+from dpo_kernels.shared_prompt import (
+    SharedPromptBatch,
+    gather_scored_logits,
+    shared_backbone_hidden_states,
+    shared_logits,
+)
 
 BACKENDS = ("fused-linear", "logits", "reference")
 
@@ -31,9 +37,20 @@ def _autocast(input_ids, autocast_dtype):
                           enabled=autocast_dtype is not None)
 
 
-def _logits(model, input_ids, attention_mask, autocast_dtype):
+def _logits(model, input_ids, attention_mask, labels, autocast_dtype):
+    """`(logits [2B, T, V], labels [2B, T])`; a shared-prompt batch's scored logits are gathered into that layout."""
     with _autocast(input_ids, autocast_dtype):
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if isinstance(labels, SharedPromptBatch):
+            return gather_scored_logits(shared_logits(model, labels), labels)
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, labels
+
+
+def _hidden_states(model, input_ids, attention_mask, labels):
+    """The backbone's hidden states and what the fused head scores: the labels, or a shared-prompt batch's
+    attribution (its hidden states stay in the shared `[rows, T, H]` layout)."""
+    if isinstance(labels, SharedPromptBatch):
+        return shared_backbone_hidden_states(model, labels), labels.attribution
+    return hf.backbone_hidden_states(model, input_ids, attention_mask), labels
 
 
 class DPOForward(nn.Module):
@@ -53,14 +70,15 @@ class DPOForward(nn.Module):
         self.logits_loss = DPOLoss(**self.loss_kwargs) if backend == "logits" else None
 
     def forward(self, input_ids, attention_mask, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> DPOOutput:
-        """`DPOOutput` of the batch (`[2B, T]` tensors, chosen rows first); only `loss` carries gradient."""
+        """`DPOOutput` of the batch (`[2B, T]` tensors, chosen rows first; or a `SharedPromptBatch` as `labels`, with
+        its `input_ids` and no attention_mask); only `loss` carries gradient."""
         if self.fused is not None:
             with _autocast(input_ids, self.autocast_dtype):
-                hidden = hf.backbone_hidden_states(self.model, input_ids, attention_mask)
+                hidden, labels = _hidden_states(self.model, input_ids, attention_mask, labels)
                 weight, bias = hf.output_head(self.model)
                 return self.fused(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
                                   ref_rejected_logps=ref_rejected_logps)
-        logits = _logits(self.model, input_ids, attention_mask, self.autocast_dtype)
+        logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
         if self.logits_loss is not None:
             return self.logits_loss(logits, labels, ref_chosen_logps, ref_rejected_logps)
         return _reference_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, self.loss_kwargs)
@@ -94,13 +112,14 @@ def _reference_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, loss_k
 @torch.no_grad()
 def reference_logps(model: nn.Module, backend: str, input_ids, attention_mask, labels,
                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """No-grad per-row log-probs `[2B]` fp32 of `model` (the reference model), with the backend's log-prob op."""
+    """No-grad per-row log-probs `[2B]` fp32 of `model` (the reference model), with the backend's log-prob op; a
+    `SharedPromptBatch` as `labels` shares the prompt here too."""
     if backend == "fused-linear":
         with _autocast(input_ids, autocast_dtype):
-            hidden = hf.backbone_hidden_states(model, input_ids, attention_mask)
+            hidden, labels = _hidden_states(model, input_ids, attention_mask, labels)
             weight, bias = hf.output_head(model)
             logps = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, bias=bias)
     else:
         logps_fn = dpo_kernels.sequence_logprobs if backend == "logits" else dpo_kernels.reference.sequence_logprobs
-        logps = logps_fn(_logits(model, input_ids, attention_mask, autocast_dtype), labels)
+        logps = logps_fn(*_logits(model, input_ids, attention_mask, labels, autocast_dtype))
     return logps.float()

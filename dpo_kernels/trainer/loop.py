@@ -32,6 +32,7 @@ import torch
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.integrations import hf
 from dpo_kernels.trainer import checkpoint, distributed, models
+from dpo_kernels.trainer.batches import collate_pairs, shared_prompt_problem
 from dpo_kernels.trainer.config import (
     TrainConfig,
     check_config,
@@ -40,7 +41,7 @@ from dpo_kernels.trainer.config import (
     precision_settings,
     resumed_config,
 )
-from dpo_kernels.trainer.data import PreferenceData, collate, load_preference_data, to_device
+from dpo_kernels.trainer.data import PreferenceData, load_preference_data
 from dpo_kernels.trainer.errors import InputFileError, UserInputError
 from dpo_kernels.trainer.forward import DPOForward
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
@@ -140,7 +141,7 @@ def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, 
     totals, count = [0.0] * len(METRIC_KEYS), 0
     for start in range(0, len(data), bs):
         indices = list(range(start, min(start + bs, len(data))))
-        batch = to_device(collate([data.examples[i] for i in indices], pad_id), ctx.device)
+        batch = collate_pairs([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt)
         ref_c, ref_r = ref.logps("eval", indices, batch)
         out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)
         totals = [t + v * len(indices) for t, v in zip(totals, batch_metrics(out), strict=True)]
@@ -174,7 +175,8 @@ class Run:
     def micro_batch(self, micro: int):
         """Global micro-batch `micro`'s share of this process: (batch tensors, reference log-probs)."""
         indices = self.plan.indices(micro, self.ctx.rank)
-        batch = to_device(collate([self.train_data.examples[i] for i in indices], self.pad), self.ctx.device)
+        batch = collate_pairs([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
+                              share_prompt=self.c.share_prompt)
         return batch, *self.ref.logps("train", indices, batch)
 
     def gradient_sync(self, last: bool):
@@ -228,6 +230,11 @@ def build_run(c: TrainConfig, ctx, out_dir: Path) -> Run:
     if c.gradient_checkpointing:
         enable_checkpointing(policy)
     policy.train()
+    problem = shared_prompt_problem(policy, ref.model) if c.share_prompt else None
+    if problem is not None:
+        if ctx.is_main:
+            warnings.warn(f"share_prompt: {problem} Training on unshared rows.", stacklevel=3)
+        c = dataclasses.replace(c, share_prompt=False)
     check_backend_fits(policy, c)
     dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype,
                      memory_budget=parse_memory_budget(c.memory_budget))
@@ -296,7 +303,7 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
     eval_metrics = {}
     while s.step < stop_at:
         t0 = time.perf_counter()
-        sums, tokens, finite = [0.0] * len(METRIC_KEYS), 0, True
+        sums, tokens, backbone, finite = [0.0] * len(METRIC_KEYS), 0, 0, True
         for a in range(c.grad_accum):
             batch, ref_c, ref_r = run.micro_batch(s.step * c.grad_accum + a)
             with run.gradient_sync(last=a == c.grad_accum - 1):
@@ -306,6 +313,7 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
             finite = finite and math.isfinite(values[0])
             sums = [t + v / c.grad_accum for t, v in zip(sums, values, strict=True)]
             tokens += int(batch["num_tokens"])
+            backbone += batch["input_ids"].numel()  # positions the policy ran on, padding included
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)                                  # clip
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -326,7 +334,7 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
             run.scheduler.step()
         s.step += 1
 
-        record = step_record(run, sums, tokens, finite, grad_norm, lr, time.perf_counter() - t0)
+        record = step_record(run, sums, tokens, backbone, finite, grad_norm, lr, time.perf_counter() - t0)
         if s.step % c.log_every == 0 or s.step == stop_at:
             log.write(record)
             if ctx.is_main and not c.progress:
@@ -360,13 +368,16 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
                        dropped_rows=run.train_data.dropped, plot_path=plot_path)
 
 
-def step_record(run: Run, sums: list[float], tokens: int, finite: bool, grad_norm: float, lr: float,
+def step_record(run: Run, sums: list[float], tokens: int, backbone: int, finite: bool, grad_norm: float, lr: float,
                 elapsed: float) -> dict:
-    """The metrics.jsonl record of the step just taken (metrics averaged over processes; loss NaN when skipped)."""
-    metrics = run.ctx.mean(sums + [float(tokens)])
+    """The metrics.jsonl record of the step just taken (metrics averaged over processes; loss NaN when skipped).
+    `tokens/backbone`: the token positions (padding included) the policy's backbone ran on in the step, all
+    processes together; the shared-prompt layout shows its saving there."""
+    metrics = run.ctx.mean(sums + [float(tokens), float(backbone)])
     record = {"step": run.state.step, "epoch": run.state.step * run.c.grad_accum / run.plan.micro_per_epoch,
-              **dict(zip(METRIC_KEYS, metrics[:-1], strict=True)), "grad_norm": grad_norm, "lr": lr,
-              "tokens_per_sec": metrics[-1] * run.ctx.world / max(elapsed, 1e-9),
+              **dict(zip(METRIC_KEYS, metrics[:-2], strict=True)), "grad_norm": grad_norm, "lr": lr,
+              "tokens_per_sec": metrics[-2] * run.ctx.world / max(elapsed, 1e-9),
+              "tokens/backbone": round(metrics[-1] * run.ctx.world),
               "skipped_steps": run.state.skipped_steps}
     if not finite:
         record["loss"] = float("nan")

@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dpo_kernels.trainer.data import PreferenceData, collate, to_device
+from dpo_kernels.trainer.batches import collate_pairs, shared_prompt_problem
+from dpo_kernels.trainer.data import PreferenceData
 from dpo_kernels.trainer.forward import reference_logps
 from dpo_kernels.trainer.models import load_model
 
@@ -124,10 +125,13 @@ class Reference:
         cached = load_cached(path, len(data))
         if cached is None:
             model = self._load()
+            # The reference pass shares the prompt too, where the model supports it (else unshared rows, silently:
+            # the policy's check warns once).
+            share = self.c.share_prompt and shared_prompt_problem(model) is None
             bs = self.c.eval_batch_size or self.c.batch_size
             chosen, rejected = [], []
             for start in range(0, len(data), bs):
-                batch = to_device(collate(data.examples[start:start + bs], self.pad_id), self.ctx.device)
+                batch = collate_pairs(data.examples[start:start + bs], self.pad_id, self.ctx.device, share_prompt=share)
                 logps = reference_logps(model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
                                          batch["labels"], self.autocast_dtype).cpu()
                 half = logps.shape[0] // 2

@@ -1,0 +1,56 @@
+"""`TrainConfig(share_prompt=True)`: the same training run as unshared rows (first step within the accuracy rule
+against a float64 unshared run), fewer backbone tokens in metrics.jsonl, and unshared rows with one warning for
+a model it does not support."""
+import pytest
+import torch
+
+from dpo_kernels.shared_prompt import hf as shared_hf
+from dpo_kernels.trainer import TrainConfig, train
+from dpo_kernels.trainer.data import load_preference_data
+from tests.helpers import assert_within_rule
+from tests.tiny_models import tiny_setup
+
+KEYS = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=8)
+
+
+def config(tiny, out, **overrides):
+    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(out), batch_size=4, max_steps=1,
+                max_length=20, max_prompt_length=12, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def expected_backbone_tokens(tiny, batch_size):
+    """Positions of the first step's batch in both layouts: [2B, longest row] and [B, longest prompt + both]."""
+    examples = load_preference_data(tiny["data"], tiny["tokenizer"], max_length=20,
+                                    max_prompt_length=12).examples[:batch_size]
+    unshared = 2 * batch_size * max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
+    shared = batch_size * max(len(e.chosen_ids) + len(e.rejected_ids) - e.prompt_len for e in examples)
+    return unshared, shared
+
+
+@pytest.mark.parametrize("backend, extra", [("fused-linear", {}), ("logits", {}),
+                                            ("fused-linear", {"precompute_ref": True}),
+                                            ("logits", {"precompute_ref": True})])
+def test_shared_run_matches_the_unshared_run(tiny, tmp_path, backend, extra):
+    truth = train(config(tiny, tmp_path / "truth", loss_backend="reference", precision="fp64")).history[0]
+    base = train(config(tiny, tmp_path / "base", loss_backend=backend, **extra)).history[0]
+    shared = train(config(tiny, tmp_path / "shared", loss_backend=backend, share_prompt=True, **extra)).history[0]
+    for key in KEYS:
+        got, t, b = (torch.tensor(r[key], dtype=torch.float64) for r in (shared, truth, base))
+        assert_within_rule(got, t, b, atol=1e-5, name=f"{backend} {extra} {key}")
+    unshared_tokens, shared_tokens = expected_backbone_tokens(tiny, 4)
+    assert base["tokens/backbone"] == truth["tokens/backbone"] == unshared_tokens
+    assert shared["tokens/backbone"] == shared_tokens < unshared_tokens
+    assert shared["tokens_per_sec"] > 0
+
+
+def test_unsupported_model_trains_on_unshared_rows_with_a_warning(tiny, tmp_path, monkeypatch):
+    monkeypatch.delitem(shared_hf.SUPPORTED_MODELS, "LlamaForCausalLM")
+    with pytest.warns(UserWarning, match="LlamaForCausalLM is not verified.*Training on unshared rows"):
+        record = train(config(tiny, tmp_path / "fallback", share_prompt=True)).history[0]
+    assert record["tokens/backbone"] == expected_backbone_tokens(tiny, 4)[0]
