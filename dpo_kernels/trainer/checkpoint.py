@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpo_kernels.trainer.errors import DiskFullError, InputFileError
+from dpo_kernels.trainer.errors import DiskFullError, InputFileError, UserInputError
 from dpo_kernels.trainer.models import check_model_dir
 
 PREFIX = "checkpoint-"
@@ -85,18 +85,25 @@ def latest_checkpoint(output_dir) -> Path | None:
 def claim_output_dir(path, ctx):
     """Creates the output dir, proves it writable, locks it for the run and finishes interrupted saves; yields it.
 
-    Only the main process touches the directory (the others wait for it). The lock is released on exit, and by the
-    kernel if the process dies.
+    Only the main process touches the directory; the others learn whether it may be used (and why not) from it. The
+    lock is released on exit, and by the kernel if the process dies.
     """
     out = Path(path)
-    lock = None
+    lock, refusal = None, None
     try:
         if ctx.is_main:
-            _prove_writable(out)
-            lock = _lock(out)
-            if lock is not None:
-                recover_interrupted_saves(out)
-        ctx.barrier()
+            try:
+                _prove_writable(out)
+                lock = _lock(out)
+                if lock is not None:
+                    recover_interrupted_saves(out)
+            except UserInputError as e:
+                refusal = e
+        main_refusal = ctx.gather_objects(None if refusal is None else str(refusal))[0]
+        if refusal is not None:
+            raise refusal
+        if main_refusal is not None:
+            raise UserInputError(main_refusal)
         yield out
     finally:
         if lock is not None:

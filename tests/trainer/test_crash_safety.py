@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dpo_kernels.cli import main as cli_main
 from dpo_kernels.trainer import TrainConfig, checkpoint, distributed, train
-from dpo_kernels.trainer.errors import InputFileError
+from dpo_kernels.trainer.errors import InputFileError, UserInputError
 from dpo_kernels.trainer.metrics_log import METRICS_FILE, MetricsLog
 from tests.tiny_models import tiny_setup
 
@@ -143,6 +143,23 @@ def test_a_second_run_on_a_live_output_dir_stops_and_deletes_nothing(tiny, tmp_p
     # The lock goes with the run: the next one starts, and then the dead temporary is removed.
     train(config(tiny, out, max_steps=1))
     assert temporaries(out) == []
+
+
+class _OtherRank:
+    """A non-main process of a run whose main process found the output dir in use."""
+
+    is_main = False
+
+    def gather_objects(self, obj):
+        return ["/runs/out: in use by another training run (process 7@host holds .lock)", obj]
+
+
+def test_every_process_stops_when_the_main_one_may_not_use_the_dir(tmp_path):
+    # Rank 0's refusal reaches the other ranks, which would otherwise wait for it at a barrier.
+    with pytest.raises(UserInputError, match=r"/runs/out: in use by another training run"):
+        with checkpoint.claim_output_dir(tmp_path / "out", _OtherRank()):
+            pass
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_lock_is_released_when_a_run_fails(tiny, tmp_path):
