@@ -217,7 +217,7 @@ def group_pairs(pair_counts, chunk: int) -> list:
     groups, start, first, size = [], 0, 0, 0
     for i, n in enumerate(pair_counts):
         if n > chunk:
-            if size:
+            if first < i:  # the pairs before it, even without tokens: every pair is in one group
                 groups.append((start, start + size, range(first, i), False))
                 start += size
             groups.append((start, start + n, range(i, i + 1), True))
