@@ -3,10 +3,12 @@
     from dpo_kernels.trainer import TrainConfig, train
     result = train(TrainConfig(model="path/or/id", data="pairs.jsonl", output_dir="out", max_steps=100))
 
-The loop is meant to be read in one sitting: every knob is a field of `TrainConfig` (config.py), and `train` shows the
+The loop is meant to be read in one sitting: every knob is a field of `TrainConfig` (config.py), `build_run` does
+the set-up (tokenizer, data, reference, policy, optimizer, schedule, resume) into a `Run`, and `run_loop` shows the
 step (forward, loss, backward, clip, step, zero_grad) with one log line per step. The pieces it leans on live in
 small modules: `data` (rows -> batches), `forward` (the loss backends), `ref_logps` (precomputed reference
 log-probs), `checkpoint` (atomic checkpoints), `distributed` (DDP/FSDP2), `metrics_log` (metrics and plots).
+The first SIGINT or SIGTERM ends the run after its step with a checkpoint (`StopRequest`, `Interrupted`).
 
 Data order is a pure function of (seed, epoch), and a checkpoint stores the optimizer, scheduler and RNG states, so a
 resumed run reproduces the numbers of an uninterrupted one.
@@ -384,7 +386,7 @@ def step_record(run: Run, sums: list[float], tokens: int, backbone: int, finite:
     return record
 
 
-# ------------------------------------------------------------------------------------------ stopping early
+# -------------------------------------------------------------------------------------------------- stopping early
 def nonfinite_weight(model: torch.nn.Module, ctx) -> str | None:
     """The name of a parameter holding NaN or inf after an optimizer step (on any process), or None.
 
@@ -400,6 +402,7 @@ def nonfinite_weight(model: torch.nn.Module, ctx) -> str | None:
 
 
 def divergence_message(run: Run, broken: str | None, lr: float) -> str:
+    """Why the run stops: a run of non-finite losses, or the parameter `broken` a step left non-finite."""
     s = run.state
     if broken is None:
         return (f"stopping at step {s.step}: {s.nonfinite_run} non-finite losses in a row ({s.skipped_steps} "
