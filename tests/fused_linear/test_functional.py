@@ -332,19 +332,6 @@ def test_packed_batch_with_leading_empty_sequence():
     torch.testing.assert_close(pgrads[1], grads[1], rtol=1e-5, atol=1e-7)
 
 
-def test_chunk_size_rule():
-    from dpo_kernels.fused_linear.plan import chunk_tokens
-
-    assert chunk_tokens(128256, 2, None) == 8192  # Llama-3 head in bf16: 1.96 GiB buffer
-    assert chunk_tokens(128256, 2, "low") == 2048  # 512 MiB
-    assert chunk_tokens(151936, 2, None) == 7040  # 2 GiB // (V * 2) = 7067, rounded down to whole 128-token tiles
-    assert chunk_tokens(1000, 4, 20 * 1000 * 4) == 20
-    assert chunk_tokens(1000, 4, 4e6) == 896
-    assert chunk_tokens(1000, 4, 10) == 1  # never zero
-    with pytest.raises(ValueError, match="memory_budget"):
-        chunk_tokens(1000, 4, 0.5)
-
-
 @pytest.mark.parametrize("loss_type", ["sigmoid", "apo_zero"])
 def test_long_pair_after_short_pairs(monkeypatch, loss_type):
     """The longest streaming pair runs first and in one pass (tied losses); untied ones run it twice. Both exact."""
