@@ -188,11 +188,23 @@ def save_state(output_dir, state: TrainState, *, ctx, dpo, optimizer, scheduler,
     rng = ctx.gather_objects(rng_tensors())
     py_rng = ctx.gather_objects(python_rng_state())
     path = Path(output_dir) / f"{PREFIX}{state.step}"
+    failure = None
     if ctx.is_main:
-        write_checkpoint(output_dir, state.step, model=dpo.model, tokenizer=tokenizer, model_state_dict=model_state,
-                         optimizer_state=optim_state, scheduler_state=scheduler.state_dict(), rng_per_rank=rng,
-                         trainer_state=dataclasses.asdict(dataclasses.replace(state, rng=py_rng)))
-    ctx.barrier()
+        try:
+            write_checkpoint(output_dir, state.step, model=dpo.model, tokenizer=tokenizer,
+                             model_state_dict=model_state, optimizer_state=optim_state,
+                             scheduler_state=scheduler.state_dict(), rng_per_rank=rng,
+                             trainer_state=dataclasses.asdict(dataclasses.replace(state, rng=py_rng)))
+        except Exception as e:
+            failure = e
+    # Every process learns whether the write succeeded (rather than waiting for process 0 at a barrier).
+    main_failure = ctx.gather_objects(None if failure is None else (isinstance(failure, UserInputError),
+                                                                    str(failure)))[0]
+    if failure is not None:
+        raise failure
+    if main_failure is not None:
+        user_error, message = main_failure
+        raise (UserInputError if user_error else RuntimeError)(f"process 0 could not save {path}: {message}")
     return path
 
 

@@ -5,6 +5,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -160,6 +161,33 @@ def test_every_process_stops_when_the_main_one_may_not_use_the_dir(tmp_path):
         with checkpoint.claim_output_dir(tmp_path / "out", _OtherRank()):
             pass
     assert not (tmp_path / "out").exists()
+
+
+class _NonMainSaver:
+    """A non-main process whose main process failed to write the checkpoint."""
+
+    is_main, rank, world = False, 1, 2
+
+    def __init__(self, main_failure):
+        self.main_failure = main_failure
+
+    def gather_objects(self, obj):
+        return [self.main_failure if obj is None else obj, obj]  # None: this process's "no failure"
+
+
+@pytest.mark.parametrize("main_failure,error", [
+    ((True, "no space left writing /runs/out/checkpoint-3"), UserInputError),
+    ((False, "OSError: [Errno 5] Input/output error"), RuntimeError),
+])
+def test_every_process_learns_that_the_main_one_could_not_save(tmp_path, main_failure, error):
+    dpo = torch.nn.Module()
+    dpo.model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(dpo.parameters())
+    state = checkpoint.TrainState(3, 4, data_fingerprint="f")
+    with pytest.raises(error, match=rf"process 0 could not save .*checkpoint-3: {re.escape(main_failure[1])}"):
+        checkpoint.save_state(tmp_path, state, ctx=_NonMainSaver(main_failure), dpo=dpo, optimizer=optimizer,
+                              scheduler=None, tokenizer=None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_lock_is_released_when_a_run_fails(tiny, tmp_path):
