@@ -28,11 +28,11 @@ def _float_list(text: str) -> list[float]:
 def _loss_param(text: str) -> tuple[str, float]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key.strip(), float(value)
     except ValueError:
-        raise ValueError(f"{key}: value must be a number, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"{key}: value must be a number, got {value!r}") from None
 
 
 def _number_or_word(text: str) -> int | float | str:
@@ -66,11 +66,9 @@ def _argparse_type(parse, expected: str):
     def convert(text: str):
         try:
             return parse(text)
-        except ValueError as e:
-            detail = str(e) if parse in (_loss_param,) else f"expected {expected}, got {text!r}"
-            raise argparse.ArgumentTypeError(detail) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
-    convert.__name__ = expected
     return convert
 
 
