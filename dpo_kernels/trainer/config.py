@@ -66,6 +66,8 @@ def _loss_param(name: str, default=None, **metadata):
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run; each field's help says what it does (`dpo-kernels train --help`)."""
+
     # --- what to train, on what, where to write ---
     model: str = _setting("", "policy to train: a local HF model directory or a hub id already in the local cache",
                           resume="config")
