@@ -64,7 +64,19 @@ def run_bench(args) -> int:
     from dpo_kernels.bench import compare
 
     device = _device(args)
-    ops = args.ops
+    ops = [op for op in args.ops if op != "shared-prompt"]
+    if "shared-prompt" in args.ops:
+        from dpo_kernels.bench import shared_prompt
+
+        out = args.output_dir or default_output_dir(device)
+        iterations = (args.warmup, args.iters) if args.iters else (2, 7)
+        tiny = {"pairs": 1, "response": 8, "shape": shared_prompt.CPU_SHAPE} if args.tiny else {}
+        paths = shared_prompt.run(out, device, iterations=iterations, **tiny)
+        with open(paths["md"]) as f:
+            print(f.read(), end="")
+        print(f"[bench] shared-prompt: {paths['json']}, {paths['md']}")
+        if not ops:
+            return 0
     bad = [op for op in ops if op not in OPS]
     if bad:
         raise ValueError(f"unknown op(s) {bad}; choose from {sorted(OPS)}")
@@ -119,7 +131,9 @@ def add_subcommands(subparsers) -> None:
                     "the CPU.")
     _common(bench)
     bench.add_argument("--ops", type=_csv, default=["linear", "logits", "loss"],
-                       help="comma-separated ops: linear, logits, loss (default: all)")
+                       help="comma-separated ops: linear, logits, loss (default: all); shared-prompt: the full "
+                            "training step with and without the shared-prompt layout at prompt:response 1:1, 4:1, "
+                            "16:1")
     bench.add_argument("--tiny", action="store_true", help="one tiny size per op (a smoke run, seconds on a CPU)")
     bench.add_argument("--warmup", type=int, default=1, help="warm-up steps when --iters is given")
     bench.add_argument("--iters", type=int, default=None, help="timed steps (default 5, 50 for the loss)")
