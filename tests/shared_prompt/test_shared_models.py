@@ -21,6 +21,7 @@ from dpo_kernels.shared_prompt import (
     shared_logits,
     truncate_pair,
 )
+from dpo_kernels.trainer.models import enable_checkpointing
 from tests.helpers import LOSS_PARAMS, REFERENCE_FREE, assert_close_to_truth
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -259,3 +260,41 @@ def test_flex_attention_block_mask(uncompiled_flex, arch):
         assert block_mask.shape == (rows, 1, T, T)
         dense = block_mask.mask_mod(b, torch.zeros_like(b), q, k).unsqueeze(1)
         assert torch.equal(dense, batch.attention_mask(window)), kind
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = build_model("llama", "sdpa")
+    _, plain = _dpo_grads(model, PAIRS, True, "sigmoid", "fused")
+    model.train()
+    enable_checkpointing(model)
+    _, checkpointed = _dpo_grads(model, PAIRS, True, "sigmoid", "fused")
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=0, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_stays_within_the_rule():
+    model = build_model("qwen2", "sdpa")
+    truth, _ = truth_and_baseline(model, PAIRS)
+    ids, mask, labels = unshared_rows(PAIRS)
+    batch = build_shared_batch(PAIRS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        baseline = reference.sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels)
+        hidden = shared_backbone_hidden_states(model, batch)
+        weight, bias = output_head(model)
+        logps = sequence_logprobs_from_hidden(hidden, weight, batch, bias=bias)
+    assert_close_to_truth(logps, truth, baseline, torch.bfloat16, "bf16 autocast")
+
+
+def test_peft_lora_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build_model("llama", "sdpa"),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    truth, baseline = truth_and_baseline(model, PAIRS)
+    batch = build_shared_batch(PAIRS, pack=True)
+    with torch.no_grad():
+        weight, bias = output_head(model)
+        logps = sequence_logprobs_from_hidden(shared_backbone_hidden_states(model, batch), weight, batch, bias=bias)
+        with model.disable_adapter():
+            base_logps = sequence_logprobs_from_logits(shared_logits(model, batch), batch)
+    assert_close_to_truth(logps, truth, baseline, torch.float32, "LoRA policy")
+    assert not torch.allclose(logps, base_logps), "the adapter changes the log-probs (else the test proves nothing)"
