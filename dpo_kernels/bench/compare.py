@@ -271,7 +271,7 @@ def plot(result: dict, path: str) -> str:
                       label="floor" if j == 0 else None)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("median ms (fwd+bwd)")
-    ax.set_yscale("log")
+    report.plain_log_axis(ax, "y", base=10)
     ax.legend(fontsize=7)
     return report.save_figure(fig, ax, path, f"{result['title']} ({result['dtype']})", result["stamp"])
 
