@@ -66,6 +66,7 @@ class Grads:
         self.width = (H if need_w else 0) + (_BIAS_COLUMNS if need_b else 0)
         self.acc = None
         self.direct = None
+        self.owed = None  # a 0-dim factor the accumulator still owes (`defer_scale`)
         self.V, self.H, self.device = V, H, weight.device
 
     @property
@@ -102,26 +103,55 @@ class Grads:
             self.acc = torch.empty(self.V, self.width, dtype=torch.float32, device=self.device)
             addmm_fp32_(self.acc, d.t(), operand, accumulate=False)
         else:
+            if self.owed is not None:
+                self.acc.mul_(self.owed)
+                self.owed = None
             addmm_fp32_(self.acc, d.t(), operand)
 
-    def scale_(self, coef):
-        """`acc *= coef` for a 0-dim coefficient (no host sync)."""
-        self.acc.mul_(coef)
+    def defer_scale(self, coef):
+        """`acc *= coef` for a 0-dim coefficient (no host sync), applied when more tokens are added, or else folded
+        into the one pass of `weight_bias` that converts the accumulator: no pass of its own over `[V, H]`."""
+        self.owed = coef
 
-    def weight_bias(self, weight_dtype):
+    def weight_bias(self, weight_dtype, scale=None):
+        """The weight and bias gradients in the weight's dtype, times `scale` (a 0-dim tensor such as the upstream
+        gradient; None: 1) and any factor the accumulator owes, converted in one pass over it."""
         if self.direct is not None:
-            return self.direct, None
+            return (self.direct if scale is None else self.direct.mul_(scale)), None
         grad_w = grad_b = None
         if self.acc is None:  # no token was scored
             grad_w = torch.zeros(self.V, self.H, dtype=weight_dtype, device=self.device) if self.need_w else None
             grad_b = torch.zeros(self.V, dtype=weight_dtype, device=self.device) if self.need_b else None
             return grad_w, grad_b
+        if self.owed is not None:
+            scale = self.owed if scale is None else self.owed * scale
+            self.owed = None
         if self.need_w:
-            grad_w = self.acc[:, : self.H].to(weight_dtype).contiguous()
+            acc = self.acc[:, : self.H]
+            if scale is None:
+                grad_w = acc.to(weight_dtype).contiguous()
+            elif weight_dtype == torch.float32 and acc.is_contiguous():
+                grad_w = acc.mul_(scale)
+            else:
+                grad_w = _scaled_into(torch.empty(self.V, self.H, dtype=weight_dtype, device=self.device), acc,
+                                      scale)
         if self.need_b:
             col = self.width - _BIAS_COLUMNS
-            grad_b = (self.acc[:, col] + self.acc[:, col + 1]).to(weight_dtype)
+            hi, lo = self.acc[:, col], self.acc[:, col + 1]
+            grad_b = (hi + lo if scale is None else hi * scale + lo * scale).to(weight_dtype)
         return grad_w, grad_b
+
+
+def _scaled_into(out, src, scale):
+    """`out = src * scale`, computed in src's dtype and rounded once into out's: the product and the conversion in
+    one pass. A CPU tensor iterator stages an output of another dtype in a temporary as large as the output, so
+    the CPU converts in row blocks."""
+    if out.device.type != "cpu":
+        return torch.mul(src, scale, out=out)
+    step = max(1, (1 << 18) // max(1, src.shape[1]))
+    for r in range(0, src.shape[0], step):
+        torch.mul(src[r : r + step], scale, out=out[r : r + step])
+    return out
 
 
 class TokenStats:
@@ -371,7 +401,7 @@ def _stream_once(loop, group, pair_loss):
         return
     i = group.pairs[0]
     if grads.width:
-        grads.scale_(g[i])
+        grads.defer_scale(g[i])
     if u is not None:
         row_g = g[i].expand(e0 - s0) if loop.plan.tied else torch.where(rejected, g[B + i], g[i])
         u.mul_(row_g.unsqueeze(1))

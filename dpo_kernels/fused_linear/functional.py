@@ -10,7 +10,8 @@ the docstring of `plan.py`), and hands it to the engine; `memory_model.estimate_
   each chunk's logits (6NHV).
 - `fused_linear_dpo` (and `losses.FusedLinearDPOLoss`): the DPO fast path. Its forward calls the DPO loss op as
   pairs complete and forms the hidden/weight/bias gradients at once (6NHV in all); the backward only scales them
-  by the upstream gradient. With `token_stats=True` the pass that reads each token's logits also returns its
+  by the upstream gradient, in the same pass that converts the fp32 weight-gradient accumulator to the weight's
+  dtype. With `token_stats=True` the pass that reads each token's logits also returns its
   entropy and top-1 hit, summed per sequence into the output (what TRL logs as `entropy` and
   `mean_token_accuracy`), at no extra GEMM.
 
@@ -289,11 +290,9 @@ class FusedLinearDPOFunction(torch.autograd.Function):
             loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats)
             out, logps = engine.fused_dpo(loop, engine.PairLoss(run.layout, B, run.average, run.loss_fn))
             del loop
-            ctx.grads = None
-            if grads is not None:
-                grad_w, grad_b = grads.weight_bias(weight.dtype)
-                grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
-                ctx.grads = [grad_h, grad_w, grad_b]
+            # Converted in the backward: the upstream gradient then folds into the one pass that turns the fp32
+            # weight-gradient accumulator into the weight's dtype.
+            ctx.grads, ctx.weight_dtype = grads, weight.dtype
         run.result.update(out=out, logps=logps)
         if stats is not None:
             run.result["entropy"], run.result["top1"] = stats.per_sequence(run.layout, 2 * B)
@@ -315,8 +314,10 @@ class FusedLinearDPOFunction(torch.autograd.Function):
             raise RuntimeError("FusedLinearDPOFunction's backward ran twice: its gradients are formed in the forward "
                                "and consumed by the first backward (retain_graph is not supported)")
         grads, ctx.grads = ctx.grads, None
-        # Scaled in place: the buffers belong to this call, and a second copy of [V, H] would cost memory.
-        return tuple(None if g is None else g.mul_(grad_loss) for g in grads) + (None,)
+        grad_w, grad_b = grads.weight_bias(ctx.weight_dtype, scale=grad_loss)
+        # Scaled in place: the buffer belongs to this call, and a second copy would cost memory.
+        grad_h = None if grads.hidden is None else grads.hidden.mul_(grad_loss).view(ctx.shape)
+        return grad_h, grad_w, grad_b, None
 
 
 def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_pairs, hidden):

@@ -153,7 +153,7 @@ def _stream(live, sh, group, state):
 def _twice(live, sh, chunks, state):
     for s, e in chunks:
         live.free(live.alloc(sh.rows(e - s)))
-    for s, e in chunks:
+    for s, e in reversed(chunks):  # the gradient pass runs backwards from the chunk still in the buffer
         h = live.alloc(sh.rows(e - s))
         live.free(live.alloc(sh.rows(e - s)))  # D @ W in the inputs' dtype, copied into grad_h
         _weight_gemm(live, sh, state)

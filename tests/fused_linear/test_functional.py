@@ -382,3 +382,30 @@ def test_uninitialized_buffers_are_never_read(monkeypatch, dtype, mode):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     for name, g, w in zip(("hidden", "weight", "bias"), grads, want_grads, strict=True):
         assert torch.equal(g, w), f"grad_{name}: {g.isnan().sum().item()} NaN"
+
+
+@pytest.mark.parametrize("pairs, passes", [(1, 0), (2, 1)], ids=["one_long_pair", "two_long_pairs"])
+def test_scales_fold_into_the_conversion_of_the_accumulator(monkeypatch, pairs, passes):
+    """A streaming pair's coefficient and the upstream gradient cost no pass of their own over `[V, H]`: both fold
+    into the one pass that converts the fp32 accumulator into the weight's dtype. Only a pair streamed after the
+    first makes its coefficient due earlier (one pass)."""
+    B, T, H, V = pairs, 12, 24, 1000
+    hidden, weight, _, labels, _, ref_c, ref_r = make_batch(B, T, H, V, torch.bfloat16, empty_rows=(), seed=19)
+    truth = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
+                      dtype=torch.float64)
+    base = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    scaled = []
+    mul_ = torch.Tensor.mul_
+
+    def spy(self, other):
+        scaled.extend([tuple(self.shape)] if self.shape == (V, H) else [])
+        return mul_(self, other)
+
+    monkeypatch.setattr(torch.Tensor, "mul_", spy)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = dpo_kernels.fused_linear_dpo(h, w, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+                                       memory_budget=budget(8, V, torch.bfloat16))
+    (out.loss * 0.5).backward()
+    assert len(scaled) == passes, scaled
+    for name, g, tg, bg in zip(("hidden", "weight"), (h.grad, w.grad), truth[2], base[2], strict=True):
+        assert_within_rule(g.float(), 0.5 * tg, 0.5 * bg.float(), atol=1e-6, name=f"grad_{name}")

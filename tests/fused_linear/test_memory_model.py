@@ -141,8 +141,8 @@ def test_returned_gradients_become_grad_without_copy(monkeypatch, mode):
     formed = []
     original = engine.Grads.weight_bias
 
-    def record(self, dtype):
-        out = original(self, dtype)
+    def record(self, dtype, **kwargs):
+        out = original(self, dtype, **kwargs)
         formed.append((self.hidden.data_ptr(), out[0].data_ptr()))
         return out
 
