@@ -195,12 +195,18 @@ class ChunkLoop:
     plan: StepPlan
     grads: Grads | None = None
     stats: TokenStats | None = None
+    # The pass over a chunk's logits in place of `logsoftmax_pass` (None): a vocabulary-sharded head's
+    # `parallel.VocabParallelPass`.
+    pass_fn: object = None
     tok: torch.Tensor = field(init=False, repr=False)
     zbuf: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
         self.tok = torch.empty(self.plan.total, dtype=torch.float32, device=self.hidden2d.device)
         self.zbuf = _new_buffer(self.hidden2d, self.weight.shape[0], self.plan.buffer_rows)
+
+    def pass_over(self, z, targets, **kwargs):
+        return (logsoftmax_pass if self.pass_fn is None else self.pass_fn)(z, targets, **kwargs)
 
     def hidden_rows(self, s, e):
         """`[e - s, H]` hidden states of tokens `s:e` (a copy: the rows are scattered)."""
@@ -221,10 +227,10 @@ def _score(loop, z, s, e, **kwargs):
     """The pass over the logits `z` of tokens `s:e`: log-probs into `loop.tok` (and entropy, top-1 into `stats`)."""
     targets = loop.layout.targets[s:e]
     if loop.stats is None:
-        loop.tok[s:e] = logsoftmax_pass(z, targets, **kwargs)
+        loop.tok[s:e] = loop.pass_over(z, targets, **kwargs)
     else:
-        loop.tok[s:e], loop.stats.entropy[s:e], loop.stats.top1[s:e] = logsoftmax_pass(z, targets, stats=True,
-                                                                                      **kwargs)
+        loop.tok[s:e], loop.stats.entropy[s:e], loop.stats.top1[s:e] = loop.pass_over(z, targets, stats=True,
+                                                                                    **kwargs)
 
 
 def reduce_sequences(tok, layout, num_seqs, average):
@@ -256,7 +262,7 @@ def _gradient_chunk(loop, s, e, coef, *, projected=False):
     grads = loop.grads
     h = loop.hidden_rows(s, e)
     d = loop.zbuf[: e - s] if projected else _project(loop, h)
-    logsoftmax_pass(d, loop.layout.targets[s:e], scale=coef, write_grad=True)
+    loop.pass_over(d, loop.layout.targets[s:e], scale=coef, write_grad=True)
     if grads.hidden is not None:
         _put_hidden_grad(grads.hidden, loop.layout, s, e, torch.mm(d, loop.weight))
     if grads.width:

@@ -24,16 +24,18 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
-from dpo_kernels.fused_linear import engine
+from dpo_kernels.fused_linear import engine, parallel
 from dpo_kernels.fused_linear.plan import (
     StepPlan,
     TokenAttribution,
     TokenLayout,
     attributed_tokens,
+    chunk_tokens,
     compact_tokens,
     plan_dpo_step,
     plan_logps,
 )
+from dpo_kernels.loss_op.loss_types import is_tied
 from dpo_kernels.loss_op.op import dpo_loss_and_grads
 from dpo_kernels.loss_op.spec import validate_spec
 from dpo_kernels.outputs import DPOOutput
@@ -71,9 +73,9 @@ def head_operands(hidden, weight, bias=None):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, prefix=""):
+def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, prefix="", vocab=None):
     """Validates one (hidden, weight, bias) triple against labels (a tensor or a `TokenAttribution`); returns R, the
-    number of sequences."""
+    number of sequences. `vocab`: the labels' range when `weight` is a shard of the head (default its rows)."""
     check_ignore_index(ignore_index)
     check_ndim(weight, 2, f"{prefix}weight", "[V, H]")
     attribution = labels if isinstance(labels, TokenAttribution) else None
@@ -110,7 +112,7 @@ def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
                          f"{prefix}bias": bias, "cu_seqlens": cu_seqlens})
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, hidden.shape[0])
-    check_labels_in_range(labels, V, ignore_index)
+    check_labels_in_range(labels, vocab or V, ignore_index)
     if attribution is not None:
         return attribution.num_seqs
     return hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -197,6 +199,7 @@ class _LogpsRun:
     plan: StepPlan
     num_seqs: int
     average: bool
+    pass_fn: object = None
 
 
 class LinearSequenceLogprobsFunction(torch.autograd.Function):
@@ -204,7 +207,7 @@ class LinearSequenceLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, run: _LogpsRun):
         ctx.save_for_backward(hidden, weight, bias)
         ctx.run = run
-        loop = engine.ChunkLoop(_flat(hidden), weight, bias, run.layout, run.plan)
+        loop = engine.ChunkLoop(_flat(hidden), weight, bias, run.layout, run.plan, pass_fn=run.pass_fn)
         return engine.forward_logps(loop, run.num_seqs, run.average)
 
     @staticmethod
@@ -214,14 +217,16 @@ class LinearSequenceLogprobsFunction(torch.autograd.Function):
         hidden2d = _flat(hidden)
         grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
         coef = _token_coefficients(grad_out, run.layout, run.average)
-        engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads), coef)
+        engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
+                                                pass_fn=run.pass_fn), coef)
         grad_w, grad_b = grads.weight_bias(weight.dtype)
         grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
         return grad_h, grad_w, grad_b, None
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=IGNORE_INDEX, shift=True, average=False,
-                             cu_seqlens=None, memory_budget=None):
+                             cu_seqlens=None, memory_budget=None, vocab_parallel_group=None,
+                             sequence_parallel_group=None):
     """Per-sequence log-probabilities of the labels under `softmax(hidden @ weight.T + bias)`, chunked.
 
     Args:
@@ -238,16 +243,31 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
         average: divide each sum by its number of scored tokens (0 for a sequence with none).
         cu_seqlens: `[R + 1]` int32/int64 offsets of the packed sequences (flash-attention varlen convention).
         memory_budget: bytes for the `[C, V]` logits buffer (default 2 GiB, C <= 8192); see `plan.py`.
+        vocab_parallel_group, sequence_parallel_group: torch.distributed process groups over which the head's
+            vocabulary or the sequences' positions are split, as `fused_linear_dpo`.
     Returns:
-        `[R]` float32. Differentiable w.r.t. hidden, weight and bias for any upstream gradient; the backward
-        recomputes each chunk's logits.
+        `[R]` float32, the same on every rank of the groups. Differentiable w.r.t. hidden, weight and bias for any
+        upstream gradient; the backward recomputes each chunk's logits.
     """
+    parallel.check_groups(vocab_parallel_group, sequence_parallel_group, shift)
+    weight, bias, vocab_parallel_group = parallel.local_head(weight, bias, vocab_parallel_group)
     hidden, weight, bias = head_operands(hidden, weight, bias)
-    num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index)
+    shard = None if vocab_parallel_group is None else parallel.vocab_shard(weight, vocab_parallel_group)
+    num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
+                                    vocab=None if shard is None else shard.vocab)
     layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=False)
-    plan = plan_logps(layout.rows.numel(), weight.shape[0], hidden.element_size(), memory_budget)
-    run = _LogpsRun(layout, plan, num_seqs, bool(average))
-    return LinearSequenceLogprobsFunction.apply(hidden, weight, bias, run)
+    if sequence_parallel_group is not None:
+        layout = parallel.global_counts(layout, sequence_parallel_group)
+    plan = plan_logps(layout.rows.numel(), weight.shape[0] if shard is None else shard.largest,
+                      hidden.element_size(), memory_budget)
+    run = _LogpsRun(layout, plan, num_seqs, bool(average),
+                    None if shard is None else parallel.VocabParallelPass(shard))
+    if shard is not None:
+        hidden = parallel.SumGradOver.apply(hidden, shard.group)
+    logps = LinearSequenceLogprobsFunction.apply(hidden, weight, bias, run)
+    if sequence_parallel_group is not None:
+        logps = parallel.SumOver.apply(logps, sequence_parallel_group)
+    return logps
 
 
 @dataclass(frozen=True)
@@ -268,6 +288,9 @@ class _DPORun:
     token_stats: bool
     grad_enabled: bool
     result: dict = field(default_factory=dict, compare=False)
+    pass_fn: object = None
+    # Sequence parallel: the per-sequence sums are partial on each rank and summed over this group.
+    sequence_group: object = None
 
 
 class FusedLinearDPOFunction(torch.autograd.Function):
@@ -279,15 +302,17 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         ctx.run, ctx.shape = run, hidden.shape
         stats = engine.TokenStats(run.layout.rows.numel(), hidden.device) if run.token_stats else None
         if run.plan.recompute:
-            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats)
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats, pass_fn=run.pass_fn)
             logps = engine.forward_logps(loop, 2 * B, run.average)
             del loop
+            if run.sequence_group is not None:
+                logps = parallel.sum_over(logps, run.sequence_group)
             out, grad_c, grad_r = run.loss_fn(logps[:B], logps[B:])
             ctx.save_for_backward(hidden, weight, bias)
             ctx.seq_grad = torch.cat([grad_c, grad_r]).float()
         else:
             grads = _grads_of(hidden2d, weight, need_h, need_w, need_b)
-            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats)
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats, pass_fn=run.pass_fn)
             out, logps = engine.fused_dpo(loop, engine.PairLoss(run.layout, B, run.average, run.loss_fn))
             del loop
             # Converted in the backward: the upstream gradient then folds into the one pass that turns the fp32
@@ -295,7 +320,10 @@ class FusedLinearDPOFunction(torch.autograd.Function):
             ctx.grads, ctx.weight_dtype = grads, weight.dtype
         run.result.update(out=out, logps=logps)
         if stats is not None:
-            run.result["entropy"], run.result["top1"] = stats.per_sequence(run.layout, 2 * B)
+            entropy, top1 = stats.per_sequence(run.layout, 2 * B)
+            if run.sequence_group is not None:
+                entropy, top1 = (parallel.sum_over(t, run.sequence_group) for t in (entropy, top1))
+            run.result["entropy"], run.result["top1"] = entropy, top1
         return out.loss.float()
 
     @staticmethod
@@ -306,7 +334,8 @@ class FusedLinearDPOFunction(torch.autograd.Function):
             hidden2d = _flat(hidden)
             grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
             coef = _token_coefficients(ctx.seq_grad, run.layout, run.average) * grad_loss.float()
-            engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads), coef)
+            engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
+                                                    pass_fn=run.pass_fn), coef)
             grad_w, grad_b = grads.weight_bias(weight.dtype)
             grad_h = None if grads.hidden is None else grads.hidden.view(ctx.shape)
             return grad_h, grad_w, grad_b, None
@@ -340,7 +369,8 @@ def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weigh
 def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                      ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1,
                      loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX, shift=True,
-                     memory_budget=None, token_stats=False, **loss_params) -> DPOOutput:
+                     memory_budget=None, token_stats=False, vocab_parallel_group=None, sequence_parallel_group=None,
+                     **loss_params) -> DPOOutput:
     """The DPO loss from the policy's last hidden states and lm_head, with its gradients formed in the forward.
 
     Args:
@@ -362,12 +392,28 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         token_stats: also fill the output's `chosen_entropy_sum`, `rejected_entropy_sum`, `chosen_top1_count`,
             `rejected_top1_count` (the policy's per-token entropy and first-argmax hits, summed per sequence), from
             the pass that already reads every logit: no extra GEMM.
+        vocab_parallel_group: a torch.distributed process group over which the head is split by vocabulary rows:
+            `weight` (`bias`, `ref_weight`, `ref_bias`) is this rank's contiguous shard `[V_r, H]`, the ranks in
+            group order holding consecutive rows (shards may differ in size); hidden states and labels (global ids)
+            are the same on every rank. A DTensor weight sharded on dim 0 brings its own group. `hidden.grad` is
+            the full gradient on every rank, `weight.grad` the rank's shard of it.
+        sequence_parallel_group: a process group over which each sequence's positions are split (with
+            `shift=False`, labels aligned to positions): each rank passes its contiguous slice of every row (or
+            its part of a packed batch with its own `cu_seqlens`). `hidden.grad` is exact for the rank's slice,
+            `weight.grad` the rank's partial sum (a data-parallel reduction over the group adds them). Runs the
+            recompute plan: the loss needs every rank's log-probs before any coefficient is known.
     Returns:
-        `DPOOutput`; only `loss` is differentiable (w.r.t. hidden, weight, bias). Response lengths passed to the
-        loss are the numbers of scored tokens per sequence.
+        `DPOOutput`, the same on every rank of the groups; only `loss` is differentiable (w.r.t. hidden, weight,
+        bias). Response lengths passed to the loss are the numbers of scored tokens per sequence.
     """
+    parallel.check_groups(vocab_parallel_group, sequence_parallel_group, shift)
+    weight, bias, vocab_parallel_group = parallel.local_head(weight, bias, vocab_parallel_group)
+    if ref_weight is not None:
+        ref_weight, ref_bias, _ = parallel.local_head(ref_weight, ref_bias, vocab_parallel_group)
     hidden, weight, bias = head_operands(hidden, weight, bias)
-    num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index)
+    shard = None if vocab_parallel_group is None else parallel.vocab_shard(weight, vocab_parallel_group)
+    vocab = None if shard is None else shard.vocab
+    num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, vocab=vocab)
     if num_seqs == 0 or num_seqs % 2:
         raise ValueError(f"the batch needs an even, non-zero number of sequences (B chosen then B rejected), got "
                          f"{num_seqs}")
@@ -379,31 +425,50 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         if ref_hidden.shape[:-1] != hidden.shape[:-1]:
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
                              f"{tuple(hidden.shape[:-1])}")
-        _check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, ignore_index, prefix="ref_")
+        _check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, ignore_index, prefix="ref_",
+                             vocab=vocab)
+        if shard is not None and ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must be sharded as weight: {ref_weight.shape[0]} rows on this rank, weight "
+                             f"has {weight.shape[0]}")
     layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=True)
+    if sequence_parallel_group is not None:
+        layout = parallel.global_counts(layout, sequence_parallel_group)
     counts = layout.counts
     validate_spec(loss_type, beta, label_smoothing, counts[:B], counts[B:], loss_params)
-    pair_counts = [layout.counts_host[i] + layout.counts_host[B + i] for i in range(B)]
-    plan = plan_dpo_step(pair_counts, weight.shape[0], hidden.element_size(), memory_budget, loss_type,
-                         weight_grad=_weight_grad_wanted(weight, bias))
+    plan_vocab = weight.shape[0] if shard is None else shard.largest
+    if sequence_parallel_group is not None:
+        plan = StepPlan(chunk_tokens(plan_vocab, hidden.element_size(), memory_budget), layout.rows.numel(),
+                        recompute=True, tied=is_tied(loss_type))
+    else:
+        pair_counts = [layout.counts_host[i] + layout.counts_host[B + i] for i in range(B)]
+        plan = plan_dpo_step(pair_counts, plan_vocab, hidden.element_size(), memory_budget, loss_type,
+                             weight_grad=_weight_grad_wanted(weight, bias))
+    pass_fn = None if shard is None else parallel.VocabParallelPass(shard)
     if ref_hidden is not None:
-        ref = _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget)
+        ref = _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget,
+                               ref_weight.shape[0] if shard is None else shard.largest, pass_fn)
+        if sequence_parallel_group is not None:
+            ref = parallel.sum_over(ref, sequence_parallel_group)
         ref_chosen_logps, ref_rejected_logps = ref[:B], ref[B:]
     loss_fn = functools.partial(dpo_loss_and_grads, ref_chosen_logps=ref_chosen_logps,
                                 ref_rejected_logps=ref_rejected_logps, beta=beta, loss_type=loss_type,
                                 label_smoothing=label_smoothing, chosen_lengths=counts[:B],
                                 rejected_lengths=counts[B:], average=bool(average), **loss_params)
-    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled())
+    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled(),
+                  pass_fn=pass_fn, sequence_group=sequence_parallel_group)
+    if shard is not None:
+        hidden = parallel.SumGradOver.apply(hidden, shard.group)
     loss = FusedLinearDPOFunction.apply(hidden, weight, bias, run)
     return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
 
 
 @torch.no_grad()
-def _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget):
+def _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget, plan_vocab,
+                     pass_fn):
     """`[2B]` reference log-probs from the reference model's hidden states, forward only, in its own chunks."""
-    plan = plan_logps(layout.rows.numel(), ref_weight.shape[0], ref_hidden.element_size(), memory_budget)
+    plan = plan_logps(layout.rows.numel(), plan_vocab, ref_hidden.element_size(), memory_budget)
     loop = engine.ChunkLoop(_flat(ref_hidden.detach()), ref_weight.detach(),
-                            None if ref_bias is None else ref_bias.detach(), layout, plan)
+                            None if ref_bias is None else ref_bias.detach(), layout, plan, pass_fn=pass_fn)
     return engine.forward_logps(loop, num_seqs, average)
 
 
