@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from dpo_kernels.loss_op.loss_types import couples_logps, is_tied
+from dpo_kernels.validation import check_labels_in_range
 
 DEFAULT_BUFFER_BYTES = 2 << 30
 LOW_BUFFER_BYTES = 512 << 20
@@ -74,42 +75,65 @@ def scored_counts(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch
     return (scored != ignore_index).sum(-1)
 
 
-def _scored_positions(labels, cu_seqlens, ignore_index, shift):
-    """Natural-order (row index, target, sequence) of every position that scores a valid label."""
+def _scored_labels(labels, cu_seqlens, ignore_index, shift):
+    """The label each position scores (`ignore_index` where none), and for packed sequences each position's
+    sequence (`[N]`; None when padded)."""
     if cu_seqlens is None:
-        R, T = labels.shape
-        scored = labels[:, 1:] if shift else labels
-        seq, pos = (scored != ignore_index).nonzero(as_tuple=True)
-        return seq * T + pos, scored[seq, pos], seq
+        return (labels[:, 1:] if shift else labels), None
     lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
     seq_of_pos = torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths,
                                          output_size=labels.numel())
-    scored = labels
-    if shift:
-        # Position p scores labels[p + 1] when p + 1 is in the same sequence; a sequence's last position scores
-        # nothing.
-        same = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-        same[:-1] = seq_of_pos[1:] == seq_of_pos[:-1]
-        scored = torch.where(same, labels.roll(-1), ignore_index)
-    (rows,) = (scored != ignore_index).nonzero(as_tuple=True)
-    return rows, scored[rows], seq_of_pos[rows]
+    if not shift:
+        return labels, seq_of_pos
+    # Position p scores labels[p + 1] when p + 1 is in the same sequence; a sequence's last position scores nothing.
+    same = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    same[:-1] = seq_of_pos[1:] == seq_of_pos[:-1]
+    return torch.where(same, labels.roll(-1), ignore_index), seq_of_pos
 
 
-def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired) -> TokenLayout:
-    rows, targets, seq = _scored_positions(labels, cu_seqlens, ignore_index, shift)
-    return _layout(rows, targets, seq, num_seqs, paired, rows_repeat=False)
+def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs=()) -> TokenLayout:
+    """The scored tokens of `labels` (`[R, T]`, or `[N]` packed by `cu_seqlens`), laid out for the engine.
+
+    Also checks that every label is `ignore_index` or inside each vocabulary size of `vocabs` (ValueError naming the
+    first that is not). That fact and the tokens per sequence reach the host in one synchronization, the only one
+    here: the positions are then gathered to the known count without another (`nonzero_static`)."""
+    scored, seq_of_pos = _scored_labels(labels, cu_seqlens, ignore_index, shift)
+    valid = scored != ignore_index
+    if cu_seqlens is None:
+        counts = valid.sum(1)
+    else:
+        counts = torch.zeros(num_seqs, dtype=torch.long, device=labels.device)
+        counts.index_add_(0, seq_of_pos, valid.long())
+    facts = [counts]
+    if vocabs and labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= min(vocabs)))
+        facts.append(bad.any().long().view(1))
+    host = torch.cat(facts).tolist()
+    if len(facts) > 1 and host[-1]:
+        for vocab in vocabs:
+            check_labels_in_range(labels, vocab, ignore_index)
+    counts_host = host[:num_seqs]
+    positions = torch.nonzero_static(valid, size=sum(counts_host))
+    if cu_seqlens is None:
+        seq, pos = positions.unbind(1)
+        rows, targets = seq * labels.shape[1] + pos, scored[seq, pos]
+    else:
+        rows = positions[:, 0]
+        targets, seq = scored[rows], seq_of_pos[rows]
+    return _layout(rows, targets, seq, counts, counts_host, paired, rows_repeat=False)
 
 
 def attributed_tokens(attribution: TokenAttribution, paired) -> TokenLayout:
     """The layout of an attribution: its tokens grouped by sequence (a stable sort keeps each sequence's order)."""
     order = torch.sort(attribution.seqs, stable=True).indices
     rows, targets, seq = attribution.rows[order], attribution.targets[order], attribution.seqs[order]
-    return _layout(rows, targets, seq, attribution.num_seqs, paired, rows_repeat=True)
+    counts = torch.bincount(seq, minlength=attribution.num_seqs)
+    return _layout(rows, targets, seq, counts, counts.tolist(), paired, rows_repeat=True)
 
 
-def _layout(rows, targets, seq, num_seqs, paired, rows_repeat) -> TokenLayout:
+def _layout(rows, targets, seq, counts, counts_host, paired, rows_repeat) -> TokenLayout:
     """Natural-order scored tokens (grouped by sequence) into a layout, pair by pair when `paired`."""
-    counts = torch.bincount(seq, minlength=num_seqs)
+    num_seqs = counts.numel()
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel(), device=rows.device) - starts[seq]
     if paired:
@@ -117,7 +141,6 @@ def _layout(rows, targets, seq, num_seqs, paired, rows_repeat) -> TokenLayout:
         key = (seq % half) * 2 + (seq >= half).long()
         order = torch.sort(key, stable=True).indices
         rows, targets, seq, slot = rows[order], targets[order], seq[order], slot[order]
-    counts_host = counts.tolist()
     return TokenLayout(rows, targets, seq, slot, counts, counts_host, max(counts_host, default=0), rows_repeat)
 
 

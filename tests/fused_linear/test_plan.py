@@ -64,6 +64,42 @@ def test_compaction_of_packed_sequences_stops_at_each_boundary():
     assert layout.counts_host == [2, 0, 2, 1]
 
 
+def test_compaction_checks_every_label_against_each_vocabulary():
+    labels = torch.tensor([[-100, 3, 7], [-100, 2, 9]])
+    assert compact_tokens(labels, None, 2, -100, True, True, vocabs=(10,)).counts_host == [2, 2]
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 9 is outside \[0, 8\)"):
+        compact_tokens(labels, None, 2, -100, True, True, vocabs=(10, 8))
+    labels[0, 0] = -5  # a position that scores nothing is checked too
+    with pytest.raises(ValueError, match=r"labels\[0, 0\] = -5 is outside \[0, 10\)"):
+        compact_tokens(labels, None, 2, -100, True, True, vocabs=(10,))
+
+
+HOST_READS = (("Tensor", "tolist"), ("Tensor", "item"), ("Tensor", "__bool__"), ("Tensor", "nonzero"),
+              ("torch", "nonzero"), ("torch", "bincount"), ("Tensor", "bincount"))
+
+
+def count_host_reads(monkeypatch):
+    """Counts the calls that bring device data to the host (each a synchronization on CUDA)."""
+    reads = []
+    for owner, name in HOST_READS:
+        target = torch.Tensor if owner == "Tensor" else torch
+        original = getattr(target, name)
+        monkeypatch.setattr(target, name, lambda *a, _o=original, _n=name, **k: (reads.append(_n), _o(*a, **k))[1])
+    return reads
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compaction_reads_the_device_once(monkeypatch, packed):
+    labels = torch.tensor([[-100, 3, 7, 1], [-100, -100, 2, 9]])
+    cu = None
+    if packed:
+        labels, cu = labels.reshape(-1), torch.tensor([0, 4, 8])
+    reads = count_host_reads(monkeypatch)
+    layout = compact_tokens(labels, cu, 2, -100, True, True, vocabs=(10,))
+    assert reads == ["tolist"], reads
+    assert layout.counts_host == [3, 2]
+
+
 # --- chunk size
 
 
