@@ -19,6 +19,14 @@ and this trainer implements: rows are packed into one sequence with restarting `
 Options it does not implement (`ld_alpha`, `f_divergence_type` other than reverse_kl, `use_weighting`, an MoE
 router auxiliary loss, vision datasets, prompt-learning PEFT, soft-capped logits) make it use TRL's own computation,
 with one warning naming the option.
+
+`share_prompt=True` runs each pair's prompt through the policy and the reference once (`dpo_kernels.shared_prompt`):
+the pairs are read back from TRL's collated rows, so they hold exactly the tokens TRL's `max_length` /
+`truncation_mode` keep, and laid out as one `[prompt | chosen | rejected]` row per pair (with `padding_free`, packed
+pairs in one row), scored through the batch's attribution by the same fused engine. A model the layout cannot run
+(outside `shared_prompt.SUPPORTED_MODELS`, flash-attention 2) trains on unshared rows with one warning; so does a
+batch whose pair kept different prompt tokens in its two rows (`keep_end` truncation cuts rows of different lengths
+at different places).
 """
 from __future__ import annotations
 
@@ -48,6 +56,13 @@ from dpo_kernels.integrations.packing import next_token_labels, pack_rows
 from dpo_kernels.integrations.token_metrics import token_sums, with_engine_stats
 from dpo_kernels.loss_op.loss_types import LOSSES
 from dpo_kernels.loss_op.spec import check_loss_settings
+from dpo_kernels.shared_prompt import (
+    SharedPromptBatch,
+    SharedPromptUnsupported,
+    build_shared_batch,
+    check_shared_prompt_support,
+    shared_attention_mask,
+)
 
 __all__ = ["TESTED_TRL_VERSIONS", "FusedDPOMixin", "FusedDPOTrainer", "patch_dpo_trainer"]
 
@@ -57,11 +72,19 @@ _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejecte
 
 
 class _Layout:
-    """One batch as the engine sees it: padded `[R, T]`, or packed into `[1, N]` for padding-free training."""
+    """One batch as the engine sees it: padded `[R, T]`, packed into `[1, N]` for padding-free training, or the
+    shared-prompt rows (one `[prompt | chosen | rejected]` per pair, or packed pairs) scored through their
+    attribution."""
 
-    def __init__(self, model_kwargs: dict, labels: torch.Tensor, packed: bool):
+    def __init__(self, model_kwargs: dict, labels: torch.Tensor, packed: bool,
+                 shared: SharedPromptBatch | None = None):
         self.rows = labels.shape[0]
-        if packed:
+        self.shared = shared
+        if shared is not None:
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
+            model_kwargs.update(input_ids=shared.input_ids, position_ids=shared.position_ids)
+            self.labels, self.cu_seqlens = shared.attribution, None
+        elif packed:
             batch = pack_rows(model_kwargs["input_ids"], model_kwargs["attention_mask"], labels)
             model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("attention_mask", "position_ids")}
             model_kwargs.update(input_ids=batch.input_ids, position_ids=batch.position_ids)
@@ -70,8 +93,58 @@ class _Layout:
             self.labels, self.cu_seqlens = labels, None
         self.model_kwargs = model_kwargs
 
+    def model_inputs(self, model) -> dict:
+        """The keyword arguments of `model`'s forward; the shared-prompt mask depends on the model's attention
+        implementation and sliding window, so the policy and the reference model each get their own."""
+        if self.shared is None:
+            return self.model_kwargs
+        return {**self.model_kwargs, "attention_mask": shared_attention_mask(model, self.shared)}
+
     def flat_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.reshape(-1, hidden.shape[-1]) if self.cu_seqlens is not None else hidden
+
+    def scored(self, hidden: torch.Tensor):
+        """`(hidden [N, H], next_labels [N], row [N])` for `token_sums`; rows below `self.rows // 2` are chosen.
+
+        The shared layout's last prompt position predicts the first token of both responses, so it is gathered
+        once per scored label, as the unshared rows hold it twice."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.shared is None:
+            next_labels, row = next_token_labels(self.labels, self.cu_seqlens)
+            return flat, next_labels, row
+        shared = self.shared
+        return flat.detach().index_select(0, shared.token_rows), shared.token_targets, shared.token_seqs
+
+
+def _shared_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """The `(prompt, chosen, rejected)` ids of TRL's collated rows, or a string saying why they cannot share.
+
+    TRL's collator puts B chosen rows then B rejected rows, right-padded, each its prompt then its completion, cut
+    by `max_length` / `truncation_mode` row by row. Reading the pairs back from those rows gives exactly the tokens
+    TRL keeps. A pair shares its prompt only when both rows kept the same prompt tokens: `keep_end` cuts rows of
+    different lengths at different places, and their responses then see different contexts.
+    """
+    ids, keep, completion = (t.tolist() for t in (input_ids, attention_mask, completion_mask))
+    num_pairs = len(ids) // 2
+
+    def split(r):
+        n = sum(keep[r])
+        mask = completion[r][:n]
+        start = mask.index(1) if 1 in mask else n
+        if keep[r][:n] != [1] * n or mask[start:] != [1] * (n - start):
+            return None
+        return ids[r][:start], ids[r][start:n]
+
+    pairs = []
+    for i in range(num_pairs):
+        chosen, rejected = split(i), split(num_pairs + i)
+        if chosen is None or rejected is None:
+            return "a row is not one prompt then one completion, right-padded"
+        if chosen[0] != rejected[0]:
+            return ("the chosen and rejected rows of a pair keep different prompt tokens (truncation_mode="
+                    "'keep_end' cuts rows of different lengths at different places)")
+        pairs.append((chosen[0], chosen[1], rejected[1]))
+    return pairs
 
 
 @contextlib.contextmanager
@@ -96,13 +169,17 @@ class FusedDPOMixin:
         self._dk_token_metrics = options.get("token_metrics", True)
         self._dk_memory_budget = parse_memory_budget(options.get("memory_budget"))
         self._dk_unsupported = self._dk_unsupported_options()
+        share_prompt = options.get("share_prompt", False)
+        self._dk_share_prompt = False
+        self._dk_unshared_reasons = set()
         if self._dk_unsupported:
             names = "; ".join(self._dk_unsupported)
             padding_free = options.get("padding_free", self.args.padding_free)
             suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if padding_free else ""
+            shared = ", on unshared rows (share_prompt is off)" if share_prompt else ""
             warnings.warn(
                 f"dpo_kernels: {names} is not supported by the fused engine; this trainer uses TRL's own "
-                f"computation for every step{suffix}.",
+                f"computation{shared} for every step{suffix}.",
                 stacklevel=3,
             )
         else:
@@ -110,6 +187,12 @@ class FusedDPOMixin:
             if self.ref_model is not None:
                 install_head_forward(hf.unwrap_model(self.ref_model))
             self.padding_free = bool(self.args.padding_free)
+            if share_prompt:
+                problem = self._dk_shared_prompt_problem()
+                if problem is not None:
+                    warnings.warn(f"dpo_kernels: share_prompt=True cannot run here ({problem}); this trainer runs "
+                                  "every step on unshared rows.", stacklevel=3)
+                self._dk_share_prompt = problem is None
         self._dk_ready = True
 
     @property
@@ -164,6 +247,42 @@ class FusedDPOMixin:
         with self.accelerator.autocast():
             hf.check_output_head(model, ids)
 
+    def _dk_shared_prompt_problem(self) -> str | None:
+        """Why no step of this trainer can share prompts (the model's class or attention), or None."""
+        for name, model in (("the policy", self.model), ("the reference model", self.ref_model)):
+            if model is None:
+                continue
+            try:
+                check_shared_prompt_support(model)
+            except SharedPromptUnsupported as exc:
+                return f"{name}: {exc}"
+        return None
+
+    def _dk_shared_batch(self, inputs) -> SharedPromptBatch | None:
+        """The shared-prompt layout of one collated batch, or None for unshared rows (share_prompt off, or a batch
+        that cannot share: warned once per reason)."""
+        if not self._dk_share_prompt:
+            return None
+        extra = sorted(set(inputs) - _NON_MODEL_KEYS - {"input_ids", "attention_mask"})
+        if extra:
+            reason = f"the batch carries {extra}, which have no place in the shared-prompt rows"
+        else:
+            pairs = _shared_pairs(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            if not isinstance(pairs, str):
+                return build_shared_batch(pairs, pad_id=self._dk_pad_id(), pack=self._dk_padding_free,
+                                          device=inputs["input_ids"].device)
+            reason = pairs
+        if reason not in self._dk_unshared_reasons:
+            self._dk_unshared_reasons.add(reason)
+            warnings.warn(f"dpo_kernels: share_prompt: {reason}; such batches run on unshared rows (warned once).",
+                          stacklevel=4)
+        return None
+
+    def _dk_pad_id(self) -> int:
+        # Padding is never attended to by real tokens nor scored; TRL's pad token keeps the ids in the vocabulary.
+        pad = getattr(getattr(self, "_tokenizer", None), "pad_token_id", None)
+        return 0 if pad is None else pad
+
     def _dk_label_smoothing(self) -> list[float]:
         return [self.label_smoothing if LOSSES[name].trl_smoothed else 0.0 for name in self.loss_types]
 
@@ -179,7 +298,7 @@ class FusedDPOMixin:
                                                         memory_budget=self._dk_memory_budget)
 
         with self.accelerator.autocast():
-            return model(**layout.model_kwargs, dpo_kernels_head_fn=head_fn)
+            return model(**layout.model_inputs(model), dpo_kernels_head_fn=head_fn)
 
     def _dk_reference_logps(self, layout: _Layout):
         ref_kwargs = {k: v for k, v in layout.model_kwargs.items() if k != "output_router_logits"}
@@ -200,7 +319,7 @@ class FusedDPOMixin:
         if self._dk_unsupported:
             return super().compute_ref_log_probs(model, inputs)
         model_kwargs, labels = self._dk_model_inputs(inputs)
-        layout = _Layout(model_kwargs, labels, self._dk_padding_free)
+        layout = _Layout(model_kwargs, labels, self._dk_padding_free, self._dk_shared_batch(inputs))
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -278,12 +397,13 @@ class FusedDPOMixin:
         completion_mask = inputs["completion_mask"]
         model_kwargs, labels = self._dk_model_inputs(inputs)
         rows = labels.shape[0]
+        shared = self._dk_shared_batch(inputs)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self._dk_reference_logps(_Layout(dict(model_kwargs), labels,
-                                                                        self._dk_padding_free))
-        layout = _Layout(model_kwargs, labels, self._dk_padding_free)
+                                                                        self._dk_padding_free, shared))
+        layout = _Layout(model_kwargs, labels, self._dk_padding_free, shared)
 
         fused = self._dk_fused_loss(completion_mask)
 
@@ -298,17 +418,17 @@ class FusedDPOMixin:
                 result = dpo_kernels.linear_sequence_logprobs(flat, weight, layout.labels, bias=bias,
                                                               cu_seqlens=layout.cu_seqlens,
                                                               memory_budget=self._dk_memory_budget)
-            next_labels, row = next_token_labels(layout.labels, layout.cu_seqlens)
             # The fused engine already returned entropy and top-1 sums; only the other path needs the extra pass.
+            scored, next_labels, row = layout.scored(flat)
             with _fp32_sums(flat):
-                sums = token_sums(flat.reshape(-1, flat.shape[-1]), weight, bias, next_labels, row, rows // 2,
+                sums = token_sums(scored, weight, bias, next_labels, row, rows // 2,
                                   full=self._dk_token_metrics and fused is None)
             if fused is not None and self._dk_token_metrics:
                 sums = with_engine_stats(sums, result)
             return result, sums
 
         with self.accelerator.autocast():
-            result, sums = model(**layout.model_kwargs, dpo_kernels_head_fn=head_fn)
+            result, sums = model(**layout.model_inputs(model), dpo_kernels_head_fn=head_fn)
         if fused is not None:
             out, policy_logps = result, torch.cat([result.chosen_logps, result.rejected_logps])
         else:
@@ -366,16 +486,23 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
             whose completion starts at position 0, take one extra no-grad pass); False does not log them.
         memory_budget: the fused engine's `[C, V]` logits buffer in bytes, or "low" for the recompute path
             (`dpo_kernels.FusedLinearDPOLoss`); None is its default (2 GiB, C <= 8192 tokens).
+        share_prompt: run each pair's prompt through the policy and the reference once, in one
+            `[prompt | chosen | rejected]` row (`dpo_kernels.shared_prompt`; with `padding_free`, several pairs per
+            row), for the same numbers. A model outside `shared_prompt.SUPPORTED_MODELS` or not on eager, SDPA or
+            FlexAttention runs unshared rows, with one warning; so does a batch whose pairs kept different prompt
+            tokens in their two rows (`truncation_mode="keep_end"`).
     """
 
-    def __init__(self, *args, token_metrics: bool = True, memory_budget: int | str | None = None, **kwargs):
+    def __init__(self, *args, token_metrics: bool = True, memory_budget: int | str | None = None,
+                 share_prompt: bool = False, **kwargs):
         parse_memory_budget(memory_budget)  # a bad value fails here, before TRL's setup
+        _check_share_prompt(share_prompt)
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         # TRL 1.16 switches padding_free off with a warning during its __init__; this trainer implements it, so keep
         # the flag out of TRL's sight and restore it once TRL is set up.
         padding_free = bool(getattr(config, "padding_free", False))
         self._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget,
-                            "padding_free": padding_free}
+                            "padding_free": padding_free, "share_prompt": share_prompt}
         if padding_free:
             config.padding_free = False
         try:
@@ -387,19 +514,27 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
         self.padding_free = padding_free and not self._dk_unsupported
 
 
+def _check_share_prompt(share_prompt) -> None:
+    if not isinstance(share_prompt, bool):
+        raise ValueError(f"share_prompt must be True or False, got {share_prompt!r}")
+
+
 def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True,
-                      memory_budget: int | str | None = None) -> DPOTrainer:
-    """Turns an already-built `trl.DPOTrainer` (or subclass) into a fused one, in place; returns it.
+                      memory_budget: int | str | None = None, share_prompt: bool = False) -> DPOTrainer:
+    """Turns an already-built `trl.DPOTrainer` (or subclass) into a fused one, in place; returns it. The options
+    are `FusedDPOTrainer`'s.
 
     Reference log-probs that TRL already precomputed are kept (they are the same numbers).
     """
     if not isinstance(trainer, DPOTrainer):
         raise ValueError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
     parse_memory_budget(memory_budget)
+    _check_share_prompt(share_prompt)
     if not isinstance(trainer, FusedDPOMixin):
         cls = type(trainer)
         trainer.__class__ = type(f"Fused{cls.__name__}", (FusedDPOMixin, cls), {})
-    trainer._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget}
+    trainer._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget,
+                           "share_prompt": share_prompt}
     trainer._dk_ready = False
     trainer._dpo_kernels_setup()
     return trainer

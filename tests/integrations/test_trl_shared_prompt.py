@@ -1,0 +1,207 @@
+"""FusedDPOTrainer(share_prompt=True) gives stock TRL 1.16's numbers on a tiny Llama (CPU, fp32) while the policy and
+the reference run each pair's prompt once.
+
+Stock TRL is the oracle: both trainers start from the same weights and seed and see the same batch. Loss, gradients,
+weight updates and logged metrics agree to rtol 1e-4 (metrics with a 1e-6 absolute floor: `logits/*` of a fresh head
+are ~1e-5). A forward pre-hook on the backbone records the rows it ran, so each test also shows that the prompt was
+shared (B rows, or one packed row, instead of 2B).
+"""
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
+datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
+
+from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+RTOL, METRIC_ATOL = 1e-4, 1e-6
+PAIRS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = build_tokenizer()
+    return {"tok": tok, "data": datasets.Dataset.from_list(preference_rows(PAIRS)),
+            "policy": build_llama(tok, seed=0), "ref": build_llama(tok, seed=1)}
+
+
+def build(cls, tiny, *, policy=None, ref=True, share_prompt=None, peft_config=None, quiet=True, **config):
+    config = {"per_device_train_batch_size": PAIRS, "max_steps": 1, "learning_rate": 0.5, "optim": "sgd",
+              "logging_steps": 1, **config}
+    args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_trl_shared_test", report_to=[], save_strategy="no",
+                         use_cpu=True, bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0, **config)
+    kwargs = {} if share_prompt is None else {"share_prompt": share_prompt}
+    if peft_config is not None:
+        kwargs["peft_config"] = peft_config
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        return cls(model=copy.deepcopy(policy or tiny["policy"]), ref_model=copy.deepcopy(tiny["ref"]) if ref else None,
+                   args=args, train_dataset=tiny["data"], processing_class=tiny["tok"], **kwargs)
+
+
+def backbone_rows(trainer):
+    """The `input_ids` shapes the policy's (and reference's) backbone runs on, recorded as they happen."""
+    shapes = []
+    for model in {id(m): m for m in (trainer.model, trainer.ref_model) if m is not None}.values():
+        backbone = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+        backbone.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    return shapes
+
+
+def assert_close(name, got, want, rtol=RTOL, atol=0.0):
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    err, allowed = (got - want).abs().max().item(), rtol * want.abs().max().item() + atol
+    assert err <= allowed, f"{name}: max abs diff {err:.3e} > {allowed:.3e} (got {got.flatten()[:4].tolist()}, " \
+                           f"want {want.flatten()[:4].tolist()})"
+
+
+def assert_same_logs(got: dict, want: dict):
+    assert set(got) == set(want), f"logged keys differ: {sorted(set(got) ^ set(want))}"
+    for key, value in want.items():
+        if isinstance(value, (int, float)):
+            assert_close(f"metric {key}", got[key], value, atol=METRIC_ATOL)
+
+
+def one_step(trainer, batch):
+    """Loss, gradients and logged metrics of one `compute_loss` + backward on `batch`."""
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def assert_same_step(got, want, what):
+    (got_loss, got_grads, got_logs), (want_loss, want_grads, want_logs) = got, want
+    assert_close(f"{what} loss", got_loss, want_loss)
+    assert_same_logs(got_logs, want_logs)
+    assert set(got_grads) == set(want_grads)
+    for name in want_grads:
+        assert_close(f"{what} grad {name}", got_grads[name], want_grads[name])
+
+
+def train_logs(trainer):
+    trainer.train()
+    return [{k: v for k, v in log.items() if "runtime" not in k and "per_second" not in k}
+            for log in trainer.state.log_history]
+
+
+def test_a_training_step_matches_stock_with_each_prompt_run_once(tiny):
+    stock, shared = build(trl.DPOTrainer, tiny), build(FusedDPOTrainer, tiny, share_prompt=True)
+    assert shared._dk_share_prompt
+    stock_rows, shared_rows = backbone_rows(stock), backbone_rows(shared)
+    assert_same_logs(train_logs(shared)[0], train_logs(stock)[0])
+    before = dict(tiny["policy"].named_parameters())
+    for (name, p), (_, q) in zip(shared.model.named_parameters(), stock.model.named_parameters(), strict=True):
+        assert_close(f"update of {name}", p.detach() - before[name], q.detach() - before[name])
+    # Policy and reference: 2B unshared rows each in stock TRL, B shared rows each here, and fewer positions.
+    assert [s[0] for s in stock_rows] == [2 * PAIRS] * 2 and [s[0] for s in shared_rows] == [PAIRS] * 2
+    assert shared_rows[0][0] * shared_rows[0][1] < stock_rows[0][0] * stock_rows[0][1]
+
+
+@pytest.mark.parametrize("loss_type", [["ipo", "sft"], ["aot", "sigmoid_norm"], ["exo_pair"]])
+def test_loss_types_match_stock(tiny, loss_type):
+    # ipo and sigmoid_norm divide by completion lengths, sft averages chosen tokens, aot sorts across the batch,
+    # exo_pair reads label_smoothing.
+    config = {"loss_type": loss_type, "loss_weights": [1.0, 0.5][: len(loss_type)], "label_smoothing": 1e-3}
+    stock = build(trl.DPOTrainer, tiny, **config)
+    shared = build(FusedDPOTrainer, tiny, share_prompt=True, **config)
+    rows = backbone_rows(shared)
+    batch = next(iter(stock.get_train_dataloader()))
+    assert_same_step(one_step(shared, batch), one_step(stock, batch), loss_type)
+    assert [r[0] for r in rows] == [PAIRS, PAIRS]
+
+
+def test_precomputed_reference_is_shared_too(tiny):
+    stock = build(trl.DPOTrainer, tiny, precompute_ref_log_probs=True)
+    shared = build(FusedDPOTrainer, tiny, share_prompt=True, precompute_ref_log_probs=True)
+    rows = backbone_rows(shared)
+    batch = next(iter(stock.get_train_dataloader()))
+    ref_batch = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+    got, want = shared.compute_ref_log_probs(shared.ref_model, ref_batch), stock.compute_ref_log_probs(
+        stock.ref_model, ref_batch)
+    for name, g, w in zip(("ref_chosen_logps", "ref_rejected_logps"), got, want, strict=True):
+        assert_close(name, g, w)
+        assert_close(f"precomputed {name}", shared.train_dataset[name], stock.train_dataset[name])
+    assert_same_step(one_step(shared, batch), one_step(stock, batch), "precomputed reference")
+    assert [r[0] for r in rows] == [PAIRS, PAIRS], "the reference pass and then the policy alone, both shared"
+
+
+def test_padding_free_packs_the_pairs_into_one_row(tiny):
+    stock = build(trl.DPOTrainer, tiny)
+    packed = build(FusedDPOTrainer, tiny, share_prompt=True, padding_free=True)
+    rows = backbone_rows(packed)
+    batch = next(iter(stock.get_train_dataloader()))
+    assert_same_step(one_step(packed, batch), one_step(stock, batch), "packed")
+    real = int(batch["attention_mask"].sum())
+    assert len(rows) == 2 and all(r[0] == 1 and r[1] < real for r in rows), rows
+
+
+def test_patched_trainer_and_peft_reference_share_the_prompt(tiny):
+    peft = pytest.importorskip("peft", reason="PEFT is optional (pip install peft)")
+    # Random (not zero) LoRA B: the policy differs from its adapter-free reference from the first step.
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    stock = build(trl.DPOTrainer, tiny, ref=False, peft_config=lora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patched = patch_dpo_trainer(build(trl.DPOTrainer, tiny, ref=False, peft_config=lora), share_prompt=True)
+    assert patched.ref_model is None and patched._dk_share_prompt
+    rows = backbone_rows(patched)
+    batch = next(iter(stock.get_train_dataloader()))
+    assert_same_step(one_step(patched, batch), one_step(stock, batch), "PEFT")
+    assert [r[0] for r in rows] == [PAIRS, PAIRS], "the disabled adapter's pass and the policy's, both shared"
+
+
+def test_an_architecture_outside_the_allow_list_warns_once_and_trains_unshared(tiny):
+    from transformers import LlamaForCausalLM
+
+    class CustomLlama(LlamaForCausalLM):
+        pass
+
+    policy = CustomLlama(tiny["policy"].config)
+    policy.load_state_dict(tiny["policy"].state_dict())
+    stock = build(trl.DPOTrainer, tiny)
+    with pytest.warns(UserWarning) as caught:
+        fused = build(FusedDPOTrainer, tiny, policy=policy, share_prompt=True, quiet=False)
+    ours = [str(w.message) for w in caught if "dpo_kernels" in str(w.message)]
+    assert len(ours) == 1 and "CustomLlama" in ours[0] and "unshared rows" in ours[0], ours
+    assert not fused._dk_share_prompt and not fused._dk_unsupported
+    rows = backbone_rows(fused)
+    batch = next(iter(stock.get_train_dataloader()))
+    assert_same_step(one_step(fused, batch), one_step(stock, batch), "unshared fallback")
+    assert [r[0] for r in rows] == [2 * PAIRS, 2 * PAIRS]
+
+
+def test_keep_end_rows_cut_apart_run_unshared_with_one_warning(tiny):
+    # keep_end at 8 tokens cuts each row's start by its own length, so a pair's two rows keep different prompt
+    # tokens: those batches cannot share; keep_start keeps one prompt for both and shares (at 16 tokens the
+    # responses are cut but still differ; shorter, they would be identical and their gradients cancel to noise).
+    for mode, max_length, shared_rows in (("keep_end", 8, 2 * PAIRS), ("keep_start", 16, PAIRS)):
+        config = {"max_length": max_length, "truncation_mode": mode}
+        stock = build(trl.DPOTrainer, tiny, **config)
+        fused = build(FusedDPOTrainer, tiny, share_prompt=True, **config)
+        rows = backbone_rows(fused)
+        batch = next(iter(stock.get_train_dataloader()))
+        assert batch["input_ids"].shape[1] == max_length, "the batch should be truncated"
+        want = one_step(stock, batch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [one_step(fused, batch) for _ in range(2)]
+        ours = [str(w.message) for w in caught if "share_prompt" in str(w.message)]
+        assert len(ours) == (1 if mode == "keep_end" else 0), ours
+        assert_same_step(got[0], want, mode)
+        assert_close(f"{mode} second loss", got[1][0], want[0])
+        assert {r[0] for r in rows} == {shared_rows}
