@@ -112,9 +112,11 @@ def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
                          f"{prefix}bias": bias, "cu_seqlens": cu_seqlens})
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, hidden.shape[0])
-    check_labels_in_range(labels, vocab or V, ignore_index)
     if attribution is not None:
+        check_labels_in_range(labels, vocab or V, ignore_index)
         return attribution.num_seqs
+    # A label tensor's range is checked by `compact_tokens`, in the one synchronization that counts its tokens.
+    check_not_meta(labels=labels)
     return hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
 
 
@@ -150,10 +152,11 @@ def _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix):
     return targets
 
 
-def _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired):
+def _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs):
+    """The engine's token layout; `vocabs`: the vocabulary sizes every label must fit (checked on the way)."""
     if isinstance(labels, TokenAttribution):
         return attributed_tokens(labels, paired)
-    return compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired)
+    return compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs)
 
 
 def _check_cu_seqlens(cu_seqlens, total):
@@ -162,12 +165,14 @@ def _check_cu_seqlens(cu_seqlens, total):
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets (one sequence), got {cu_seqlens.numel()}")
     cu = cu_seqlens.long()
-    if cu[0].item() != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
-    if bool((cu[1:] < cu[:-1]).any()):
+    # The three facts in one synchronization.
+    first, decreasing, last = torch.stack([cu[0], (cu[1:] < cu[:-1]).any().long(), cu[-1]]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if decreasing:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}")
-    if cu[-1].item() != total:
-        raise ValueError(f"cu_seqlens must end at the number of packed tokens N = {total}, got {cu[-1].item()}")
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at the number of packed tokens N = {total}, got {last}")
 
 
 def _flat(hidden):
@@ -255,7 +260,8 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     shard = None if vocab_parallel_group is None else parallel.vocab_shard(weight, vocab_parallel_group)
     num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
                                     vocab=None if shard is None else shard.vocab)
-    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=False)
+    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=False,
+                           vocabs=(weight.shape[0] if shard is None else shard.vocab,))
     if sequence_parallel_group is not None:
         layout = parallel.global_counts(layout, sequence_parallel_group)
     plan = plan_logps(layout.rows.numel(), weight.shape[0] if shard is None else shard.largest,
@@ -430,7 +436,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         if shard is not None and ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"ref_weight must be sharded as weight: {ref_weight.shape[0]} rows on this rank, weight "
                              f"has {weight.shape[0]}")
-    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=True)
+    vocabs = (vocab or weight.shape[0],) + (() if ref_hidden is None else (vocab or ref_weight.shape[0],))
+    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=True, vocabs=vocabs)
     if sequence_parallel_group is not None:
         layout = parallel.global_counts(layout, sequence_parallel_group)
     counts = layout.counts

@@ -409,3 +409,28 @@ def test_scales_fold_into_the_conversion_of_the_accumulator(monkeypatch, pairs, 
     assert len(scaled) == passes, scaled
     for name, g, tg, bg in zip(("hidden", "weight"), (h.grad, w.grad), truth[2], base[2], strict=True):
         assert_within_rule(g.float(), 0.5 * tg, 0.5 * bg.float(), atol=1e-6, name=f"grad_{name}")
+
+
+HOST_READS = (("Tensor", "tolist"), ("Tensor", "item"), ("Tensor", "__bool__"), ("Tensor", "nonzero"),
+              ("torch", "nonzero"), ("torch", "bincount"), ("Tensor", "bincount"))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_host_read_before_the_first_gemm(monkeypatch, packed):
+    """Validation and the token layout read the device once before the first projection (twice when packed: the
+    offsets are checked first). On CUDA each read drains the queue: the first GEMM waits for every one."""
+    B, T, H, V = 2, 9, 24, 1000
+    hidden, weight, bias, labels, lengths, ref_c, ref_r = make_batch(B, T, H, V, seed=20)
+    cu = None
+    if packed:
+        hidden, labels, cu = to_packed(hidden, labels, lengths)
+    reads, at_first_gemm = [], []
+    for owner, name in HOST_READS:
+        target = torch.Tensor if owner == "Tensor" else torch
+        original = getattr(target, name)
+        monkeypatch.setattr(target, name, lambda *a, _o=original, _n=name, **k: (reads.append(_n), _o(*a, **k))[1])
+    project = engine._project
+    monkeypatch.setattr(engine, "_project", lambda loop, h: (at_first_gemm.append(len(reads)), project(loop, h))[1])
+    dpo_kernels.fused_linear_dpo(hidden, weight.clone().requires_grad_(), labels, bias=bias, cu_seqlens=cu,
+                                 ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    assert at_first_gemm[0] == (2 if packed else 1), reads
