@@ -15,14 +15,15 @@ target: 1.3x the peak of TRL's own loss for the default, that peak for "low"):
 
     B x T      valid tokens   default (C = 8192)                  "low" (C = 2048, recompute)
     2 x 2048       6144       2.60   (<= 4.4) one chunk           3.00   (<= 3.37)
-    2 x 8192      24576       4.45   (<= 5.1) 2 streaming pairs   3.19   (<= 3.94)
+    2 x 8192      24576       4.97   (<= 5.1) 2 streaming pairs   3.19   (<= 3.94)
     1 x 32768     49152       5.29   (<= 6.1) 1 streaming pair    3.44   (<= 4.69)
 
 Where the default peaks come from (V*H fp32 = 1.96 GiB, V*H bf16 = 0.98, [8192, V] bf16 = 1.96):
 2 x 2048: the logits buffer (1.47) and the weight gradient written in bf16 by the only weight GEMM (0.98).
-2 x 8192: each pair (12288 tokens) is longer than C; the first streams into the fp32 accumulator (1.96) beside the
-logits buffer (1.96), its fp32 U (0.19), grad_h (0.25) and two chunks' hidden rows (0.06 each); the second pair
-runs twice (forward, then gradients) and peaks lower. 1 x 32768: as that first pair, with U = 0.75, grad_h = 0.5.
+2 x 8192: each pair (12288 tokens) is longer than a chunk, and the second runs twice, so the buffer takes 2.5 GiB
+(C = 10368, see `plan.py`): the first pair streams into the fp32 accumulator (1.96) beside the logits buffer (2.48),
+its fp32 U (0.19), grad_h (0.25) and two chunks' hidden rows (0.08 and 0.01); the second pair, run twice (forward,
+then gradients), peaks lower. 1 x 32768: one pair streamed through C = 8192, with U = 0.75 and grad_h = 0.5.
 "low": the end of the backward, the fp32 accumulator (1.96) and its bf16 conversion (0.98) plus grad_h.
 """
 import torch

@@ -25,7 +25,13 @@ Modes of a DPO step:
                 pair that finds the accumulator in use, or whose chosen and rejected coefficients are not tied,
                 runs `twice` (a forward pass for its log-probs, then a gradient pass: its tokens outside the last
                 chunk are projected twice), rather than hold a second `[V, H]` buffer; without a weight gradient
-                every streaming pair takes one pass.
+                every streaming pair takes one pass. With the default budget, a step that would run a pair twice
+                takes a 2.5 GiB buffer instead (C up to the longest such pair, without the 8192 cap: 10368 at
+                V = 128256 in bf16), so that the pair's last chunk keeps more of it: at 2 x 8192 (pairs of 12288
+                tokens) 1920 instead of 4096 tokens are projected twice, and the step's peak is 4.97 GiB
+                (`memory_model.py`). No exact schedule avoids the second projection there within the memory
+                target: the buffer for a whole pair (2.94 GiB), the accumulator (1.96) and grad_h (0.25) alone
+                would exceed 5.1 GiB.
 """
 import math
 import numbers
@@ -38,6 +44,7 @@ from dpo_kernels.loss_op.loss_types import couples_logps, is_tied
 from dpo_kernels.validation import check_labels_in_range
 
 DEFAULT_BUFFER_BYTES = 2 << 30
+TWICE_BUFFER_BYTES = 5 << 29  # 2.5 GiB: the default buffer of a step that would run a pair twice
 LOW_BUFFER_BYTES = 512 << 20
 MAX_CHUNK_TOKENS = 8192
 
@@ -164,7 +171,11 @@ def chunk_tokens(vocab: int, itemsize: int, memory_budget) -> int:
         budget = LOW_BUFFER_BYTES
     else:
         budget = memory_budget
-    tokens = max(1, min(MAX_CHUNK_TOKENS, budget // (vocab * itemsize)))
+    return _whole_tiles(max(1, min(MAX_CHUNK_TOKENS, budget // (vocab * itemsize))))
+
+
+def _whole_tiles(tokens: int) -> int:
+    """`tokens` rounded down to a multiple of 128 (whole GEMM tiles) when it is 128 or more."""
     return tokens - tokens % 128 if tokens >= 128 else tokens
 
 
@@ -270,6 +281,7 @@ def plan_dpo_step(pair_counts, vocab: int, itemsize: int, memory_budget, loss_ty
     """The plan of one `fused_linear_dpo` call from its scored tokens per pair (chosen plus rejected, in batch order).
 
     `weight_grad`: the weight (or bias) gradient is formed in this call; without it no streaming pair runs twice.
+    With the default budget, a step that would run a pair twice takes a larger buffer (see the module docstring).
     """
     memory_budget = parse_memory_budget(memory_budget)
     chunk = chunk_tokens(vocab, itemsize, memory_budget)
@@ -277,6 +289,18 @@ def plan_dpo_step(pair_counts, vocab: int, itemsize: int, memory_budget, loss_ty
     tied = is_tied(loss_type)
     if memory_budget == "low" or (couples_logps(loss_type) and total > chunk):
         return StepPlan(chunk, total, recompute=True, tied=tied)
+    groups = _pair_groups(pair_counts, chunk, tied, weight_grad)
+    twice = [g.end - g.start for g in groups if g.mode == STREAM_TWICE]
+    if memory_budget is None and twice:
+        limit = _whole_tiles(TWICE_BUFFER_BYTES // (vocab * itemsize))
+        grown = max(twice) if max(twice) <= limit else limit
+        if grown > chunk:
+            chunk, groups = grown, _pair_groups(pair_counts, grown, tied, weight_grad)
+    return StepPlan(chunk, total, recompute=False, tied=tied, groups=tuple(groups))
+
+
+def _pair_groups(pair_counts, chunk, tied, weight_grad) -> list:
+    """The pair groups in run order with their modes and chunks."""
     groups, accumulating = [], False
     for start, end, pairs, streaming in longest_streaming_first(group_pairs(pair_counts, chunk)):
         if not streaming:
@@ -290,7 +314,7 @@ def plan_dpo_step(pair_counts, vocab: int, itemsize: int, memory_budget, loss_ty
             chunks = tuple((start + s, start + e) for s, e in even_chunks(end - start, chunk))
         groups.append(PairGroup(start, end, pairs, chunks, mode))
         accumulating = accumulating or end > start
-    return StepPlan(chunk, total, recompute=False, tied=tied, groups=tuple(groups))
+    return groups
 
 
 def plan_logps(total: int, vocab: int, itemsize: int, memory_budget) -> StepPlan:

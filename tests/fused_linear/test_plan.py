@@ -165,6 +165,21 @@ def test_step_plan_modes():
     assert modes(plan_dpo_step([0, 10], V, s, eight, "sigmoid")) == [([1], STREAM_ONCE), ([0], RESIDENT)]
 
 
+def test_default_budget_grows_the_buffer_when_a_pair_would_run_twice():
+    V, s = 128256, 2
+    # 2 x 8192 at the Llama-3 head: pairs of 12288 tokens. At C = 8192 the second runs twice and projects 4096
+    # tokens again; with the 2.5 GiB buffer only 12288 - 10368 = 1920.
+    plan = plan_dpo_step([12288, 12288], V, s, None, "sigmoid")
+    assert plan.chunk == 10368 and [g.mode for g in plan.groups] == [STREAM_ONCE, STREAM_TWICE]
+    assert plan.groups[1].chunks == ((12288, 14208), (14208, 24576))
+    # An explicit budget is kept; no pair run twice, no growth.
+    assert plan_dpo_step([12288, 12288], V, s, 8192 * V * s, "sigmoid").chunk == 8192
+    assert plan_dpo_step([49152], V, s, None, "sigmoid").chunk == 8192
+    # A small vocabulary: the grown buffer holds the whole pair, which becomes resident.
+    small = plan_dpo_step([9000, 9000], 1000, 4, None, "sigmoid")
+    assert small.chunk == 9000 and [g.mode for g in small.groups] == [RESIDENT, RESIDENT]
+
+
 def test_recompute_decision():
     V, s = 1000, 4
     low = plan_dpo_step([3, 4], V, s, "low", "sigmoid")
