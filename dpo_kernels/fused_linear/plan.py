@@ -3,8 +3,8 @@
 Compaction (`compact_tokens`) keeps only the positions that score a valid label, laid out sequence by sequence
 (`paired=False`) or pair by pair (`paired=True`: chosen i, rejected B+i, chosen i+1, ...). A `StepPlan` is then
 built once from the scored-token counts alone (`plan_dpo_step`, `plan_logps`): the engine executes it and the
-memory model (`memory_model.estimate_peak_bytes`) counts the bytes of the same object, so the mode decisions exist
-only here. See docs/design.md, "The fused linear engine".
+memory model (`memory_model.estimate_peak_bytes`) and the cost model (`cost_model.plan_cost`) count the bytes and
+FLOPs of the same object, so the mode decisions exist only here. See docs/design.md, "The fused linear engine".
 
 Chunk size C (`memory_budget`, checked by `parse_memory_budget`):
     None     the logits buffer `[C, V]` in the input dtype may take 2 GiB, and C <= 8192 tokens
@@ -17,21 +17,20 @@ Modes of a DPO step:
     recompute   the forward keeps nothing and the backward recomputes each chunk's logits (8NHV, no `[V, H]`
                 accumulator while streaming): `memory_budget="low"`, and losses that couple pairs through their
                 log-probs (aot, aot_unpaired) unless the whole batch fits in one chunk.
-    otherwise   the forward forms the gradients as pairs complete (6NHV). Pairs are grouped greedily in batch
-                order: whole pairs fill a `resident` chunk of at most C tokens (their coefficients are known after
-                the chunk's pass); a pair longer than C streams through chunks. The longest streaming pair runs
-                first: while the one fp32 `[V, H]` weight-gradient accumulator is still empty it streams in `one
-                pass` (tied losses: the accumulator is scaled by the pair's coefficient at the end). A streaming
-                pair that finds the accumulator in use, or whose chosen and rejected coefficients are not tied,
-                runs `twice` (a forward pass for its log-probs, then a gradient pass: its tokens outside the last
-                chunk are projected twice), rather than hold a second `[V, H]` buffer; without a weight gradient
-                every streaming pair takes one pass. With the default budget, a step that would run a pair twice
-                takes a 2.5 GiB buffer instead (C up to the longest such pair, without the 8192 cap: 10368 at
-                V = 128256 in bf16), so that the pair's last chunk keeps more of it: at 2 x 8192 (pairs of 12288
-                tokens) 1920 instead of 4096 tokens are projected twice, and the step's peak is 4.97 GiB
-                (`memory_model.py`). No exact schedule avoids the second projection there within the memory
-                target: the buffer for a whole pair (2.94 GiB), the accumulator (1.96) and grad_h (0.25) alone
-                would exceed 5.1 GiB.
+    otherwise   the forward forms the gradients as pairs complete (6NHV). Pairs are grouped greedily in batch order:
+                whole pairs fill a `resident` chunk of at most C tokens (their coefficients are known after the chunk's
+                pass); a pair longer than C streams through chunks. The longest streaming pair runs first: while the one
+                fp32 `[V, H]` weight-gradient accumulator is still empty it is a `stream once` pair (tied losses: the
+                accumulator owes the pair's coefficient, applied at the end). A streaming pair that finds the
+                accumulator in use, or whose chosen and rejected coefficients are not tied, is a `stream twice` pair (a
+                forward pass for its log-probs, then a gradient pass: its tokens outside the last chunk are projected
+                twice), rather than hold a second `[V, H]` buffer; without a weight gradient every streaming pair takes
+                one pass. With the default budget, a step that would run a pair twice takes a 2.5 GiB buffer instead (C
+                up to the longest such pair, without the 8192 cap: 10368 at V = 128256 in bf16), so that the pair's last
+                chunk keeps more of it: at 2 x 8192 (pairs of 12288 tokens) 1920 instead of 4096 tokens are projected
+                twice, and the step's peak is 4.97 GiB (`memory_model.py`). No exact schedule avoids the second
+                projection there within the memory target: the buffer for a whole pair (2.94 GiB), the accumulator
+                (1.96) and grad_h (0.25) alone would exceed 5.1 GiB.
 """
 import math
 import numbers
