@@ -98,13 +98,38 @@ def run_profile_memory(args) -> int:
     from dpo_kernels.bench import memory
 
     device = _device(args)
+    if args.share_prompt:
+        return _profile_shared_prompt(args, device)
+    if args.response is not None or args.attention is not None:
+        raise ValueError("--response and --attention apply with --share-prompt only")
     _check_providers(args.providers, ["linear"])
     out = args.output_dir or default_output_dir(device)
-    result = memory.profile_memory(args.seq_lens, hidden=args.hidden, vocab=args.vocab, pairs=args.pairs,
+    pairs = 1 if args.pairs is None else args.pairs
+    result = memory.profile_memory(args.seq_lens, hidden=args.hidden, vocab=args.vocab, pairs=pairs,
                                    provider_names=args.providers, device=device, dtype=args.dtype,
                                    isolate=args.isolate, compile_backend=args.compile_backend,
                                    on_update=lambda partial: memory.write(partial, out, png=False))
     paths = memory.write(result, out)
+    print("\n".join(memory.markdown_lines(result)))
+    print("[memory] " + ", ".join(paths.values()))
+    return 0
+
+
+def _profile_shared_prompt(args, device) -> int:
+    from dpo_kernels.bench import memory
+
+    given = [flag for flag, value in (("--hidden", args.hidden), ("--vocab", args.vocab),
+                                      ("--providers", args.providers), ("--dtype", args.dtype)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} do not apply with --share-prompt, which measures the training step of "
+                         "`dpo-kernels bench --ops shared-prompt` (its Llama config, fp32 weights, bf16 autocast on "
+                         "CUDA)")
+    out = args.output_dir or default_output_dir(device)
+    result = memory.profile_shared_prompt(args.seq_lens, response=args.response, pairs=args.pairs,
+                                          attention=args.attention or "sdpa", device=device, isolate=args.isolate,
+                                          on_update=lambda partial: memory.write(partial, out, png=False,
+                                                                                 name="shared_prompt_memory"))
+    paths = memory.write(result, out, name="shared_prompt_memory")
     print("\n".join(memory.markdown_lines(result)))
     print("[memory] " + ", ".join(paths.values()))
     return 0
@@ -144,14 +169,26 @@ def add_subcommands(subparsers) -> None:
         description="Measures the peak extra memory of one fused-linear DPO step (fwd+bwd) per provider per "
                     "sequence length; a provider stops at its first out of memory. Writes memory.json, memory.md "
                     "and memory.png. Defaults: on CUDA T=1024..65536, H=4096, V=128256 (bf16); on the CPU "
-                    "T=256..2048, H=64, V=4096 (fp32), one fresh subprocess per measurement (peak RSS).")
+                    "T=256..2048, H=64, V=4096 (fp32), one fresh subprocess per measurement (peak RSS). With "
+                    "--share-prompt: one training step on unshared rows against the shared-prompt layout, per "
+                    "prompt length.")
     _common(mem)
     mem.add_argument("--seq-lens", type=_int_list, default=None, help="comma-separated sequence lengths T")
     mem.add_argument("--hidden", type=int, default=None, help="hidden size H")
     mem.add_argument("--vocab", type=int, default=None, help="vocabulary size V")
-    mem.add_argument("--pairs", type=int, default=1, help="preference pairs per step (2 rows each)")
+    mem.add_argument("--pairs", type=int, default=None,
+                     help="preference pairs per step (2 rows each; default 1, 4 with --share-prompt)")
     mem.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                      help="one fresh subprocess per measurement (default: on the CPU only)")
+    mem.add_argument("--share-prompt", action="store_true",
+                     help="compare one training step on unshared rows and on the shared-prompt layout (the step of "
+                          "`bench --ops shared-prompt`: an HF Llama from a config, fused head, backward) at prompt "
+                          "lengths --seq-lens (default 512..32768 on CUDA, 64,256,1024 on the CPU); writes "
+                          "shared_prompt_memory.json/.md/.png")
+    mem.add_argument("--response", type=int, default=None,
+                     help="with --share-prompt: tokens per response R (default 256 on CUDA, 32 on the CPU)")
+    mem.add_argument("--attention", choices=("sdpa", "eager", "flex_attention"), default=None,
+                     help="with --share-prompt: the model's attention implementation (default sdpa)")
     mem.set_defaults(func=run_profile_memory)
 
 

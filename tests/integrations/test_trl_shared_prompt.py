@@ -185,6 +185,16 @@ def test_an_architecture_outside_the_allow_list_warns_once_and_trains_unshared(t
     assert [r[0] for r in rows] == [2 * PAIRS, 2 * PAIRS]
 
 
+def test_an_option_the_fused_engine_lacks_warns_once_and_runs_trl(tiny):
+    stock = build(trl.DPOTrainer, tiny, ld_alpha=0.5)
+    with pytest.warns(UserWarning) as caught:
+        fused = build(FusedDPOTrainer, tiny, share_prompt=True, quiet=False, ld_alpha=0.5)
+    ours = [str(w.message) for w in caught if "dpo_kernels" in str(w.message)]
+    assert len(ours) == 1 and "ld_alpha" in ours[0] and "share_prompt is off" in ours[0], ours
+    batch = next(iter(stock.get_train_dataloader()))
+    assert_same_step(one_step(fused, batch), one_step(stock, batch), "TRL's computation")
+
+
 def test_keep_end_rows_cut_apart_run_unshared_with_one_warning(tiny):
     # keep_end at 8 tokens cuts each row's start by its own length, so a pair's two rows keep different prompt
     # tokens: those batches cannot share; keep_start keeps one prompt for both and shares (at 16 tokens the
