@@ -38,7 +38,10 @@ import torch
 try:
     import trl
     from accelerate.utils import is_peft_model
+    from datasets import Dataset, IterableDataset, concatenate_datasets
+    from torch.utils.data import DataLoader
     from trl import DPOTrainer
+    from trl.models import prepare_deepspeed
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -333,6 +336,38 @@ class FusedDPOMixin:
         ):
             logps = self._dk_logps(model, layout)
         return logps.chunk(2, dim=0)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """TRL's precompute, across processes: each process scores its share of the batches (accelerate's sharded
+        loader), one gather per batch gives every process all the log-probs in the dataset's order, and each process
+        adds them to `dataset` as two float32 columns in memory.
+
+        TRL 1.16 has the main process write them to a cache file that every process then reads; for a dataset held
+        in memory, `datasets` names that file in a temporary directory private to each process, so the others fail
+        to open it. One process keeps TRL's path, and its cache file.
+        """
+        if self.accelerator.num_processes == 1 or isinstance(dataset, IterableDataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        ))
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # The model is not prepared yet: ZeRO keeps its parameters on the CPU or sharded (as in TRL).
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in loader:
+            # gather_for_metrics drops the rows that even_batches repeats to fill the last processes' batches.
+            logps = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(logps[0].float().cpu())
+            rejected.append(logps[1].float().cpu())
+        columns = Dataset.from_dict({"ref_chosen_logps": torch.cat(chosen).numpy(),
+                                     "ref_rejected_logps": torch.cat(rejected).numpy()})
+        return concatenate_datasets([dataset, columns], axis=1)
 
     # -- the loss ------------------------------------------------------------------------------------------------
 
