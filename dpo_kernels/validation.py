@@ -84,9 +84,11 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets (one sequence), got {cu_seqlens.numel()}")
     cu = cu_seqlens.long()
-    if cu[0].item() != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
-    if bool((cu[1:] < cu[:-1]).any()):
+    # The three facts in one synchronization.
+    first, decreasing, last = torch.stack([cu[0], (cu[1:] < cu[:-1]).any().long(), cu[-1]]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if decreasing:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}")
-    if cu[-1].item() != total:
-        raise ValueError(f"cu_seqlens must end at the number of packed tokens N = {total}, got {cu[-1].item()}")
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at the number of packed tokens N = {total}, got {last}")

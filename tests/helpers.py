@@ -12,6 +12,7 @@ import torch
 import dpo_kernels
 from dpo_kernels import reference
 from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.loss_op.loss_types import LOSSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
@@ -62,7 +63,7 @@ def assert_within_rule(out, truth, baseline, *, atol: float, factor: float = 2.0
 # (dtype, atol) pairs of the accuracy rule.
 DTYPE_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 LOSS_PARAMS = {"exo_pair": {"label_smoothing": 1e-2}, "robust": {"label_smoothing": 0.1}}
-REFERENCE_FREE = {"simpo"}
+REFERENCE_FREE = {name for name, info in LOSSES.items() if info.reference_free}
 
 
 

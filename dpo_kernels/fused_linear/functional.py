@@ -37,9 +37,10 @@ from dpo_kernels.fused_linear.plan import (
 )
 from dpo_kernels.loss_op.loss_types import is_tied
 from dpo_kernels.loss_op.op import dpo_loss_and_grads
-from dpo_kernels.loss_op.spec import validate_spec
+from dpo_kernels.loss_op.spec import check_reference_logps, validate_spec
 from dpo_kernels.outputs import DPOOutput
 from dpo_kernels.validation import (
+    check_cu_seqlens,
     check_float_dtype,
     check_ignore_index,
     check_integer_dtype,
@@ -111,7 +112,7 @@ def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
     check_same_device(**{f"{prefix}hidden": hidden, f"{prefix}weight": weight, "labels": labels,
                          f"{prefix}bias": bias, "cu_seqlens": cu_seqlens})
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, hidden.shape[0])
+        check_cu_seqlens(cu_seqlens, hidden.shape[0])
     if attribution is not None:
         check_labels_in_range(labels, vocab or V, ignore_index)
         return attribution.num_seqs
@@ -157,22 +158,6 @@ def _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, voc
     if isinstance(labels, TokenAttribution):
         return attributed_tokens(labels, paired)
     return compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs)
-
-
-def _check_cu_seqlens(cu_seqlens, total):
-    check_ndim(cu_seqlens, 1, "cu_seqlens", "[R + 1]")
-    check_integer_dtype(cu_seqlens, "cu_seqlens")
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold at least 2 offsets (one sequence), got {cu_seqlens.numel()}")
-    cu = cu_seqlens.long()
-    # The three facts in one synchronization.
-    first, decreasing, last = torch.stack([cu[0], (cu[1:] < cu[:-1]).any().long(), cu[-1]]).tolist()
-    if first != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {first}")
-    if decreasing:
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}")
-    if last != total:
-        raise ValueError(f"cu_seqlens must end at the number of packed tokens N = {total}, got {last}")
 
 
 def _flat(hidden):
@@ -362,14 +347,7 @@ def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weigh
         raise ValueError("ref_weight / ref_bias were given without ref_hidden")
     if ref_hidden is not None and ref_chosen_logps is not None:
         raise ValueError("pass either precomputed ref_chosen_logps/ref_rejected_logps or ref_hidden, not both")
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (num_pairs,):
-            raise ValueError(f"{name} must be a float tensor of shape [B] = [{num_pairs}], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs, hidden.device, "hidden")
 
 
 def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,

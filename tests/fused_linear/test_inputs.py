@@ -60,6 +60,8 @@ CASES = {
     "rejected ref without chosen": (lambda b: dict(ref_rejected_logps=b["ref_r"]), "both"),
     "ref logps wrong shape": (lambda b: dict(ref_chosen_logps=b["ref_c"][:1], ref_rejected_logps=b["ref_r"][:1]),
                               "shape"),
+    "integer ref logps": (lambda b: dict(ref_chosen_logps=b["ref_c"].long(), ref_rejected_logps=b["ref_r"].long()),
+                          "ref_chosen_logps must be float16, bfloat16, float32 or float64"),
     "ref logps and ref hidden": (lambda b: dict(ref_chosen_logps=b["ref_c"], ref_rejected_logps=b["ref_r"],
                                                 ref_hidden=b["hidden"]), "not both"),
     "ref weight without ref hidden": (lambda b: dict(ref_weight=b["weight"]), "without ref_hidden"),
