@@ -12,6 +12,7 @@ import dpo_kernels
 from dpo_kernels import LOSS_TYPES, reference
 from dpo_kernels.fused_linear import engine
 from tests.helpers import (
+    DEVICES,
     IGNORE_INDEX,
     LOSS_PARAMS,
     MODES,
@@ -27,12 +28,20 @@ from tests.helpers import (
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+def on_device(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+# On a CUDA machine every case also runs on the GPU (cuBLAS GEMMs, the Triton pass, fp32-result GEMMs): the ids
+# carry "cuda", which the GPU check's test selection picks up.
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_every_loss_type_fp32(loss_type, mode, average):
+def test_every_loss_type_fp32(loss_type, mode, average, device):
     B, T, H, V = 3, 11, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=1)
+    hidden, weight, bias, labels, ref_c, ref_r = on_device(device, hidden, weight, bias, labels, ref_c, ref_r)
     if loss_type in REFERENCE_FREE:
         ref_c = ref_r = None
     params = LOSS_PARAMS.get(loss_type, {})
@@ -44,12 +53,14 @@ def test_every_loss_type_fp32(loss_type, mode, average):
     check_against_truth(out, grads, truth, base, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["resident", "streaming", "low"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_down"])
-def test_half_precision(dtype, mode, loss_type):
+def test_half_precision(dtype, mode, loss_type, device):
     B, T, H, V = 2, 13, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, dtype, seed=2)
+    hidden, weight, bias, labels, ref_c, ref_r = on_device(device, hidden, weight, bias, labels, ref_c, ref_r)
     truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
                       dtype=torch.float64)
     base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
