@@ -119,5 +119,21 @@ def wrap(module: nn.Module, ctx: DistContext, layer_types: tuple[type, ...] = ()
     return module
 
 
+def shard_frozen(module: nn.Module, ctx: DistContext, layer_types: tuple[type, ...] = ()) -> nn.Module:
+    """A module that only runs no-grad forwards (the reference model): under fsdp sharded as `wrap` shards the
+    policy, so each process holds 1/N of its weights; as it is otherwise (DDP has no gradient to synchronize).
+    Call `reshard_root` after each of its forwards."""
+    return wrap(module, ctx, layer_types) if ctx.mode == "fsdp" else module
+
+
+def reshard_root(module: nn.Module) -> None:
+    """Frees the parameters an FSDP2 root gathered for its forward (the embeddings, final norm and lm_head outside
+    the decoder layers): a root keeps them until the backward, which a frozen module never runs."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module

@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from dpo_kernels.trainer import distributed
 from dpo_kernels.trainer.batches import collate_pairs, shared_prompt_problem
 from dpo_kernels.trainer.data import PreferenceData
 from dpo_kernels.trainer.forward import reference_logps
-from dpo_kernels.trainer.models import load_model
+from dpo_kernels.trainer.models import decoder_layer_types, load_model
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
 
@@ -92,10 +94,29 @@ def save_cached(path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
             tmp.unlink()
 
 
+class ReferenceForward(nn.Module):
+    """The frozen reference model, whose `forward` gives the per-row log-probs `[2B]` fp32 of a batch.
+
+    Under FSDP2 it is sharded whole (each decoder layer, then this root) like the policy's `DPOForward`: the root's
+    hooks gather the parameters outside the layers (embeddings, final norm, lm_head) around the whole call, inside
+    which the fused backend reads the backbone and the head weight directly.
+    """
+
+    def __init__(self, model: nn.Module, backend: str, autocast_dtype):
+        super().__init__()
+        self.model, self.backend, self.autocast_dtype = model, backend, autocast_dtype
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        return reference_logps(self.model, self.backend, input_ids, attention_mask, labels, self.autocast_dtype)
+
+
 class Reference:
     """Reference log-probs for a batch: from a frozen model, from the precomputed cache, or zeros (reference-free).
 
-    `config` is the run's TrainConfig; `free` says the run is reference-free (no model, no cache).
+    `config` is the run's TrainConfig; `free` says the run is reference-free (no model, no cache). Under
+    `--distributed fsdp` the reference model is sharded over the processes (`distributed.shard_frozen`), so every
+    process runs its forwards together: each runs one per micro-batch, and all of them evaluate and precompute in
+    the same order.
     """
 
     def __init__(self, config, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int, *, free: bool):
@@ -104,55 +125,78 @@ class Reference:
         self.model_id = config.ref_model or config.model
         self.dtype, self.autocast_dtype = dtype, autocast_dtype
         self.cache_dir = Path(config.ref_cache_dir) if config.ref_cache_dir else Path(out_dir) / "ref-cache"
-        self.model = None
+        self.module = None   # ReferenceForward (sharded under fsdp) around `model`
+        self.model = None    # the Hugging Face model
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_files: dict[str, str] = {}
         if not self.free and not config.precompute_ref:
-            self.model = self._load()
+            self.module = self._load()
+            self.model = self.module.model
 
-    def _load(self):
+    def _load(self) -> ReferenceForward:
         what = "reference model" if self.c.ref_model else "model"
         model = load_model(self.model_id, self.dtype, self.ctx.device, what).eval()
         model.requires_grad_(False)
-        return model
+        module = ReferenceForward(model, self.c.loss_backend, self.autocast_dtype)
+        return distributed.shard_frozen(module, self.ctx, decoder_layer_types(model))
+
+    def _forward(self, module: ReferenceForward, batch: dict) -> torch.Tensor:
+        logps = module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        distributed.reshard_root(module)
+        return logps
 
     def precompute(self, name: str, data: PreferenceData) -> None:
-        """Fills the table for `data` from the disk cache, or computes it (every rank, same order) and caches it."""
+        """Fills the table for `data` from the disk cache when every process finds it there, else computes it
+        (`_compute`) and caches it."""
         settings = {"backend": self.c.loss_backend, "dtype": str(self.dtype), "autocast": str(self.autocast_dtype),
                     "pad": self.pad_id}
         path = cache_path(self.cache_dir, cache_key(self.model_id, data.fingerprint, settings))
         self.cache_files[name] = str(path)
         cached = load_cached(path, len(data))
-        if cached is None:
-            model = self._load()
-            # The reference pass shares the prompt too, where the model supports it (else unshared rows, silently:
-            # the policy's check warns once).
-            share = self.c.share_prompt and shared_prompt_problem(model) is None
-            bs = self.c.eval_batch_size or self.c.batch_size
-            chosen, rejected = [], []
-            for start in range(0, len(data), bs):
-                batch = collate_pairs(data.examples[start:start + bs], self.pad_id, self.ctx.device, share_prompt=share)
-                logps = reference_logps(model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
-                                         batch["labels"], self.autocast_dtype).cpu()
-                half = logps.shape[0] // 2
-                chosen.append(logps[:half])
-                rejected.append(logps[half:])
-            del model
-            cached = torch.cat(chosen), torch.cat(rejected)
+        # The processes compute together (a sharded reference's forwards are collective): all or none.
+        if not self.ctx.all_true(cached is not None):
+            cached = self._compute(data)
             if self.ctx.is_main:
                 save_cached(path, *cached)
             self.ctx.barrier()
         self.tables[name] = cached
 
+    def _compute(self, data: PreferenceData) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(chosen [N], rejected [N])` fp32 of `data`: process r scores batches r, r + P, r + 2P, ... (batches cut
+        as one process cuts them, so the numbers do not depend on P), and one all-gather gives every process the
+        whole table."""
+        module = self._load()
+        # The reference pass shares the prompt too, where the model supports it (else unshared rows, silently:
+        # the policy's check warns once).
+        share = self.c.share_prompt and shared_prompt_problem(module.model) is None
+        bs = self.c.eval_batch_size or self.c.batch_size
+        starts = range(0, len(data), bs)
+        rounds = -(-len(starts) // self.ctx.world)
+        sharded = self.ctx.mode == "fsdp"
+        mine = {}
+        for k in range(rounds):
+            i = k * self.ctx.world + self.ctx.rank
+            if i >= len(starts) and not sharded:
+                break
+            # A sharded reference runs each forward on every process: one without a batch left repeats the last.
+            start = starts[min(i, len(starts) - 1)]
+            batch = collate_pairs(data.examples[start:start + bs], self.pad_id, self.ctx.device, share_prompt=share)
+            logps = self._forward(module, batch).cpu()
+            if i < len(starts):
+                mine[i] = logps
+        del module
+        parts = {i: logps for part in self.ctx.gather_objects(mine) for i, logps in part.items()}
+        logps = [parts[i] for i in range(len(starts))]
+        return (torch.cat([x[:x.shape[0] // 2] for x in logps]), torch.cat([x[x.shape[0] // 2:] for x in logps]))
+
     def logps(self, name: str, indices: list[int], batch: dict):
         """`(ref_chosen [B], ref_rejected [B])` fp32, or `(None, None)` when reference-free."""
         if self.free:
             return None, None
-        if self.model is None:
+        if self.module is None:
             chosen, rejected = self.tables[name]
             idx = torch.tensor(indices)
             return chosen[idx].to(self.ctx.device), rejected[idx].to(self.ctx.device)
-        logps = reference_logps(self.model, self.c.loss_backend, batch["input_ids"], batch["attention_mask"],
-                                 batch["labels"], self.autocast_dtype)
+        logps = self._forward(self.module, batch)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]

@@ -1,4 +1,5 @@
-"""Two gloo processes (DDP / FSDP2 on the CPU) give the loss curve of one process with the same global batch."""
+"""Two gloo processes (DDP / FSDP2 on the CPU) give the loss curve of one process with the same global batch, and the
+FSDP2-sharded reference model gives the log-probs of the whole one."""
 import json
 import multiprocessing
 import os
@@ -9,8 +10,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
-from dpo_kernels.trainer import TrainConfig, train
+from dpo_kernels.trainer import TrainConfig, distributed, models, train
+from dpo_kernels.trainer.batches import collate_pairs
+from dpo_kernels.trainer.data import load_preference_data
+from dpo_kernels.trainer.ref_logps import Reference
 from tests.tiny_models import tiny_setup
 
 WORLD = 2
@@ -28,6 +33,31 @@ def _config(tiny, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def _reference(tiny, root, ctx, **kw):
+    """`(Reference, data, pad id)` of the tiny model under `ctx`."""
+    c = _config(tiny, Path(root) / "ref", batch_size=2, distributed=ctx.mode, **kw)
+    tok = models.load_tokenizer(c.model)
+    pad = models.pad_id(tok)
+    data = load_preference_data(c.data, tok, max_length=c.max_length, max_prompt_length=c.max_prompt_length)
+    return Reference(c, ctx, Path(root) / "ref", torch.float32, None, pad, free=False), data, pad
+
+
+def _precomputed_table(tiny, root, ctx) -> torch.Tensor:
+    """The `--precompute-ref` table `[2, N]` (chosen, rejected) of every pair, in batches of 5 pairs (the last
+    process's last round has none: a sharded reference repeats one)."""
+    ref, data, _ = _reference(tiny, root, ctx, precompute_ref=True, eval_batch_size=5)
+    ref.precompute("train", data)
+    return torch.stack(ref.tables["train"])
+
+
+def _live_logps(tiny, root, ctx, rank: int):
+    """The live reference's log-probs `[2B]` of process `rank`'s first micro-batch, and the Reference."""
+    ref, data, pad = _reference(tiny, root, ctx)
+    indices = [2 * rank, 2 * rank + 1]
+    batch = collate_pairs([data.examples[i] for i in indices], pad, ctx.device, share_prompt=False)
+    return torch.cat(ref.logps("train", indices, batch)), ref
+
+
 def _worker(rank, port, tiny, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -41,6 +71,17 @@ def _worker(rank, port, tiny, root):
             result = train(_config(tiny, out, batch_size=2, distributed=mode))
             if rank == 0:
                 (out / "history.json").write_text(json.dumps(result.history))
+        ctx = distributed.setup("fsdp", "cpu")
+        sharded_rows, live = _live_logps(tiny, root, ctx, rank)
+        # Each process holds its part of the reference's weights, the root's too once a forward is over.
+        weight = live.model.lm_head.weight
+        chunk = -(-weight.shape[0] // WORLD)  # FSDP2 shards dim 0 in chunks of ceil(V / WORLD) rows
+        assert isinstance(weight, DTensor) and weight.to_local().shape[0] == min(weight.shape[0] - rank * chunk, chunk)
+        whole_rows, _ = _live_logps(tiny, root, distributed.DistContext("none"), rank)
+        # The sharded forward all-gathers the same fp32 weights and runs the same ops on them as the whole model.
+        assert torch.equal(sharded_rows, whole_rows), f"rank {rank}: {(sharded_rows - whole_rows).abs().max()}"
+        table = _precomputed_table(tiny, root, ctx)
+        torch.save(table, Path(root) / f"ref-table-{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -72,3 +113,12 @@ def test_two_processes_match_one(tmp_path):
         assert w_multi.keys() == w_single.keys()
         for k in w_single:
             torch.testing.assert_close(w_multi[k], w_single[k], rtol=1e-4, atol=1e-5)
+
+    # The table of the sharded reference, each process scoring half of the batches, is the one of one process.
+    table = torch.load(tmp_path / "ref-table-0.pt")
+    assert torch.equal(table, torch.load(tmp_path / "ref-table-1.pt"))
+    single_table = _precomputed_table(tiny_paths, tmp_path / "single-ref", distributed.DistContext("none"))
+    assert table.shape == (2, 12)
+    # Bitwise equal when this process is fresh; after other models ran in it a row can land an ulp away (seen with
+    # the TRL trainers on the CPU), so the bound is a few ulps.
+    torch.testing.assert_close(table, single_table, rtol=1e-6, atol=0.0)
