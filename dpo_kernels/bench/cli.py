@@ -64,7 +64,15 @@ def run_bench(args) -> int:
     from dpo_kernels.bench import compare
 
     device = _device(args)
-    ops = [op for op in args.ops if op != "shared-prompt"]
+    ops = [op for op in args.ops if op not in ("shared-prompt", "comm")]
+    if "comm" in args.ops:
+        from dpo_kernels.bench import comm
+
+        out = args.output_dir or default_output_dir(device)
+        paths = comm.run(out, device, sizes=comm.TINY_SIZES if args.tiny else comm.SIZES, dtype=args.dtype)
+        with open(paths["markdown"]) as f:
+            print(f.read(), end="")
+        print(f"[bench] comm: {paths['json']}, {paths['markdown']}")
     if "shared-prompt" in args.ops:
         from dpo_kernels.bench import shared_prompt
 
@@ -75,8 +83,8 @@ def run_bench(args) -> int:
         with open(paths["md"]) as f:
             print(f.read(), end="")
         print(f"[bench] shared-prompt: {paths['json']}, {paths['md']}")
-        if not ops:
-            return 0
+    if not ops:
+        return 0
     bad = [op for op in ops if op not in OPS]
     if bad:
         raise ValueError(f"unknown op(s) {bad}; choose from {sorted(OPS)}")
@@ -158,7 +166,8 @@ def add_subcommands(subparsers) -> None:
     bench.add_argument("--ops", type=_csv, default=["linear", "logits", "loss"],
                        help="comma-separated ops: linear, logits, loss (default: all); shared-prompt: the full "
                             "training step with and without the shared-prompt layout at prompt:response 1:1, 4:1, "
-                            "16:1")
+                            "16:1; comm: the bytes the engine all-reduces per chunk and per step under "
+                            "vocabulary and sequence parallelism, measured against the O(C) bound")
     bench.add_argument("--tiny", action="store_true", help="one tiny size per op (a smoke run, seconds on a CPU)")
     bench.add_argument("--warmup", type=int, default=1, help="warm-up steps when --iters is given")
     bench.add_argument("--iters", type=int, default=None, help="timed steps (default 5, 50 for the loss)")
