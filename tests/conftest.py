@@ -35,6 +35,14 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """`tests.tiny_models.tiny_setup` with 8 pairs, once per module: the paths of a tiny saved model and its data."""
+    from tests.tiny_models import tiny_setup  # on use: it loads transformers and the trainer
+
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=8)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

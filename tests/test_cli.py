@@ -6,18 +6,13 @@ import sys
 import pytest
 
 from dpo_kernels import cli
-from tests.tiny_models import preference_rows, tiny_setup, write_jsonl
+from tests.tiny_models import preference_rows, write_jsonl
 
 REQUIRED_FLAGS = ["--model", "--data", "--eval-data", "--output-dir", "--config", "--max-steps", "--epochs",
                   "--batch-size", "--grad-accum", "--lr", "--beta", "--loss-type", "--loss-weights",
                   "--label-smoothing", "--gamma", "--tau", "--dpop-lambda", "--max-length", "--max-prompt-length",
                   "--save-every", "--resume", "--seed", "--loss-backend", "--precompute-ref", "--ref-model",
                   "--distributed", "--skip-bad-rows", "--gradient-checkpointing", "--loss-param"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("tiny_cli"), rows=8)
 
 
 def parse(argv):

@@ -3,6 +3,8 @@
     tok = build_tokenizer(tmp_path / "tok")          # word-level, with a chat template; saved when a dir is given
     model = build_llama(tok, save_dir=tmp_path / "m") # LlamaForCausalLM, hidden 32, 2 layers, vocab = tok's
     write_jsonl(tmp_path / "d.jsonl", preference_rows(16))
+    tiny = tiny_setup(tmp_path, rows=8)              # tokenizer + model + data saved under one dir
+    config = train_config(tiny, tmp_path / "out")    # a 2-step TrainConfig over them
 
 `build_tokenizer(kind="bpe")` gives a character-level BPE without pre-tokenizer, so merges cross word (and
 prompt/response) boundaries: "ab" is one token while "a" and "b" alone are two.
@@ -16,6 +18,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dpo_kernels.trainer import TrainConfig
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>", "<system>"]
 
@@ -128,3 +132,11 @@ def tiny_setup(root: str | Path, *, rows: int = 16, seed: int = 0, kind: str = "
     build_llama(tok, save_dir=root / "model", seed=seed)
     data = write_jsonl(root / "train.jsonl", preference_rows(rows, seed=seed))
     return {"model": str(root / "model"), "data": str(data), "tokenizer": tok}
+
+
+def train_config(tiny: dict, output_dir: str | Path, **overrides) -> TrainConfig:
+    """A TrainConfig over `tiny_setup`'s model and data: 2 steps of 2 pairs, 32 tokens (24 of prompt), lr 5e-3
+    without warm-up, no progress bar or plot. `overrides` replace any field."""
+    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(output_dir), batch_size=2, max_steps=2,
+                max_length=32, max_prompt_length=24, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False)
+    return TrainConfig(**{**base, **overrides})

@@ -1,27 +1,19 @@
 """`TrainConfig(share_prompt=True)`: the same training run as unshared rows (first step within the accuracy rule
 against a float64 unshared run), fewer backbone tokens in metrics.jsonl, and unshared rows with one warning for
 a model it does not support."""
+from functools import partial
+
 import pytest
 import torch
 
 from dpo_kernels.shared_prompt import hf as shared_hf
-from dpo_kernels.trainer import TrainConfig, train
+from dpo_kernels.trainer import train
 from dpo_kernels.trainer.data import load_preference_data
 from tests.helpers import assert_within_rule
-from tests.tiny_models import tiny_setup
+from tests.tiny_models import train_config
 
 KEYS = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=8)
-
-
-def config(tiny, out, **overrides):
-    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(out), batch_size=4, max_steps=1,
-                max_length=20, max_prompt_length=12, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False)
-    return TrainConfig(**{**base, **overrides})
+config = partial(train_config, batch_size=4, max_steps=1, max_length=20, max_prompt_length=12)
 
 
 def expected_backbone_tokens(tiny, batch_size):

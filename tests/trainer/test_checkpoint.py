@@ -9,27 +9,16 @@ import pytest
 import torch
 
 from dpo_kernels.cli import main as cli_main
-from dpo_kernels.trainer import TrainConfig, checkpoint, train
+from dpo_kernels.trainer import checkpoint, train
 from dpo_kernels.trainer.errors import DiskFullError, InputFileError
-from tests.tiny_models import tiny_setup
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=8)
-
-
-def config(tiny, out, **overrides):
-    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(out), batch_size=2, max_steps=2,
-                max_length=32, max_prompt_length=24, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False)
-    return TrainConfig(**{**base, **overrides})
+from tests.tiny_models import train_config
 
 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """An output dir holding checkpoint-1 and checkpoint-2 of a 2-step run (copy it before changing it)."""
     out = tmp_path_factory.mktemp("trained") / "out"
-    train(config(tiny, out, save_every=1))
+    train(train_config(tiny, out, save_every=1))
     return out
 
 
@@ -56,7 +45,7 @@ def test_restore_state_sets_optimizer_scheduler_and_rng(tiny, trained, tmp_path)
     # Resuming from checkpoint-1 and running on gives checkpoint-2 again, bit for bit.
     out = tmp_path / "out"
     shutil.copytree(trained / "checkpoint-1", out / "checkpoint-1")
-    train(config(tiny, out, resume="latest"))
+    train(train_config(tiny, out, resume="latest"))
     got, want = out / "checkpoint-2", trained / "checkpoint-2"
     assert (got / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
     a, b = (checkpoint.load_tensors(d / "optimizer.pt")["state"] for d in (got, want))
@@ -121,7 +110,7 @@ def test_a_corrupt_checkpoint_is_one_error_naming_the_file_before_anything_is_wr
     damage(run_copy)
     before = snapshot(run_copy)
     with pytest.raises(InputFileError) as info:
-        train(config(tiny, run_copy, resume="latest", save_every=1))
+        train(train_config(tiny, run_copy, resume="latest", save_every=1))
     message = str(info.value)
     assert file in message and words in message and "\n" not in message
     assert snapshot(run_copy) == before
@@ -131,7 +120,7 @@ def test_a_step_past_max_steps_is_refused_before_anything_is_written(tiny, run_c
     # checkpoint-2 resumed by a run of max_steps 1.
     before = snapshot(run_copy)
     with pytest.raises(InputFileError, match=r"trainer_state.json: step 2 is past this run's last step 1"):
-        train(config(tiny, run_copy, resume="latest", max_steps=1, save_every=1))
+        train(train_config(tiny, run_copy, resume="latest", max_steps=1, save_every=1))
     assert snapshot(run_copy) == before
 
 
@@ -142,7 +131,7 @@ def test_a_negative_step_in_an_explicit_checkpoint_is_refused(tiny, run_copy, tm
     _set_state(tmp_path, step_dir="elsewhere", step=-2)
     before = snapshot(run_copy)
     with pytest.raises(InputFileError, match=r"elsewhere/trainer_state.json: 'step' must be >= 0, got -2"):
-        train(config(tiny, run_copy, resume=str(moved), save_every=1))
+        train(train_config(tiny, run_copy, resume=str(moved), save_every=1))
     assert snapshot(run_copy) == before
 
 
@@ -153,7 +142,7 @@ def test_a_negative_step_in_an_explicit_checkpoint_is_refused(tiny, run_copy, tm
 def test_an_optimizer_file_that_does_not_load_or_fit_is_named(tiny, run_copy, payload, words):
     torch.save(payload(), run_copy / "checkpoint-2" / "optimizer.pt")
     with pytest.raises(InputFileError, match="optimizer.pt") as info:
-        train(config(tiny, run_copy, resume="latest"))
+        train(train_config(tiny, run_copy, resume="latest"))
     assert words in str(info.value)
 
 
@@ -181,7 +170,7 @@ def _fail_writing(monkeypatch, name, error):
 def test_an_interrupted_save_leaves_no_checkpoint(tiny, tmp_path, monkeypatch):
     _fail_writing(monkeypatch, "scheduler.pt", OSError("simulated failure"))
     with pytest.raises(OSError, match="simulated"):
-        train(config(tiny, tmp_path / "out", max_steps=1))
+        train(train_config(tiny, tmp_path / "out", max_steps=1))
     assert [p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name] == []
 
 
@@ -190,7 +179,7 @@ def test_a_full_disk_says_so_and_keeps_the_existing_checkpoint(tiny, run_copy, m
     _fail_writing(monkeypatch, "optimizer.pt", OSError(errno.ENOSPC, "No space left on device"))
     # Resuming the finished run re-saves checkpoint-2: the failed re-save must leave the old copy as it was.
     with pytest.raises(DiskFullError) as info:
-        train(config(tiny, run_copy, resume="latest"))
+        train(train_config(tiny, run_copy, resume="latest"))
     assert str(info.value).startswith(f"no space left writing {run_copy / 'checkpoint-2'}")
     assert snapshot(run_copy / "checkpoint-2") == before
     assert sorted(p.name for p in run_copy.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]

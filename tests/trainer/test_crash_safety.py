@@ -17,21 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_kernels.cli import main as cli_main
-from dpo_kernels.trainer import TrainConfig, checkpoint, distributed, train
+from dpo_kernels.trainer import checkpoint, distributed, train
 from dpo_kernels.trainer.errors import InputFileError, UserInputError
 from dpo_kernels.trainer.metrics_log import METRICS_FILE, MetricsLog
-from tests.tiny_models import tiny_setup
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=8)
-
-
-def config(tiny, out, **overrides):
-    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(out), batch_size=2, max_steps=2,
-                max_length=32, max_prompt_length=24, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False)
-    return TrainConfig(**{**base, **overrides})
+from tests.tiny_models import train_config
 
 
 def cli_args(tiny, out, *extra):
@@ -71,7 +60,7 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_one_that_resume_uses(tiny,
     # Resuming a finished run re-saves its last checkpoint: the replace of an existing checkpoint-2.
     outs = {moment: tmp_path / f"out{i}" for i, moment in enumerate(MOMENTS)}
     for out in outs.values():
-        train(config(tiny, out))
+        train(train_config(tiny, out))
     weights = load_file(str(outs[MOMENTS[0]] / "checkpoint-2" / "model.safetensors"))
 
     # Real processes killed at the moment, forked from this one so that they import nothing.
@@ -90,7 +79,7 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_one_that_resume_uses(tiny,
     for moment, out in outs.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "restored from ..." and "already holds checkpoints"
-            result = train(config(tiny, out, resume="latest"))
+            result = train(train_config(tiny, out, resume="latest"))
         assert result.global_step == 2, moment
         assert temporaries(out) == [], moment
         restored = load_file(str(out / "checkpoint-2" / "model.safetensors"))
@@ -139,10 +128,10 @@ def test_a_second_run_on_a_live_output_dir_stops_and_deletes_nothing(tiny, tmp_p
         # The live run is writing a checkpoint right now.
         live = _fake_copy(out / ".tmp-checkpoint-5-0000000c", 5, False, "live")
         with pytest.raises(InputFileError, match=rf"in use by another training run \(process {os.getpid()}@"):
-            train(config(tiny, out))
+            train(train_config(tiny, out))
         assert live.is_dir() and (live / "config.json").is_file()
     # The lock goes with the run: the next one starts, and then the dead temporary is removed.
-    train(config(tiny, out, max_steps=1))
+    train(train_config(tiny, out, max_steps=1))
     assert temporaries(out) == []
 
 
@@ -193,8 +182,8 @@ def test_every_process_learns_that_the_main_one_could_not_save(tmp_path, main_fa
 def test_the_lock_is_released_when_a_run_fails(tiny, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(InputFileError):
-        train(config(tiny, out, tokenizer=str(tmp_path / "no-such-tokenizer")))
-    assert train(config(tiny, out, max_steps=1)).global_step == 1
+        train(train_config(tiny, out, tokenizer=str(tmp_path / "no-such-tokenizer")))
+    assert train(train_config(tiny, out, max_steps=1)).global_step == 1
 
 
 # ------------------------------------------------------------------------------------------------------ metrics.jsonl

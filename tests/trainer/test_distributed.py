@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,25 +13,20 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from dpo_kernels.trainer import TrainConfig, distributed, models, train
+from dpo_kernels.trainer import distributed, models, train
 from dpo_kernels.trainer.batches import collate_pairs
 from dpo_kernels.trainer.data import load_preference_data
 from dpo_kernels.trainer.ref_logps import Reference
-from tests.tiny_models import tiny_setup
+from tests.tiny_models import tiny_setup, train_config
 
 WORLD = 2
+_config = partial(train_config, max_steps=3, device="cpu")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _config(tiny, out, **kw) -> TrainConfig:
-    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(out), max_steps=3, max_length=32,
-                max_prompt_length=24, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False, device="cpu")
-    return TrainConfig(**{**base, **kw})
 
 
 def _reference(tiny, root, ctx, **kw):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_kernels.trainer import NonFiniteLossError, TrainConfig, checkpoint, train
+from dpo_kernels.trainer import NonFiniteLossError, checkpoint, train
 from dpo_kernels.trainer import forward as dpo_forward
 from dpo_kernels.trainer import loop as trainer
 from dpo_kernels.trainer.errors import UserInputError
 from tests.helpers import assert_within_rule
-from tests.tiny_models import build_llama, build_tokenizer, tiny_setup
+from tests.tiny_models import build_llama, build_tokenizer, tiny_setup, train_config
 
 STANDARD_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected", "grad_norm", "lr")
@@ -23,12 +23,6 @@ STANDARD_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accurac
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=12)
-
-
-def config(tiny, out, **overrides):
-    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(out), batch_size=2, max_steps=2,
-                max_length=32, max_prompt_length=24, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False)
-    return TrainConfig(**{**base, **overrides})
 
 
 def final_weights(result):
@@ -51,7 +45,7 @@ RUNS = [  # name, loss backend, precision, extra settings
 def test_backends_match_the_float64_reference_on_the_first_step(tiny, tmp_path):
     runs = {}
     for name, backend, precision, extra in RUNS:
-        runs[name] = train(config(tiny, tmp_path / name, loss_backend=backend, precision=precision, max_steps=1,
+        runs[name] = train(train_config(tiny, tmp_path / name, loss_backend=backend, precision=precision, max_steps=1,
                                   loss_type="sigmoid,sft", loss_weights=[1.0, 0.5], **extra)).history[0]
     for name, _, precision, _ in RUNS[2:]:
         baseline = "baseline-bf16" if precision == "bf16" else "baseline"
@@ -62,10 +56,10 @@ def test_backends_match_the_float64_reference_on_the_first_step(tiny, tmp_path):
 
 def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path):
     kw = dict(max_steps=4, grad_accum=2, batch_size=1, lr_scheduler="linear", warmup_steps=1)
-    full = train(config(tiny, tmp_path / "full", **kw))
-    first = train(config(tiny, tmp_path / "split", stop_after_steps=2, **kw))
+    full = train(train_config(tiny, tmp_path / "full", **kw))
+    first = train(train_config(tiny, tmp_path / "split", stop_after_steps=2, **kw))
     assert first.global_step == 2 and Path(first.final_checkpoint).name == "checkpoint-2"
-    second = train(config(tiny, tmp_path / "split", resume="latest", **kw))
+    second = train(train_config(tiny, tmp_path / "split", resume="latest", **kw))
     assert second.global_step == 4
 
     losses = lambda history: [r["loss"] for r in history if "loss" in r]  # noqa: E731
@@ -80,7 +74,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path):
 
 
 def test_checkpoint_contents_load_without_pickle(tiny, tmp_path):
-    result = train(config(tiny, tmp_path / "out", max_steps=1))
+    result = train(train_config(tiny, tmp_path / "out", max_steps=1))
     ckpt = Path(result.final_checkpoint)
     assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pt",
             "trainer_state.json", "tokenizer.json"} <= {p.name for p in ckpt.iterdir()}
@@ -91,9 +85,9 @@ def test_checkpoint_contents_load_without_pickle(tiny, tmp_path):
 
 
 def test_precomputed_reference_is_cached_and_reused(tiny, tmp_path, monkeypatch):
-    live = train(config(tiny, tmp_path / "live", max_steps=1))
+    live = train(train_config(tiny, tmp_path / "live", max_steps=1))
     cache = tmp_path / "cache"
-    first = train(config(tiny, tmp_path / "pre1", max_steps=1, precompute_ref=True, ref_cache_dir=str(cache)))
+    first = train(train_config(tiny, tmp_path / "pre1", max_steps=1, precompute_ref=True, ref_cache_dir=str(cache)))
     files = list(cache.glob("*.safetensors"))
     assert len(files) == 1
     # The cached log-probs are the frozen model's: same first step as the live reference.
@@ -104,7 +98,7 @@ def test_precomputed_reference_is_cached_and_reused(tiny, tmp_path, monkeypatch)
         raise AssertionError("the reference model was loaded although its log-probs are cached")
 
     monkeypatch.setattr(trainer.Reference, "_load", no_model)
-    second = train(config(tiny, tmp_path / "pre2", max_steps=1, precompute_ref=True, ref_cache_dir=str(cache)))
+    second = train(train_config(tiny, tmp_path / "pre2", max_steps=1, precompute_ref=True, ref_cache_dir=str(cache)))
     assert second.history[0]["loss"] == first.history[0]["loss"]
     assert list(cache.glob("*.safetensors")) == files
 
@@ -114,14 +108,14 @@ def test_reference_free_loss_loads_no_reference(tiny, tmp_path, monkeypatch):
         raise AssertionError("a reference model was loaded for a reference-free loss")
 
     monkeypatch.setattr(trainer.Reference, "_load", no_model)
-    result = train(config(tiny, tmp_path / "simpo", loss_type="simpo", gamma=0.5, max_steps=1))
+    result = train(train_config(tiny, tmp_path / "simpo", loss_type="simpo", gamma=0.5, max_steps=1))
     r = result.history[0]
     # Reference-free rewards are beta * policy log-probs.
     assert math.isclose(r["rewards/chosen"], 0.1 * r["logps/chosen"], rel_tol=1e-5)
 
 
 def test_metrics_jsonl_eval_and_plot(tiny, tmp_path):
-    result = train(config(tiny, tmp_path / "out", max_steps=2, eval_data=tiny["data"], eval_every=1, plot=True))
+    result = train(train_config(tiny, tmp_path / "out", max_steps=2, eval_data=tiny["data"], eval_every=1, plot=True))
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     eval_records = [r for r in records if "eval/loss" in r]
@@ -153,18 +147,18 @@ def _nan_on_calls(monkeypatch, bad_calls):
 
 def test_non_finite_loss_skips_the_step(tiny, tmp_path, monkeypatch):
     _nan_on_calls(monkeypatch, {2})
-    result = train(config(tiny, tmp_path / "out", max_steps=3))
+    result = train(train_config(tiny, tmp_path / "out", max_steps=3))
     assert result.skipped_steps == 1 and result.global_step == 3
     assert result.history[1]["loss"] is None and result.history[1]["skipped_steps"] == 1
     assert all(math.isfinite(result.history[i]["loss"]) for i in (0, 2))
     # The skipped step changed nothing: same weights as a run that stops before it.
     monkeypatch.undo()
-    one = train(config(tiny, tmp_path / "one", max_steps=3, stop_after_steps=1))
+    one = train(train_config(tiny, tmp_path / "one", max_steps=3, stop_after_steps=1))
     two_skipped = final_weights(result)
     # After one good step and one skipped step, the third step starts from the one-step weights; compare via a
     # fresh run whose second step is skipped and which stops right after it.
     _nan_on_calls(monkeypatch, {2})
-    stopped = train(config(tiny, tmp_path / "stopped", max_steps=3, stop_after_steps=2))
+    stopped = train(train_config(tiny, tmp_path / "stopped", max_steps=3, stop_after_steps=2))
     a, b = final_weights(one), final_weights(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], two_skipped[k]) for k in a)
@@ -173,7 +167,7 @@ def test_non_finite_loss_skips_the_step(tiny, tmp_path, monkeypatch):
 def test_a_run_of_non_finite_losses_stops_training(tiny, tmp_path, monkeypatch):
     _nan_on_calls(monkeypatch, "all")
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
-        train(config(tiny, tmp_path / "out", max_steps=6, max_nonfinite_steps=3))
+        train(train_config(tiny, tmp_path / "out", max_steps=6, max_nonfinite_steps=3))
 
 
 def test_unwritable_output_dir_fails_before_loading(tiny, tmp_path, monkeypatch):
@@ -185,7 +179,7 @@ def test_unwritable_output_dir_fails_before_loading(tiny, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "load_model", no_load)
     with pytest.raises(ValueError, match="not writable"):
-        train(config(tiny, blocker / "out"))
+        train(train_config(tiny, blocker / "out"))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -198,7 +192,7 @@ def test_unwritable_output_dir_fails_before_loading(tiny, tmp_path, monkeypatch)
 ])
 def test_bad_settings_raise_value_error(tiny, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
-        train(config(tiny, tmp_path / "out", **change))
+        train(train_config(tiny, tmp_path / "out", **change))
 
 
 def test_skip_bad_rows_reports_dropped(tiny, tmp_path):
@@ -208,24 +202,24 @@ def test_skip_bad_rows_reports_dropped(tiny, tmp_path):
         f.write(json.dumps({"prompt": "what is the sky ?", "chosen": " blue ."}) + "\n")
         f.write(json.dumps({"prompt": "", "chosen": " blue .", "rejected": " red ."}) + "\n")
     with pytest.raises(ValueError, match=r"mixed.jsonl: line 13: "):
-        train(config(tiny, tmp_path / "strict", data=str(data)))
-    result = train(config(tiny, tmp_path / "skip", data=str(data), skip_bad_rows=True, max_steps=1))
+        train(train_config(tiny, tmp_path / "strict", data=str(data)))
+    result = train(train_config(tiny, tmp_path / "skip", data=str(data), skip_bad_rows=True, max_steps=1))
     assert result.dropped_rows == 2
 
 
 def test_a_step_that_leaves_non_finite_weights_stops_without_saving(tiny, tmp_path):
     # lr * weight_decay overflows float32: the first step's loss and gradients are finite, its update is not.
     with pytest.raises(NonFiniteLossError, match=r"step 1: its optimizer step left non-finite weights \(model\."):
-        train(config(tiny, tmp_path / "out", max_steps=2, save_every=1, lr=1e30, weight_decay=1e30))
+        train(train_config(tiny, tmp_path / "out", max_steps=2, save_every=1, lr=1e30, weight_decay=1e30))
     assert checkpoint.latest_checkpoint(tmp_path / "out") is None
 
 
 def test_resume_with_other_settings_warns_naming_each_and_the_value_used(tiny, tmp_path):
     kw = dict(max_steps=3, lr_scheduler="constant")
-    full = train(config(tiny, tmp_path / "full", **kw))
-    train(config(tiny, tmp_path / "split", stop_after_steps=1, **kw))
+    full = train(train_config(tiny, tmp_path / "full", **kw))
+    train(train_config(tiny, tmp_path / "split", stop_after_steps=1, **kw))
     with pytest.warns(UserWarning, match="differ from its run") as caught:
-        second = train(config(tiny, tmp_path / "split", resume="latest", lr=5e-2, batch_size=3, **kw))
+        second = train(train_config(tiny, tmp_path / "split", resume="latest", lr=5e-2, batch_size=3, **kw))
     message = str(next(w.message for w in caught if "differ from its run" in str(w.message)))
     assert "lr 0.05 (the checkpoint's 0.005 is used" in message
     assert "batch_size 3 (used; the checkpoint's run had 2)" in message
@@ -241,5 +235,5 @@ def test_a_model_the_fused_head_cannot_run_fails_before_training(tiny, tmp_path)
     build_llama(tok, save_dir=tmp_path / "capped", final_logit_softcapping=30.0)
     tok.save_pretrained(str(tmp_path / "capped"))
     with pytest.raises(UserInputError, match="loss_backend fused-linear cannot train .*soft-caps its logits"):
-        train(config(tiny, tmp_path / "out", model=str(tmp_path / "capped")))
+        train(train_config(tiny, tmp_path / "out", model=str(tmp_path / "capped")))
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

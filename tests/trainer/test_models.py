@@ -10,12 +10,7 @@ import torch
 from dpo_kernels.cli import main as cli_main
 from dpo_kernels.trainer import models
 from dpo_kernels.trainer.errors import InputFileError
-from tests.tiny_models import build_llama, tiny_setup
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=8)
+from tests.tiny_models import build_llama
 
 
 def _model_copy(tiny, tmp_path) -> Path:

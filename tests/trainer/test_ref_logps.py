@@ -1,21 +1,14 @@
 """dpo_kernels.trainer.ref_logps: the reference log-prob cache is keyed by model, data and settings, written
 atomically, and a damaged cache file is recomputed with a warning rather than failing the run."""
+from functools import partial
+
 import pytest
 import torch
 
-from dpo_kernels.trainer import TrainConfig, ref_logps, train
-from tests.tiny_models import tiny_setup
+from dpo_kernels.trainer import ref_logps, train
+from tests.tiny_models import train_config
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("tiny"), rows=8)
-
-
-def config(tiny, out, **overrides):
-    base = dict(model=tiny["model"], data=tiny["data"], output_dir=str(out), batch_size=2, max_steps=1,
-                max_length=32, max_prompt_length=24, lr=5e-3, warmup_ratio=0.0, progress=False, plot=False)
-    return TrainConfig(**{**base, **overrides})
+config = partial(train_config, max_steps=1)
 
 
 def test_a_truncated_cache_file_is_recomputed_with_a_warning(tiny, tmp_path):
