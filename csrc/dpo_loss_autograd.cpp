@@ -18,22 +18,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-DpoLossResult call_forward_below_autograd(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
-                                          const std::optional<at::Tensor>& ref_chosen,
-                                          const std::optional<at::Tensor>& ref_rejected,
-                                          const std::optional<at::Tensor>& chosen_lengths,
-                                          const std::optional<at::Tensor>& rejected_lengths,
-                                          at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
-                                          at::ArrayRef<double> label_smoothing, double beta, double gamma,
-                                          double tau, double dpop_lambda, bool average) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dpo_kernels::dpo_loss_forward", "")
-                             .typed<decltype(call_forward_below_autograd)>();
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                 loss_types, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda, average);
-}
-
 std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
                                                  const at::Tensor& grad_rejected) {
   static const auto op = c10::Dispatcher::singleton()
@@ -75,9 +59,16 @@ DpoLossResult dpo_loss_forward_autograd(const at::Tensor& policy_chosen, const a
                                         at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
                                         at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
                                         double dpop_lambda, bool average) {
-  DpoLossResult out = call_forward_below_autograd(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                  chosen_lengths, rejected_lengths, loss_types, loss_weights,
-                                                  label_smoothing, beta, gamma, tau, dpop_lambda, average);
+  // The same op below the Autograd key: the CPU or CUDA kernel.
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dpo_kernels::dpo_loss_forward", "")
+                             .typed<decltype(dpo_loss_forward_autograd)>();
+  DpoLossResult out;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = op.call(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                  loss_types, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda, average);
+  }
   // Without grad mode or a policy input that requires grad (reference model, eval, dpo_loss_and_grads) no node is
   // built. Reference log-probs and lengths are constants: a gradient never flows into them.
   if (torch::autograd::compute_requires_grad(policy_chosen, policy_rejected)) {

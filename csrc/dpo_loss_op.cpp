@@ -35,59 +35,55 @@ std::tuple<at::Tensor, at::Tensor> sort_with_rank(const at::Tensor& x) {
 
 }  // namespace
 
-DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
-                                const std::optional<at::Tensor>& ref_chosen,
-                                const std::optional<at::Tensor>& ref_rejected,
-                                const std::optional<at::Tensor>& chosen_lengths,
-                                const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
-                                at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
-                                bool average) {
-  TORCH_CHECK(policy_chosen.dim() == 1 && policy_chosen.numel() > 0,
-              "dpo_loss: policy_chosen_logps must be a non-empty 1-D [B] tensor, got shape ", policy_chosen.sizes());
-  TORCH_CHECK(policy_chosen.scalar_type() == at::kFloat || policy_chosen.scalar_type() == at::kDouble,
-              "dpo_loss: the op computes in float32 or float64, got ", policy_chosen.scalar_type());
-  const int64_t num_terms = static_cast<int64_t>(loss_types.size());
+DpoLossBuffers prepare_dpo_loss(const DpoLossInputs& in) {
+  TORCH_CHECK(in.policy_chosen.dim() == 1 && in.policy_chosen.numel() > 0,
+              "dpo_loss: policy_chosen_logps must be a non-empty 1-D [B] tensor, got shape ",
+              in.policy_chosen.sizes());
+  TORCH_CHECK(in.policy_chosen.scalar_type() == at::kFloat || in.policy_chosen.scalar_type() == at::kDouble,
+              "dpo_loss: the op computes in float32 or float64, got ", in.policy_chosen.scalar_type());
+  const int64_t num_terms = static_cast<int64_t>(in.loss_types.size());
   TORCH_CHECK(num_terms >= 1 && num_terms <= kMaxTerms, "dpo_loss: between 1 and ", kMaxTerms,
               " loss types, got ", num_terms);
-  TORCH_CHECK(static_cast<int64_t>(loss_weights.size()) == num_terms &&
-                  static_cast<int64_t>(label_smoothing.size()) == num_terms,
+  TORCH_CHECK(static_cast<int64_t>(in.loss_weights.size()) == num_terms &&
+                  static_cast<int64_t>(in.label_smoothing.size()) == num_terms,
               "dpo_loss: loss_weights and label_smoothing need one entry per loss type");
-  for (int64_t t : loss_types) {
+  for (int64_t t : in.loss_types) {
     TORCH_CHECK(t >= 0 && t < kNumLossTypes, "dpo_loss: unknown loss type code ", t);
   }
   DpoLossBuffers b;
-  b.policy_chosen = policy_chosen.contiguous();
-  b.policy_rejected = optional_or_undefined(policy_rejected, policy_chosen, "policy_rejected_logps");
-  b.ref_chosen = optional_or_undefined(ref_chosen, policy_chosen, "ref_chosen_logps");
-  b.ref_rejected = optional_or_undefined(ref_rejected, policy_chosen, "ref_rejected_logps");
+  b.policy_chosen = in.policy_chosen.contiguous();
+  b.policy_rejected = optional_or_undefined(in.policy_rejected, in.policy_chosen, "policy_rejected_logps");
+  b.ref_chosen = optional_or_undefined(in.ref_chosen, in.policy_chosen, "ref_chosen_logps");
+  b.ref_rejected = optional_or_undefined(in.ref_rejected, in.policy_chosen, "ref_rejected_logps");
   TORCH_CHECK(b.ref_chosen.defined() == b.ref_rejected.defined(),
               "dpo_loss: pass both reference log-prob tensors or neither");
-  b.chosen_lengths = optional_or_undefined(chosen_lengths, policy_chosen, "chosen_lengths");
-  b.rejected_lengths = optional_or_undefined(rejected_lengths, policy_chosen, "rejected_lengths");
-  const bool needs_both = uses(loss_types, kIpo) || uses(loss_types, kSigmoidNorm) || uses(loss_types, kSimpo);
+  b.chosen_lengths = optional_or_undefined(in.chosen_lengths, in.policy_chosen, "chosen_lengths");
+  b.rejected_lengths = optional_or_undefined(in.rejected_lengths, in.policy_chosen, "rejected_lengths");
+  const bool needs_both =
+      uses(in.loss_types, kIpo) || uses(in.loss_types, kSigmoidNorm) || uses(in.loss_types, kSimpo);
   TORCH_CHECK(!needs_both || (b.chosen_lengths.defined() && b.rejected_lengths.defined()),
               "dpo_loss: ipo, sigmoid_norm and simpo are length-normalized: pass chosen and rejected lengths");
-  TORCH_CHECK(!uses(loss_types, kSft) || b.chosen_lengths.defined(), "dpo_loss: sft needs chosen_lengths");
+  TORCH_CHECK(!uses(in.loss_types, kSft) || b.chosen_lengths.defined(), "dpo_loss: sft needs chosen_lengths");
 
   const at::Tensor& pc = b.policy_chosen;
   const at::Tensor& pr = b.policy_rejected;
-  if (uses(loss_types, kAot)) {
+  if (uses(in.loss_types, kAot)) {
     std::tie(b.aot_sorted_policy, b.aot_rank) = sort_with_rank(pc - pr);
     b.aot_sorted_ref = b.ref_chosen.defined()
                            ? std::get<0>(at::sort(b.ref_chosen - b.ref_rejected, true, 0, false)).contiguous()
                            : at::zeros_like(pc);
   }
-  if (uses(loss_types, kAotUnpaired)) {
+  if (uses(in.loss_types, kAotUnpaired)) {
     const at::Tensor chosen_ratio = b.ref_chosen.defined() ? pc - b.ref_chosen : pc;
     const at::Tensor rejected_ratio = b.ref_rejected.defined() ? pr - b.ref_rejected : pr;
     std::tie(b.aotu_sorted_chosen, b.aotu_rank_chosen) = sort_with_rank(chosen_ratio);
     std::tie(b.aotu_sorted_rejected, b.aotu_rank_rejected) = sort_with_rank(rejected_ratio);
   }
-  if (uses(loss_types, kSft)) {
+  if (uses(in.loss_types, kSft)) {
     // From per-token means (average), mean * count is each response's token sum.
-    const at::Tensor token_sum = average ? (pc * b.chosen_lengths).sum() : pc.sum();
+    const at::Tensor token_sum = in.average ? (pc * b.chosen_lengths).sum() : pc.sum();
     b.sft_sums = at::stack({token_sum, b.chosen_lengths.sum()}).contiguous();
-    b.sft_from_means = average;
+    b.sft_from_means = in.average;
   }
   // at::empty rather than empty_like: one dispatcher hop fewer per output, which counts at launch-bound sizes.
   const at::TensorOptions options = pc.options();
@@ -109,9 +105,7 @@ static const T* ptr_or_null(const at::Tensor& t) {
 }
 
 template <typename T>
-DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
-                                  at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
-                                  double dpop_lambda) {
+DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, const DpoLossInputs& in) {
   DpoLossArgs<T> a{};
   a.batch = b.policy_chosen.size(0);
   a.policy_chosen = b.policy_chosen.data_ptr<T>();
@@ -120,16 +114,16 @@ DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types,
   a.ref_rejected = ptr_or_null<T>(b.ref_rejected);
   a.chosen_lengths = ptr_or_null<T>(b.chosen_lengths);
   a.rejected_lengths = ptr_or_null<T>(b.rejected_lengths);
-  a.num_terms = static_cast<int>(loss_types.size());
+  a.num_terms = static_cast<int>(in.loss_types.size());
   for (int i = 0; i < a.num_terms; ++i) {
-    a.types[i] = static_cast<int>(loss_types[i]);
-    a.weights[i] = static_cast<T>(loss_weights[i]);
-    a.smoothing[i] = static_cast<T>(label_smoothing[i]);
+    a.types[i] = static_cast<int>(in.loss_types[i]);
+    a.weights[i] = static_cast<T>(in.loss_weights[i]);
+    a.smoothing[i] = static_cast<T>(in.label_smoothing[i]);
   }
-  a.beta = static_cast<T>(beta);
-  a.gamma = static_cast<T>(gamma);
-  a.tau = static_cast<T>(tau);
-  a.dpop_lambda = static_cast<T>(dpop_lambda);
+  a.beta = static_cast<T>(in.beta);
+  a.gamma = static_cast<T>(in.gamma);
+  a.tau = static_cast<T>(in.tau);
+  a.dpop_lambda = static_cast<T>(in.dpop_lambda);
   a.aot_sorted_policy = ptr_or_null<T>(b.aot_sorted_policy);
   a.aot_sorted_ref = ptr_or_null<T>(b.aot_sorted_ref);
   a.aot_rank = ptr_or_null<int64_t>(b.aot_rank);
@@ -150,10 +144,8 @@ DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types,
   return a;
 }
 
-template DpoLossArgs<float> make_dpo_loss_args<float>(DpoLossBuffers&, at::IntArrayRef, at::ArrayRef<double>,
-                                                      at::ArrayRef<double>, double, double, double, double);
-template DpoLossArgs<double> make_dpo_loss_args<double>(DpoLossBuffers&, at::IntArrayRef, at::ArrayRef<double>,
-                                                        at::ArrayRef<double>, double, double, double, double);
+template DpoLossArgs<float> make_dpo_loss_args<float>(DpoLossBuffers&, const DpoLossInputs&);
+template DpoLossArgs<double> make_dpo_loss_args<double>(DpoLossBuffers&, const DpoLossInputs&);
 
 DpoLossResult results(const DpoLossBuffers& b) {
   return {b.loss, b.losses, b.chosen_rewards, b.rejected_rewards, b.reward_accuracy, b.reward_margin, b.grad_chosen,

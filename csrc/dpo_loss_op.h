@@ -26,18 +26,26 @@ struct DpoLossBuffers {
       grad_rejected;
 };
 
-DpoLossBuffers prepare_dpo_loss(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
-                                const std::optional<at::Tensor>& ref_chosen,
-                                const std::optional<at::Tensor>& ref_rejected,
-                                const std::optional<at::Tensor>& chosen_lengths,
-                                const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
-                                at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
-                                bool average);
+// The arguments of one dpo_loss_forward call, named as its schema (TORCH_LIBRARY in dpo_loss_op.cpp) names them;
+// they live as long as the call.
+struct DpoLossInputs {
+  const at::Tensor& policy_chosen;
+  const at::Tensor& policy_rejected;
+  const std::optional<at::Tensor>& ref_chosen;
+  const std::optional<at::Tensor>& ref_rejected;
+  const std::optional<at::Tensor>& chosen_lengths;
+  const std::optional<at::Tensor>& rejected_lengths;
+  at::IntArrayRef loss_types;
+  at::ArrayRef<double> loss_weights;
+  at::ArrayRef<double> label_smoothing;
+  double beta, gamma, tau, dpop_lambda;
+  bool average;
+};
+
+DpoLossBuffers prepare_dpo_loss(const DpoLossInputs& in);
 
 template <typename T>
-DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
-                                  at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
-                                  double dpop_lambda);
+DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, const DpoLossInputs& in);
 
 DpoLossResult results(const DpoLossBuffers& b);
 
@@ -49,5 +57,53 @@ struct DpoLossBackwardArgs {
 
 DpoLossBackwardArgs prepare_dpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
                                               const at::Tensor& grad_rejected);
+
+// The two ops on one device: the host code above around the device's kernels, so that the CPU and CUDA bindings
+// differ only in `Device`, which gives
+//   kName, holds(tensor)          the device's name for errors, and whether a tensor is on it;
+//   Guard(device)                 held for the whole call: makes the inputs' device current;
+//   forward<T>(args, options)     the forward kernels over every pair (`options`: the inputs', for a workspace);
+//   backward<T>(args, out_chosen, out_rejected)  the backward kernel.
+template <typename Device>
+void check_on_device(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(Device::holds(t), op, " (", Device::kName, ") got a tensor on ", t.device());
+}
+
+template <typename Device>
+DpoLossResult dpo_loss_forward_on(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
+                                  const std::optional<at::Tensor>& ref_chosen,
+                                  const std::optional<at::Tensor>& ref_rejected,
+                                  const std::optional<at::Tensor>& chosen_lengths,
+                                  const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
+                                  at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
+                                  double beta, double gamma, double tau, double dpop_lambda, bool average) {
+  check_on_device<Device>(policy_chosen, "dpo_loss_forward");
+  const typename Device::Guard guard(policy_chosen.device());
+  const DpoLossInputs in{policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                         loss_types, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda, average};
+  DpoLossBuffers b = prepare_dpo_loss(in);
+  if (b.policy_chosen.scalar_type() == at::kDouble) {
+    Device::forward(make_dpo_loss_args<double>(b, in), b.policy_chosen.options());
+  } else {
+    Device::forward(make_dpo_loss_args<float>(b, in), b.policy_chosen.options());
+  }
+  return results(b);
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_on(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                                                        const at::Tensor& grad_rejected) {
+  check_on_device<Device>(grad_chosen, "dpo_loss_backward");
+  const typename Device::Guard guard(grad_chosen.device());
+  const DpoLossBackwardArgs a = prepare_dpo_loss_backward(grad_loss, grad_chosen, grad_rejected);
+  at::Tensor out_chosen = at::empty(a.grad_chosen.sizes(), a.grad_chosen.options());
+  at::Tensor out_rejected = at::empty(a.grad_rejected.sizes(), a.grad_rejected.options());
+  if (a.grad_chosen.scalar_type() == at::kDouble) {
+    Device::template backward<double>(a, out_chosen, out_rejected);
+  } else {
+    Device::template backward<float>(a, out_chosen, out_rejected);
+  }
+  return {out_chosen, out_rejected};
+}
 
 }  // namespace dpo_kernels
