@@ -26,6 +26,8 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "triton" and HAS_CUDA else "cpu")
 
 
+TRITON_DEVICE = device_for("triton").type  # where the Triton kernels run: CUDA where there is one, else the interpreter
+
 
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
@@ -66,7 +68,6 @@ LOSS_PARAMS = {"exo_pair": {"label_smoothing": 1e-2}, "robust": {"label_smoothin
 REFERENCE_FREE = {name for name, info in LOSSES.items() if info.reference_free}
 
 
-
 def make_batch(B, T, H, V, dtype=torch.float32, *, prompt=3, empty_rows=(1,), seed=0):
     """Hidden states giving peaked logits, labels with a prompt prefix, right padding and empty responses.
 
@@ -104,6 +105,12 @@ def eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average,
     return out, torch.cat([out.chosen_logps, out.rejected_logps]), grads
 
 
+def eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, **kwargs):
+    """`eager_dpo` in float64 (the accuracy rule's truth) and in the inputs' dtype (its baseline)."""
+    inputs = (hidden, weight, bias, labels, ref_c, ref_r)
+    return eager_dpo(*inputs, dtype=torch.float64, **kwargs), eager_dpo(*inputs, **kwargs)
+
+
 def run_fused(hidden, weight, bias, labels, ref_c, ref_r, *, loss_type, average, memory_budget=None,
               cu_seqlens=None, **params):
     h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
@@ -138,6 +145,14 @@ def check_against_truth(out, grads, truth, baseline, dtype, grad_names=("hidden"
     for name, g, tg, bg in zip(grad_names[: len(grads)], grads, t_grads, b_grads, strict=True):
         assert g is not None and g.dtype == dtype, f"{name}: gradient missing or not in {dtype}"
         assert_close_to_truth(g, tg, bg, dtype, f"grad_{name}")
+
+
+def assert_token_logprobs_within_rule(logp, z, labels, *, atol):
+    """`logp [N]`, each row's log-prob of its label from logits `z [N, V]`, by the accuracy rule: the truth from
+    the float64 logits, the baseline plain PyTorch's log_softmax of the upcast fp32 logits."""
+    truth, baseline = (torch.log_softmax(z.to(dtype), -1).gather(1, labels[:, None])[:, 0]
+                       for dtype in (torch.float64, torch.float32))
+    assert_within_rule(logp, truth, baseline, atol=atol, name="token logp")
 
 
 def budget(tokens, V, dtype):

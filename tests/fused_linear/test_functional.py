@@ -20,7 +20,7 @@ from tests.helpers import (
     assert_within_rule,
     budget,
     check_against_truth,
-    eager_dpo,
+    eager_truth_and_baseline,
     make_batch,
     run_fused,
 )
@@ -45,9 +45,8 @@ def test_every_loss_type_fp32(loss_type, mode, average, device):
     if loss_type in REFERENCE_FREE:
         ref_c = ref_r = None
     params = LOSS_PARAMS.get(loss_type, {})
-    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=average,
-                      dtype=torch.float64, **params)
-    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=average, **params)
+    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type,
+                                           average=average, **params)
     out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=average,
                            memory_budget=MODES[mode](T, V, torch.float32), **params)
     check_against_truth(out, grads, truth, base, torch.float32)
@@ -61,9 +60,8 @@ def test_half_precision(dtype, mode, loss_type, device):
     B, T, H, V = 2, 13, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, dtype, seed=2)
     hidden, weight, bias, labels, ref_c, ref_r = on_device(device, hidden, weight, bias, labels, ref_c, ref_r)
-    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
-                      dtype=torch.float64)
-    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
+    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type,
+                                           average=False)
     out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
                            memory_budget=MODES[mode](T, V, dtype))
     check_against_truth(out, grads, truth, base, dtype)
@@ -76,9 +74,8 @@ def test_large_odd_vocab_few_tokens():
     # accurately for matrices of fewer than 4 rows, which would blur the comparison).
     labels = torch.randint(0, V, (2 * B, T))
     labels[:, 0] = IGNORE_INDEX
-    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
-                      dtype=torch.float64)
-    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid",
+                                           average=False)
     for memory_budget in (None, budget(8, V, torch.float32)):
         out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
                                memory_budget=memory_budget)
@@ -88,9 +85,8 @@ def test_large_odd_vocab_few_tokens():
 def test_without_bias_and_partial_requires_grad():
     B, T, H, V = 2, 9, 24, 1000
     hidden, weight, _, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=4)
-    truth = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
-                      dtype=torch.float64)
-    base = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    truth, base = eager_truth_and_baseline(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid",
+                                           average=False)
     for mode in ("resident", "streaming", "low"):
         for which in ("hidden", "weight"):
             h, w = hidden.clone(), weight.clone()
@@ -125,9 +121,8 @@ def test_no_grad_forward_matches(monkeypatch):
 def test_upstream_gradient_scales():
     B, T, H, V = 2, 9, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=6)
-    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
-                      dtype=torch.float64)
-    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid",
+                                           average=False)
     for mode in ("resident", "streaming", "low"):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
         out = dpo_kernels.fused_linear_dpo(h, w, labels, bias=b, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
@@ -319,8 +314,7 @@ def test_loss_list_with_batch_level_sft_term(mode):
     B, T, H, V = 3, 10, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=15)
     params = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7], average=False)
-    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, dtype=torch.float64, **params)
-    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, **params)
+    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, **params)
     out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, memory_budget=MODES[mode](T, V, torch.float32),
                            **params)
     check_against_truth(out, grads, truth, base, torch.float32)
@@ -356,9 +350,8 @@ def test_long_pair_after_short_pairs(monkeypatch, loss_type):
         monkeypatch.setattr(engine, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
     project = engine._project
     monkeypatch.setattr(engine, "_project", lambda loop, h: (projected.append(h.shape[0]), project(loop, h))[1])
-    truth = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
-                      dtype=torch.float64)
-    base = eager_dpo(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False)
+    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type,
+                                           average=False)
     out, grads = run_fused(hidden, weight, bias, labels, ref_c, ref_r, loss_type=loss_type, average=False,
                            memory_budget=budget(8, V, torch.float32))
     check_against_truth(out, grads, truth, base, torch.float32)
@@ -402,9 +395,8 @@ def test_scales_fold_into_the_conversion_of_the_accumulator(monkeypatch, pairs, 
     first makes its coefficient due earlier (one pass)."""
     B, T, H, V = pairs, 12, 24, 1000
     hidden, weight, _, labels, _, ref_c, ref_r = make_batch(B, T, H, V, torch.bfloat16, empty_rows=(), seed=19)
-    truth = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False,
-                      dtype=torch.float64)
-    base = eager_dpo(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid", average=False)
+    truth, base = eager_truth_and_baseline(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid",
+                                           average=False)
     scaled = []
     mul_ = torch.Tensor.mul_
 

@@ -7,25 +7,23 @@ from dpo_kernels.fused_linear.logsoftmax_pass import PROGRAMS_PER_SM, logsoftmax
 from tests.helpers import (
     DTYPE_ATOL,
     MODES,
+    TRITON_DEVICE,
+    assert_token_logprobs_within_rule,
     assert_within_rule,
     check_against_truth,
-    device_for,
-    eager_dpo,
+    eager_truth_and_baseline,
     make_batch,
     run_fused,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = device_for("triton").type  # the Triton kernels: CUDA where there is one, else the interpreter
 
-
-def _pass_truth(z, labels, scale):
-    """float64 token log-probs and `scale * (onehot - softmax)`."""
-    logp = torch.log_softmax(z.double(), -1)
-    d = -logp.exp()
+def _pass_grad_truth(z, labels, scale):
+    """float64 `scale * (onehot - softmax)`."""
+    d = -torch.softmax(z.double(), -1)
     d[torch.arange(z.shape[0]), labels] += 1
-    return logp.gather(1, labels[:, None])[:, 0], d * scale.double()[:, None]
+    return d * scale.double()[:, None]
 
 
 @pytest.mark.parametrize("V", [1000, 3001])
@@ -33,23 +31,22 @@ def _pass_truth(z, labels, scale):
 def test_pass_kernel_matches_float64(force_backend, dtype, V):
     force_backend("triton")
     rows = 5
-    z = (torch.randn(rows, V) * 4).to(dtype).to(DEVICE)
-    labels = torch.randint(0, V, (rows,), device=DEVICE)
-    scale = torch.randn(rows, device=DEVICE)
-    want_logp, want_d = _pass_truth(z, labels, scale)
-    # Plain PyTorch in the same dtype: log_softmax on the upcast logits, gradient rounded to the logits' dtype.
-    base_logp = torch.log_softmax(z.float(), -1).gather(1, labels[:, None])[:, 0]
-    base_d = (-torch.softmax(z.float(), -1)).index_put_((torch.arange(rows, device=DEVICE), labels),
-                                                       torch.ones(rows, device=DEVICE), accumulate=True)
+    z = (torch.randn(rows, V) * 4).to(dtype).to(TRITON_DEVICE)
+    labels = torch.randint(0, V, (rows,), device=TRITON_DEVICE)
+    scale = torch.randn(rows, device=TRITON_DEVICE)
+    want_d = _pass_grad_truth(z, labels, scale)
+    # Plain PyTorch in the same dtype: the gradient rounded to the logits' dtype.
+    base_d = (-torch.softmax(z.float(), -1)).index_put_((torch.arange(rows, device=TRITON_DEVICE), labels),
+                                                       torch.ones(rows, device=TRITON_DEVICE), accumulate=True)
     base_d = (base_d * scale[:, None]).to(dtype)
     d = z.clone()
     logp = logsoftmax_pass(d, labels, scale=scale, write_grad=True)
     assert logp.dtype == torch.float32 and d.dtype == dtype
     atol = DTYPE_ATOL[dtype]
-    assert_within_rule(logp, want_logp, base_logp, atol=atol * 10, name="token logp")
+    assert_token_logprobs_within_rule(logp, z, labels, atol=atol * 10)
     # Triton's CPU interpreter converts fp32 to bf16 by truncation (up to 1 ulp) where GPUs round to nearest
     # (half an ulp, like torch): allow for that there only.
-    factor = 3.0 if dtype == torch.bfloat16 and DEVICE == "cpu" else 2.0
+    factor = 3.0 if dtype == torch.bfloat16 and TRITON_DEVICE == "cpu" else 2.0
     assert_within_rule(d, want_d, base_d, atol=atol, factor=factor, name="D")
     # Without write_grad the buffer is left alone, and the log-probs are the same.
     untouched = z.clone()
@@ -60,9 +57,9 @@ def test_pass_kernel_matches_float64(force_backend, dtype, V):
 def test_pass_kernel_strided_rows_and_twin(force_backend):
     force_backend("triton")
     V = 1000
-    buf = torch.randn(6, V + 24, device=DEVICE) * 3
+    buf = torch.randn(6, V + 24, device=TRITON_DEVICE) * 3
     z = buf[:, :V]  # row stride V + 24, as a chunk view of a wider buffer would have
-    labels = torch.randint(0, V, (6,), device=DEVICE)
+    labels = torch.randint(0, V, (6,), device=TRITON_DEVICE)
     twin = z.clone()
     logp = logsoftmax_pass(z, labels, write_grad=True)
     twin_logp = logsoftmax_pass_torch(twin, labels, None, True)
@@ -71,14 +68,18 @@ def test_pass_kernel_strided_rows_and_twin(force_backend):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_pass_kernel_non_finite(force_backend):
+@pytest.mark.parametrize("stats", [False, True])
+def test_pass_kernel_non_finite(force_backend, stats):
+    """An inf or a NaN logit makes its row's log-prob (and entropy) non-finite, and no other row's."""
     force_backend("triton")
-    z = torch.randn(3, 1000, device=DEVICE)
+    z = torch.randn(3, 1000, device=TRITON_DEVICE)
     z[0, 7] = float("inf")
     z[1, 9] = float("nan")
-    labels = torch.tensor([1, 2, 3], device=DEVICE)
-    logp = logsoftmax_pass(z.clone(), labels)
-    assert not torch.isfinite(logp[:2]).any() and torch.isfinite(logp[2])
+    labels = torch.tensor([1, 2, 3], device=TRITON_DEVICE)
+    out = logsoftmax_pass(z.clone(), labels, stats=stats)
+    values = {"logp": out[0], "entropy": out[1]} if stats else {"logp": out}
+    for name, value in values.items():
+        assert not torch.isfinite(value[:2]).any() and torch.isfinite(value[2]), f"{name}: {value.tolist()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -88,10 +89,9 @@ def test_engine_through_triton_pass(force_backend, loss_type, mode, dtype):
     force_backend("triton")
     B, T, H, V = 2, 8, 24, 1000
     hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, dtype, seed=21)
-    on = [t.to(DEVICE) for t in (hidden, weight, bias, labels, ref_c, ref_r)]
+    on = [t.to(TRITON_DEVICE) for t in (hidden, weight, bias, labels, ref_c, ref_r)]
     # Truth and baseline on the same device: on a GPU the baseline is cuBLAS in the same dtype.
-    truth = eager_dpo(*on, loss_type=loss_type, average=False, dtype=torch.float64)
-    base = eager_dpo(*on, loss_type=loss_type, average=False)
+    truth, base = eager_truth_and_baseline(*on, loss_type=loss_type, average=False)
     out, grads = run_fused(*on, loss_type=loss_type, average=False, memory_budget=MODES[mode](T, V, dtype))
     check_against_truth(out, grads, truth, base, dtype)
 
@@ -106,10 +106,10 @@ def test_linear_sequence_logprobs_through_triton_pass(force_backend):
     hb, wb, bb = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     base = dpo_kernels.reference.sequence_logprobs(torch.nn.functional.linear(hb, wb, bb), labels, average=True)
     b_grads = torch.autograd.grad((base * upstream).sum(), (hb, wb, bb))
-    h, w, b = (t.clone().to(DEVICE).requires_grad_() for t in (hidden, weight, bias))
-    out = dpo_kernels.linear_sequence_logprobs(h, w, labels.to(DEVICE), bias=b, average=True,
+    h, w, b = (t.clone().to(TRITON_DEVICE).requires_grad_() for t in (hidden, weight, bias))
+    out = dpo_kernels.linear_sequence_logprobs(h, w, labels.to(TRITON_DEVICE), bias=b, average=True,
                                                memory_budget=5 * 1000 * 2)
-    (out * upstream.to(DEVICE)).sum().backward()
+    (out * upstream.to(TRITON_DEVICE)).sum().backward()
     assert_within_rule(out.cpu(), truth, base, atol=1e-5, name="logps")
     for name, g, tg, bg in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), t_grads, b_grads, strict=True):
         assert_within_rule(g.cpu(), tg, bg, atol=1e-5, name=f"grad_{name}")
@@ -132,8 +132,8 @@ def test_pass_launches_on_the_chunks_device(force_backend, monkeypatch):
         return real(t)
 
     monkeypatch.setattr(op, "_on_device", recording)
-    z = torch.randn(3, 70, device=DEVICE)
-    logsoftmax_pass(z, torch.tensor([0, 5, 69], device=DEVICE), write_grad=True)
+    z = torch.randn(3, 70, device=TRITON_DEVICE)
+    logsoftmax_pass(z, torch.tensor([0, 5, 69], device=TRITON_DEVICE), write_grad=True)
     assert len(seen) == 1 and seen[0].data_ptr() == z.data_ptr()
     fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
     guard = real(fake_cuda)
@@ -149,14 +149,14 @@ def test_pass_reads_padding_but_never_uses_or_writes_it(force_backend, write_gra
 
     force_backend("triton")
     rows, V, padded = 4, 1000, 1008
-    buffer = torch.empty(rows, padded, device=DEVICE)
+    buffer = torch.empty(rows, padded, device=TRITON_DEVICE)
     buffer[:, V:] = torch.tensor([float("nan"), float("inf"), 3e38, -float("inf"), 1e4, 0.0, 7.0, float("nan")])
     z = buffer[:, :V]
     z.copy_(torch.randn(rows, V) * 3)
     assert op._load_width(z) == padded and op._load_width(z.contiguous()) == V
     # A view whose last row has no storage past V may not be read past V.
-    assert op._load_width(torch.empty(rows * padded - 8, device=DEVICE).as_strided((rows, V), (padded, 1))) == V
-    labels = torch.tensor([0, 999, 500, 17], device=DEVICE)
+    assert op._load_width(torch.empty(rows * padded - 8, device=TRITON_DEVICE).as_strided((rows, V), (padded, 1))) == V
+    labels = torch.tensor([0, 999, 500, 17], device=TRITON_DEVICE)
     plain = z.contiguous()
     pad_before = buffer[:, V:].clone()
     want = logsoftmax_pass(plain, labels, write_grad=write_grad, stats=stats)
@@ -199,9 +199,9 @@ def test_pass_results_do_not_depend_on_the_grid(force_backend, monkeypatch, dtyp
 
     force_backend("triton")
     rows, V = 7, 1000
-    z = (torch.randn(rows, V) * 4).to(dtype).to(DEVICE)
-    labels = torch.randint(0, V, (rows,), device=DEVICE)
-    scale = torch.randn(rows, device=DEVICE)
+    z = (torch.randn(rows, V) * 4).to(dtype).to(TRITON_DEVICE)
+    labels = torch.randint(0, V, (rows,), device=TRITON_DEVICE)
+    scale = torch.randn(rows, device=TRITON_DEVICE)
     asked, results = [], []
     for programs in (1, 3, rows):
         def grid(*args, programs=programs):
@@ -215,7 +215,7 @@ def test_pass_results_do_not_depend_on_the_grid(force_backend, monkeypatch, dtyp
         for got, want in zip(other, results[0], strict=True):
             assert torch.equal(got, want)
     assert not torch.equal(results[0][-1], z), "the gradient was not written"
-    device = torch.device(DEVICE)
+    device = torch.device(TRITON_DEVICE)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         limits = (props.L2_cache_size, props.multi_processor_count)

@@ -12,7 +12,7 @@ from dpo_kernels import LOSS_TYPES
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.plan import TokenAttribution
 from dpo_kernels.shared_prompt import build_shared_batch, sequence_logprobs_from_hidden
-from tests.helpers import LOSS_PARAMS, MODES, REFERENCE_FREE, assert_close_to_truth, eager_dpo
+from tests.helpers import LOSS_PARAMS, MODES, REFERENCE_FREE, check_against_truth, eager_dpo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -75,21 +75,6 @@ def run_shared(batch, hidden, weight, bias, ref_c, ref_r, **kwargs):
     return out, (h.grad, w.grad, b.grad)
 
 
-def check(out, grads, truth, base, dtype):
-    B = len(PAIRS)
-    (t_out, t_logps, t_grads), (b_out, b_logps, b_grads) = truth, base
-    assert_close_to_truth(out.loss, t_out.loss, b_out.loss, dtype, "loss")
-    assert_close_to_truth(out.chosen_logps, t_logps[:B], b_logps[:B], dtype, "chosen_logps")
-    assert_close_to_truth(out.rejected_logps, t_logps[B:], b_logps[B:], dtype, "rejected_logps")
-    assert_close_to_truth(out.chosen_rewards, t_out.chosen_rewards, b_out.chosen_rewards, dtype, "chosen_rewards")
-    assert_close_to_truth(out.rejected_rewards, t_out.rejected_rewards, b_out.rejected_rewards, dtype,
-                          "rejected_rewards")
-    assert_close_to_truth(out.losses, t_out.losses, b_out.losses, dtype, "losses")
-    for name, g, tg, bg in zip(("hidden", "weight", "bias"), grads, t_grads, b_grads, strict=True):
-        assert g is not None and g.dtype == dtype, name
-        assert_close_to_truth(g, tg, bg, dtype, f"grad_{name}")
-
-
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -102,7 +87,7 @@ def test_every_loss_type_and_mode_fp32(loss_type, mode, average):
     base = oracle(batch, hidden, weight, bias, ref_c, ref_r, **params)
     budget = MODES[mode](4, V, torch.float32)
     out, grads = run_shared(batch, hidden, weight, bias, ref_c, ref_r, memory_budget=budget, **params)
-    check(out, grads, truth, base, torch.float32)
+    check_against_truth(out, grads, truth, base, torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["resident", "streaming", "low"])
@@ -114,7 +99,7 @@ def test_bf16(mode):
     base = oracle(batch, hidden, weight, bias, ref[:B], ref[B:], **params)
     out, grads = run_shared(batch, hidden, weight, bias, ref[:B], ref[B:],
                             memory_budget=MODES[mode](4, V, torch.bfloat16), **params)
-    check(out, grads, truth, base, torch.bfloat16)
+    check_against_truth(out, grads, truth, base, torch.bfloat16)
 
 
 def test_reference_hidden_states_share_the_layout():

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -39,19 +40,24 @@ def wait_for_line(stream, prefix: str) -> str:
     raise AssertionError(f"the stream ended before a line starting with {prefix!r}")
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+def interrupt_run(tiny, out: Path, *signals: signal.Signals) -> tuple[int, str]:
+    """Starts a run and sends it `signals` once step 1 is printed, each after the run acknowledges the one before;
+    returns the exit status and stderr."""
+    proc = start_run(tiny, out)
+    try:
+        wait_for_line(proc.stdout, "step 1/")
+        proc.send_signal(signals[0])
+        for before, sig in pairwise(signals):
+            wait_for_line(proc.stderr, f"{before.name}: finishing this step")
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+    finally:
+        proc.kill()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny, tmp_path):
-    proc = start_run(tiny, tmp_path / "out")
-    try:
-        wait_for_line(proc.stdout, "step 1/")
-        proc.send_signal(signal.SIGTERM)
-        rc, err = finish(proc)
-    finally:
-        proc.kill()
+    rc, err = interrupt_run(tiny, tmp_path / "out", signal.SIGTERM)
     assert rc == 143 and "Traceback" not in err, err
     saved = checkpoint.latest_checkpoint(tmp_path / "out")
     assert saved is not None, err
@@ -87,15 +93,7 @@ def test_ctrl_c_finishes_the_step_then_saves(tiny, tmp_path, monkeypatch, capsys
 
 
 def test_second_ctrl_c_exits_at_once(tiny, tmp_path):
-    proc = start_run(tiny, tmp_path / "out")
-    try:
-        wait_for_line(proc.stdout, "step 1/")
-        proc.send_signal(signal.SIGINT)
-        wait_for_line(proc.stderr, "SIGINT: finishing this step")
-        proc.send_signal(signal.SIGINT)
-        rc, err = finish(proc)
-    finally:
-        proc.kill()
+    rc, err = interrupt_run(tiny, tmp_path / "out", signal.SIGINT, signal.SIGINT)
     assert rc == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "dpo-kernels train: interrupted; nothing saved since the last checkpoint"
     assert checkpoint.latest_checkpoint(tmp_path / "out") is None
