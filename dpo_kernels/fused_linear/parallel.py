@@ -80,7 +80,7 @@ def vocab_shard(weight, group) -> VocabShard:
     """The ranks' shard sizes, exchanged once per call (an all-gather of one integer), and this rank's place."""
     sizes = [torch.zeros(1, dtype=torch.int64, device=weight.device) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device), group=group)
-    sizes = [int(s.item()) for s in sizes]
+    sizes = torch.cat(sizes).tolist()
     rank = dist.get_rank(group)
     if min(sizes) < 1:
         raise ValueError(f"every rank of vocab_parallel_group needs a non-empty head shard, got sizes {sizes}")
@@ -143,8 +143,11 @@ class VocabParallelPass:
         if write_grad:
             # exp(Z - lse) with lse - shift = log(total): softmax(Z) on this shard.
             d = x.sub_(log_total.unsqueeze(1)).exp_().neg_()
-            rows = owned.nonzero().squeeze(1)
-            d[rows, local[rows]] += 1.0
+            # The onehot on the rows whose label this shard owns, by gather and scatter: `nonzero` would make the
+            # host wait for the device once per chunk.
+            col = torch.where(owned, local, 0).unsqueeze(1)
+            picked = d.gather(1, col)
+            d.scatter_(1, col, torch.where(owned.unsqueeze(1), picked + 1.0, picked))
             if scale is not None:
                 d.mul_(scale.unsqueeze(1))
             if d is not z:
