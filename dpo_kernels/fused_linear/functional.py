@@ -142,13 +142,16 @@ def _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix):
                          "attribution.seqs": seqs})
     hidden_rows = hidden.shape[0] * (hidden.shape[1] if hidden.dim() == 3 else 1)
     if rows.numel():
-        if rows.min().item() < 0 or rows.max().item() >= hidden_rows:
+        # The ranges in one synchronization.
+        rows_lo, rows_hi, seqs_lo, seqs_hi, ignored = torch.stack([
+            rows.min().long(), rows.max().long(), seqs.min().long(), seqs.max().long(),
+            (targets == ignore_index).any().long()]).tolist()
+        if rows_lo < 0 or rows_hi >= hidden_rows:
             raise ValueError(f"attribution.rows must lie in [0, {hidden_rows}) (the rows of the flattened "
-                             f"{prefix}hidden), got [{rows.min().item()}, {rows.max().item()}]")
-        if seqs.min().item() < 0 or seqs.max().item() >= num_seqs:
-            raise ValueError(f"attribution.seqs must lie in [0, {num_seqs}), got [{seqs.min().item()}, "
-                             f"{seqs.max().item()}]")
-        if bool((targets == ignore_index).any()):
+                             f"{prefix}hidden), got [{rows_lo}, {rows_hi}]")
+        if seqs_lo < 0 or seqs_hi >= num_seqs:
+            raise ValueError(f"attribution.seqs must lie in [0, {num_seqs}), got [{seqs_lo}, {seqs_hi}]")
+        if ignored:
             raise ValueError(f"attribution.targets holds ignore_index ({ignore_index}): it lists scored tokens only")
     return targets
 
