@@ -1,8 +1,8 @@
 """What the tests share: the accuracy rule, the devices, and the batch builders and oracles of each op's tests.
 
-The accuracy rule (docs/design.md, "Numerics"): a kernel's result `out` is judged against the float64 truth `truth`;
-its max abs error may be at most `factor` (2) times the error of plain PyTorch in the same dtype (`baseline`), plus
-`atol`. NaN never passes.
+The accuracy rule (docs/design.md, "Numerics and the accuracy rule"): a kernel's result `out` is judged against the
+float64 truth `truth`; its max abs error may be at most `factor` (2) times the error of plain PyTorch in the same
+dtype (`baseline`), plus `atol`. NaN never passes.
 """
 import math
 from pathlib import Path
