@@ -166,6 +166,9 @@ def _l2_and_sms(device: torch.device) -> tuple[int, int]:
 
 
 def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
+    """The Triton launch behind `logsoftmax_pass` (same arguments, checked there): `z [C, V]`
+    float32/bfloat16/float16 with unit stride along V, `labels [C]` int64, `scale` None or `[C]` float32. Returns
+    `[C]` float32 log-probs, or with `stats` `(logp [C] float32, entropy [C] float32, top1 [C] bool)`."""
     rows, vocab = z.shape
     logp = torch.empty(rows, dtype=torch.float32, device=z.device)
     entropy = torch.empty(rows, dtype=torch.float32, device=z.device) if stats else None
