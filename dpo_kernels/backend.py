@@ -3,6 +3,7 @@
 `DPO_KERNELS_BACKEND=triton|torch|auto` (default auto: Triton for CUDA tensors, PyTorch for CPU tensors). Forcing
 `triton` on CPU tensors needs `TRITON_INTERPRET=1`, set before Triton is imported; the tests do this.
 """
+import contextlib
 import os
 
 import torch
@@ -34,3 +35,10 @@ def use_triton(tensor: torch.Tensor) -> bool:
             "triton to run the kernels in the interpreter, or use DPO_KERNELS_BACKEND=torch"
         )
     return True
+
+
+def launch_device(tensor: torch.Tensor):
+    """The context a Triton launch on `tensor` runs in: its CUDA device made current (Triton launches on the current
+    device, and the tensor may live on another one, e.g. an lm_head placed on a second GPU by device_map); a no-op
+    for CPU tensors."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

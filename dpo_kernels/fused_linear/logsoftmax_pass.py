@@ -21,13 +21,11 @@ entropy keeps `t = sum e^(z-m) (z-m)` beside `s = sum e^(z-m)`, both rescaled wh
 nothing, the limit of `p log p`. The first argmax moves only to a tile whose max is strictly larger, at the first
 column attaining it. The constexpr WITH_STATS compiles all of this out of the plain pass.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from dpo_kernels.backend import use_triton
+from dpo_kernels.backend import launch_device, use_triton
 
 
 @triton.heuristics({
@@ -139,12 +137,6 @@ def _block_v(vocab: int) -> int:
     return min(8192, triton.next_power_of_2(vocab))
 
 
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device; the chunk may live on another one (an lm_head placed on a
-    # second GPU by device_map), which would run the kernel on the wrong GPU with foreign pointers.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _load_width(z: torch.Tensor) -> int:
     """V rounded up to a multiple of 16 when every row's storage reaches that far (the engine pads its logits rows
     so), else V: how far the kernel may read a row. The extra columns are read, never used or written."""
@@ -176,7 +168,7 @@ def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
     if rows > 0:
         block = _block_v(vocab)
         programs, _ = pass_grid(rows, vocab, z.element_size(), *_l2_and_sms(z.device))
-        with _on_device(z):
+        with launch_device(z):
             logsoftmax_pass_kernel[(programs,)](
                 z,
                 z.stride(0),

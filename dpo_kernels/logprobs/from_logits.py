@@ -20,13 +20,11 @@ CPU tensors take a chunked PyTorch fallback that holds at most `_CHUNK_ELEMENTS`
 `DPO_KERNELS_BACKEND=triton|torch` forces one path (see `dpo_kernels.backend`).
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from dpo_kernels.backend import use_triton
+from dpo_kernels.backend import launch_device, use_triton
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.validation import check_logits_labels
 
@@ -152,11 +150,6 @@ def token_logprobs_bwd_kernel(
     tl.store(dlogits_ptr + r * stride_dr + t * stride_dt + cols, d.to(dlogits_ptr.dtype.element_ty), mask=in_vocab)
 
 
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device; the tensors may live on another one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
     """Launches the forward kernel. `logits [R, T, V]` with unit last stride, `labels [R, T]` integer.
 
@@ -169,7 +162,7 @@ def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     lse = torch.empty_like(tok)
     if tok.numel() == 0:
         return tok, lse
-    with _on_device(logits):
+    with launch_device(logits):
         token_logprobs_fwd_kernel[(R * t_out,)](
             logits, labels, tok, lse, t_out, V,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
@@ -200,7 +193,7 @@ def token_logprobs_backward(
     if out.numel() == 0:
         return out
     grid = lambda meta: (R * T, triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731
-    with _on_device(logits):
+    with launch_device(logits):
         token_logprobs_bwd_kernel[grid](
             logits, labels, lse, grad, out, T, t_out, V,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),

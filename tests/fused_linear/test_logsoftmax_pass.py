@@ -125,13 +125,13 @@ def test_pass_launches_on_the_chunks_device(force_backend, monkeypatch):
 
     force_backend("triton")
     seen = []
-    real = op._on_device
+    real = op.launch_device
 
     def recording(t):
         seen.append(t)
         return real(t)
 
-    monkeypatch.setattr(op, "_on_device", recording)
+    monkeypatch.setattr(op, "launch_device", recording)
     z = torch.randn(3, 70, device=TRITON_DEVICE)
     logsoftmax_pass(z, torch.tensor([0, 5, 69], device=TRITON_DEVICE), write_grad=True)
     assert len(seen) == 1 and seen[0].data_ptr() == z.data_ptr()
