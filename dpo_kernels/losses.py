@@ -9,6 +9,7 @@ from torch import nn
 
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import fused_linear_dpo
+from dpo_kernels.fused_linear.plan import scored_counts
 from dpo_kernels.logprobs.from_logits import sequence_logprobs
 from dpo_kernels.loss_op.op import dpo_loss
 from dpo_kernels.loss_op.spec import check_average, check_loss_settings, check_reference_logps, op_constants
@@ -48,8 +49,7 @@ class DPOLoss(nn.Module):
         check_reference_logps(ref_chosen_logps, ref_rejected_logps, B, logits.device, "logits")
         logps = sequence_logprobs(logits, labels, ignore_index=self.ignore_index, shift=self.shift,
                                   average=self.average)
-        scored = labels[:, 1:] if self.shift else labels
-        counts = (scored != self.ignore_index).sum(-1)
+        counts = scored_counts(labels, self.ignore_index, self.shift)
         out = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=self.beta,
                        loss_type=self.loss_type, label_smoothing=self.label_smoothing, chosen_lengths=counts[:B],
                        rejected_lengths=counts[B:], average=self.average, **self.loss_params)
