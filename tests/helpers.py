@@ -33,6 +33,16 @@ def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def assert_close(name, got, want, rtol=1e-4, atol=0.0):
+    """`|got - want| <= rtol * max|want| + atol` elementwise at the worst element, in float64; the message names
+    `name` and shows the first values of both."""
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    err = (got - want).abs().max().item()
+    allowed = rtol * want.abs().max().item() + atol
+    assert err <= allowed, f"{name}: max abs diff {err:.3e} > {allowed:.3e} (got {got.flatten()[:4].tolist()}, " \
+                           f"want {want.flatten()[:4].tolist()})"
+
+
 def assert_within_rule(out, truth, baseline, *, atol: float, factor: float = 2.0, name: str = "output"):
     out, truth, baseline = out.detach(), truth.detach(), baseline.detach()
     assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != expected {tuple(truth.shape)}"

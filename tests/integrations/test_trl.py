@@ -17,10 +17,9 @@ trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
-from tests.helpers import device_for  # noqa: E402
+from tests.helpers import assert_close, device_for  # noqa: E402
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
-RTOL = 1e-4
 METRIC_ATOL = 1e-6
 # Every paired loss TRL 1.16 offers, with a label_smoothing that each one either reads or (sigmoid, ...) must ignore.
 TRL_LOSSES = [
@@ -62,14 +61,6 @@ def make_trainer(cls, tiny, *, ref=True, quiet=True, **config):
             warnings.simplefilter("ignore")
         return cls(model=copy.deepcopy(tiny["policy"]), ref_model=copy.deepcopy(tiny["ref"]) if ref else None,
                    args=args, train_dataset=tiny["data"], processing_class=tiny["tok"])
-
-
-def assert_close(name, got, want, rtol=RTOL, atol=0.0):
-    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    err = (got - want).abs().max().item()
-    allowed = rtol * want.abs().max().item() + atol
-    assert err <= allowed, f"{name}: max abs diff {err:.3e} > {allowed:.3e} (got {got.flatten()[:4].tolist()}, " \
-                           f"want {want.flatten()[:4].tolist()})"
 
 
 def assert_same_logs(got: dict, want: dict):

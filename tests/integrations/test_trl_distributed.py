@@ -20,12 +20,12 @@ trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
 WORLD = 2
 ROWS = 7            # not a multiple of WORLD x batch size: the last process's last batch repeats rows
 STEPS = 2
-RTOL = 1e-4
 METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 
@@ -77,17 +77,9 @@ def _worker(rank, port, out_file):
         torch.save(result, out_file)
 
 
-def assert_close(name, got, want, rtol=RTOL, atol=1e-6):
-    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    err = (got - want).abs().max().item()
-    allowed = rtol * want.abs().max().item() + atol
-    assert err <= allowed, f"{name}: max abs diff {err:.3e} > {allowed:.3e} (got {got.flatten()[:4].tolist()}, " \
-                           f"want {want.flatten()[:4].tolist()})"
-
-
 def assert_same_run(name, got, want):
     for key in METRICS:
-        assert_close(f"{name} {key}", got["logs"][key], want["logs"][key])
+        assert_close(f"{name} {key}", got["logs"][key], want["logs"][key], atol=1e-6)
     assert got["weights"].keys() == want["weights"].keys()
     for key, value in want["weights"].items():
         assert_close(f"{name} weight {key}", got["weights"][key], value, atol=0.0)

@@ -11,7 +11,6 @@ import os
 import warnings
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -19,11 +18,12 @@ trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-RTOL, METRIC_ATOL = 1e-4, 1e-6
+METRIC_ATOL = 1e-6
 PAIRS = 4
 
 
@@ -57,13 +57,6 @@ def backbone_rows(trainer):
         backbone.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                            with_kwargs=True)
     return shapes
-
-
-def assert_close(name, got, want, rtol=RTOL, atol=0.0):
-    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    err, allowed = (got - want).abs().max().item(), rtol * want.abs().max().item() + atol
-    assert err <= allowed, f"{name}: max abs diff {err:.3e} > {allowed:.3e} (got {got.flatten()[:4].tolist()}, " \
-                           f"want {want.flatten()[:4].tolist()})"
 
 
 def assert_same_logs(got: dict, want: dict):
