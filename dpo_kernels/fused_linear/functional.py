@@ -344,8 +344,6 @@ class FusedLinearDPOFunction(torch.autograd.Function):
 
 
 def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_pairs, hidden):
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
     if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight / ref_bias were given without ref_hidden")
     if ref_hidden is not None and ref_chosen_logps is not None:
