@@ -21,15 +21,11 @@ the `[2B]` partial log-probs completes every sequence before the loss op runs, o
 thus gets the same loss and coefficients; the rank's hidden-state gradient is exact for its slice and its weight
 gradient is its partial sum (the data-parallel reduction over the group adds the partials).
 """
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # a torch build without DTensor: plain shards only
-    DTensor = None
 
 # fp32 represents every integer below 2**24 exactly: the largest vocabulary whose first-argmax column the token stats
 # may carry in a float.
@@ -48,8 +44,17 @@ class VocabShard:
     largest: int
 
 
+def _dtensor_type():
+    """The DTensor class, or None while `torch.distributed.tensor` is not loaded: no DTensor can exist before it is,
+    and importing it here would add close to half a second to `import dpo_kernels`."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
 def _dtensor_group(tensor, name):
     """The process group of a DTensor sharded on dim 0 (replicated on every other mesh dimension)."""
+    from torch.distributed.tensor import Replicate, Shard
+
     mesh, placements = tensor.device_mesh, tensor.placements
     sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
     if len(sharded) != 1 or placements[sharded[0]].dim != 0 or not all(
@@ -62,6 +67,7 @@ def _dtensor_group(tensor, name):
 def local_head(weight, bias, group):
     """`(weight, bias, group)` with DTensors replaced by their local shards (differentiable: gradients reach the
     DTensors) and the group taken from the weight's mesh when not given."""
+    DTensor = _dtensor_type()
     if DTensor is None or not isinstance(weight, DTensor):
         if DTensor is not None and isinstance(bias, DTensor):
             raise ValueError("bias is a DTensor but weight is not: pass both sharded alike")
