@@ -162,7 +162,9 @@ def backbone_hidden_states(
     Args:
         model: an HF causal LM (or a PEFT / compiled / DDP wrapper of one).
         input_ids: `[R, T]` int64 (or None with `inputs_embeds` in `model_kwargs`).
-        attention_mask: `[R, T]` or None (padding-free batches pass `position_ids` instead).
+        attention_mask: `[R, T]`, a prepared mask as `shared_prompt.hf.shared_attention_mask` builds it (4D, a
+            FlexAttention `BlockMask`, or a dict of them by layer type), or None (padding-free batches pass
+            `position_ids` instead).
         model_kwargs: forwarded to the backbone (`position_ids`, `pixel_values`, ...); `use_cache` is off.
     Returns:
         `[R, T, H]` in the model's dtype, with any constant logit multiplier folded in, so that
