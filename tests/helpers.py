@@ -212,3 +212,28 @@ def check_against_reference(name, logits, labels, upstream, atol, **kwargs):
     assert_within_rule(out, truth, base, atol=atol, name=f"{name} forward")
     assert_within_rule(grad, truth_grad, base_grad, atol=atol, name=f"{name} dlogits")
     return out, grad
+
+
+# --- TRL trainers: one step's loss, gradients and logged metrics, compared with stock TRL's.
+
+TRL_METRIC_ATOL = 1e-6
+
+
+def assert_same_trl_logs(got: dict, want: dict):
+    """Logged metric dicts of two TRL trainers: the same keys, every number within `assert_close`."""
+    assert set(got) == set(want), f"logged keys differ: {sorted(set(got) ^ set(want))}"
+    for key, value in want.items():
+        if isinstance(value, (int, float)):
+            assert_close(f"metric {key}", got[key], value, atol=TRL_METRIC_ATOL)
+
+
+def trl_loss_and_grads(trainer, batch):
+    """Loss, parameter gradients and logged metrics of one `compute_loss` + backward of a TRL trainer on `batch`."""
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+

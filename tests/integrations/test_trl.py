@@ -17,10 +17,9 @@ trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
-from tests.helpers import assert_close, device_for  # noqa: E402
+from tests.helpers import assert_close, assert_same_trl_logs, device_for, trl_loss_and_grads  # noqa: E402
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
-METRIC_ATOL = 1e-6
 # Every paired loss TRL 1.16 offers, with a label_smoothing that each one either reads or (sigmoid, ...) must ignore.
 TRL_LOSSES = [
     (["sigmoid"], 0.1), (["hinge"], 0.0), (["ipo"], 0.0), (["exo_pair"], 1e-3), (["nca_pair"], 0.0),
@@ -63,12 +62,6 @@ def make_trainer(cls, tiny, *, ref=True, quiet=True, **config):
                    args=args, train_dataset=tiny["data"], processing_class=tiny["tok"])
 
 
-def assert_same_logs(got: dict, want: dict):
-    assert set(got) == set(want), f"logged keys differ: {sorted(set(got) ^ set(want))}"
-    for key, value in want.items():
-        if isinstance(value, (int, float)):
-            assert_close(f"metric {key}", got[key], value, atol=METRIC_ATOL)
-
 
 def assert_same_weights(got: torch.nn.Module, want: torch.nn.Module, start: torch.nn.Module):
     # The update (new - old) is compared, not the weights, so that rtol applies to what the step changed.
@@ -83,20 +76,11 @@ def step_logs(trainer):
             for log in trainer.state.log_history]
 
 
-def loss_and_grads(trainer, batch):
-    trainer.model.train()
-    trainer.model.zero_grad(set_to_none=True)
-    trainer._metrics["train"].clear()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
-
 
 def test_one_step_matches_stock_trainer(tiny):
     stock = make_trainer(trl.DPOTrainer, tiny)
     fused = make_trainer(FusedDPOTrainer, tiny)
-    assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
     assert_same_weights(fused.model, stock.model, tiny["policy"])
 
 
@@ -112,10 +96,10 @@ def test_every_loss_type_matches_stock(tiny):
         fused._dk_ready = False
         fused._dpo_kernels_setup()
         assert not fused._dk_unsupported, fused._dk_unsupported
-        want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
-        got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
+        want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
+        got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
         assert_close(f"{loss_types} loss", got_loss, want_loss)
-        assert_same_logs(got_logs, want_logs)
+        assert_same_trl_logs(got_logs, want_logs)
         assert set(got_grads) == set(want_grads)
         for name in want_grads:
             assert_close(f"{loss_types} grad {name}", got_grads[name], want_grads[name])
@@ -126,7 +110,7 @@ def test_precomputed_reference_matches_stock(tiny):
     fused = make_trainer(FusedDPOTrainer, tiny, precompute_ref_log_probs=True)
     assert_close("precomputed ref_chosen_logps", fused.train_dataset["ref_chosen_logps"],
                  stock.train_dataset["ref_chosen_logps"])
-    assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
     assert_same_weights(fused.model, stock.model, tiny["policy"])
 
 
@@ -144,7 +128,7 @@ def test_gradient_accumulation_matches_stock(tiny):
     config = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
     stock = make_trainer(trl.DPOTrainer, tiny, **config)
     fused = make_trainer(FusedDPOTrainer, tiny, **config)
-    assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
     assert_same_weights(fused.model, stock.model, tiny["policy"])
 
 
@@ -161,11 +145,11 @@ def test_padding_free_gives_the_padded_numbers(tiny, monkeypatch):
     assert packed.padding_free and packed.args.padding_free
     assert not any("padding_free" in str(w.message) for w in caught)
     batch = next(iter(padded.get_train_dataloader()))
-    want_loss, want_grads, want_logs = loss_and_grads(padded, batch)
-    got_loss, got_grads, got_logs = loss_and_grads(packed, batch)
+    want_loss, want_grads, want_logs = trl_loss_and_grads(padded, batch)
+    got_loss, got_grads, got_logs = trl_loss_and_grads(packed, batch)
     assert packed_calls, "padding_free=True did not pack the batch"
     assert_close("packed loss", got_loss, want_loss)
-    assert_same_logs(got_logs, want_logs)
+    assert_same_trl_logs(got_logs, want_logs)
     for name in want_grads:
         assert_close(f"packed grad {name}", got_grads[name], want_grads[name])
 
@@ -174,7 +158,7 @@ def test_patch_dpo_trainer(tiny):
     stock = make_trainer(trl.DPOTrainer, tiny)
     patched = patch_dpo_trainer(make_trainer(trl.DPOTrainer, tiny))
     assert isinstance(patched, trl.DPOTrainer) and type(patched).__name__ == "FusedDPOTrainer"
-    assert_same_logs(step_logs(patched)[0], step_logs(stock)[0])
+    assert_same_trl_logs(step_logs(patched)[0], step_logs(stock)[0])
     assert_same_weights(patched.model, stock.model, tiny["policy"])
 
 
@@ -212,9 +196,9 @@ def test_token_metrics_cost_no_extra_projection(tiny, monkeypatch):
 
     monkeypatch.setattr(engine, "_project", counting_project)
     monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
-    _, _, logs = loss_and_grads(with_metrics, batch)
+    _, _, logs = trl_loss_and_grads(with_metrics, batch)
     rows_with, projected[:] = sum(projected), []
-    _, _, logs_without = loss_and_grads(without, batch)
+    _, _, logs_without = trl_loss_and_grads(without, batch)
     assert {"entropy", "mean_token_accuracy"} <= set(logs) and "entropy" not in logs_without
     assert rows_with == sum(projected) > 0, "token metrics made the engine project more rows"
     assert not head_gemms, "token metrics ran a separate projection through the lm_head"
@@ -233,11 +217,11 @@ def test_token_metrics_match_stock_when_pairs_stream(tiny):
         warnings.simplefilter("ignore")
         fused = patch_dpo_trainer(make_trainer(trl.DPOTrainer, tiny), memory_budget=4 * vocab * 4)
     batch = next(iter(stock.get_train_dataloader()))
-    want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
-    got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
+    want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
+    got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
     assert {"entropy", "mean_token_accuracy"} <= set(got_logs)
     assert_close("streamed loss", got_loss, want_loss)
-    assert_same_logs(got_logs, want_logs)
+    assert_same_trl_logs(got_logs, want_logs)
     for name in want_grads:
         assert_close(f"streamed grad {name}", got_grads[name], want_grads[name])
 
@@ -252,7 +236,7 @@ def test_unsupported_option_falls_back_to_trl_with_one_warning(tiny, option):
     assert len(ours) == 1
     if option.get("padding_free"):
         assert "padding_free is off" in ours[0] and not fused.padding_free
-    assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
 
 
 def test_peft_policy_with_disabled_adapter_as_reference(tiny):
@@ -272,7 +256,7 @@ def test_peft_policy_with_disabled_adapter_as_reference(tiny):
     stock, fused = build(trl.DPOTrainer), build(FusedDPOTrainer)
     assert fused.ref_model is None and not fused._dk_unsupported
     start = {n: p.detach().clone() for n, p in stock.model.named_parameters() if p.requires_grad}
-    assert_same_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
     got, want = dict(fused.model.named_parameters()), dict(stock.model.named_parameters())
     for name, before in start.items():
         assert_close(f"update of {name}", got[name].detach() - before, want[name].detach() - before)
@@ -289,10 +273,10 @@ def test_truncation_matches_stock(tiny, mode):
     assert batch["input_ids"].shape[1] <= config["max_length"]
     if mode == "keep_end":
         assert batch["completion_mask"][:, 0].any()
-    want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
-    got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
+    want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
+    got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
     assert_close("truncated loss", got_loss, want_loss)
-    assert_same_logs(got_logs, want_logs)
+    assert_same_trl_logs(got_logs, want_logs)
     for name in want_grads:
         assert_close(f"truncated grad {name}", got_grads[name], want_grads[name])
 
@@ -304,7 +288,7 @@ def test_evaluate_matches_stock(tiny):
         warnings.simplefilter("ignore")
         want = stock.evaluate(tiny["data"])
         got = fused.evaluate(tiny["data"])
-    assert_same_logs({k: v for k, v in got.items() if "runtime" not in k and "per_second" not in k},
+    assert_same_trl_logs({k: v for k, v in got.items() if "runtime" not in k and "per_second" not in k},
                      {k: v for k, v in want.items() if "runtime" not in k and "per_second" not in k})
 
 
@@ -316,12 +300,12 @@ def test_triton_kernels_in_the_trainer_match_stock(tiny, force_backend):
     on_cpu = {"use_cpu": device_for("triton").type == "cpu"}
     stock = make_trainer(trl.DPOTrainer, tiny, **on_cpu)
     batch = next(iter(stock.get_train_dataloader()))
-    want_loss, want_grads, want_logs = loss_and_grads(stock, batch)
+    want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
     for config in ({}, {"padding_free": True}):
         fused = make_trainer(FusedDPOTrainer, tiny, **on_cpu, **config)
-        got_loss, got_grads, got_logs = loss_and_grads(fused, batch)
+        got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
         assert_close(f"loss {config}", got_loss, want_loss)
-        assert_same_logs(got_logs, want_logs)
+        assert_same_trl_logs(got_logs, want_logs)
         for name in want_grads:
             assert_close(f"grad {name} {config}", got_grads[name], want_grads[name])
 
