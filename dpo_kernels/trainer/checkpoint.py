@@ -455,10 +455,15 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def set_rng_tensors(states: dict[str, torch.Tensor]) -> None:
+    """Restores `rng_tensors`' states: CPU, and each saved CUDA device by its index (`cuda10` after `cuda9`) where
+    that device is visible now; a device that is no longer visible held no state this process can use."""
     torch.set_rng_state(states["cpu"])
-    cuda = [states[k] for k in sorted(k for k in states if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if not torch.cuda.is_available():
+        return
+    visible = torch.cuda.device_count()
+    for key, state in states.items():
+        if key.startswith("cuda") and int(key[4:]) < visible:
+            torch.cuda.set_rng_state(state, int(key[4:]))
 
 
 def _is_torch_rng_state(states) -> bool:
@@ -468,7 +473,8 @@ def _is_torch_rng_state(states) -> bool:
         torch.Generator().set_state(states["cpu"])
     except (RuntimeError, TypeError):
         return False
-    return all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in states.values())
+    names_ok = all(k == "cpu" or (k.startswith("cuda") and k[4:].isdigit()) for k in states)
+    return names_ok and all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in states.values())
 
 
 def python_rng_state() -> dict:

@@ -197,3 +197,17 @@ def test_torch_save_reports_a_full_disk_as_enospc():
     with pytest.raises(OSError) as info:
         checkpoint._torch_save({"w": torch.zeros(1000)}, FullDisk())
     assert info.value.errno == errno.ENOSPC
+
+
+def test_cuda_rng_states_are_restored_by_device_index(monkeypatch):
+    """Saved CUDA states go back to their own device (cuda10 after cuda9, not after cuda1), and states of devices no
+    longer visible are skipped rather than failing the resume."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 11)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    states = {"cpu": torch.get_rng_state()}
+    states.update({f"cuda{i}": torch.full((4,), i, dtype=torch.uint8) for i in range(12)})
+    checkpoint.set_rng_tensors(states)
+    assert sorted(restored) == list(range(11))
+    assert all(int(state[0]) == device for device, state in restored.items())
