@@ -8,7 +8,9 @@
 // dpo_kernels/loss_op/loss_types.py holds each loss's summary, hyper-parameter ranges and structural facts. They
 // follow TRL 1.16's DPOTrainer unless noted. With pc, pr the policy's and rc, rr the reference's summed log-probs of
 // the chosen and rejected responses (rc = rr = 0 reference-free), c = pc - rc, r = pr - rr, z = beta (c - r),
-// eps the term's label smoothing, lc, lr the response lengths clamped to >= 1, sig the logistic function:
+// eps the term's label smoothing, lc, lr the response lengths clamped to >= 1 (1 for ipo, sigmoid_norm and simpo when
+// the log-probs are per-token means, the op's `average`: they are length-normalized already), sig the logistic
+// function:
 //
 //   sigmoid       DPO (Rafailov et al. 2023): -logsig(z); with eps > 0 conservative DPO (cDPO, Mitchell 2023)
 //                 -(1-eps) logsig(z) - eps logsig(-z). TRL 1.16 ignores label_smoothing here: pass 0 (or a
@@ -100,7 +102,8 @@ struct DpoLossArgs {
   const int64_t* aotu_rank_chosen;
   const int64_t* aotu_rank_rejected;
   const T* sft_sums;             // [2]: sum(pc) (sum(pc * lc) from means), sum(lc)
-  bool sft_from_means;           // policy log-probs are per-token means: d sft / d pc scales with lc
+  bool from_means;               // log-probs are per-token means: already length-normalized; d sft / d pc scales
+                                 // with lc
   // Outputs.
   T* losses;
   T* chosen_rewards;
@@ -169,6 +172,13 @@ DPO_HD T clamp_len(const T* lengths, int64_t p) {
   return l < T(1) ? T(1) : l;
 }
 
+// The divisor of a length-normalized term (ipo, sigmoid_norm, simpo): the clamped length, or 1 when the log-probs
+// are per-token means, which are length-normalized already.
+template <typename T>
+DPO_HD T norm_len(const DpoLossArgs<T>& a, const T* lengths, int64_t p) {
+  return a.from_means ? T(1) : clamp_len(lengths, p);
+}
+
 // One loss term of pair p: its value (weight not applied) and d(value)/d(pc), d(value)/d(pr) as this pair's entry
 // of the per-pair vector whose mean is the loss. For the batch-coupled terms the gradient comes from the sorted
 // position the pair landed on, and `dc`/`dr` already include the 1/B of the mean (flag `already_mean`).
@@ -197,7 +207,7 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
     }
     case kIpo:
     case kSigmoidNorm: {
-      const T lc = clamp_len(a.chosen_lengths, p), lr = clamp_len(a.rejected_lengths, p);
+      const T lc = norm_len(a, a.chosen_lengths, p), lr = norm_len(a, a.rejected_lengths, p);
       const T d = c / lc - r / lr;
       T dd;
       if (a.types[term] == kIpo) {
@@ -292,12 +302,12 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
     case kSft: {
       const T total_len = a.sft_sums[1] < T(1) ? T(1) : a.sft_sums[1];
       value = -a.sft_sums[0] / total_len;
-      dc = -(a.sft_from_means ? a.chosen_lengths[p] : T(1)) / total_len, dr = T(0);
+      dc = -(a.from_means ? a.chosen_lengths[p] : T(1)) / total_len, dr = T(0);
       already_mean = true;
       return;
     }
     case kSimpo: {
-      const T lc = clamp_len(a.chosen_lengths, p), lr = clamp_len(a.rejected_lengths, p);
+      const T lc = norm_len(a, a.chosen_lengths, p), lr = norm_len(a, a.rejected_lengths, p);
       const Term<T> t = smoothed_logistic(beta * (pc / lc - pr / lr) - a.gamma, eps);
       value = t.value, dc = beta * t.dz / lc, dr = -beta * t.dz / lr;
       return;

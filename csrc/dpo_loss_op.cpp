@@ -83,8 +83,8 @@ DpoLossBuffers prepare_dpo_loss(const DpoLossInputs& in) {
     // From per-token means (average), mean * count is each response's token sum.
     const at::Tensor token_sum = in.average ? (pc * b.chosen_lengths).sum() : pc.sum();
     b.sft_sums = at::stack({token_sum, b.chosen_lengths.sum()}).contiguous();
-    b.sft_from_means = in.average;
   }
+  b.from_means = in.average;
   // at::empty rather than empty_like: one dispatcher hop fewer per output, which counts at launch-bound sizes.
   const at::TensorOptions options = pc.options();
   const int64_t batch = pc.size(0);
@@ -132,7 +132,7 @@ DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, const DpoLossInputs& in) {
   a.aotu_rank_chosen = ptr_or_null<int64_t>(b.aotu_rank_chosen);
   a.aotu_rank_rejected = ptr_or_null<int64_t>(b.aotu_rank_rejected);
   a.sft_sums = ptr_or_null<T>(b.sft_sums);
-  a.sft_from_means = b.sft_from_means;
+  a.from_means = b.from_means;
   a.losses = b.losses.data_ptr<T>();
   a.chosen_rewards = b.chosen_rewards.data_ptr<T>();
   a.rejected_rewards = b.rejected_rewards.data_ptr<T>();

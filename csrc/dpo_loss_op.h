@@ -21,7 +21,7 @@ struct DpoLossBuffers {
   at::Tensor aot_sorted_policy, aot_sorted_ref, aot_rank;
   at::Tensor aotu_sorted_chosen, aotu_sorted_rejected, aotu_rank_chosen, aotu_rank_rejected;
   at::Tensor sft_sums;
-  bool sft_from_means = false;
+  bool from_means = false;
   at::Tensor loss, losses, chosen_rewards, rejected_rewards, reward_accuracy, reward_margin, grad_chosen,
       grad_rejected;
 };

@@ -86,8 +86,11 @@ def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average):
         return _smoothed_logistic(beta * delta, eps)
     if name == "hinge":
         return torch.relu(1 - beta * delta)
+    if name in ("ipo", "sigmoid_norm", "simpo"):
+        # Length-normalized terms divide by the lengths, unless the log-probs are per-token means already.
+        nc, nr = (1.0, 1.0) if average else (lc.clamp(min=1.0), lr.clamp(min=1.0))
     if name == "ipo":
-        d = chosen / lc.clamp(min=1.0) - rejected / lr.clamp(min=1.0)
+        d = chosen / nc - rejected / nr
         return (d - 1 / (2 * beta)) ** 2
     if name == "exo_pair":
         z = beta * delta
@@ -121,13 +124,13 @@ def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average):
         # TRL writes exp(-z) * mix, which is inf * 0 = NaN once exp(-z) overflows; this is the same value, finite.
         return -logsigmoid(z) * (1 - mix) + torch.exp(logsigmoid(z / spec.tau) - z)
     if name == "sigmoid_norm":
-        d = chosen / lc.clamp(min=1.0) - rejected / lr.clamp(min=1.0)
+        d = chosen / nc - rejected / nr
         return -logsigmoid(beta * d)
     if name == "sft":
         token_sum = (pc * lc).sum() if average else pc.sum()
         return (-token_sum / lc.sum().clamp(min=1.0)).expand(pc.shape[0])
     if name == "simpo":
-        return _smoothed_logistic(beta * (pc / lc.clamp(min=1.0) - pr / lr.clamp(min=1.0)) - spec.gamma, eps)
+        return _smoothed_logistic(beta * (pc / nc - pr / nr) - spec.gamma, eps)
     if name == "dpop":
         return -logsigmoid(beta * (delta - spec.dpop_lambda * torch.relu(rc - pc)))
     raise AssertionError(name)

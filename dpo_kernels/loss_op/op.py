@@ -123,8 +123,9 @@ def dpo_loss(
             sigmoid_norm and simpo (both) and sft (chosen); clamped to >= 1 where they divide, as in TRL (sft
             divides by the batch's total, clamped likewise).
         average: the log-probs are per-token means (`sequence_logprobs(..., average=True)`), not sums: the sft term
-            weighs each by its chosen length, so that it stays the mean NLL of the batch's chosen tokens. The other
-            terms read the log-probs as given.
+            weighs each by its chosen length, so that it stays the mean NLL of the batch's chosen tokens; ipo,
+            sigmoid_norm and simpo do not divide by the lengths again (the means are length-normalized already).
+            The other terms read the log-probs as given.
         loss_params: `loss_weights` (one float per loss type, default 1), `gamma` (simpo margin, >= 0, default 0.5),
             `tau` (discopop temperature, > 0, default 0.05), `dpop_lambda` (dpop, >= 0, default 50).
     Returns:

@@ -282,6 +282,19 @@ def test_sft_from_per_token_means_is_the_mean_token_nll(fn):
     torch.testing.assert_close(means.grad[scored] / lc[scored], sums.grad[scored], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "simpo"])
+@pytest.mark.parametrize("fn", [dpo_kernels.dpo_loss, reference.dpo_loss], ids=["op", "reference"])
+def test_length_normalized_losses_from_per_token_means_normalize_once(fn, loss_type):
+    """`average=True`: the log-probs (policy and reference) are per-token means, already length-normalized, so ipo,
+    sigmoid_norm and simpo do not divide by the lengths again: the loss equals the one from the sums and lengths."""
+    pc, pr, rc, rr, lc, lr = make_inputs(11, dtype=torch.float64)
+    lc, lr = lc.clamp(min=1), lr.clamp(min=1)
+    kwargs = dict(loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)
+    from_sums = fn(pc, pr, rc, rr, **kwargs)
+    from_means = fn(pc / lc, pr / lr, rc / lc, rr / lr, average=True, **kwargs)
+    torch.testing.assert_close(from_means.losses, from_sums.losses, rtol=1e-10, atol=1e-12)
+
+
 def test_average_must_be_a_bool():
     pc, pr, rc, rr, lc, lr = make_inputs(4)
     for fn in (dpo_kernels.dpo_loss, reference.dpo_loss):
