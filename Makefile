@@ -4,8 +4,8 @@ PIP := $(PYTHON) -m pip
 # Extras installed with the package; CI adds trl so the TRL drop-in tests run.
 EXTRAS ?= dev
 PYTEST_ARGS ?=
-STAMP := build/.installed-$(subst $(comma),_,$(EXTRAS))
 comma := ,
+STAMP := build/.installed-$(subst $(comma),_,$(EXTRAS))
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: install test demo bench gpu-check gpu-wheels lint clean

@@ -157,12 +157,15 @@ def config_from_args(args: argparse.Namespace):
     from dpo_kernels.trainer.config import FIELDS, TrainConfig, check_config, check_setting, field_types
 
     values, sources = {}, {}
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     if getattr(args, "config", None):
         values = _read_config_file(args.config)
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
             raise UserInputError(f"{args.config}: unknown setting(s) {unknown}")
         for name, value in values.items():
+            if name in flags and name != "loss_params":
+                continue  # an explicit flag overrides it; loss_params merge, and the merged mapping is checked
             if isinstance(value, str) and list in _non_none(field_types()[name]):  # a comma list, as a flag takes
                 try:
                     values[name] = value = _float_list(value)
@@ -171,7 +174,6 @@ def config_from_args(args: argparse.Namespace):
                         from None
             check_setting(name, value, args.config)
         sources = dict.fromkeys(values, args.config)
-    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     if "loss_params" in flags:
         flags["loss_params"] = {**values.get("loss_params", {}), **dict(flags["loss_params"])}
     values.update(flags)

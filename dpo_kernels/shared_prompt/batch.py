@@ -134,6 +134,9 @@ def truncate_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequen
     `max_prompt_length > 1`); then each response keeps its first `max_length - len(prompt)` tokens.
     Returns `(prompt, chosen, rejected)` as lists; raises ValueError when the prompt leaves no room for a response.
     """
+    _check_int("max_length", max_length, minimum=1, optional=True)
+    _check_int("max_prompt_length", max_prompt_length, minimum=1, optional=True)
+    _check_int("bos_token_id", bos_token_id, minimum=0, optional=True)
     prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         keep_bos = int(bos_token_id is not None and prompt[0] == bos_token_id and max_prompt_length > 1)
@@ -155,6 +158,15 @@ def pairs_from_examples(examples) -> list[tuple[tuple[int, ...], tuple[int, ...]
         p = e.prompt_len
         pairs.append((e.chosen_ids[:p], e.chosen_ids[p:], e.rejected_ids[p:]))
     return pairs
+
+
+def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
+    """An integer setting of the public API: a bool, a float or a value below `minimum` is a ValueError naming it
+    (a prompt cut to 0 tokens would silently stop scoring each response's first token)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 
 def _check_ids(ids, what):
@@ -208,14 +220,15 @@ def build_shared_batch(
     Returns:
         a `SharedPromptBatch`.
     """
+    _check_int("pad_id", pad_id, minimum=0)
+    _check_int("max_row_tokens", max_row_tokens, minimum=1, optional=True)
+    _check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1)
+    if max_row_tokens is not None and not pack:
+        raise ValueError("max_row_tokens caps packed rows; pass pack=True with it")
     pairs = [truncate_pair(p, c, r, max_length=max_length, max_prompt_length=max_prompt_length,
                            bos_token_id=bos_token_id) for p, c, r in pairs]
     if not pairs:
         raise ValueError("build_shared_batch needs at least one pair")
-    if max_row_tokens is not None and not pack:
-        raise ValueError("max_row_tokens caps packed rows; pass pack=True with it")
-    if pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     for i, (p, c, r) in enumerate(pairs):
         for name, ids in (("prompt", p), ("chosen", c), ("rejected", r)):
             _check_ids(ids, f"pair {i}'s {name}")

@@ -163,6 +163,8 @@ class TrainConfig:
     save_every: int = _setting(0, "steps between checkpoints; 0 saves only at the end", check=AT_LEAST_0)
     resume: str | None = _setting(None, "continue from a checkpoint dir; bare --resume takes the newest checkpoint "
                                         "in --output-dir", nargs="?", const="latest")
+    overwrite_output_dir: bool = _setting(False, "start afresh in an --output-dir that holds an earlier run's "
+                                                 "checkpoints, deleting them (without it such a start is refused)")
     max_nonfinite_steps: int = _setting(5, "stop after this many non-finite losses in a row (each one skips its "
                                            "step)", check=AT_LEAST_1)
     progress: bool = _setting(True, "tqdm progress bar; --no-progress prints one line per step instead")
@@ -288,6 +290,8 @@ def check_config(c: TrainConfig, sources: Mapping[str, str] | None = None) -> No
     sources = sources or {}
     for name in FIELDS:
         check_setting(name, getattr(c, name), sources.get(name))
+    if not c.output_dir.strip():
+        raise UserInputError("output_dir is empty (an unset shell variable?); name the directory to write to")
     if not c.model:
         raise UserInputError("model is required (a local directory or a hub id in the local cache)")
     if not c.data:
@@ -327,6 +331,14 @@ def _check_loss_settings(c: TrainConfig) -> None:
     kwargs = loss_kwargs(c)
     check_loss_settings(kwargs.pop("loss_type"), beta=kwargs.pop("beta"),
                         label_smoothing=kwargs.pop("label_smoothing"), loss_params=kwargs)
+
+
+def check_saved_config(saved: Mapping, source) -> None:
+    """Raises UserInputError naming `source` (a checkpoint's state file) for a setting in `saved`, the config a
+    checkpoint's run wrote, that is not a valid value; settings this version does not know are ignored."""
+    for name, value in saved.items():
+        if name in FIELDS:
+            check_setting(name, value, str(source))
 
 
 def resumed_config(c: TrainConfig, saved: Mapping) -> tuple[TrainConfig, list[str]]:

@@ -15,9 +15,11 @@ class InputFileError(UserInputError):
 
 
 class DiskFullError(InputFileError):
-    """No space left on the device while writing `path` (the message says so, not the writer's own error)."""
+    """A write of `path` ran out of room: no space left on the device (the default `problem`), a quota or the
+    file-size limit. The message says so, not the writer's own error."""
 
-    def __init__(self, path, consequence: str = ""):
-        self.path, self.problem = str(path), "no space left on the device"
-        UserInputError.__init__(self, f"no space left writing {self.path}" + (f"; {consequence}" if consequence
-                                                                              else ""))
+    def __init__(self, path, consequence: str = "", problem: str = "no space left on the device"):
+        self.path, self.problem = str(path), problem
+        head = ("no space left writing " + self.path if problem == "no space left on the device"
+                else f"{problem} writing {self.path}")
+        UserInputError.__init__(self, head + (f"; {consequence}" if consequence else ""))

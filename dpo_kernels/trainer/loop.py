@@ -38,6 +38,7 @@ from dpo_kernels.trainer.batches import collate_pairs, shared_prompt_problem
 from dpo_kernels.trainer.config import (
     TrainConfig,
     check_config,
+    check_saved_config,
     is_reference_free,
     loss_kwargs,
     precision_settings,
@@ -68,13 +69,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- set-up steps
-def resolve_resume(c: TrainConfig) -> Path | None:
+def resolve_resume(c: TrainConfig, run_id: str) -> Path | None:
+    """The checkpoint dir to resume (the newest of the run `run_id` for resume="latest"), or None for a fresh start;
+    its every field, file and setting checked before anything is loaded."""
     if not c.resume:
         return None
-    path = checkpoint.latest_checkpoint(c.output_dir) if c.resume == "latest" else Path(c.resume)
+    path = checkpoint.latest_checkpoint(c.output_dir, run_id) if c.resume == "latest" else Path(c.resume)
     if path is None:
         raise InputFileError(c.output_dir, "resume=latest but it holds no complete checkpoint-STEP directory")
-    checkpoint.read_state(path)  # every field and file checked before anything is loaded or written
+    state = checkpoint.read_state(path)
+    check_saved_config(state.config, path / checkpoint.STATE_FILE)
     return path
 
 
@@ -194,6 +198,9 @@ class Run:
         """The checkpoint of the current step, written unless this run already wrote it."""
         path = self.out_dir / f"{checkpoint.PREFIX}{self.state.step}"
         if self.saved_step != self.state.step:
+            broken = nonfinite_weight(self.model, self.ctx)
+            if broken is not None:
+                raise NonFiniteLossError(f"not saving {path.name}: parameter {broken} holds NaN or inf")
             self.state.config = dataclasses.asdict(self.c)
             path = checkpoint.save_state(self.out_dir, self.state, ctx=self.ctx, dpo=self.dpo,
                                          optimizer=self.optimizer, scheduler=self.scheduler,
@@ -202,15 +209,12 @@ class Run:
         return path
 
 
-def build_run(c: TrainConfig, ctx, out_dir: Path) -> Run:
+def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
     """Loads the tokenizer, data, reference and policy, builds the optimizer and schedule, and restores them (and
-    the RNG states) from the checkpoint to resume."""
+    the RNG states) from the checkpoint to resume. `run_id`: the run `out_dir` holds (`checkpoint.own_output_dir`)."""
     from transformers import get_scheduler
 
-    resume_dir = resolve_resume(c)
-    if resume_dir is None and ctx.is_main and checkpoint.latest_checkpoint(out_dir) is not None:
-        warnings.warn(f"{out_dir} already holds checkpoints; starting from scratch and overwriting them "
-                      "(pass resume='latest' / --resume to continue instead)", stacklevel=3)
+    resume_dir = resolve_resume(c, run_id)
     seed_everything(c.seed)
 
     tokenizer = load_tokenizer(c.tokenizer or c.model)
@@ -229,6 +233,10 @@ def build_run(c: TrainConfig, ctx, out_dir: Path) -> Run:
             ref.precompute("eval", eval_data)
 
     policy = load_model(resume_dir or c.model, dtype, ctx.device)
+    broken = nonfinite_weight(policy, ctx)
+    if broken is not None:
+        raise InputFileError(resume_dir or c.model, f"parameter {broken} holds NaN or inf: these weights cannot be "
+                                                    "trained (resume an earlier checkpoint, or load other weights)")
     if c.gradient_checkpointing:
         enable_checkpointing(policy)
     policy.train()
@@ -249,7 +257,7 @@ def build_run(c: TrainConfig, ctx, out_dir: Path) -> Run:
     scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=plan.total_steps)
 
-    state = checkpoint.TrainState(0, plan.total_steps, data_fingerprint=train_data.fingerprint)
+    state = checkpoint.TrainState(0, plan.total_steps, data_fingerprint=train_data.fingerprint, run_id=run_id)
     if resume_dir is not None:
         state = checkpoint.restore_state(resume_dir, ctx=ctx, dpo=dpo, optimizer=optimizer, scheduler=scheduler,
                                          total_steps=plan.total_steps, data_fingerprint=train_data.fingerprint,
@@ -285,7 +293,9 @@ def train(config: TrainConfig) -> TrainResult:
     ctx = distributed.setup(config.distributed, config.device)
     try:
         with checkpoint.claim_output_dir(config.output_dir, ctx) as out_dir:
-            run = build_run(config, ctx, out_dir)
+            run_id = checkpoint.own_output_dir(out_dir, ctx, resume=config.resume,
+                                               overwrite=config.overwrite_output_dir)
+            run = build_run(config, ctx, out_dir, run_id)
             with StopRequest(announce=ctx.is_main) as stop:
                 return run_loop(run, stop)
     finally:

@@ -1,13 +1,13 @@
 """The trainer's outputs for people: `metrics.jsonl`, one line per step on the console, the curves PNG."""
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import warnings
 from pathlib import Path
 
+from dpo_kernels.trainer.checkpoint.atomic import no_space
 from dpo_kernels.trainer.errors import DiskFullError, InputFileError
 
 METRICS_FILE = "metrics.jsonl"
@@ -60,6 +60,8 @@ class MetricsLog:
         self.history: list[dict] = []
         if not enabled:
             return
+        if self.path.exists() and not self.path.is_file():
+            raise InputFileError(self.path, "is not a file; move it out of the output dir")
         kept = []
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
@@ -79,8 +81,9 @@ class MetricsLog:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise DiskFullError(self.path) from None
+                problem = no_space(e)
+                if problem is not None:
+                    raise DiskFullError(self.path, problem=problem) from None
                 raise
 
 

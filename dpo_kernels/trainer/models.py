@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,8 +39,9 @@ def resolve_model_dir(name_or_path, what: str = "model") -> Path:
                                            "cache (nothing is downloaded)") from None
 
 
-def check_safetensors(path) -> None:
-    """Raises InputFileError unless `path` is a safetensors file as long as its header says."""
+def check_safetensors(path) -> dict[str, list[int]]:
+    """Raises InputFileError unless `path` is a safetensors file as long as its header says; returns the shape of
+    each tensor it holds."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -62,6 +64,7 @@ def check_safetensors(path) -> None:
     if size != expected:
         raise InputFileError(path, f"truncated or corrupt safetensors file ({size} bytes, its header describes "
                                    f"{expected})")
+    return {k: v.get("shape") for k, v in header.items() if k != "__metadata__"}
 
 
 def _read_json(path) -> dict:
@@ -84,8 +87,9 @@ def check_model_dir(root) -> None:
     present = [name for name in WEIGHT_FILES if (root / name).is_file()]
     if not present:
         raise InputFileError(root, f"holds no model weights (none of {', '.join(WEIGHT_FILES)})")
+    shapes = {}
     if present[0] == "model.safetensors":
-        check_safetensors(root / present[0])
+        shapes = {k: (present[0], v) for k, v in check_safetensors(root / present[0]).items()}
     elif present[0] == "model.safetensors.index.json":
         index = _read_json(root / present[0])
         shards = sorted(set((index.get("weight_map") or {}).values()))
@@ -94,7 +98,32 @@ def check_model_dir(root) -> None:
         for shard in shards:
             if not (root / shard).is_file():
                 raise InputFileError(root / shard, f"missing (listed in {present[0]})")
-            check_safetensors(root / shard)
+            shapes.update({k: (shard, v) for k, v in check_safetensors(root / shard).items()})
+    _check_shapes_fit_config(root, shapes)
+
+
+def _check_shapes_fit_config(root: Path, shapes: dict[str, tuple[str, list[int]]]) -> None:
+    """Raises InputFileError when a saved tensor's shape is not the one config.json gives its parameter.
+
+    The model is built on the meta device (no memory, no weights), and only names that both sides know are
+    compared: architectures that rename keys at load, or that transformers cannot build here, are left to the load.
+    """
+    if not shapes:
+        return
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(str(root), local_files_only=True)
+            with torch.device("meta"):
+                expected = {k: list(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception:  # noqa: BLE001 (any failure to build leaves the check to the load, which names its problem)
+        return
+    for name, (file, shape) in shapes.items():
+        if name in expected and shape != expected[name]:
+            raise InputFileError(root / file, f"tensor {name} has shape {shape}, but config.json gives it "
+                                              f"{expected[name]}: the weights and the config are of different models")
 
 
 def load_model(name_or_path, dtype: torch.dtype, device: torch.device, what: str = "model"):

@@ -195,7 +195,7 @@ def test_torch_save_reports_a_full_disk_as_enospc():
             pass
 
     with pytest.raises(OSError) as info:
-        checkpoint._torch_save({"w": torch.zeros(1000)}, FullDisk())
+        checkpoint.atomic.torch_save({"w": torch.zeros(1000)}, FullDisk())
     assert info.value.errno == errno.ENOSPC
 
 

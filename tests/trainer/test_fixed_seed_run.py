@@ -1,11 +1,14 @@
-"""A fixed-seed training run ends in the same weights, bit for bit, as the package's recorded run.
+"""A fixed-seed training run: the relations that hold on every machine, and a recorded trajectory with a tolerance.
 
-Refactors of the engine, the loss op or the trainer must not change a single number. The hashes below were recorded
-on the CPU with torch 2.13 (on this code and on its layout before the op packages existed, which gave the same bits);
-other torch versions or devices may round differently, so the test runs only where the record was made.
+PyTorch picks its CPU kernels at run time by instruction set and vendor, so the last bits of a run depend on the
+machine: no test compares bits recorded on one CPU. What holds everywhere:
+- the same run twice gives the same bits (on one machine);
+- every backend stays within float32 rounding of a float64 run of the same steps;
+- the per-step losses and gradient norms match the trajectory recorded below (a float64 run, recorded once), within
+  a tolerance far above rounding and far below what any change of the loss, the data order or the optimizer moves.
+Resumed equals uninterrupted, bitwise, is `test_crash_safety.py`'s.
 """
 import hashlib
-import platform
 from pathlib import Path
 
 import pytest
@@ -15,17 +18,33 @@ from safetensors.torch import load_file
 from dpo_kernels.trainer import TrainConfig, train
 from tests.tiny_models import tiny_setup
 
-RECORDED_TORCH = "2.13."
-RECORDED = {
-    "fused-linear": "e4485614bcb97b566c498c836ff07bc84917939f4608fd2fdef40aaba860c16a",
-    "logits": "bc6081c8c12f5ed982c9f3a153efdc9a2cede58ecc97736f03f4aa4deba75ed0",
-}
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-pytestmark = [
-    pytest.mark.usefixtures("single_thread"),
-    pytest.mark.skipif(not torch.__version__.startswith(RECORDED_TORCH) or platform.machine() != "x86_64",
-                       reason=f"the hashes were recorded with torch {RECORDED_TORCH}x on x86_64 CPUs"),
-]
+# (loss, grad_norm) per step of `fixed_seed_config` under the float64 reference backend.
+RECORDED_FP64 = [(2.8688031885775116, 1.4944422246119768),
+                 (2.792514646620157, 1.7083920437457347),
+                 (2.7334172563604078, 1.363404749727549)]
+# float32 steps sit within about 1e-7 of float64 ones here; a changed loss term, data order or update moves the
+# trajectory by far more than 1e-5.
+FP32_RTOL = 1e-5
+FP64_RTOL = 1e-10
+BACKENDS = ("fused-linear", "logits")
+
+
+@pytest.fixture(scope="module")
+def tiny12(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("tiny12"), rows=12)
+
+
+def fixed_seed_run(tiny, output_dir: Path, backend: str, precision: str = "fp32"):
+    return train(TrainConfig(model=tiny["model"], data=tiny["data"], output_dir=str(output_dir), batch_size=2,
+                             max_steps=3, max_length=32, max_prompt_length=24, lr=5e-3, warmup_ratio=0.0,
+                             progress=False, plot=False, loss_backend=backend, precision=precision,
+                             loss_type="sigmoid,sft", loss_weights=[1.0, 0.5], seed=0))
+
+
+def trajectory(result) -> list[tuple[float, float]]:
+    return [(r["loss"], r["grad_norm"]) for r in result.history if "grad_norm" in r]
 
 
 def weights_hash(checkpoint) -> str:
@@ -37,11 +56,27 @@ def weights_hash(checkpoint) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("backend", sorted(RECORDED))
-def test_final_weights_hash_as_recorded(tmp_path, backend):
-    tiny = tiny_setup(tmp_path / "tiny", rows=12)
-    result = train(TrainConfig(model=tiny["model"], data=tiny["data"], output_dir=str(tmp_path / backend),
-                               batch_size=2, max_steps=3, max_length=32, max_prompt_length=24, lr=5e-3,
-                               warmup_ratio=0.0, progress=False, plot=False, loss_backend=backend,
-                               loss_type="sigmoid,sft", loss_weights=[1.0, 0.5], seed=0))
-    assert weights_hash(result.final_checkpoint) == RECORDED[backend]
+def assert_trajectory_close(got, want, rtol, what):
+    assert len(got) == len(want), (what, got)
+    for step, ((loss, norm), (loss_want, norm_want)) in enumerate(zip(got, want, strict=True), start=1):
+        assert loss == pytest.approx(loss_want, rel=rtol), f"{what}: step {step} loss {loss!r} != {loss_want!r}"
+        assert norm == pytest.approx(norm_want, rel=rtol), f"{what}: step {step} grad_norm {norm!r} != {norm_want!r}"
+
+
+@pytest.fixture(scope="module")
+def float64_run(tiny12, tmp_path_factory):
+    return fixed_seed_run(tiny12, tmp_path_factory.mktemp("fp64"), "reference", "fp64")
+
+
+def test_float64_run_follows_recorded_trajectory(float64_run):
+    assert_trajectory_close(trajectory(float64_run), RECORDED_FP64, FP64_RTOL, "reference fp64")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_twice_same_bits_and_within_float64(tiny12, tmp_path, float64_run, backend):
+    first = fixed_seed_run(tiny12, tmp_path / "first", backend)
+    second = fixed_seed_run(tiny12, tmp_path / "second", backend)
+    assert trajectory(first) == trajectory(second)
+    assert weights_hash(first.final_checkpoint) == weights_hash(second.final_checkpoint)
+    assert_trajectory_close(trajectory(first), trajectory(float64_run), FP32_RTOL, f"{backend} vs float64 run")
+    assert_trajectory_close(trajectory(first), RECORDED_FP64, FP32_RTOL, f"{backend} vs recorded")
