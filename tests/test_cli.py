@@ -48,6 +48,15 @@ def test_config_file_values_are_overridden_by_flags(tmp_path):
     assert defaults.loss_backend == "fused-linear" and defaults.lr == cli_default("lr")
 
 
+def test_a_bad_file_value_that_a_flag_overrides_is_not_an_error(tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": "m", "data": "d.jsonl", "lr": "abc", "seed": -1, "beta": 0.3}))
+    c = parse(["--config", str(cfg), "--lr", "2e-5", "--seed", "3"])
+    assert (c.lr, c.seed, c.beta) == (2e-5, 3, 0.3)
+    with pytest.raises(UserInputError, match=rf"{cfg}: seed must be in"):
+        parse(["--config", str(cfg), "--lr", "2e-5"])
+
+
 def cli_default(name):
     from dpo_kernels.trainer import TrainConfig
 
