@@ -133,11 +133,11 @@ def test_gradient_accumulation_matches_stock(tiny):
 
 
 def test_padding_free_gives_the_padded_numbers(tiny, monkeypatch):
-    import dpo_kernels.integrations.trl as fused_trl
+    from dpo_kernels.integrations.trl import layout
 
     packed_calls = []
-    pack_rows = fused_trl.pack_rows
-    monkeypatch.setattr(fused_trl, "pack_rows", lambda *a: packed_calls.append(1) or pack_rows(*a))
+    pack_rows = layout.pack_rows
+    monkeypatch.setattr(layout, "pack_rows", lambda *a: packed_calls.append(1) or pack_rows(*a))
     padded = make_trainer(FusedDPOTrainer, tiny)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

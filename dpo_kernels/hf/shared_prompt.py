@@ -21,17 +21,24 @@ one window for every layer (Mistral, Phi-3) take one windowed mask.
 Only architectures verified to honour a custom 4D mask and the given position ids are accepted
 (`SUPPORTED_MODELS`, each tested against its unshared rows); others raise `SharedPromptUnsupported` naming the
 model class.
+
+The batch (`dpo_kernels.shared_prompt.SharedPromptBatch`) carries the attention rule in both forms this module
+hands on (`attention_mask` dense, `mask_mod` for FlexAttention), so model access needs nothing from the
+shared-prompt package at run time.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from dpo_kernels.integrations.hf import backbone_hidden_states, unwrap_model
-from dpo_kernels.shared_prompt.batch import SharedPromptBatch, attends
+from dpo_kernels.hf.backbone import backbone_hidden_states
+from dpo_kernels.hf.unwrap import unwrap_model
+
+if TYPE_CHECKING:
+    from dpo_kernels.shared_prompt.batch import SharedPromptBatch
 
 __all__ = [
     "SUPPORTED_ATTENTION",
@@ -122,18 +129,14 @@ def _block_mask(batch: SharedPromptBatch, window):
     global _compiled_create_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc, seg, pos = batch.document_ids, batch.segment_ids, batch.position_ids
-
-    def mask_mod(b, h, q, kv):
-        return attends(q, kv, doc[b, q], doc[b, kv], seg[b, q], seg[b, kv], pos[b, q], pos[b, kv], window)
-
     rows, T = batch.input_ids.shape
+    device = batch.document_ids.device
     create = create_block_mask
-    if doc.device.type == "cuda":
+    if device.type == "cuda":
         if _compiled_create_block_mask is None:
             _compiled_create_block_mask = torch.compile(create_block_mask)
         create = _compiled_create_block_mask
-    return create(mask_mod, rows, None, T, T, device=doc.device)
+    return create(batch.mask_mod(window), rows, None, T, T, device=device)
 
 
 def shared_attention_mask(model: nn.Module, batch: SharedPromptBatch, dtype: torch.dtype | None = None):
@@ -166,7 +169,7 @@ def _model_inputs(model, batch, model_kwargs):
 
 def shared_backbone_hidden_states(model: nn.Module, batch: SharedPromptBatch, **model_kwargs: Any) -> torch.Tensor:
     """`[rows, T, H]` last hidden states of `batch` (what the lm_head reads; constant logit multipliers folded in,
-    as `integrations.hf.backbone_hidden_states`). Rows of the flattened result are what `batch.token_rows` index.
+    as `backbone.backbone_hidden_states`). Rows of the flattened result are what `batch.token_rows` index.
     `model_kwargs` go to the backbone."""
     mask = _model_inputs(model, batch, model_kwargs)
     return backbone_hidden_states(model, batch.input_ids, mask, **model_kwargs)
