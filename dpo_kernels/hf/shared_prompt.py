@@ -23,13 +23,13 @@ Only architectures verified to honour a custom 4D mask and the given position id
 model class.
 
 The batch (`dpo_kernels.shared_prompt.SharedPromptBatch`) carries the attention rule in both forms this module
-hands on (`attention_mask` dense, `mask_mod` for FlexAttention), so model access needs nothing from the
-shared-prompt package at run time.
+hands on (`attention_mask` dense, `mask_mod` for FlexAttention); `SharedLayout` names what is read from it, so model
+access imports nothing of the shared-prompt package above it.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,12 +37,10 @@ from torch import nn
 from dpo_kernels.hf.backbone import backbone_hidden_states
 from dpo_kernels.hf.unwrap import unwrap_model
 
-if TYPE_CHECKING:
-    from dpo_kernels.shared_prompt.batch import SharedPromptBatch
-
 __all__ = [
     "SUPPORTED_ATTENTION",
     "SUPPORTED_MODELS",
+    "SharedLayout",
     "SharedPromptUnsupported",
     "check_shared_prompt_support",
     "shared_attention_mask",
@@ -66,6 +64,20 @@ SUPPORTED_MODELS = {
 }
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class SharedLayout(Protocol):
+    """What running a model on a shared-prompt batch reads from it; `SharedPromptBatch` is one."""
+
+    input_ids: torch.Tensor  # [rows, T] int64
+    position_ids: torch.Tensor  # [rows, T] int64, each token's position in its unshared row
+    document_ids: torch.Tensor  # [rows, T] int64, on the device the masks are built on
+
+    def attention_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """`[rows, 1, T, T]` bool, True where a query position may attend to a key position."""
+
+    def mask_mod(self, sliding_window: int | None = None):
+        """The same rule as FlexAttention's `mask_mod(b, h, q, kv) -> bool`."""
 
 
 class SharedPromptUnsupported(ValueError):
@@ -112,7 +124,7 @@ def _windows(config, kind: str) -> dict[str, int | None]:
     return windows
 
 
-def _dense_mask(batch: SharedPromptBatch, window, attention, dtype):
+def _dense_mask(batch: SharedLayout, window, attention, dtype):
     allowed = batch.attention_mask(window)
     if attention == "sdpa":
         return allowed
@@ -125,7 +137,7 @@ def _dense_mask(batch: SharedPromptBatch, window, attention, dtype):
 _compiled_create_block_mask = None
 
 
-def _block_mask(batch: SharedPromptBatch, window):
+def _block_mask(batch: SharedLayout, window):
     global _compiled_create_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -139,7 +151,7 @@ def _block_mask(batch: SharedPromptBatch, window):
     return create(batch.mask_mod(window), rows, None, T, T, device=device)
 
 
-def shared_attention_mask(model: nn.Module, batch: SharedPromptBatch, dtype: torch.dtype | None = None):
+def shared_attention_mask(model: nn.Module, batch: SharedLayout, dtype: torch.dtype | None = None):
     """The `attention_mask` argument that makes `model`'s backbone run `batch` with the shared-prompt rule.
 
     Returns a 4D tensor, a FlexAttention `BlockMask`, or (for models mixing full and sliding layers) a dict of them
@@ -167,7 +179,7 @@ def _model_inputs(model, batch, model_kwargs):
     return shared_attention_mask(model, batch)
 
 
-def shared_backbone_hidden_states(model: nn.Module, batch: SharedPromptBatch, **model_kwargs: Any) -> torch.Tensor:
+def shared_backbone_hidden_states(model: nn.Module, batch: SharedLayout, **model_kwargs: Any) -> torch.Tensor:
     """`[rows, T, H]` last hidden states of `batch` (what the lm_head reads; constant logit multipliers folded in,
     as `backbone.backbone_hidden_states`). Rows of the flattened result are what `batch.token_rows` index.
     `model_kwargs` go to the backbone."""
@@ -175,7 +187,7 @@ def shared_backbone_hidden_states(model: nn.Module, batch: SharedPromptBatch, **
     return backbone_hidden_states(model, batch.input_ids, mask, **model_kwargs)
 
 
-def shared_logits(model: nn.Module, batch: SharedPromptBatch, *, reference: bool = False,
+def shared_logits(model: nn.Module, batch: SharedLayout, *, reference: bool = False,
                   **model_kwargs: Any) -> torch.Tensor:
     """`[rows, T, V]` logits of `batch` from the model's own forward (the logits path); under no_grad with
     `reference`."""
