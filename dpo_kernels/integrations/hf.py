@@ -1,5 +1,5 @@
-"""`dpo_kernels.hf` (model access: backbone hidden states, the lm_head, fused sequence log-probs) under the import
-path user code and the README use."""
+"""`dpo_kernels.hf` (model access: backbone hidden states, the lm_head, fused sequence log-probs) at the import path
+user code already uses."""
 from dpo_kernels.hf.backbone import backbone_hidden_states, check_output_head
 from dpo_kernels.hf.head import logit_multiplier, output_head
 from dpo_kernels.hf.logprobs import packed_position_ids, sequence_logprobs
