@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import dpo_kernels
-from dpo_kernels.integrations import hf
+from dpo_kernels import hf
 
 WORDS = "the sky grass sun snow is blue green yellow white red what color of ? .".split()
 PAIRS = [("what color is the sky ?", " the sky is blue .", " the sky is green ."),

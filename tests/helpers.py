@@ -237,3 +237,19 @@ def trl_loss_and_grads(trainer, batch):
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
+
+def assert_same_trl_step(got, want, what: str):
+    """Two `trl_loss_and_grads` results: the same loss, logged metrics and gradients (of the same parameters)."""
+    (got_loss, got_grads, got_logs), (want_loss, want_grads, want_logs) = got, want
+    assert_close(f"{what} loss", got_loss, want_loss)
+    assert_same_trl_logs(got_logs, want_logs)
+    assert set(got_grads) == set(want_grads), f"{what}: gradients of different parameters"
+    for name in want_grads:
+        assert_close(f"{what} grad {name}", got_grads[name], want_grads[name])
+
+
+def trl_train_logs(trainer):
+    """The log history of `trainer.train()` without its timings."""
+    trainer.train()
+    return [{k: v for k, v in log.items() if "runtime" not in k and "per_second" not in k}
+            for log in trainer.state.log_history]

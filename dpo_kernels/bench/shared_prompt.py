@@ -22,8 +22,8 @@ from dpo_kernels.bench import report
 from dpo_kernels.bench.timing import release_memory, time_step
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import fused_linear_dpo
-from dpo_kernels.integrations.hf import backbone_hidden_states, output_head
-from dpo_kernels.shared_prompt import build_shared_batch, shared_backbone_hidden_states
+from dpo_kernels.hf import backbone_hidden_states, output_head, shared_backbone_hidden_states
+from dpo_kernels.shared_prompt.batch import build_shared_batch
 
 RATIOS = (1, 4, 16)
 

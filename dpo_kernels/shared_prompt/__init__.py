@@ -2,29 +2,31 @@
 
 `batch.py`     `build_shared_batch`: one row per pair `[prompt | chosen | rejected]` (or several pairs per row), the
                position ids, the attention rule and the attribution of every scored position to its sequence
-`hf.py`        the mask a HuggingFace causal LM takes for it (eager, SDPA, FlexAttention), the allow-list of
-               architectures, and the backbone / logits forward on a shared batch
 `logprobs.py`  per-sequence log-probs through the attribution, from logits or (fused linear engine) hidden states
+
+These are tensors only. The model side (the mask each attention implementation takes, the allow-list of
+architectures, the backbone / logits forward on a shared batch) is `dpo_kernels.hf.shared_prompt`, whose names this
+package hands on too:
 
     batch = build_shared_batch([(prompt_ids, chosen_ids, rejected_ids), ...], pad_id=tok.pad_token_id)
     hidden = shared_backbone_hidden_states(model, batch)
-    weight, bias = integrations.hf.output_head(model)
+    weight, bias = dpo_kernels.hf.output_head(model)
     logps = sequence_logprobs_from_hidden(hidden, weight, batch, bias=bias)  # [2B]: chosen, then rejected
     loss = fused_linear_dpo(hidden, weight, batch.attribution, bias=bias, ...).loss  # or the DPO loss at once
 """
-from dpo_kernels.shared_prompt.batch import (
-    SharedPromptBatch,
-    build_shared_batch,
-    pairs_from_examples,
-    truncate_pair,
-)
-from dpo_kernels.shared_prompt.hf import (
+from dpo_kernels.hf.shared_prompt import (
     SUPPORTED_MODELS,
     SharedPromptUnsupported,
     check_shared_prompt_support,
     shared_attention_mask,
     shared_backbone_hidden_states,
     shared_logits,
+)
+from dpo_kernels.shared_prompt.batch import (
+    SharedPromptBatch,
+    build_shared_batch,
+    pairs_from_examples,
+    truncate_pair,
 )
 from dpo_kernels.shared_prompt.logprobs import (
     gather_scored_logits,

@@ -99,6 +99,16 @@ class SharedPromptBatch:
         """
         return allowed_pairs(self.document_ids, self.segment_ids, self.position_ids, sliding_window).unsqueeze(1)
 
+    def mask_mod(self, sliding_window: int | None = None):
+        """The rule of `attention_mask` as FlexAttention's `mask_mod(b, h, q, kv) -> bool` (row, head, query and key
+        index), for `create_block_mask`, which evaluates it block by block without a `[T, T]` tensor."""
+        doc, seg, pos = self.document_ids, self.segment_ids, self.position_ids
+
+        def mask_mod(b, h, q, kv):
+            return attends(q, kv, doc[b, q], doc[b, kv], seg[b, q], seg[b, kv], pos[b, q], pos[b, kv], sliding_window)
+
+        return mask_mod
+
     def to(self, device) -> SharedPromptBatch:
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
         return SharedPromptBatch(**moved, num_pairs=self.num_pairs)

@@ -37,7 +37,7 @@ def sequence_logprobs_from_logits(logits: torch.Tensor, batch: SharedPromptBatch
 
     Args:
         logits: `[rows, T, V]` float32/bfloat16/float16, the model's logits on `batch`
-            (`shared_prompt.hf.shared_logits`).
+            (`dpo_kernels.hf.shared_logits`).
         batch: the `SharedPromptBatch` they were computed on.
         average: per-token means instead of sums (0 for a sequence with no scored token).
     Returns:
@@ -59,7 +59,7 @@ def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, ba
     engine (no `[*, V]` logits).
 
     Args:
-        hidden: `[rows, T, H]` last hidden states of `batch` (`shared_prompt.hf.shared_backbone_hidden_states`).
+        hidden: `[rows, T, H]` last hidden states of `batch` (`dpo_kernels.hf.shared_backbone_hidden_states`).
         weight: `[V, H]` lm_head weight in hidden's dtype; bias: optional `[V]`.
         average, memory_budget: as `dpo_kernels.linear_sequence_logprobs`.
     Returns:

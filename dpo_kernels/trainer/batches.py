@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpo_kernels.hf.shared_prompt import SharedPromptUnsupported, check_shared_prompt_support
 from dpo_kernels.shared_prompt.batch import build_shared_batch, pairs_from_examples
-from dpo_kernels.shared_prompt.hf import SharedPromptUnsupported, check_shared_prompt_support
 from dpo_kernels.trainer.data import collate, to_device
 
 __all__ = ["collate_pairs", "shared_prompt_problem"]

@@ -26,10 +26,10 @@ import torch
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.loss_op import loss_types as loss_table
 from dpo_kernels.loss_op.spec import check_loss_settings
+from dpo_kernels.trainer.backends import BACKENDS
 from dpo_kernels.trainer.distributed import DEVICES
 from dpo_kernels.trainer.distributed import MODES as DISTRIBUTED_MODES
 from dpo_kernels.trainer.errors import UserInputError
-from dpo_kernels.trainer.forward import BACKENDS
 from dpo_kernels.validation import FLOAT_DTYPES
 
 PRECISIONS = ("auto", "bf16", "fp32", "fp64")

@@ -1,4 +1,4 @@
-"""One DPO forward of a policy on a batch, through one of three loss backends.
+"""One DPO forward of a policy on a batch, through one of three loss backends (`trainer.backends`).
 
     fused-linear  backbone hidden states + lm_head weight -> dpo_kernels.FusedLinearDPOLoss (no [2B, T, V] logits)
     logits        model(...).logits -> dpo_kernels.DPOLoss (Triton log-probs on CUDA, then the fused loss op)
@@ -17,19 +17,14 @@ import torch
 from torch import nn
 
 import dpo_kernels
+from dpo_kernels import hf
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.plan import scored_counts
-from dpo_kernels.integrations import hf
 from dpo_kernels.losses import DPOLoss, FusedLinearDPOLoss
 from dpo_kernels.outputs import DPOOutput
-from dpo_kernels.shared_prompt import (
-    SharedPromptBatch,
-    gather_scored_logits,
-    shared_backbone_hidden_states,
-    shared_logits,
-)
-
-BACKENDS = ("fused-linear", "logits", "reference")
+from dpo_kernels.shared_prompt.batch import SharedPromptBatch
+from dpo_kernels.shared_prompt.logprobs import gather_scored_logits
+from dpo_kernels.trainer.backends import BACKENDS
 
 
 def _autocast(input_ids, autocast_dtype):
@@ -41,7 +36,7 @@ def _logits(model, input_ids, attention_mask, labels, autocast_dtype):
     """`(logits [2B, T, V], labels [2B, T])`; a shared-prompt batch's scored logits are gathered into that layout."""
     with _autocast(input_ids, autocast_dtype):
         if isinstance(labels, SharedPromptBatch):
-            return gather_scored_logits(shared_logits(model, labels), labels)
+            return gather_scored_logits(hf.shared_logits(model, labels), labels)
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, labels
 
 
@@ -49,7 +44,7 @@ def _hidden_states(model, input_ids, attention_mask, labels):
     """The backbone's hidden states and what the fused head scores: the labels, or a shared-prompt batch's
     attribution (its hidden states stay in the shared `[rows, T, H]` layout)."""
     if isinstance(labels, SharedPromptBatch):
-        return shared_backbone_hidden_states(model, labels), labels.attribution
+        return hf.shared_backbone_hidden_states(model, labels), labels.attribution
     return hf.backbone_hidden_states(model, input_ids, attention_mask), labels
 
 

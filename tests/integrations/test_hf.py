@@ -1,13 +1,16 @@
-"""dpo_kernels.integrations.hf: HF causal LMs through the fused engine, judged against float64 eager logits."""
+"""dpo_kernels.hf (model access): HF causal LMs through the fused engine, judged against float64 eager logits."""
+import ast
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, GraniteConfig, GraniteForCausalLM
 
-from dpo_kernels import reference
+from dpo_kernels import hf, reference
 from dpo_kernels.fused_linear import engine
-from dpo_kernels.integrations import hf
 from dpo_kernels.integrations.packing import next_token_labels, pack_rows
 from dpo_kernels.integrations.token_metrics import token_sums
 from tests.helpers import assert_within_rule
@@ -246,3 +249,27 @@ def test_sequence_logprobs_under_autocast_computes_the_head_in_the_autocast_dtyp
     seen.clear()
     hf.sequence_logprobs(model, ids, mask, labels, reference=True)
     assert seen == [(torch.float32, torch.float32)]
+
+
+def test_model_access_imports_no_feature_above_it():
+    # A fresh interpreter, so that import order is the one a user's first `import dpo_kernels.hf` gives.
+    code = ("import sys, dpo_kernels.hf; "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('dpo_kernels.')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    loaded = set(ast.literal_eval(out))
+    assert "hf" in loaded and not loaded & {"integrations", "shared_prompt", "trainer", "bench"}, loaded
+
+
+def test_the_import_paths_user_code_uses_name_the_same_objects():
+    from dpo_kernels import integrations, shared_prompt
+    from dpo_kernels.integrations import hf as integrations_hf
+
+    for name in ("backbone_hidden_states", "check_output_head", "logit_multiplier", "output_head",
+                 "packed_position_ids", "sequence_logprobs", "unwrap_model"):
+        assert getattr(integrations_hf, name) is getattr(hf, name), name
+    for name in ("backbone_hidden_states", "output_head", "sequence_logprobs", "unwrap_model"):
+        assert getattr(integrations, name) is getattr(hf, name), name
+    for name in ("SUPPORTED_MODELS", "SharedPromptUnsupported", "check_shared_prompt_support",
+                 "shared_attention_mask", "shared_backbone_hidden_states", "shared_logits"):
+        assert getattr(shared_prompt, name) is getattr(hf, name), name

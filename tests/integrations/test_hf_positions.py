@@ -3,7 +3,7 @@ stays within each sequence and the result equals the unpacked one."""
 import pytest
 import torch
 
-from dpo_kernels.integrations import hf
+from dpo_kernels import hf
 from dpo_kernels.integrations.packing import pack_rows
 from tests.tiny_models import build_llama
 

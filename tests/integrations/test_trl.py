@@ -17,7 +17,14 @@ trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
-from tests.helpers import assert_close, assert_same_trl_logs, device_for, trl_loss_and_grads  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_close,
+    assert_same_trl_logs,
+    assert_same_trl_step,
+    device_for,
+    trl_loss_and_grads,
+    trl_train_logs,
+)
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
 # Every paired loss TRL 1.16 offers, with a label_smoothing that each one either reads or (sigmoid, ...) must ignore.
@@ -70,17 +77,13 @@ def assert_same_weights(got: torch.nn.Module, want: torch.nn.Module, start: torc
         assert_close(f"update of {name}", p.detach() - before[name].detach(), q.detach() - before[name].detach())
 
 
-def step_logs(trainer):
-    trainer.train()
-    return [{k: v for k, v in log.items() if "runtime" not in k and "per_second" not in k}
-            for log in trainer.state.log_history]
 
 
 
 def test_one_step_matches_stock_trainer(tiny):
     stock = make_trainer(trl.DPOTrainer, tiny)
     fused = make_trainer(FusedDPOTrainer, tiny)
-    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(trl_train_logs(fused)[0], trl_train_logs(stock)[0])
     assert_same_weights(fused.model, stock.model, tiny["policy"])
 
 
@@ -96,13 +99,7 @@ def test_every_loss_type_matches_stock(tiny):
         fused._dk_ready = False
         fused._dpo_kernels_setup()
         assert not fused._dk_unsupported, fused._dk_unsupported
-        want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
-        got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
-        assert_close(f"{loss_types} loss", got_loss, want_loss)
-        assert_same_trl_logs(got_logs, want_logs)
-        assert set(got_grads) == set(want_grads)
-        for name in want_grads:
-            assert_close(f"{loss_types} grad {name}", got_grads[name], want_grads[name])
+        assert_same_trl_step(trl_loss_and_grads(fused, batch), trl_loss_and_grads(stock, batch), f"{loss_types}")
 
 
 def test_precomputed_reference_matches_stock(tiny):
@@ -110,14 +107,14 @@ def test_precomputed_reference_matches_stock(tiny):
     fused = make_trainer(FusedDPOTrainer, tiny, precompute_ref_log_probs=True)
     assert_close("precomputed ref_chosen_logps", fused.train_dataset["ref_chosen_logps"],
                  stock.train_dataset["ref_chosen_logps"])
-    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(trl_train_logs(fused)[0], trl_train_logs(stock)[0])
     assert_same_weights(fused.model, stock.model, tiny["policy"])
 
 
 def test_twenty_steps_follow_the_same_loss_curve(tiny):
     config = {"max_steps": 20, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "optim": "adamw_torch"}
-    stock = step_logs(make_trainer(trl.DPOTrainer, tiny, **config))
-    fused = step_logs(make_trainer(FusedDPOTrainer, tiny, **config))
+    stock = trl_train_logs(make_trainer(trl.DPOTrainer, tiny, **config))
+    fused = trl_train_logs(make_trainer(FusedDPOTrainer, tiny, **config))
     want = [log["loss"] for log in stock if "loss" in log]
     got = [log["loss"] for log in fused if "loss" in log]
     assert len(want) == 20 and want[-1] < want[0], "the reference run should train"
@@ -128,16 +125,16 @@ def test_gradient_accumulation_matches_stock(tiny):
     config = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
     stock = make_trainer(trl.DPOTrainer, tiny, **config)
     fused = make_trainer(FusedDPOTrainer, tiny, **config)
-    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(trl_train_logs(fused)[0], trl_train_logs(stock)[0])
     assert_same_weights(fused.model, stock.model, tiny["policy"])
 
 
 def test_padding_free_gives_the_padded_numbers(tiny, monkeypatch):
-    import dpo_kernels.integrations.trl as fused_trl
+    from dpo_kernels.integrations.trl import layout
 
     packed_calls = []
-    pack_rows = fused_trl.pack_rows
-    monkeypatch.setattr(fused_trl, "pack_rows", lambda *a: packed_calls.append(1) or pack_rows(*a))
+    pack_rows = layout.pack_rows
+    monkeypatch.setattr(layout, "pack_rows", lambda *a: packed_calls.append(1) or pack_rows(*a))
     padded = make_trainer(FusedDPOTrainer, tiny)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -145,20 +142,17 @@ def test_padding_free_gives_the_padded_numbers(tiny, monkeypatch):
     assert packed.padding_free and packed.args.padding_free
     assert not any("padding_free" in str(w.message) for w in caught)
     batch = next(iter(padded.get_train_dataloader()))
-    want_loss, want_grads, want_logs = trl_loss_and_grads(padded, batch)
-    got_loss, got_grads, got_logs = trl_loss_and_grads(packed, batch)
+    want = trl_loss_and_grads(padded, batch)
+    got = trl_loss_and_grads(packed, batch)
     assert packed_calls, "padding_free=True did not pack the batch"
-    assert_close("packed loss", got_loss, want_loss)
-    assert_same_trl_logs(got_logs, want_logs)
-    for name in want_grads:
-        assert_close(f"packed grad {name}", got_grads[name], want_grads[name])
+    assert_same_trl_step(got, want, "packed")
 
 
 def test_patch_dpo_trainer(tiny):
     stock = make_trainer(trl.DPOTrainer, tiny)
     patched = patch_dpo_trainer(make_trainer(trl.DPOTrainer, tiny))
     assert isinstance(patched, trl.DPOTrainer) and type(patched).__name__ == "FusedDPOTrainer"
-    assert_same_trl_logs(step_logs(patched)[0], step_logs(stock)[0])
+    assert_same_trl_logs(trl_train_logs(patched)[0], trl_train_logs(stock)[0])
     assert_same_weights(patched.model, stock.model, tiny["policy"])
 
 
@@ -166,7 +160,7 @@ def test_token_metrics_off_skips_entropy_and_token_accuracy(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = patch_dpo_trainer(make_trainer(trl.DPOTrainer, tiny), token_metrics=False)
-    logs = step_logs(trainer)[0]
+    logs = trl_train_logs(trainer)[0]
     assert "entropy" not in logs and "mean_token_accuracy" not in logs
     assert {"loss", "rewards/margins", "logits/chosen", "logps/rejected"} <= set(logs)
 
@@ -217,13 +211,9 @@ def test_token_metrics_match_stock_when_pairs_stream(tiny):
         warnings.simplefilter("ignore")
         fused = patch_dpo_trainer(make_trainer(trl.DPOTrainer, tiny), memory_budget=4 * vocab * 4)
     batch = next(iter(stock.get_train_dataloader()))
-    want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
-    got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
-    assert {"entropy", "mean_token_accuracy"} <= set(got_logs)
-    assert_close("streamed loss", got_loss, want_loss)
-    assert_same_trl_logs(got_logs, want_logs)
-    for name in want_grads:
-        assert_close(f"streamed grad {name}", got_grads[name], want_grads[name])
+    got = trl_loss_and_grads(fused, batch)
+    assert {"entropy", "mean_token_accuracy"} <= set(got[2])
+    assert_same_trl_step(got, trl_loss_and_grads(stock, batch), "streamed")
 
 
 @pytest.mark.parametrize("option", [{"ld_alpha": 0.5}, {"use_weighting": True},
@@ -236,7 +226,7 @@ def test_unsupported_option_falls_back_to_trl_with_one_warning(tiny, option):
     assert len(ours) == 1
     if option.get("padding_free"):
         assert "padding_free is off" in ours[0] and not fused.padding_free
-    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(trl_train_logs(fused)[0], trl_train_logs(stock)[0])
 
 
 def test_peft_policy_with_disabled_adapter_as_reference(tiny):
@@ -256,7 +246,7 @@ def test_peft_policy_with_disabled_adapter_as_reference(tiny):
     stock, fused = build(trl.DPOTrainer), build(FusedDPOTrainer)
     assert fused.ref_model is None and not fused._dk_unsupported
     start = {n: p.detach().clone() for n, p in stock.model.named_parameters() if p.requires_grad}
-    assert_same_trl_logs(step_logs(fused)[0], step_logs(stock)[0])
+    assert_same_trl_logs(trl_train_logs(fused)[0], trl_train_logs(stock)[0])
     got, want = dict(fused.model.named_parameters()), dict(stock.model.named_parameters())
     for name, before in start.items():
         assert_close(f"update of {name}", got[name].detach() - before, want[name].detach() - before)
@@ -273,12 +263,7 @@ def test_truncation_matches_stock(tiny, mode):
     assert batch["input_ids"].shape[1] <= config["max_length"]
     if mode == "keep_end":
         assert batch["completion_mask"][:, 0].any()
-    want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
-    got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
-    assert_close("truncated loss", got_loss, want_loss)
-    assert_same_trl_logs(got_logs, want_logs)
-    for name in want_grads:
-        assert_close(f"truncated grad {name}", got_grads[name], want_grads[name])
+    assert_same_trl_step(trl_loss_and_grads(fused, batch), trl_loss_and_grads(stock, batch), "truncated")
 
 
 def test_evaluate_matches_stock(tiny):
@@ -300,14 +285,10 @@ def test_triton_kernels_in_the_trainer_match_stock(tiny, force_backend):
     on_cpu = {"use_cpu": device_for("triton").type == "cpu"}
     stock = make_trainer(trl.DPOTrainer, tiny, **on_cpu)
     batch = next(iter(stock.get_train_dataloader()))
-    want_loss, want_grads, want_logs = trl_loss_and_grads(stock, batch)
+    want = trl_loss_and_grads(stock, batch)
     for config in ({}, {"padding_free": True}):
         fused = make_trainer(FusedDPOTrainer, tiny, **on_cpu, **config)
-        got_loss, got_grads, got_logs = trl_loss_and_grads(fused, batch)
-        assert_close(f"loss {config}", got_loss, want_loss)
-        assert_same_trl_logs(got_logs, want_logs)
-        for name in want_grads:
-            assert_close(f"grad {name} {config}", got_grads[name], want_grads[name])
+        assert_same_trl_step(trl_loss_and_grads(fused, batch), want, f"triton {config}")
 
 
 def test_unknown_logit_transform_falls_back_to_trl(tiny):

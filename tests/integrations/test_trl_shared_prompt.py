@@ -18,7 +18,13 @@ trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
-from tests.helpers import assert_close, assert_same_trl_logs, trl_loss_and_grads  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_close,
+    assert_same_trl_logs,
+    assert_same_trl_step,
+    trl_loss_and_grads,
+    trl_train_logs,
+)
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -60,26 +66,13 @@ def backbone_rows(trainer):
 
 
 
-def assert_same_step(got, want, what):
-    (got_loss, got_grads, got_logs), (want_loss, want_grads, want_logs) = got, want
-    assert_close(f"{what} loss", got_loss, want_loss)
-    assert_same_trl_logs(got_logs, want_logs)
-    assert set(got_grads) == set(want_grads)
-    for name in want_grads:
-        assert_close(f"{what} grad {name}", got_grads[name], want_grads[name])
-
-
-def train_logs(trainer):
-    trainer.train()
-    return [{k: v for k, v in log.items() if "runtime" not in k and "per_second" not in k}
-            for log in trainer.state.log_history]
 
 
 def test_a_training_step_matches_stock_with_each_prompt_run_once(tiny):
     stock, shared = build(trl.DPOTrainer, tiny), build(FusedDPOTrainer, tiny, share_prompt=True)
     assert shared._dk_share_prompt
     stock_rows, shared_rows = backbone_rows(stock), backbone_rows(shared)
-    assert_same_trl_logs(train_logs(shared)[0], train_logs(stock)[0])
+    assert_same_trl_logs(trl_train_logs(shared)[0], trl_train_logs(stock)[0])
     before = dict(tiny["policy"].named_parameters())
     for (name, p), (_, q) in zip(shared.model.named_parameters(), stock.model.named_parameters(), strict=True):
         assert_close(f"update of {name}", p.detach() - before[name], q.detach() - before[name])
@@ -97,7 +90,7 @@ def test_loss_types_match_stock(tiny, loss_type):
     shared = build(FusedDPOTrainer, tiny, share_prompt=True, **config)
     rows = backbone_rows(shared)
     batch = next(iter(stock.get_train_dataloader()))
-    assert_same_step(trl_loss_and_grads(shared, batch), trl_loss_and_grads(stock, batch), loss_type)
+    assert_same_trl_step(trl_loss_and_grads(shared, batch), trl_loss_and_grads(stock, batch), loss_type)
     assert [r[0] for r in rows] == [PAIRS, PAIRS]
 
 
@@ -112,7 +105,7 @@ def test_precomputed_reference_is_shared_too(tiny):
     for name, g, w in zip(("ref_chosen_logps", "ref_rejected_logps"), got, want, strict=True):
         assert_close(name, g, w)
         assert_close(f"precomputed {name}", shared.train_dataset[name], stock.train_dataset[name])
-    assert_same_step(trl_loss_and_grads(shared, batch), trl_loss_and_grads(stock, batch), "precomputed reference")
+    assert_same_trl_step(trl_loss_and_grads(shared, batch), trl_loss_and_grads(stock, batch), "precomputed reference")
     assert [r[0] for r in rows] == [PAIRS, PAIRS], "the reference pass and then the policy alone, both shared"
 
 
@@ -121,7 +114,7 @@ def test_padding_free_packs_the_pairs_into_one_row(tiny):
     packed = build(FusedDPOTrainer, tiny, share_prompt=True, padding_free=True)
     rows = backbone_rows(packed)
     batch = next(iter(stock.get_train_dataloader()))
-    assert_same_step(trl_loss_and_grads(packed, batch), trl_loss_and_grads(stock, batch), "packed")
+    assert_same_trl_step(trl_loss_and_grads(packed, batch), trl_loss_and_grads(stock, batch), "packed")
     real = int(batch["attention_mask"].sum())
     assert len(rows) == 2 and all(r[0] == 1 and r[1] < real for r in rows), rows
 
@@ -137,7 +130,7 @@ def test_patched_trainer_and_peft_reference_share_the_prompt(tiny):
     assert patched.ref_model is None and patched._dk_share_prompt
     rows = backbone_rows(patched)
     batch = next(iter(stock.get_train_dataloader()))
-    assert_same_step(trl_loss_and_grads(patched, batch), trl_loss_and_grads(stock, batch), "PEFT")
+    assert_same_trl_step(trl_loss_and_grads(patched, batch), trl_loss_and_grads(stock, batch), "PEFT")
     assert [r[0] for r in rows] == [PAIRS, PAIRS], "the disabled adapter's pass and the policy's, both shared"
 
 
@@ -157,7 +150,7 @@ def test_an_architecture_outside_the_allow_list_warns_once_and_trains_unshared(t
     assert not fused._dk_share_prompt and not fused._dk_unsupported
     rows = backbone_rows(fused)
     batch = next(iter(stock.get_train_dataloader()))
-    assert_same_step(trl_loss_and_grads(fused, batch), trl_loss_and_grads(stock, batch), "unshared fallback")
+    assert_same_trl_step(trl_loss_and_grads(fused, batch), trl_loss_and_grads(stock, batch), "unshared fallback")
     assert [r[0] for r in rows] == [2 * PAIRS, 2 * PAIRS]
 
 
@@ -168,7 +161,7 @@ def test_an_option_the_fused_engine_lacks_warns_once_and_runs_trl(tiny):
     ours = [str(w.message) for w in caught if "dpo_kernels" in str(w.message)]
     assert len(ours) == 1 and "ld_alpha" in ours[0] and "share_prompt is off" in ours[0], ours
     batch = next(iter(stock.get_train_dataloader()))
-    assert_same_step(trl_loss_and_grads(fused, batch), trl_loss_and_grads(stock, batch), "TRL's computation")
+    assert_same_trl_step(trl_loss_and_grads(fused, batch), trl_loss_and_grads(stock, batch), "TRL's computation")
 
 
 def test_keep_end_rows_cut_apart_run_unshared_with_one_warning(tiny):
@@ -188,6 +181,6 @@ def test_keep_end_rows_cut_apart_run_unshared_with_one_warning(tiny):
             got = [trl_loss_and_grads(fused, batch) for _ in range(2)]
         ours = [str(w.message) for w in caught if "share_prompt" in str(w.message)]
         assert len(ours) == (1 if mode == "keep_end" else 0), ours
-        assert_same_step(got[0], want, mode)
+        assert_same_trl_step(got[0], want, mode)
         assert_close(f"{mode} second loss", got[1][0], want[0])
         assert {r[0] for r in rows} == {shared_rows}

@@ -9,7 +9,7 @@ import transformers
 import dpo_kernels
 from dpo_kernels import reference
 from dpo_kernels.constants import IGNORE_INDEX
-from dpo_kernels.integrations.hf import output_head
+from dpo_kernels.hf import output_head
 from dpo_kernels.shared_prompt import (
     SharedPromptUnsupported,
     build_shared_batch,

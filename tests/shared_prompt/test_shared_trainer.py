@@ -6,7 +6,7 @@ from functools import partial
 import pytest
 import torch
 
-from dpo_kernels.shared_prompt import hf as shared_hf
+from dpo_kernels.hf import shared_prompt as shared_hf
 from dpo_kernels.trainer import train
 from dpo_kernels.trainer.data import load_preference_data
 from tests.helpers import assert_within_rule

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpo_kernels.loss_op.loss_types import HYPER_PARAMS
-from dpo_kernels.trainer import TrainConfig, distributed, forward
+from dpo_kernels.trainer import TrainConfig, backends, distributed
 from dpo_kernels.trainer import config as cfg
 from dpo_kernels.trainer.errors import UserInputError
 
@@ -44,7 +44,7 @@ def test_every_field_has_help_and_a_type_check():
 
 
 def test_choices_are_their_owners_lists():
-    assert cfg.FIELDS["loss_backend"].metadata["choices"] is forward.BACKENDS
+    assert cfg.FIELDS["loss_backend"].metadata["choices"] is backends.BACKENDS
     assert cfg.FIELDS["distributed"].metadata["choices"] is distributed.MODES
     assert cfg.FIELDS["precision"].metadata["choices"] is cfg.PRECISIONS
     assert cfg.FIELDS["model_dtype"].metadata["choices"] == tuple(cfg.MODEL_DTYPES)

@@ -13,7 +13,8 @@ import types
 
 from torch import nn
 
-from dpo_kernels.integrations.hf import backbone_hidden_states, output_head
+from dpo_kernels.hf.backbone import backbone_hidden_states
+from dpo_kernels.hf.head import output_head
 
 _MARK = "_dpo_kernels_head_forward"
 

@@ -21,21 +21,26 @@ one window for every layer (Mistral, Phi-3) take one windowed mask.
 Only architectures verified to honour a custom 4D mask and the given position ids are accepted
 (`SUPPORTED_MODELS`, each tested against its unshared rows); others raise `SharedPromptUnsupported` naming the
 model class.
+
+The batch (`dpo_kernels.shared_prompt.SharedPromptBatch`) carries the attention rule in both forms this module
+hands on (`attention_mask` dense, `mask_mod` for FlexAttention); `SharedLayout` names what is read from it, so model
+access imports nothing of the shared-prompt package above it.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from dpo_kernels.integrations.hf import backbone_hidden_states, unwrap_model
-from dpo_kernels.shared_prompt.batch import SharedPromptBatch, attends
+from dpo_kernels.hf.backbone import backbone_hidden_states
+from dpo_kernels.hf.unwrap import unwrap_model
 
 __all__ = [
     "SUPPORTED_ATTENTION",
     "SUPPORTED_MODELS",
+    "SharedLayout",
     "SharedPromptUnsupported",
     "check_shared_prompt_support",
     "shared_attention_mask",
@@ -59,6 +64,20 @@ SUPPORTED_MODELS = {
 }
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class SharedLayout(Protocol):
+    """What running a model on a shared-prompt batch reads from it; `SharedPromptBatch` is one."""
+
+    input_ids: torch.Tensor  # [rows, T] int64
+    position_ids: torch.Tensor  # [rows, T] int64, each token's position in its unshared row
+    document_ids: torch.Tensor  # [rows, T] int64, on the device the masks are built on
+
+    def attention_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """`[rows, 1, T, T]` bool, True where a query position may attend to a key position."""
+
+    def mask_mod(self, sliding_window: int | None = None):
+        """The same rule as FlexAttention's `mask_mod(b, h, q, kv) -> bool`."""
 
 
 class SharedPromptUnsupported(ValueError):
@@ -105,7 +124,7 @@ def _windows(config, kind: str) -> dict[str, int | None]:
     return windows
 
 
-def _dense_mask(batch: SharedPromptBatch, window, attention, dtype):
+def _dense_mask(batch: SharedLayout, window, attention, dtype):
     allowed = batch.attention_mask(window)
     if attention == "sdpa":
         return allowed
@@ -118,25 +137,21 @@ def _dense_mask(batch: SharedPromptBatch, window, attention, dtype):
 _compiled_create_block_mask = None
 
 
-def _block_mask(batch: SharedPromptBatch, window):
+def _block_mask(batch: SharedLayout, window):
     global _compiled_create_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc, seg, pos = batch.document_ids, batch.segment_ids, batch.position_ids
-
-    def mask_mod(b, h, q, kv):
-        return attends(q, kv, doc[b, q], doc[b, kv], seg[b, q], seg[b, kv], pos[b, q], pos[b, kv], window)
-
     rows, T = batch.input_ids.shape
+    device = batch.document_ids.device
     create = create_block_mask
-    if doc.device.type == "cuda":
+    if device.type == "cuda":
         if _compiled_create_block_mask is None:
             _compiled_create_block_mask = torch.compile(create_block_mask)
         create = _compiled_create_block_mask
-    return create(mask_mod, rows, None, T, T, device=doc.device)
+    return create(batch.mask_mod(window), rows, None, T, T, device=device)
 
 
-def shared_attention_mask(model: nn.Module, batch: SharedPromptBatch, dtype: torch.dtype | None = None):
+def shared_attention_mask(model: nn.Module, batch: SharedLayout, dtype: torch.dtype | None = None):
     """The `attention_mask` argument that makes `model`'s backbone run `batch` with the shared-prompt rule.
 
     Returns a 4D tensor, a FlexAttention `BlockMask`, or (for models mixing full and sliding layers) a dict of them
@@ -164,15 +179,15 @@ def _model_inputs(model, batch, model_kwargs):
     return shared_attention_mask(model, batch)
 
 
-def shared_backbone_hidden_states(model: nn.Module, batch: SharedPromptBatch, **model_kwargs: Any) -> torch.Tensor:
+def shared_backbone_hidden_states(model: nn.Module, batch: SharedLayout, **model_kwargs: Any) -> torch.Tensor:
     """`[rows, T, H]` last hidden states of `batch` (what the lm_head reads; constant logit multipliers folded in,
-    as `integrations.hf.backbone_hidden_states`). Rows of the flattened result are what `batch.token_rows` index.
+    as `backbone.backbone_hidden_states`). Rows of the flattened result are what `batch.token_rows` index.
     `model_kwargs` go to the backbone."""
     mask = _model_inputs(model, batch, model_kwargs)
     return backbone_hidden_states(model, batch.input_ids, mask, **model_kwargs)
 
 
-def shared_logits(model: nn.Module, batch: SharedPromptBatch, *, reference: bool = False,
+def shared_logits(model: nn.Module, batch: SharedLayout, *, reference: bool = False,
                   **model_kwargs: Any) -> torch.Tensor:
     """`[rows, T, V]` logits of `batch` from the model's own forward (the logits path); under no_grad with
     `reference`."""

@@ -1,0 +1,43 @@
+"""Model access: what the fused kernels need from a HuggingFace causal LM, for every feature above.
+
+`unwrap.py`        the HF model inside DDP / `torch.compile` / PEFT wrappers
+`head.py`          the lm_head as `(weight [V, H], bias)`, with constant logit multipliers folded in
+`backbone.py`      the backbone's last hidden states (no `[*, V]` logits), and a check that the split is exact
+`logprobs.py`      per-sequence log-probs of a model (policy, or reference under no_grad) through the fused engine
+`head_forward.py`  a forward mode that runs the fused head inside `model.forward`, under the trainer's wrappers
+`shared_prompt.py` the shared-prompt layout on a model: the architecture allow-list, the 4D / FlexAttention masks,
+                   the backbone and logits of a shared batch
+
+This package is a floor below the features that run models (`shared_prompt`, `integrations`, `trainer`, `bench`):
+it imports the kernels (`fused_linear`) and nothing of those features (docs/design.md, "Layout").
+"""
+from dpo_kernels.hf.backbone import backbone_hidden_states, check_output_head
+from dpo_kernels.hf.head import logit_multiplier, output_head
+from dpo_kernels.hf.logprobs import packed_position_ids, sequence_logprobs
+from dpo_kernels.hf.shared_prompt import (
+    SUPPORTED_ATTENTION,
+    SUPPORTED_MODELS,
+    SharedPromptUnsupported,
+    check_shared_prompt_support,
+    shared_attention_mask,
+    shared_backbone_hidden_states,
+    shared_logits,
+)
+from dpo_kernels.hf.unwrap import unwrap_model
+
+__all__ = [
+    "SUPPORTED_ATTENTION",
+    "SUPPORTED_MODELS",
+    "SharedPromptUnsupported",
+    "backbone_hidden_states",
+    "check_output_head",
+    "check_shared_prompt_support",
+    "logit_multiplier",
+    "output_head",
+    "packed_position_ids",
+    "sequence_logprobs",
+    "shared_attention_mask",
+    "shared_backbone_hidden_states",
+    "shared_logits",
+    "unwrap_model",
+]

@@ -1,0 +1,241 @@
+"""`FusedDPOMixin`: the overrides that route a `trl.DPOTrainer` step through the fused engine.
+
+The step reads TRL's collated batch (`layout`), TRL's loss settings (`loss`) and writes TRL's metrics (`metrics`);
+what it cannot run goes to TRL's own computation (`support`).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from torch.utils.data import DataLoader
+from trl.models import prepare_deepspeed
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+import dpo_kernels
+from dpo_kernels import hf
+from dpo_kernels.fused_linear.functional import head_operands
+from dpo_kernels.fused_linear.plan import parse_memory_budget
+from dpo_kernels.hf.head_forward import install_head_forward
+from dpo_kernels.integrations.token_metrics import token_sums, with_engine_stats
+from dpo_kernels.integrations.trl.layout import NON_MODEL_KEYS, Layout, shared_pairs, split_inputs
+from dpo_kernels.integrations.trl.loss import TrlLossSettings
+from dpo_kernels.integrations.trl.metrics import fp32_sums, log_metrics
+from dpo_kernels.integrations.trl.support import shared_prompt_problem, unsupported_options
+from dpo_kernels.shared_prompt.batch import SharedPromptBatch, build_shared_batch
+
+__all__ = ["FusedDPOMixin"]
+
+
+class FusedDPOMixin:
+    """The overrides that make a `trl.DPOTrainer` (or a subclass of it) use dpo_kernels' fused engine.
+
+    Model calls run under `accelerator.autocast()`: accelerate puts mixed precision into a wrapper around
+    `model.forward`, and a model prepared before the fused forward was installed (TRL prepares the reference model
+    in its __init__) would otherwise run the fused mode outside that wrapper.
+    """
+
+    def _dpo_kernels_setup(self) -> None:
+        if getattr(self, "_dk_ready", False):
+            return
+        options = getattr(self, "_dk_options", {})
+        self._dk_token_metrics = options.get("token_metrics", True)
+        self._dk_memory_budget = parse_memory_budget(options.get("memory_budget"))
+        self._dk_unsupported = unsupported_options(self)
+        share_prompt = options.get("share_prompt", False)
+        self._dk_share_prompt = False
+        self._dk_unshared_reasons = set()
+        if self._dk_unsupported:
+            names = "; ".join(self._dk_unsupported)
+            padding_free = options.get("padding_free", self.args.padding_free)
+            suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if padding_free else ""
+            shared = ", on unshared rows (share_prompt is off)" if share_prompt else ""
+            warnings.warn(
+                f"dpo_kernels: {names} is not supported by the fused engine; this trainer uses TRL's own "
+                f"computation{shared} for every step{suffix}.",
+                stacklevel=3,
+            )
+        else:
+            install_head_forward(hf.unwrap_model(self.model))
+            if self.ref_model is not None:
+                install_head_forward(hf.unwrap_model(self.ref_model))
+            self.padding_free = bool(self.args.padding_free)
+            if share_prompt:
+                problem = shared_prompt_problem(self)
+                if problem is not None:
+                    warnings.warn(f"dpo_kernels: share_prompt=True cannot run here ({problem}); this trainer runs "
+                                  "every step on unshared rows.", stacklevel=3)
+                self._dk_share_prompt = problem is None
+        self._dk_ready = True
+
+    @property
+    def _dk_padding_free(self) -> bool:
+        return bool(self.args.padding_free)
+
+    def _dk_shared_batch(self, inputs) -> SharedPromptBatch | None:
+        """The shared-prompt layout of one collated batch, or None for unshared rows (share_prompt off, or a batch
+        that cannot share: warned once per reason)."""
+        if not self._dk_share_prompt:
+            return None
+        extra = sorted(set(inputs) - NON_MODEL_KEYS - {"input_ids", "attention_mask"})
+        if extra:
+            reason = f"the batch carries {extra}, which have no place in the shared-prompt rows"
+        else:
+            pairs = shared_pairs(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            if not isinstance(pairs, str):
+                return build_shared_batch(pairs, pad_id=self._dk_pad_id(), pack=self._dk_padding_free,
+                                          device=inputs["input_ids"].device)
+            reason = pairs
+        if reason not in self._dk_unshared_reasons:
+            self._dk_unshared_reasons.add(reason)
+            warnings.warn(f"dpo_kernels: share_prompt: {reason}; such batches run on unshared rows (warned once).",
+                          stacklevel=4)
+        return None
+
+    def _dk_pad_id(self) -> int:
+        # Padding is never attended to by real tokens nor scored; TRL's pad token keeps the ids in the vocabulary.
+        pad = getattr(getattr(self, "_tokenizer", None), "pad_token_id", None)
+        return 0 if pad is None else pad
+
+    # -- reference log-probs -------------------------------------------------------------------------------------
+
+    def _dk_logps(self, model, layout: Layout) -> torch.Tensor:
+        def head_fn(hidden, weight, bias):
+            return dpo_kernels.linear_sequence_logprobs(layout.flat_hidden(hidden), weight, layout.labels, bias=bias,
+                                                        cu_seqlens=layout.cu_seqlens,
+                                                        memory_budget=self._dk_memory_budget)
+
+        with self.accelerator.autocast():
+            return model(**layout.model_inputs(model), dpo_kernels_head_fn=head_fn)
+
+    def _dk_reference_logps(self, layout: Layout):
+        ref_kwargs = {k: v for k, v in layout.model_kwargs.items() if k != "output_router_logits"}
+        layout.model_kwargs = ref_kwargs
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                adapter = "ref" if "ref" in unwrapped.peft_config else None
+                with use_adapter(unwrapped, adapter_name=adapter):
+                    logps = self._dk_logps(self.model, layout)
+            else:
+                logps = self._dk_logps(self.ref_model, layout)
+        return logps.chunk(2, dim=0)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's precompute hook, through the fused engine (same values, no logits)."""
+        self._dpo_kernels_setup()
+        if self._dk_unsupported:
+            return super().compute_ref_log_probs(model, inputs)
+        model_kwargs, labels = split_inputs(inputs)
+        layout = Layout(model_kwargs, labels, self._dk_padding_free, self._dk_shared_batch(inputs))
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = "ref" if "ref" in unwrapped.peft_config else None
+            adapter_context = use_adapter(unwrapped, adapter_name=adapter)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            logps = self._dk_logps(model, layout)
+        return logps.chunk(2, dim=0)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """TRL's precompute, across processes: each process scores its share of the batches (accelerate's sharded
+        loader), one gather per batch gives every process all the log-probs in the dataset's order, and each process
+        adds them to `dataset` as two float32 columns in memory.
+
+        TRL 1.16 has the main process write them to a cache file that every process then reads; for a dataset held
+        in memory, `datasets` names that file in a temporary directory private to each process, so the others fail
+        to open it. One process keeps TRL's path, and its cache file.
+        """
+        if self.accelerator.num_processes == 1 or isinstance(dataset, IterableDataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        ))
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # The model is not prepared yet: ZeRO keeps its parameters on the CPU or sharded (as in TRL).
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in loader:
+            # gather_for_metrics drops the rows that even_batches repeats to fill the last processes' batches.
+            logps = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(logps[0].float().cpu())
+            rejected.append(logps[1].float().cpu())
+        columns = Dataset.from_dict({"ref_chosen_logps": torch.cat(chosen).numpy(),
+                                     "ref_rejected_logps": torch.cat(rejected).numpy()})
+        return concatenate_datasets([dataset, columns], axis=1)
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        self._dpo_kernels_setup()
+        if self._dk_unsupported:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        model_kwargs, labels = split_inputs(inputs)
+        rows = labels.shape[0]
+        shared = self._dk_shared_batch(inputs)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self._dk_reference_logps(Layout(dict(model_kwargs), labels,
+                                                                       self._dk_padding_free, shared))
+        layout = Layout(model_kwargs, labels, self._dk_padding_free, shared)
+
+        settings = TrlLossSettings.of(self)
+        fused = settings.fused_loss(completion_mask, memory_budget=self._dk_memory_budget,
+                                    token_stats=self._dk_token_metrics)
+
+        def head_fn(hidden, weight, bias):
+            # Cast once to the dtype the engine computes in (the autocast dtype inside autocast): the token metrics
+            # below read the same operands, and the engine takes them as they are.
+            flat, weight, bias = head_operands(layout.flat_hidden(hidden), weight, bias)
+            if fused is not None:
+                result = fused(flat, weight, layout.labels, bias=bias, cu_seqlens=layout.cu_seqlens,
+                               ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+            else:
+                result = dpo_kernels.linear_sequence_logprobs(flat, weight, layout.labels, bias=bias,
+                                                              cu_seqlens=layout.cu_seqlens,
+                                                              memory_budget=self._dk_memory_budget)
+            # The fused engine already returned entropy and top-1 sums; only the other path needs the extra pass.
+            scored, next_labels, row = layout.scored(flat)
+            with fp32_sums(flat):
+                sums = token_sums(scored, weight, bias, next_labels, row, rows // 2,
+                                  full=self._dk_token_metrics and fused is None)
+            if fused is not None and self._dk_token_metrics:
+                sums = with_engine_stats(sums, result)
+            return result, sums
+
+        with self.accelerator.autocast():
+            result, sums = model(**layout.model_inputs(model), dpo_kernels_head_fn=head_fn)
+        if fused is not None:
+            out, policy_logps = result, torch.cat([result.chosen_logps, result.rejected_logps])
+        else:
+            policy_logps = result
+            out = settings.loss(policy_logps, ref_chosen, ref_rejected, completion_mask)
+        log_metrics(self, mode, inputs, policy_logps, out, sums)
+        loss = out.loss
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` recomputes the logits with an extra forward pass (as TRL does).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss

@@ -1,0 +1,73 @@
+"""The two ways in: `FusedDPOTrainer`, a `trl.DPOTrainer` built fused, and `patch_dpo_trainer`, which turns a built
+one fused in place."""
+from __future__ import annotations
+
+from trl import DPOTrainer
+
+from dpo_kernels.fused_linear.plan import parse_memory_budget
+from dpo_kernels.integrations.trl.mixin import FusedDPOMixin
+
+__all__ = ["FusedDPOTrainer", "patch_dpo_trainer"]
+
+
+class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
+    """`trl.DPOTrainer` with the fused linear log-prob engine and the fused DPO loss; same arguments, plus:
+
+    Args:
+        token_metrics: log `entropy` and `mean_token_accuracy` as TRL does, from the fused engine's pass over
+            the logits (no extra GEMM; the rare steps that cannot use the fused loss, an ipo/sigmoid_norm batch
+            whose completion starts at position 0, take one extra no-grad pass); False does not log them.
+        memory_budget: the fused engine's `[C, V]` logits buffer in bytes, or "low" for the recompute path
+            (`dpo_kernels.FusedLinearDPOLoss`); None is its default (2 GiB, C <= 8192 tokens).
+        share_prompt: run each pair's prompt through the policy and the reference once, in one
+            `[prompt | chosen | rejected]` row (`dpo_kernels.shared_prompt`; with `padding_free`, several pairs per
+            row), for the same numbers. A model outside `shared_prompt.SUPPORTED_MODELS` or not on eager, SDPA or
+            FlexAttention runs unshared rows, with one warning; so does a batch whose pairs kept different prompt
+            tokens in their two rows (`truncation_mode="keep_end"`).
+    """
+
+    def __init__(self, *args, token_metrics: bool = True, memory_budget: int | str | None = None,
+                 share_prompt: bool = False, **kwargs):
+        parse_memory_budget(memory_budget)  # a bad value fails here, before TRL's setup
+        _check_share_prompt(share_prompt)
+        config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        # TRL 1.16 switches padding_free off with a warning during its __init__; this trainer implements it, so keep
+        # the flag out of TRL's sight and restore it once TRL is set up.
+        padding_free = bool(getattr(config, "padding_free", False))
+        self._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget,
+                            "padding_free": padding_free, "share_prompt": share_prompt}
+        if padding_free:
+            config.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if padding_free:
+                config.padding_free = True
+        self._dpo_kernels_setup()
+        self.padding_free = padding_free and not self._dk_unsupported
+
+
+def _check_share_prompt(share_prompt) -> None:
+    if not isinstance(share_prompt, bool):
+        raise ValueError(f"share_prompt must be True or False, got {share_prompt!r}")
+
+
+def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True,
+                      memory_budget: int | str | None = None, share_prompt: bool = False) -> DPOTrainer:
+    """Turns an already-built `trl.DPOTrainer` (or subclass) into a fused one, in place; returns it. The options
+    are `FusedDPOTrainer`'s.
+
+    Reference log-probs that TRL already precomputed are kept (they are the same numbers).
+    """
+    if not isinstance(trainer, DPOTrainer):
+        raise ValueError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
+    parse_memory_budget(memory_budget)
+    _check_share_prompt(share_prompt)
+    if not isinstance(trainer, FusedDPOMixin):
+        cls = type(trainer)
+        trainer.__class__ = type(f"Fused{cls.__name__}", (FusedDPOMixin, cls), {})
+    trainer._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget,
+                           "share_prompt": share_prompt}
+    trainer._dk_ready = False
+    trainer._dpo_kernels_setup()
+    return trainer
