@@ -10,8 +10,10 @@ import subprocess
 import numpy as np
 import torch
 
+from dpo_kernels.bench import peers
+
 GIB = float(1 << 30)
-_PACKAGES = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "dpo_kernels")
+_PACKAGES = ("torch", "triton", "transformers", *peers.PACKAGES, "dpo_kernels")
 
 
 def device_name(device: torch.device) -> str:
