@@ -32,19 +32,17 @@ bench: install
 gpu-check: install
 	bash benchmarks/gpu_check.sh
 
-# The wheels that benchmarks/gpu_check.sh installs on the GPU machine, which reaches no registry: the packages its
-# TRL, Liger and CCE rows need that the GPU image (Python 3.12 with torch 2.11, Triton 3.6, transformers 5.17,
-# accelerate, pandas, xxhash, fsspec, huggingface-hub, psutil, jinja2, pyyaml, tqdm) lacks. Pinned, and without their
-# needs (--no-deps), so that the set stays one version of each and small: the working tree that travels to the
-# machine, these wheels included, is limited to 64 MiB. datasets 5.2 needs pyarrow>=24, and the image's pyarrow is
-# not known to be that new; pyarrow 24 is the smallest that does (26 alone would take the set over the limit).
-GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==24.0.0 \
-	liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+# The wheels that benchmarks/gpu_check.sh installs on the GPU machine, which reaches no registry: the peers and what
+# they need beyond the GPU image, pinned in dpo_kernels/bench/peers.py (read as a file: it needs only the standard
+# library). Without their own needs (--no-deps), so that the set stays one version of each and small: the working tree
+# that travels to the machine, these wheels included, is limited to 64 MiB.
+GPU_WHEELS = $(shell $(PYTHON) dpo_kernels/bench/peers.py --wheels)
 GPU_WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64
 GPU_WHEELS_MAX_BYTES := 62914560
 
 gpu-wheels:
+	@test -n "$(GPU_WHEELS)" || { echo "$(PYTHON) dpo_kernels/bench/peers.py --wheels listed no wheels"; exit 1; }
 	@mkdir -p .whl && rm -f .whl/*.whl
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) -d .whl $(GPU_WHEELS)

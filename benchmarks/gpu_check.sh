@@ -132,19 +132,11 @@ fi
 
 # ---- the stages: stage_<name with _ for -> DIR; their exit status is the stage's ----
 
-# Which rows a carried wheel serves, for the log when it does not install.
+# Which rows a carried wheel serves, for the log when it does not install: dpo_kernels/bench/peers.py holds the map,
+# and runs as a file on the standard library alone, so it answers before (or without) a working dpo_kernels.
 needed_by() {
-  local dist
-  dist=$(basename "$1")
-  dist=${dist%%-*}
-  dist=$(tr 'A-Z-' 'a-z_' <<< "$dist")
-  case $dist in
-    trl | datasets | pyarrow | dill | multiprocess | xxhash | pandas)
-      echo "TRL ($dist): the trl rows of bench-linear, memory and bench-logits; trl-step; the TRL test in cuda-tests" ;;
-    liger_kernel) echo "Liger: the liger rows of bench-linear-peers, memory-peers and bench-logits-peers" ;;
-    cut_cross_entropy) echo "CCE: the cce rows of bench-linear-peers and memory-peers" ;;
-    *) echo "whatever imports $dist" ;;
-  esac
+  "$PYTHON" dpo_kernels/bench/peers.py --needed-by "$(basename "$1")" 2> /dev/null \
+    || echo "whatever imports $(basename "$1")"
 }
 
 # pip's answer when it will not install into this interpreter.
@@ -236,9 +228,11 @@ stage_environment() {
     nvidia-smi 2> /dev/null || echo "nvidia-smi: not available"
     if [[ -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/nvcc ]]; then "$CUDA_HOME/bin/nvcc" --version | tail -n 2; fi
     gcc --version 2> /dev/null | head -n 1 || echo "gcc: not available"
-    "$PYTHON" - << 'EOF'
+    # The peers and the wheels they need come from dpo_kernels/bench/peers.py, as arguments.
+    "$PYTHON" - $("$PYTHON" dpo_kernels/bench/peers.py --packages) << 'EOF'
 import importlib.metadata as md
 import os
+import sys
 import sysconfig
 
 import torch
@@ -247,8 +241,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
 print("Python.h", "present" if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else "MISSING")
-for p in ("triton", "numpy", "transformers", "accelerate", "trl", "datasets", "pyarrow", "pandas", "liger-kernel",
-          "cut-cross-entropy", "dpo_kernels"):
+for p in ("triton", "numpy", "transformers", "accelerate", "pandas", *sys.argv[1:], "dpo_kernels"):
     try:
         print(p, md.version(p))
     except md.PackageNotFoundError:

@@ -11,18 +11,16 @@ device, versions and date) to `--output-dir`. Without TRL it writes a "skipped" 
 """
 import argparse
 import copy
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from dpo_kernels.bench import report
 
 
 def parse_args(argv=None):
@@ -148,33 +146,14 @@ def run(provider, args, policy, ref, tokenizer, dataset, device):
     return row
 
 
-def environment(device):
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("torch", "transformers", "trl", "accelerate", "triton", "dpo_kernels"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "versions": versions,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-    }
-
-
 def write(out_dir, record):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "trl_step.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# TRL DPO step, with and without the dpo_kernels drop-in ({record['env']['device']})", ""]
+    lines = [f"# TRL DPO step, with and without the dpo_kernels drop-in ({record['stamp']['device']})", ""]
     if "skipped" in record:
         lines.append(f"skipped: {record['skipped']}")
     else:
         s = record["shape"]
         lines += [f"H={s['hidden']} V={s['vocab']} layers={s['layers']}, {s['pairs']} pairs x "
-                  f"({s['prompt']} prompt + {s['response']} response) tokens, {record['env']['date']}", "",
+                  f"({s['prompt']} prompt + {s['response']} response) tokens", "",
                   "| provider | median ms/step | min ms | peak GiB | first loss |", "|---|---|---|---|---|"]
         for r in record["rows"]:
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
@@ -182,8 +161,8 @@ def write(out_dir, record):
                          f"| {r['min_ms']:.1f} | {peak} | {r['first_loss']:.6f} |")
         if record.get("speedup") is not None:
             lines += ["", f"speedup (TRL / drop-in): {record['speedup']:.2f}x"]
-    lines.append(f"\nversions: {record['env']['versions']}")
-    (out_dir / "trl_step.md").write_text("\n".join(lines) + "\n")
+    lines += ["", f"Device and versions: {report.stamp_line(record['stamp'])}"]
+    report.write_report(out_dir, "trl_step", record, lines)
     print("\n".join(lines))
 
 
@@ -192,8 +171,8 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    out_dir = Path(args.output_dir)
-    record = {"env": environment(device), "shape": {k: getattr(args, k) for k in (
+    out_dir = args.output_dir
+    record = {"stamp": report.stamp(torch.device(device)), "shape": {k: getattr(args, k) for k in (
         "hidden", "vocab", "layers", "pairs", "prompt", "response", "warmup", "steps")}}
     try:
         import trl  # noqa: F401

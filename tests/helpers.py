@@ -70,6 +70,13 @@ def assert_within_rule(out, truth, baseline, *, atol: float, factor: float = 2.0
         )
 
 
+# --- The DPO loss op.
+
+# A label smoothing inside every range of the table, for each loss that reads it.
+SMOOTHED = {name: {"robust": 0.2, "exo_pair": 1e-3}.get(name, 0.1) for name, info in LOSSES.items()
+            if info.reads_label_smoothing}
+
+
 # --- Fused linear DPO: batches, the eager oracle, the fused call and its check against the truth.
 
 # (dtype, atol) pairs of the accuracy rule.

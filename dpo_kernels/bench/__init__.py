@@ -7,6 +7,9 @@ Modules, one job each:
     timing      median time and peak extra memory of a step; the bandwidth and GEMM floors
     compare     the comparison sweep: provider x size -> time, memory, fraction of the floor, error vs eager
     memory      the memory profiler: peak memory of one DPO step against sequence length
-    report      JSON, Markdown and PNG writers, each stamped with device, versions and date
+    comm        the bytes the fused engine all-reduces across processes
+    shared_prompt  the shared-prompt full training step against unshared rows
+    peers       the peer packages and their pinned versions (standard library only)
+    report      the JSON, Markdown and PNG writer, each stamped with device, versions and date
     cli         the `bench` and `profile-memory` subcommands
 """

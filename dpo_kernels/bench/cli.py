@@ -80,9 +80,9 @@ def run_bench(args) -> int:
         iterations = (args.warmup, args.iters) if args.iters else (2, 7)
         tiny = {"pairs": 1, "response": 8, "shape": shared_prompt.CPU_SHAPE} if args.tiny else {}
         paths = shared_prompt.run(out, device, iterations=iterations, **tiny)
-        with open(paths["md"]) as f:
+        with open(paths["markdown"]) as f:
             print(f.read(), end="")
-        print(f"[bench] shared-prompt: {paths['json']}, {paths['md']}")
+        print(f"[bench] shared-prompt: {paths['json']}, {paths['markdown']}")
     if not ops:
         return 0
     bad = [op for op in ops if op not in OPS]

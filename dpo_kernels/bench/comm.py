@@ -18,7 +18,6 @@ On the CPU the hidden size is cut to CPU_HIDDEN (the chunk exchanges do not depe
 is then reported from its formula at the size's H, beside the bytes measured at the H that ran.
 """
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
@@ -155,9 +154,7 @@ def run(output_dir, device, *, sizes=SIZES, dtype=None, hidden=None) -> dict:
             for budget in BUDGETS:
                 result["rows"].append(measure_vocab_parallel(size, run_hidden, dtype, device, group, budget))
             result["rows"].append(measure_sequence_parallel(size, run_hidden, dtype, device, group))
-    os.makedirs(output_dir, exist_ok=True)
-    return {"json": report.write_json(os.path.join(output_dir, "comm.json"), result),
-            "markdown": report.write_markdown(os.path.join(output_dir, "comm.md"), markdown_lines(result))}
+    return report.write_report(output_dir, "comm", result, markdown_lines(result))
 
 
 def _bytes(n) -> str:

@@ -6,7 +6,6 @@ The floors: for the logits path the bandwidth floor (3 bytes-per-element passes 
 rate), for the fused linear path the 6NHV floor (the three chunked GEMMs over the valid tokens, measured here). The
 DPO loss alone is launch-bound and has no floor.
 """
-import os
 from dataclasses import dataclass
 
 import torch
@@ -278,15 +277,7 @@ def plot(result: dict, path: str) -> str:
 
 def write_op(result: dict, output_dir: str, png: bool = True) -> dict:
     """Writes `<op>.json`, `<op>.md` and (unless `png` is False) `<op>.png` into `output_dir`; returns the paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    op = result["op"]
-    paths = {
-        "json": report.write_json(os.path.join(output_dir, f"{op}.json"), result),
-        "markdown": report.write_markdown(os.path.join(output_dir, f"{op}.md"), markdown_lines(result)),
-    }
-    if png:
-        paths["png"] = plot(result, os.path.join(output_dir, f"{op}.png"))
-    return paths
+    return report.write_report(output_dir, result["op"], result, markdown_lines(result), plot if png else None)
 
 
 def run_sweep(ops, output_dir, *, sizes=None, provider_names=None, dtype=None, device=None,

@@ -396,14 +396,7 @@ def figure(result: dict):
 
 def write(result: dict, output_dir: str, png: bool = True, name: str = "memory") -> dict:
     """Writes <name>.json, <name>.md and (unless `png` is False) <name>.png into `output_dir`; returns the paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {
-        "json": report.write_json(os.path.join(output_dir, f"{name}.json"), result),
-        "markdown": report.write_markdown(os.path.join(output_dir, f"{name}.md"), markdown_lines(result)),
-    }
-    if png:
-        paths["png"] = plot(result, os.path.join(output_dir, f"{name}.png"))
-    return paths
+    return report.write_report(output_dir, name, result, markdown_lines(result), plot if png else None)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Writers of the benchmark outputs: JSON, a Markdown table and a PNG, each stamped with device, versions and date."""
+"""Writers of the benchmark outputs: JSON, a Markdown table and a PNG, each stamped with device, versions and date.
+`write_report` writes the three of one result."""
 import datetime
 import importlib.metadata
 import json
@@ -10,8 +11,10 @@ import subprocess
 import numpy as np
 import torch
 
+from dpo_kernels.bench import peers
+
 GIB = float(1 << 30)
-_PACKAGES = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "dpo_kernels")
+_PACKAGES = ("torch", "triton", "transformers", *peers.PACKAGES, "dpo_kernels")
 
 
 def device_name(device: torch.device) -> str:
@@ -54,6 +57,17 @@ def stamp_line(s: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v)
     commit = f", commit {s['git_commit']}" if s.get("git_commit") else ""
     return f"{s['device']}; {versions}; CUDA {s['cuda']}{commit}; {s['date']}"
+
+
+def write_report(output_dir: str, name: str, result: dict, markdown_lines: list, plot=None) -> dict:
+    """Writes `<name>.json` (`result`), `<name>.md` (`markdown_lines`) and, when `plot` is given, `<name>.png`
+    (`plot(result, path)`) into `output_dir`, made if missing; returns the paths: {"json", "markdown"[, "png"]}."""
+    os.makedirs(output_dir, exist_ok=True)
+    base = os.path.join(output_dir, name)
+    paths = {"json": write_json(f"{base}.json", result), "markdown": write_markdown(f"{base}.md", markdown_lines)}
+    if plot is not None:
+        paths["png"] = plot(result, f"{base}.png")
+    return paths
 
 
 def write_json(path: str, payload: dict) -> str:

@@ -13,7 +13,6 @@ CUDA: a Llama-3.2-1B-shaped config in bf16 autocast, with SDPA and with FlexAtte
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -168,9 +167,7 @@ def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, 
         release_memory(device)
     stamp = report.stamp(device)
     payload = {"stamp": stamp, "model": shape.__dict__, "dtype": dtype, "autocast": autocast_dtype, "rows": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    return {"json": report.write_json(os.path.join(out_dir, "shared_prompt.json"), payload),
-            "md": report.write_markdown(os.path.join(out_dir, "shared_prompt.md"), markdown_lines(payload))}
+    return report.write_report(out_dir, "shared_prompt", payload, markdown_lines(payload))
 
 
 def _mib(value) -> str:

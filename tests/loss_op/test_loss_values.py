@@ -9,11 +9,7 @@ import dpo_kernels
 from dpo_kernels import reference
 from dpo_kernels.loss_op.loss_types import LOSSES
 from dpo_kernels.loss_op.op import LOSS_TYPES, dpo_loss_and_grads, loss_traits
-from tests.helpers import assert_within_rule
-
-# A label smoothing inside every range of the table, for each loss that reads it.
-SMOOTHED = {name: {"robust": 0.2, "exo_pair": 1e-3}.get(name, 0.1) for name, info in LOSSES.items()
-            if info.reads_label_smoothing}
+from tests.helpers import SMOOTHED, assert_within_rule
 
 
 def make_inputs(batch, *, dtype=torch.float32, spread=2.0, with_ref=True, generator_seed=0):

@@ -10,14 +10,10 @@ import torch
 
 import dpo_kernels
 from dpo_kernels import reference
-from dpo_kernels.loss_op.loss_types import LOSSES
 from dpo_kernels.loss_op.op import LOSS_TYPES
-from tests.helpers import DEVICES, REPO_ROOT
+from tests.helpers import DEVICES, REPO_ROOT, SMOOTHED
 
 ROOT = str(REPO_ROOT)
-# A label smoothing inside every range of the table, for each loss that reads it.
-SMOOTHED = {name: {"robust": 0.2, "exo_pair": 1e-3}.get(name, 0.1) for name, info in LOSSES.items()
-            if info.reads_label_smoothing}
 # The op's integer code of each loss type (its index in the table).
 CODE = {name: code for code, name in enumerate(LOSS_TYPES)}
 

@@ -19,4 +19,4 @@ def test_rows_hold_both_layouts_and_the_ideal_ratio(tmp_path):
         assert r["ideal_ratio"] == 2 * (P + R) / (P + 2 * R)
         assert r["unshared_ms"] > 0 and r["shared_ms"] > 0
         assert 0 < r["shared_saved_bytes"] < r["unshared_saved_bytes"]
-    assert "| sdpa | 4:1 | 16 | 4 | 2 |" in open(paths["md"]).read()
+    assert "| sdpa | 4:1 | 16 | 4 | 2 |" in open(paths["markdown"]).read()

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh on the CPU: its stage caps against its budget, its toolkit resolution, its install stage
 (build first, then the wheels; a wheel that fails costs only its rows; PEP 668) with a stand-in interpreter, and a
-short --cpu-smoke run. Makefile's gpu-wheels list against the script's map of who needs which wheel."""
+short --cpu-smoke run. Makefile's gpu-wheels list and the script's map of who needs which wheel against the peers
+table (dpo_kernels/bench/peers.py)."""
 import os
 import re
 import subprocess
@@ -10,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from dpo_kernels.bench import peers
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -152,17 +155,27 @@ def test_install_under_pep_668_builds_in_place_and_installs_the_wheels_into_a_fo
     assert "liger_kernel-0.8.5-py3-none-any.whl\tfailed" in wheels
 
 
-def test_every_carried_wheel_is_pinned_and_mapped_to_the_rows_that_need_it():
-    makefile = (ROOT / "Makefile").read_text()
-    block = re.search(r"^GPU_WHEELS := (.*?)(?<!\\)\n", makefile, re.MULTILINE | re.DOTALL).group(1)
-    pins = block.replace("\\\n", " ").split()
-    assert all("==" in pin for pin in pins), pins
-    names = [pin.split("==")[0].lower().replace("-", "_") for pin in pins]
-    assert len(set(names)) == len(names)
-    assert {"trl", "datasets", "pyarrow", "liger_kernel", "cut_cross_entropy"} <= set(names)
-    mapped = re.search(r"^needed_by\(\) \{(.*?)^\}", TEXT, re.MULTILINE | re.DOTALL).group(1)
-    for name in names:
-        assert re.search(rf"(^|[\s|]){name}([\s|)])", mapped), name
+def test_the_makefile_downloads_exactly_the_pinned_wheels():
+    out = subprocess.run(["make", "-n", "gpu-wheels", f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    download = re.search(r"-m pip download (.*?)(\n\S|$)", out.replace("\\\n", " "), re.DOTALL).group(1)
+    assert download.split()[-len(peers.wheels()):] == peers.wheels()
+    assert download.split()[-len(peers.wheels()) - 1] == ".whl"
+
+
+def needed_by_in_script(wheel: str) -> str:
+    """The script's own `needed_by`, run from the repository root as the stages run it."""
+    function = re.search(r"^needed_by\(\) \{.*?^\}", TEXT, re.MULTILINE | re.DOTALL).group(0)
+    return subprocess.run(["bash", "-c", f'{function}\nneeded_by "$1"', "bash", f"/wheels/{wheel}"], cwd=ROOT,
+                          env=clean_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=30,
+                          check=True).stdout.strip()
+
+
+def test_the_script_names_the_rows_of_every_pinned_wheel_from_the_peers_table():
+    for pin in peers.wheels():
+        name, version = pin.split("==")
+        wheel = f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+        assert needed_by_in_script(wheel) == peers.needed_by(wheel) != f"whatever imports {name}", wheel
 
 
 def smoke(tmp_path, stages=None, timeout=600):

@@ -8,6 +8,7 @@ import inspect
 
 import torch
 
+from dpo_kernels.bench.peers import BY_PROVIDER
 from dpo_kernels.bench.providers.common import BETA, Provider, compiled, dpo_head, masked_token_sum
 from dpo_kernels.constants import IGNORE_INDEX
 
@@ -80,6 +81,7 @@ def build_cce(inputs, **_):
     return forward
 
 
+TRL, LIGER, CCE = BY_PROVIDER["trl"], BY_PROVIDER["liger"], BY_PROVIDER["cce"]
 PROVIDERS = (
     Provider("dpo_kernels", "dpo_kernels.FusedLinearDPOLoss (default memory budget)", _build_fused(None),
              requires=("dpo_kernels:FusedLinearDPOLoss",)),
@@ -87,11 +89,10 @@ PROVIDERS = (
              _build_fused("low"), requires=("dpo_kernels:FusedLinearDPOLoss",)),
     Provider("eager", "(hidden @ W.T).float() -> log_softmax -> gather, eager PyTorch", build_eager),
     Provider("torch_compile", "the eager step under torch.compile", build_compile),
-    Provider("trl", "TRL 1.16 ChunkedLogProbFunction (DPOTrainer's fused LM head)", build_trl,
-             requires=("trl.kernels.chunked_logprob",), install_hint="pip install trl==1.16.*"),
-    Provider("liger", "Liger-Kernel 0.8.5 LigerFusedLinearDPOLoss", build_liger, requires=("liger_kernel",),
-             devices=("cuda",), install_hint="pip install liger-kernel==0.8.5"),
-    Provider("cce", "Cut Cross-Entropy 25.1 linear_cross_entropy(reduction='none')", build_cce,
-             requires=("cut_cross_entropy",), devices=("cuda",),
-             install_hint="pip install cut-cross-entropy==25.1.*"),
+    Provider(TRL.provider, f"{TRL.title} ChunkedLogProbFunction (DPOTrainer's fused LM head)", build_trl,
+             requires=("trl.kernels.chunked_logprob",), install_hint=TRL.install_hint),
+    Provider(LIGER.provider, f"{LIGER.title} LigerFusedLinearDPOLoss", build_liger, requires=("liger_kernel",),
+             devices=("cuda",), install_hint=LIGER.install_hint),
+    Provider(CCE.provider, f"{CCE.title} linear_cross_entropy(reduction='none')", build_cce,
+             requires=("cut_cross_entropy",), devices=("cuda",), install_hint=CCE.install_hint),
 )

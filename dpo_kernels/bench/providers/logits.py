@@ -4,6 +4,7 @@ Labels follow the HuggingFace convention (position t scores `labels[:, t+1]`); e
 """
 import torch
 
+from dpo_kernels.bench.peers import BY_PROVIDER
 from dpo_kernels.bench.providers.common import BETA, Provider, compiled, dpo_head, masked_token_sum
 
 
@@ -57,15 +58,16 @@ def build_liger(inputs, **_):
     return forward
 
 
+TRL, LIGER, CCE = BY_PROVIDER["trl"], BY_PROVIDER["liger"], BY_PROVIDER["cce"]
 PROVIDERS = (
     Provider("dpo_kernels", "dpo_kernels.sequence_logprobs + dpo_kernels.dpo_loss", build_dpo_kernels,
              requires=("dpo_kernels:sequence_logprobs", "dpo_kernels:dpo_loss")),
     Provider("eager", "log_softmax(logits.float()).gather, eager PyTorch", build_eager),
     Provider("torch_compile", "the eager step under torch.compile", build_compile),
-    Provider("trl", "TRL 1.16 selective_log_softmax (its logits path)", build_trl, requires=("trl",),
-             install_hint="pip install trl==1.16.*"),
-    Provider("liger", "Liger-Kernel LigerCrossEntropyLoss(reduction='none')", build_liger,
-             requires=("liger_kernel",), devices=("cuda",), install_hint="pip install liger-kernel==0.8.5"),
-    Provider("cce", "Cut Cross-Entropy", None,
+    Provider(TRL.provider, f"{TRL.title} selective_log_softmax (its logits path)", build_trl, requires=("trl",),
+             install_hint=TRL.install_hint),
+    Provider(LIGER.provider, f"{LIGER.title} LigerCrossEntropyLoss(reduction='none')", build_liger,
+             requires=("liger_kernel",), devices=("cuda",), install_hint=LIGER.install_hint),
+    Provider(CCE.provider, CCE.title, None,
              not_applicable="CCE takes hidden states and the classifier, not logits"),
 )

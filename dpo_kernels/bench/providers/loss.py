@@ -1,6 +1,7 @@
 """Providers of the DPO loss alone: per-sequence log-probs `[B]` -> loss -> their gradients (launch-bound)."""
 import torch.nn.functional as F
 
+from dpo_kernels.bench.peers import BY_PROVIDER
 from dpo_kernels.bench.providers.common import BETA, Provider, compiled
 
 
@@ -32,13 +33,15 @@ def build_compile(inputs, compile_backend="inductor", **_):
     return lambda: fn(*_args(inputs))[0]
 
 
+TRL, LIGER, CCE = BY_PROVIDER["trl"], BY_PROVIDER["liger"], BY_PROVIDER["cce"]
 PROVIDERS = (
     Provider("dpo_kernels", "dpo_kernels.dpo_loss (one C++/CUDA launch)", build_dpo_kernels,
              requires=("dpo_kernels:dpo_loss",)),
     Provider("eager", "-logsigmoid(beta * margin).mean() + metrics, eager PyTorch", build_eager),
     Provider("torch_compile", "the eager loss under torch.compile", build_compile),
-    Provider("trl", "TRL", None, not_applicable="TRL 1.16 computes the loss inline in DPOTrainer._compute_loss"),
-    Provider("liger", "Liger-Kernel", None,
+    Provider(TRL.provider, TRL.title, None,
+             not_applicable=f"{TRL.title} computes the loss inline in DPOTrainer._compute_loss"),
+    Provider(LIGER.provider, LIGER.title, None,
              not_applicable="Liger's DPO loss exists only fused with the linear layer (see the linear op)"),
-    Provider("cce", "Cut Cross-Entropy", None, not_applicable="CCE has no DPO loss"),
+    Provider(CCE.provider, CCE.title, None, not_applicable="CCE has no DPO loss"),
 )
