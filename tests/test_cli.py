@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from dpo_kernels import cli
+from dpo_kernels.trainer.errors import UserInputError
 from tests.tiny_models import preference_rows, write_jsonl
 
 REQUIRED_FLAGS = ["--model", "--data", "--eval-data", "--output-dir", "--config", "--max-steps", "--epochs",

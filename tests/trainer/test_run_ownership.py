@@ -36,7 +36,8 @@ def test_fresh_start_over_another_runs_checkpoints_is_refused_and_resume_continu
     # A fresh run B over A's checkpoints: one line, exit 2, naming the directory and both ways on.
     argv = ["train", "--model", tiny["model"], "--data", tiny["data"], "--output-dir", str(out), "--batch-size", "2",
             "--max-steps", "4", "--save-every", "1", "--max-length", "32", "--max-prompt-length", "24",
-            "--lr", "5e-3", "--warmup-ratio", "0", "--seed", "2", "--no-progress", "--no-plot", "--stop-after-steps", "2"]
+            "--lr", "5e-3", "--warmup-ratio", "0", "--seed", "2", "--no-progress", "--no-plot",
+            "--stop-after-steps", "2"]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "--resume" in err and "--overwrite-output-dir" in err, err
