@@ -372,12 +372,13 @@ def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weigh
 
 
 def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings):
-    """The rank's own checks of a fused DPO call, then its scored positions (`scored_positions`).
+    """The rank's own checks of a fused DPO call, and its scored positions (`scored_positions`).
     `ref`: `(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)`."""
     loss_type, beta, label_smoothing, loss_params = loss_settings
     check_loss_settings(loss_type, beta=beta, label_smoothing=label_smoothing, loss_params=loss_params)
-    num_seqs = _check_labels(hidden, labels, cu_seqlens, ignore_index)
+    positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
     _check_head(hidden, weight, bias)
+    num_seqs = positions.num_seqs
     if num_seqs == 0 or num_seqs % 2:
         raise ValueError(f"the batch needs an even, non-zero number of sequences (B chosen then B rejected), got "
                          f"{num_seqs}")
@@ -391,7 +392,6 @@ def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, r
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
                              f"{tuple(hidden.shape[:-1])}")
         _check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
-    positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
     return _DPOInputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, positions)
 
 
