@@ -32,8 +32,9 @@ VOCAB_FIELDS = tuple(f for f in FIELDS if f not in ("head rows", "vocabulary"))
 SEQUENCE_FIELDS = ("inputs refused", "hidden dimensions", "hidden size", "hidden dtype", "sequences", "head rows",
                    "head columns", "head dtype", "vocabulary", "bias", "settings", "reference hidden states")
 
-# Positions weigh each value by a weight in [1, _MODULUS]; values enter as four 16-bit limbs, so every product is
-# below 2**32 and a block of _BLOCK values sums below 2**55: exact int64 arithmetic, whatever the order of the sum.
+# Each value enters as its 16-bit limbs, the k-th times 2k + 1 (below 2**20 for four limbs), times a position
+# weight in [1, _MODULUS]: every product is below 2**36 and a block of _BLOCK values sums below 2**56, exact int64
+# arithmetic whatever the order of the sum. A 16-bit dtype has one limb: about ten elementwise operations a value.
 _MODULUS = 65521
 _BLOCK = 1 << 20
 _PRIME = (1 << 61) - 1
@@ -42,21 +43,21 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def checksum(t: torch.Tensor) -> torch.Tensor:
     """0-dim int64 on t's device: a position-weighted sum of the bits of t's values, modulo a prime. Integer
-    arithmetic makes it the same bits for the same values on any device and any reduction order; a value moved,
-    changed or shifted to another position changes it (up to a chance collision). No host read."""
+    arithmetic makes it the same bits for the same values on any device and in any reduction order; a value
+    changed (by one ulp), or values moved to other positions, change it (up to a chance collision). No host read."""
     t = t.detach()
+    limbs = max(1, t.element_size() // 2)
     if t.is_floating_point():
         t = t.view(_INT_VIEW[t.element_size()])
     flat = t.reshape(-1)
     total = torch.zeros((), dtype=torch.int64, device=t.device)
     for start in range(0, flat.numel(), _BLOCK):
         block = flat[start : start + _BLOCK].long()
-        position = torch.arange(start, start + block.numel(), dtype=torch.int64, device=t.device)
-        part = torch.zeros((), dtype=torch.int64, device=t.device)
-        for limb in range(4):
-            weight = (position * (2 * limb + 3) + limb) % _MODULUS + 1
-            part = part + (((block >> (16 * limb)) & 0xFFFF) * weight).sum()
-        total = (total + part) % _PRIME
+        weight = torch.arange(start, start + block.numel(), dtype=torch.int64, device=t.device) % _MODULUS + 1
+        mixed = block & 0xFFFF
+        for limb in range(1, limbs):
+            mixed += ((block >> (16 * limb)) & 0xFFFF) * (2 * limb + 1)
+        total = (total + (mixed * weight).sum()) % _PRIME
     return total
 
 
