@@ -9,6 +9,7 @@ from torch import nn
 
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import fused_linear_dpo
+from dpo_kernels.fused_linear.parallel import options_of
 from dpo_kernels.fused_linear.plan import scored_counts
 from dpo_kernels.logprobs.from_logits import sequence_logprobs
 from dpo_kernels.loss_op.op import dpo_loss
@@ -73,16 +74,16 @@ class FusedLinearDPOLoss(nn.Module):
     (a 512 MiB buffer and recompute in the backward: least memory, 8NHV).
     token_stats: also return the policy's per-sequence entropy sums and top-1 counts (`DPOOutput` fields
     `chosen_entropy_sum` ... `rejected_top1_count`), taken from the pass that reads the logits anyway.
-    vocab_parallel_group, sequence_parallel_group: torch.distributed process groups over which the head's vocabulary
-    rows or the sequences' positions are split (see `fused_linear_dpo`); a DTensor weight sharded on dim 0 needs no
-    group.
+    parallel_options: a `ParallelOptions`, the process groups over which the head's vocabulary rows or the sequences'
+    positions are split and the ranks' consistency check (see `fused_linear_dpo`); `vocab_parallel_group=` and
+    `sequence_parallel_group=` are shorthands that build one. A DTensor weight sharded on dim 0 needs no group.
     """
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX,
-                 memory_budget=None, shift=True, token_stats=False, vocab_parallel_group=None,
+                 memory_budget=None, shift=True, token_stats=False, parallel_options=None, vocab_parallel_group=None,
                  sequence_parallel_group=None, **loss_params):
         super().__init__()
-        self.vocab_parallel_group, self.sequence_parallel_group = vocab_parallel_group, sequence_parallel_group
+        self.parallel_options = options_of(parallel_options, vocab_parallel_group, sequence_parallel_group)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.average, self.ignore_index, self.memory_budget = average, ignore_index, memory_budget
         self.shift, self.token_stats, self.loss_params = shift, token_stats, loss_params
@@ -95,8 +96,7 @@ class FusedLinearDPOLoss(nn.Module):
                                 loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                                 average=self.average, ignore_index=self.ignore_index, shift=self.shift,
                                 memory_budget=self.memory_budget, token_stats=self.token_stats,
-                                vocab_parallel_group=self.vocab_parallel_group,
-                                sequence_parallel_group=self.sequence_parallel_group, **self.loss_params)
+                                parallel_options=self.parallel_options, **self.loss_params)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, average={self.average}, "

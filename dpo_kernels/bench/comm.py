@@ -13,6 +13,9 @@ traffic of one rank of P by taking that rank's inputs:
   sequence parallel    the last rank's slice of `T / P` positions of every row (`shift=False`); per step the scored-
                        token counts `[2B]` int64 and the partial log-probs `[2B]` fp32: O(B), no per-chunk exchange.
 
+Both run as production runs do, with the ranks' consistency check off (`ParallelOptions(check_ranks=False)`); on,
+it adds one all-gather of `rank_check.SUMMARY_BYTES` per rank and group per call, which under vocabulary
+parallelism replaces the shard sizes' one.
 The bytes are those handed to the collective; a ring all-reduce sends and receives about 2(P-1)/P of them per rank.
 On the CPU the hidden size is cut to CPU_HIDDEN (the chunk exchanges do not depend on H); the hidden-state gradient
 is then reported from its formula at the size's H, beside the bytes measured at the H that ran.
@@ -27,6 +30,7 @@ from dpo_kernels.bench import report
 from dpo_kernels.bench.compare import GPU_SIZES, Size
 from dpo_kernels.fused_linear import parallel
 from dpo_kernels.fused_linear.functional import fused_linear_dpo
+from dpo_kernels.fused_linear.parallel import ParallelOptions
 
 DEGREE = 8           # P: the tensor- (vocabulary) and context- (sequence) parallel degree whose rank is measured
 CPU_HIDDEN = 16
@@ -92,8 +96,8 @@ def measure_vocab_parallel(size: Size, hidden: int, dtype, device, group, memory
     shard = -(-size.vocab // DEGREE)
     inputs = bench_inputs.make_linear_inputs(size.pairs, size.seq_len, hidden, shard, dtype=dtype, device=device)
     with counted_collectives() as calls:
-        forward, backward = _step(calls, inputs, inputs.labels, vocab_parallel_group=group,
-                                  memory_budget=memory_budget)
+        forward, backward = _step(calls, inputs, inputs.labels, memory_budget=memory_budget,
+                                  parallel_options=ParallelOptions(vocab_group=group, check_ranks=False))
     # A chunk pass starts with the MAX of its [C] maxima; the hidden-state gradient is the backward's [2B, T, H].
     grad = [c for c in backward if len(c[2]) == 3]
     per_chunk = [c for c in forward + backward if c[0] == "all_reduce" and len(c[2]) < 3]
@@ -131,7 +135,8 @@ def measure_sequence_parallel(size: Size, hidden: int, dtype, device, group) -> 
     hidden_slice = inputs.hidden.detach()[:, -local:].clone().requires_grad_()
     sliced = type(inputs)(hidden_slice, inputs.weight, inputs.labels[:, -local:], inputs.targets[:, -local:])
     with counted_collectives() as calls:
-        forward, backward = _step(calls, sliced, sliced.targets, shift=False, sequence_parallel_group=group)
+        forward, backward = _step(calls, sliced, sliced.targets, shift=False,
+                                  parallel_options=ParallelOptions(sequence_group=group, check_ranks=False))
     bound = sequence_parallel_bytes_per_step(2 * size.pairs)
     total = sum(c[3] for c in forward + backward)
     return {"mode": "sequence", "size": size.label, "pairs": size.pairs, "seq_len": size.seq_len,

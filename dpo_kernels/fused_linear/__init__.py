@@ -2,8 +2,10 @@
 
 `functional` (autograd Functions and the public API) -> `plan` (which tokens, which chunks, which mode) ->
 `engine` (the chunk loops that execute a plan) -> `logsoftmax_pass` (the Triton pass over one `[C, V]` chunk) and
-`fp32_gemm` (fp32-result GEMMs); `memory_model` counts the bytes of the same plan.
+`fp32_gemm` (fp32-result GEMMs); `memory_model` counts the bytes of the same plan. Across processes, `parallel`
+(`ParallelOptions`) and `rank_check` (the ranks' consistency check).
 """
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+from dpo_kernels.fused_linear.parallel import ParallelOptions
 
-__all__ = ["fused_linear_dpo", "linear_sequence_logprobs"]
+__all__ = ["ParallelOptions", "fused_linear_dpo", "linear_sequence_logprobs"]

@@ -24,27 +24,29 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
-from dpo_kernels.fused_linear import engine, parallel
+from dpo_kernels.fused_linear import engine
+from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions, options_of
 from dpo_kernels.fused_linear.plan import (
+    ScoredPositions,
     StepPlan,
     TokenAttribution,
     TokenLayout,
-    attributed_tokens,
     chunk_tokens,
-    compact_tokens,
     plan_dpo_step,
     plan_logps,
+    positions_of_attribution,
+    positions_of_labels,
 )
+from dpo_kernels.fused_linear.rank_check import Summary
 from dpo_kernels.loss_op.loss_types import is_tied
 from dpo_kernels.loss_op.op import dpo_loss_and_grads
-from dpo_kernels.loss_op.spec import check_reference_logps, validate_spec
+from dpo_kernels.loss_op.spec import check_loss_settings, check_reference_logps
 from dpo_kernels.outputs import DPOOutput
 from dpo_kernels.validation import (
     check_cu_seqlens,
     check_float_dtype,
     check_ignore_index,
     check_integer_dtype,
-    check_labels_in_range,
     check_ndim,
     check_not_meta,
     check_same_device,
@@ -74,26 +76,9 @@ def head_operands(hidden, weight, bias=None):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, prefix="", vocab=None):
-    """Validates one (hidden, weight, bias) triple against labels (a tensor or a `TokenAttribution`); returns R, the
-    number of sequences. `vocab`: the labels' range when `weight` is a shard of the head (default its rows)."""
-    check_ignore_index(ignore_index)
+def _check_head(hidden, weight, bias, prefix=""):
+    """Validates one (hidden, weight, bias) triple whose hidden states passed `_check_labels`."""
     check_ndim(weight, 2, f"{prefix}weight", "[V, H]")
-    attribution = labels if isinstance(labels, TokenAttribution) else None
-    if attribution is not None:
-        labels = _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix)
-    elif cu_seqlens is None:
-        check_ndim(hidden, 3, f"{prefix}hidden", "[R, T, H] (or packed [N, H] with cu_seqlens)")
-        check_ndim(labels, 2, "labels", "[R, T]")
-        if labels.shape != hidden.shape[:2]:
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {prefix}hidden [R, T] = "
-                             f"{tuple(hidden.shape[:2])}")
-    else:
-        check_ndim(hidden, 2, f"{prefix}hidden", "[N, H] when cu_seqlens is given")
-        check_ndim(labels, 1, "labels", "[N] when cu_seqlens is given")
-        if labels.shape[0] != hidden.shape[0]:
-            raise ValueError(f"labels has {labels.shape[0]} tokens but {prefix}hidden has {hidden.shape[0]}")
-    check_integer_dtype(labels, "labels")
     check_float_dtype(hidden, f"{prefix}hidden")
     check_float_dtype(weight, f"{prefix}weight")
     if weight.dtype != hidden.dtype:
@@ -109,24 +94,42 @@ def _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
         if bias.shape[0] != V or bias.dtype != weight.dtype:
             raise ValueError(f"{prefix}bias must be [V] = [{V}] in {weight.dtype}, got {tuple(bias.shape)} "
                              f"{bias.dtype}")
-    check_same_device(**{f"{prefix}hidden": hidden, f"{prefix}weight": weight, "labels": labels,
-                         f"{prefix}bias": bias, "cu_seqlens": cu_seqlens})
+    check_same_device(**{f"{prefix}hidden": hidden, f"{prefix}weight": weight, f"{prefix}bias": bias})
+
+
+def _check_labels(hidden, labels, cu_seqlens, ignore_index):
+    """Validates what the call scores (a label tensor or a `TokenAttribution`) against `hidden`; returns R, the
+    number of sequences."""
+    check_ignore_index(ignore_index)
+    if isinstance(labels, TokenAttribution):
+        _check_attribution(hidden, labels, cu_seqlens, ignore_index)
+        return labels.num_seqs
+    if cu_seqlens is None:
+        check_ndim(hidden, 3, "hidden", "[R, T, H] (or packed [N, H] with cu_seqlens)")
+        check_ndim(labels, 2, "labels", "[R, T]")
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden [R, T] = "
+                             f"{tuple(hidden.shape[:2])}")
+    else:
+        check_ndim(hidden, 2, "hidden", "[N, H] when cu_seqlens is given")
+        check_ndim(labels, 1, "labels", "[N] when cu_seqlens is given")
+        if labels.shape[0] != hidden.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} tokens but hidden has {hidden.shape[0]}")
+    check_integer_dtype(labels, "labels")
+    check_same_device(hidden=hidden, labels=labels, cu_seqlens=cu_seqlens)
+    check_not_meta(labels=labels)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, hidden.shape[0])
-    if attribution is not None:
-        check_labels_in_range(labels, vocab or V, ignore_index)
-        return attribution.num_seqs
-    # A label tensor's range is checked by `compact_tokens`, in the one synchronization that counts its tokens.
-    check_not_meta(labels=labels)
-    return hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        return cu_seqlens.numel() - 1
+    return hidden.shape[0]
 
 
-def _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix):
-    """Shapes and ranges of a `TokenAttribution` against `hidden` `[R, T, H]` or `[rows, H]`; returns its targets."""
+def _check_attribution(hidden, attribution, cu_seqlens, ignore_index):
+    """Shapes and ranges of a `TokenAttribution` against `hidden` `[R, T, H]` or `[rows, H]`."""
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens does not apply with a TokenAttribution, which names each token's row and sequence")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
-        raise ValueError(f"{prefix}hidden must be [R, T, H] or [rows, H] with a TokenAttribution, got shape "
+        raise ValueError(f"hidden must be [R, T, H] or [rows, H] with a TokenAttribution, got shape "
                          f"{tuple(getattr(hidden, 'shape', ()))}")
     rows, targets, seqs, num_seqs = attribution
     for name, t in (("rows", rows), ("targets", targets), ("seqs", seqs)):
@@ -138,7 +141,7 @@ def _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix):
                          f"{targets.numel()}, {seqs.numel()}")
     if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 1:
         raise ValueError(f"attribution.num_seqs must be a positive int, got {num_seqs!r}")
-    check_same_device(**{f"{prefix}hidden": hidden, "attribution.rows": rows, "attribution.targets": targets,
+    check_same_device(**{"hidden": hidden, "attribution.rows": rows, "attribution.targets": targets,
                          "attribution.seqs": seqs})
     hidden_rows = hidden.shape[0] * (hidden.shape[1] if hidden.dim() == 3 else 1)
     if rows.numel():
@@ -148,19 +151,25 @@ def _check_attribution(hidden, attribution, cu_seqlens, ignore_index, prefix):
             (targets == ignore_index).any().long()]).tolist()
         if rows_lo < 0 or rows_hi >= hidden_rows:
             raise ValueError(f"attribution.rows must lie in [0, {hidden_rows}) (the rows of the flattened "
-                             f"{prefix}hidden), got [{rows_lo}, {rows_hi}]")
+                             f"hidden), got [{rows_lo}, {rows_hi}]")
         if seqs_lo < 0 or seqs_hi >= num_seqs:
             raise ValueError(f"attribution.seqs must lie in [0, {num_seqs}), got [{seqs_lo}, {seqs_hi}]")
         if ignored:
             raise ValueError(f"attribution.targets holds ignore_index ({ignore_index}): it lists scored tokens only")
-    return targets
 
 
-def _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs):
-    """The engine's token layout; `vocabs`: the vocabulary sizes every label must fit (checked on the way)."""
+def scored_positions(hidden, labels, cu_seqlens=None, ignore_index=IGNORE_INDEX, shift=True) -> ScoredPositions:
+    """What the call scores, validated against `hidden` and converted once into the one type the engine's
+    preparation takes, whatever the caller started from: padded labels `[R, T]`, packed labels `[N]` with
+    `cu_seqlens`, or a `TokenAttribution`. One host read (two with `cu_seqlens`, whose offsets are checked first)."""
+    num_seqs = _check_labels(hidden, labels, cu_seqlens, ignore_index)
     if isinstance(labels, TokenAttribution):
-        return attributed_tokens(labels, paired)
-    return compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs)
+        return positions_of_attribution(labels, ignore_index)
+    return positions_of_labels(labels, cu_seqlens, num_seqs, ignore_index, shift)
+
+
+def _device_of(hidden):
+    return hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
 
 
 def _flat(hidden):
@@ -192,7 +201,7 @@ class _LogpsRun:
     plan: StepPlan
     num_seqs: int
     average: bool
-    pass_fn: object = None
+    par: HeadParallel = field(compare=False)
 
 
 class LinearSequenceLogprobsFunction(torch.autograd.Function):
@@ -200,7 +209,7 @@ class LinearSequenceLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, run: _LogpsRun):
         ctx.save_for_backward(hidden, weight, bias)
         ctx.run = run
-        loop = engine.ChunkLoop(_flat(hidden), weight, bias, run.layout, run.plan, pass_fn=run.pass_fn)
+        loop = engine.ChunkLoop(_flat(hidden), weight, bias, run.layout, run.plan, pass_fn=run.par.pass_fn)
         return engine.forward_logps(loop, run.num_seqs, run.average)
 
     @staticmethod
@@ -211,15 +220,15 @@ class LinearSequenceLogprobsFunction(torch.autograd.Function):
         grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
         coef = _token_coefficients(grad_out, run.layout, run.average)
         engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
-                                                pass_fn=run.pass_fn), coef)
+                                                pass_fn=run.par.pass_fn), coef)
         grad_w, grad_b = grads.weight_bias(weight.dtype)
         grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
         return grad_h, grad_w, grad_b, None
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=IGNORE_INDEX, shift=True, average=False,
-                             cu_seqlens=None, memory_budget=None, vocab_parallel_group=None,
-                             sequence_parallel_group=None):
+                             cu_seqlens=None, memory_budget=None, parallel_options: ParallelOptions | None = None,
+                             vocab_parallel_group=None, sequence_parallel_group=None):
     """Per-sequence log-probabilities of the labels under `softmax(hidden @ weight.T + bias)`, chunked.
 
     Args:
@@ -236,32 +245,30 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
         average: divide each sum by its number of scored tokens (0 for a sequence with none).
         cu_seqlens: `[R + 1]` int32/int64 offsets of the packed sequences (flash-attention varlen convention).
         memory_budget: bytes for the `[C, V]` logits buffer (default 2 GiB, C <= 8192); see `plan.py`.
-        vocab_parallel_group, sequence_parallel_group: torch.distributed process groups over which the head's
-            vocabulary or the sequences' positions are split, as `fused_linear_dpo`.
+        parallel_options: a `ParallelOptions` (the process groups over which the head's vocabulary or the
+            sequences' positions are split, and the ranks' consistency check), as `fused_linear_dpo`;
+            `vocab_parallel_group=` and `sequence_parallel_group=` are shorthands that build one.
     Returns:
         `[R]` float32, the same on every rank of the groups. Differentiable w.r.t. hidden, weight and bias for any
         upstream gradient; the backward recomputes each chunk's logits.
     """
-    parallel.check_groups(vocab_parallel_group, sequence_parallel_group, shift)
-    weight, bias, vocab_parallel_group = parallel.local_head(weight, bias, vocab_parallel_group)
+    par = HeadParallel(options_of(parallel_options, vocab_parallel_group, sequence_parallel_group), shift)
+    weight, bias = par.local_head(weight, bias)
     hidden, weight, bias = head_operands(hidden, weight, bias)
-    shard = None if vocab_parallel_group is None else parallel.vocab_shard(weight, vocab_parallel_group)
-    num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index,
-                                    vocab=None if shard is None else shard.vocab)
-    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=False,
-                           vocabs=(weight.shape[0] if shard is None else shard.vocab,))
-    if sequence_parallel_group is not None:
-        layout = parallel.global_counts(layout, sequence_parallel_group)
-    plan = plan_logps(layout.rows.numel(), weight.shape[0] if shard is None else shard.largest,
-                      hidden.element_size(), memory_budget)
-    run = _LogpsRun(layout, plan, num_seqs, bool(average),
-                    None if shard is None else parallel.VocabParallelPass(shard))
-    if shard is not None:
-        hidden = parallel.SumGradOver.apply(hidden, shard.group)
-    logps = LinearSequenceLogprobsFunction.apply(hidden, weight, bias, run)
-    if sequence_parallel_group is not None:
-        logps = parallel.SumOver.apply(logps, sequence_parallel_group)
-    return logps
+
+    def prepare():
+        positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
+        _check_head(hidden, weight, bias)
+        return Summary(hidden, weight, bias, positions, settings=0), positions
+
+    settings = ("logps", ignore_index, shift, average, memory_budget)
+    positions = par.agree(prepare, settings, _device_of(hidden))
+    positions.check_vocab(par.vocab(weight))
+    layout = par.global_counts(positions.layout(paired=False))
+    plan = plan_logps(layout.rows.numel(), par.plan_vocab(weight), hidden.element_size(), memory_budget)
+    run = _LogpsRun(layout, plan, positions.num_seqs, bool(average), par)
+    logps = LinearSequenceLogprobsFunction.apply(par.hidden_input(hidden), weight, bias, run)
+    return par.sum_sequences_differentiable(logps)
 
 
 @dataclass(frozen=True)
@@ -272,6 +279,7 @@ class _DPORun:
     (evaluation with parameters that require grad) the forward must not form gradients nobody will ask for.
     `result` receives the forward's non-differentiable results by name (`DPOLossOutput` as `out`, `logps [2B]`,
     and with token stats `entropy [2B]`, `top1 [2B]`); only the loss leaves the Function as its output.
+    `par`: the call's process groups (per-sequence sums are completed over the sequence group).
     """
 
     layout: TokenLayout
@@ -281,10 +289,8 @@ class _DPORun:
     loss_fn: object
     token_stats: bool
     grad_enabled: bool
+    par: HeadParallel = field(compare=False)
     result: dict = field(default_factory=dict, compare=False)
-    pass_fn: object = None
-    # Sequence parallel: the per-sequence sums are partial on each rank and summed over this group.
-    sequence_group: object = None
 
 
 class FusedLinearDPOFunction(torch.autograd.Function):
@@ -292,21 +298,19 @@ class FusedLinearDPOFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, run: _DPORun):
         need_h, need_w, need_b = (need and run.grad_enabled for need in ctx.needs_input_grad[:3])
         hidden2d = _flat(hidden)
-        B = run.num_pairs
+        B, par = run.num_pairs, run.par
         ctx.run, ctx.shape = run, hidden.shape
         stats = engine.TokenStats(run.layout.rows.numel(), hidden.device) if run.token_stats else None
         if run.plan.recompute:
-            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats, pass_fn=run.pass_fn)
-            logps = engine.forward_logps(loop, 2 * B, run.average)
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats, pass_fn=par.pass_fn)
+            logps = par.sum_sequences(engine.forward_logps(loop, 2 * B, run.average))
             del loop
-            if run.sequence_group is not None:
-                logps = parallel.sum_over(logps, run.sequence_group)
             out, grad_c, grad_r = run.loss_fn(logps[:B], logps[B:])
             ctx.save_for_backward(hidden, weight, bias)
             ctx.seq_grad = torch.cat([grad_c, grad_r]).float()
         else:
             grads = _grads_of(hidden2d, weight, need_h, need_w, need_b)
-            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats, pass_fn=run.pass_fn)
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats, pass_fn=par.pass_fn)
             out, logps = engine.fused_dpo(loop, engine.PairLoss(run.layout, B, run.average, run.loss_fn))
             del loop
             # Converted in the backward: the upstream gradient then folds into the one pass that turns the fp32
@@ -315,9 +319,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         run.result.update(out=out, logps=logps)
         if stats is not None:
             entropy, top1 = stats.per_sequence(run.layout, 2 * B)
-            if run.sequence_group is not None:
-                entropy, top1 = (parallel.sum_over(t, run.sequence_group) for t in (entropy, top1))
-            run.result["entropy"], run.result["top1"] = entropy, top1
+            run.result["entropy"], run.result["top1"] = par.sum_sequences(entropy), par.sum_sequences(top1)
         return out.loss.float()
 
     @staticmethod
@@ -329,7 +331,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
             grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
             coef = _token_coefficients(ctx.seq_grad, run.layout, run.average) * grad_loss.float()
             engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
-                                                    pass_fn=run.pass_fn), coef)
+                                                    pass_fn=run.par.pass_fn), coef)
             grad_w, grad_b = grads.weight_bias(weight.dtype)
             grad_h = None if grads.hidden is None else grads.hidden.view(ctx.shape)
             return grad_h, grad_w, grad_b, None
@@ -343,6 +345,24 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None
 
 
+@dataclass(frozen=True)
+class _DPOInputs:
+    """One fused DPO call's operands after the rank's own checks: the heads in the dtype they compute in (the
+    reference's None without `ref_hidden`) and what the call scores."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    ref_hidden: torch.Tensor | None
+    ref_weight: torch.Tensor | None
+    ref_bias: torch.Tensor | None
+    positions: ScoredPositions
+
+    @property
+    def num_pairs(self) -> int:
+        return self.positions.num_seqs // 2
+
+
 def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_pairs, hidden):
     if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight / ref_bias were given without ref_hidden")
@@ -351,11 +371,46 @@ def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weigh
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs, hidden.device, "hidden")
 
 
+def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings):
+    """The rank's own checks of a fused DPO call, and its scored positions (`scored_positions`).
+    `ref`: `(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)`."""
+    loss_type, beta, label_smoothing, loss_params = loss_settings
+    check_loss_settings(loss_type, beta=beta, label_smoothing=label_smoothing, loss_params=loss_params)
+    positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
+    _check_head(hidden, weight, bias)
+    num_seqs = positions.num_seqs
+    if num_seqs == 0 or num_seqs % 2:
+        raise ValueError(f"the batch needs an even, non-zero number of sequences (B chosen then B rejected), got "
+                         f"{num_seqs}")
+    ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias = ref
+    _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_seqs // 2, hidden)
+    if ref_hidden is not None:
+        ref_hidden, ref_weight, ref_bias = head_operands(ref_hidden, *((weight, bias) if ref_weight is None
+                                                                       else (ref_weight, ref_bias)))
+        check_ndim(ref_hidden, hidden.dim(), "ref_hidden", "the layout of hidden")
+        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
+                             f"{tuple(hidden.shape[:-1])}")
+        _check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    return _DPOInputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, positions)
+
+
+def _dpo_plan(layout, num_pairs, par, inputs, memory_budget, loss_type) -> StepPlan:
+    vocab, itemsize = par.plan_vocab(inputs.weight), inputs.hidden.element_size()
+    if par.recompute:
+        # The rank's own tokens in even chunks: the counts are global, and no pair is whole on one rank.
+        return StepPlan(chunk_tokens(vocab, itemsize, memory_budget), layout.rows.numel(), recompute=True,
+                        tied=is_tied(loss_type))
+    pair_counts = [layout.counts_host[i] + layout.counts_host[num_pairs + i] for i in range(num_pairs)]
+    return plan_dpo_step(pair_counts, vocab, itemsize, memory_budget, loss_type,
+                         weight_grad=_weight_grad_wanted(inputs.weight, inputs.bias))
+
+
 def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                      ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1,
                      loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX, shift=True,
-                     memory_budget=None, token_stats=False, vocab_parallel_group=None, sequence_parallel_group=None,
-                     **loss_params) -> DPOOutput:
+                     memory_budget=None, token_stats=False, parallel_options: ParallelOptions | None = None,
+                     vocab_parallel_group=None, sequence_parallel_group=None, **loss_params) -> DPOOutput:
     """The DPO loss from the policy's last hidden states and lm_head, with its gradients formed in the forward.
 
     Args:
@@ -377,85 +432,78 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         token_stats: also fill the output's `chosen_entropy_sum`, `rejected_entropy_sum`, `chosen_top1_count`,
             `rejected_top1_count` (the policy's per-token entropy and first-argmax hits, summed per sequence), from
             the pass that already reads every logit: no extra GEMM.
-        vocab_parallel_group: a torch.distributed process group over which the head is split by vocabulary rows:
-            `weight` (`bias`, `ref_weight`, `ref_bias`) is this rank's contiguous shard `[V_r, H]`, the ranks in
-            group order holding consecutive rows (shards may differ in size); hidden states and labels (global ids)
-            are the same on every rank. A DTensor weight sharded on dim 0 brings its own group. `hidden.grad` is
-            the full gradient on every rank, `weight.grad` the rank's shard of it.
-        sequence_parallel_group: a process group over which each sequence's positions are split (with
-            `shift=False`, labels aligned to positions): each rank passes its contiguous slice of every row (or
-            its part of a packed batch with its own `cu_seqlens`). `hidden.grad` is exact for the rank's slice,
-            `weight.grad` the rank's partial sum (a data-parallel reduction over the group adds them). Runs the
-            recompute plan: the loss needs every rank's log-probs before any coefficient is known.
+        parallel_options: a `ParallelOptions`: the process groups over which the head or the sequences are split,
+            and the ranks' consistency check (on by default; see `ParallelOptions`).
+            Vocabulary parallel (`vocab_group`): `weight` (`bias`, `ref_weight`, `ref_bias`) is this rank's
+            contiguous shard `[V_r, H]`, the ranks in group order holding consecutive rows (shards may differ in
+            size); hidden states and labels (global ids) are the same on every rank. A DTensor weight sharded on
+            dim 0 brings its own group. `hidden.grad` is the full gradient on every rank, `weight.grad` the rank's
+            shard of it.
+            Sequence parallel (`sequence_group`, with `shift=False`, labels aligned to positions): each rank passes
+            its contiguous slice of every row (or its part of a packed batch with its own `cu_seqlens`).
+            `hidden.grad` is exact for the rank's slice, `weight.grad` the rank's partial sum (a data-parallel
+            reduction over the group adds them). Runs the recompute plan: the loss needs every rank's log-probs
+            before any coefficient is known.
+        vocab_parallel_group, sequence_parallel_group: shorthands for
+            `parallel_options=ParallelOptions(vocab_group, sequence_group)`.
     Returns:
         `DPOOutput`, the same on every rank of the groups; only `loss` is differentiable (w.r.t. hidden, weight,
         bias). Response lengths passed to the loss are the numbers of scored tokens per sequence.
     """
-    parallel.check_groups(vocab_parallel_group, sequence_parallel_group, shift)
-    weight, bias, vocab_parallel_group = parallel.local_head(weight, bias, vocab_parallel_group)
+    par = HeadParallel(options_of(parallel_options, vocab_parallel_group, sequence_parallel_group), shift)
+    weight, bias = par.local_head(weight, bias)
     if ref_weight is not None:
-        ref_weight, ref_bias, _ = parallel.local_head(ref_weight, ref_bias, vocab_parallel_group)
+        ref_weight, ref_bias = par.local_head(ref_weight, ref_bias)
     hidden, weight, bias = head_operands(hidden, weight, bias)
-    shard = None if vocab_parallel_group is None else parallel.vocab_shard(weight, vocab_parallel_group)
-    vocab = None if shard is None else shard.vocab
-    num_seqs = _check_linear_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, vocab=vocab)
-    if num_seqs == 0 or num_seqs % 2:
-        raise ValueError(f"the batch needs an even, non-zero number of sequences (B chosen then B rejected), got "
-                         f"{num_seqs}")
-    B = num_seqs // 2
-    _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, B, hidden)
-    if ref_hidden is not None:
-        ref_hidden, ref_weight, ref_bias = head_operands(ref_hidden, *((weight, bias) if ref_weight is None
-                                                                       else (ref_weight, ref_bias)))
-        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
-            raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
-                             f"{tuple(hidden.shape[:-1])}")
-        _check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, ignore_index, prefix="ref_",
-                             vocab=vocab)
-        if shard is not None and ref_weight.shape[0] != weight.shape[0]:
-            raise ValueError(f"ref_weight must be sharded as weight: {ref_weight.shape[0]} rows on this rank, weight "
-                             f"has {weight.shape[0]}")
-    vocabs = (vocab or weight.shape[0],) + (() if ref_hidden is None else (vocab or ref_weight.shape[0],))
-    layout = _token_layout(labels, cu_seqlens, num_seqs, ignore_index, shift, paired=True, vocabs=vocabs)
-    if sequence_parallel_group is not None:
-        layout = parallel.global_counts(layout, sequence_parallel_group)
+    loss_settings = (loss_type, beta, label_smoothing, loss_params)
+    ref = (ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
+
+    def prepare():
+        inputs = _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings)
+        return Summary(inputs.hidden, inputs.weight, inputs.bias, inputs.positions, 0, inputs.ref_hidden), inputs
+
+    settings = ("dpo", loss_type, beta, label_smoothing, sorted(loss_params.items()), ignore_index, shift, average,
+                memory_budget, token_stats, ref_chosen_logps is not None, _weight_grad_wanted(weight, bias),
+                torch.is_grad_enabled())
+    inputs = par.agree(prepare, settings, _device_of(hidden))
+    return _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_budget, token_stats,
+                    loss_settings)
+
+
+def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_budget, token_stats,
+             loss_settings) -> DPOOutput:
+    """A fused DPO call whose ranks agree: the layout, the plan, the reference log-probs, then the engine."""
+    loss_type, beta, label_smoothing, loss_params = loss_settings
+    B = inputs.num_pairs
+    inputs.positions.check_vocab(par.vocab(inputs.weight))
+    if inputs.ref_hidden is not None:
+        par.check_reference_head(inputs.weight, inputs.ref_weight)
+        inputs.positions.check_vocab(par.vocab(inputs.ref_weight))
+    layout = par.global_counts(inputs.positions.layout(paired=True))
     counts = layout.counts
-    validate_spec(loss_type, beta, label_smoothing, counts[:B], counts[B:], loss_params)
-    plan_vocab = weight.shape[0] if shard is None else shard.largest
-    if sequence_parallel_group is not None:
-        plan = StepPlan(chunk_tokens(plan_vocab, hidden.element_size(), memory_budget), layout.rows.numel(),
-                        recompute=True, tied=is_tied(loss_type))
-    else:
-        pair_counts = [layout.counts_host[i] + layout.counts_host[B + i] for i in range(B)]
-        plan = plan_dpo_step(pair_counts, plan_vocab, hidden.element_size(), memory_budget, loss_type,
-                             weight_grad=_weight_grad_wanted(weight, bias))
-    pass_fn = None if shard is None else parallel.VocabParallelPass(shard)
-    if ref_hidden is not None:
-        ref = _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget,
-                               ref_weight.shape[0] if shard is None else shard.largest, pass_fn)
-        if sequence_parallel_group is not None:
-            ref = parallel.sum_over(ref, sequence_parallel_group)
+    plan = _dpo_plan(layout, B, par, inputs, memory_budget, loss_type)
+    if inputs.ref_hidden is not None:
+        ref = par.sum_sequences(_reference_logps(inputs, layout, average, memory_budget, par))
         ref_chosen_logps, ref_rejected_logps = ref[:B], ref[B:]
     loss_fn = functools.partial(dpo_loss_and_grads, ref_chosen_logps=ref_chosen_logps,
                                 ref_rejected_logps=ref_rejected_logps, beta=beta, loss_type=loss_type,
                                 label_smoothing=label_smoothing, chosen_lengths=counts[:B],
                                 rejected_lengths=counts[B:], average=bool(average), **loss_params)
-    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled(),
-                  pass_fn=pass_fn, sequence_group=sequence_parallel_group)
-    if shard is not None:
-        hidden = parallel.SumGradOver.apply(hidden, shard.group)
-    loss = FusedLinearDPOFunction.apply(hidden, weight, bias, run)
+    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled(), par)
+    loss = FusedLinearDPOFunction.apply(par.hidden_input(inputs.hidden), inputs.weight, inputs.bias, run)
     return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
 
 
 @torch.no_grad()
-def _reference_logps(ref_hidden, ref_weight, ref_bias, layout, num_seqs, average, memory_budget, plan_vocab,
-                     pass_fn):
-    """`[2B]` reference log-probs from the reference model's hidden states, forward only, in its own chunks."""
-    plan = plan_logps(layout.rows.numel(), plan_vocab, ref_hidden.element_size(), memory_budget)
-    loop = engine.ChunkLoop(_flat(ref_hidden.detach()), ref_weight.detach(),
-                            None if ref_bias is None else ref_bias.detach(), layout, plan, pass_fn=pass_fn)
-    return engine.forward_logps(loop, num_seqs, average)
+def _reference_logps(inputs, layout, average, memory_budget, par):
+    """`[2B]` reference log-probs (the rank's partial sums under sequence parallelism) from the reference model's
+    hidden states, forward only, in its own chunks."""
+    plan = plan_logps(layout.rows.numel(), par.plan_vocab(inputs.ref_weight), inputs.ref_hidden.element_size(),
+                      memory_budget)
+    ref_bias = None if inputs.ref_bias is None else inputs.ref_bias.detach()
+    loop = engine.ChunkLoop(_flat(inputs.ref_hidden.detach()), inputs.ref_weight.detach(), ref_bias, layout, plan,
+                            pass_fn=par.pass_fn)
+    return engine.forward_logps(loop, inputs.positions.num_seqs, average)
 
 
 def _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps) -> DPOOutput:

@@ -1,5 +1,10 @@
 """The fused linear engine across processes: a vocabulary-sharded head and sequences split along time, on
-torch.distributed process groups (docs/design.md, "The fused linear engine").
+torch.distributed process groups (docs/design.md, "The fused linear engine", "Across processes").
+
+`ParallelOptions` is the one argument that says how the head is split (the `vocab_parallel_group=` and
+`sequence_parallel_group=` keywords are shorthands that build it); `HeadParallel` is its per-call form: it checks
+the groups and that the ranks agree (`rank_check.py`), finds the local head and its shard, and owns every exchange
+the call needs (global counts, sums over ranks), so that the API runs one code path with or without groups.
 
 Vocabulary parallel (`vocab_parallel_group`): rank r holds rows `[off_r, off_r + V_r)` of the head (a contiguous
 shard; shards may differ in size) and the same hidden states and global labels as every other rank. Each chunk's
@@ -21,11 +26,14 @@ the `[2B]` partial log-probs completes every sequence before the loss op runs, o
 thus gets the same loss and coefficients; the rank's hidden-state gradient is exact for its slice and its weight
 gradient is its partial sum (the data-parallel reduction over the group adds the partials).
 """
+import os
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dpo_kernels.fused_linear import rank_check
 
 # fp32 represents every integer below 2**24 exactly: the largest vocabulary whose first-argmax column the token stats
 # may carry in a float.
@@ -82,25 +90,184 @@ def local_head(weight, bias, group):
     return weight.to_local(), bias, mesh_group
 
 
-def vocab_shard(weight, group) -> VocabShard:
-    """The ranks' shard sizes, exchanged once per call (an all-gather of one integer), and this rank's place."""
+def _shard_sizes(weight, group) -> list:
+    """The ranks' shard sizes, without the consistency check: an all-gather of one integer."""
     sizes = [torch.zeros(1, dtype=torch.int64, device=weight.device) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device), group=group)
-    sizes = torch.cat(sizes).tolist()
+    return torch.cat(sizes).tolist()
+
+
+def _vocab_shard(sizes, group) -> VocabShard:
     rank = dist.get_rank(group)
     if min(sizes) < 1:
         raise ValueError(f"every rank of vocab_parallel_group needs a non-empty head shard, got sizes {sizes}")
     return VocabShard(group, sum(sizes[:rank]), sizes[rank], sum(sizes), max(sizes))
 
 
-def check_groups(vocab_parallel_group, sequence_parallel_group, shift):
-    if sequence_parallel_group is not None and shift:
-        raise ValueError("sequence_parallel_group needs shift=False and labels aligned to positions: with shift the "
-                         "label of a slice's last position lives on the next rank")
-    for name, g in (("vocab_parallel_group", vocab_parallel_group),
-                    ("sequence_parallel_group", sequence_parallel_group)):
-        if g is not None and not dist.is_initialized():
-            raise ValueError(f"{name} was given but torch.distributed is not initialized")
+CHECK_RANKS_ENV = "DPO_KERNELS_CHECK_RANKS"
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """How the fused head is split across processes; the `parallel_options=` argument of `fused_linear_dpo`,
+    `linear_sequence_logprobs` and `FusedLinearDPOLoss`.
+
+    vocab_group: a process group over which the head is split by vocabulary rows: each rank passes its
+        contiguous shard `[V_r, H]`, the ranks in group order holding consecutive rows; hidden states and labels
+        (global ids) are the same on every rank. A DTensor weight sharded on dim 0 brings its own group.
+    sequence_group: a process group over which each sequence's positions are split (`shift=False`, labels aligned
+        to positions): each rank passes its contiguous slice of every row, or its part of a packed batch.
+    check_ranks: check on every call, before any other collective, that the ranks agree (shapes, dtypes, shard
+        sizes, settings, and under vocabulary parallelism the labels and hidden states, by checksum), so that
+        inconsistent ranks raise one ValueError on every rank rather than compute a wrong loss or abort a
+        collective. None: on unless the environment sets DPO_KERNELS_CHECK_RANKS=0. Cost per group and call: an
+        all-gather of `rank_check.SUMMARY_BYTES` per rank (one round trip, which under vocabulary parallelism also
+        carries the shard sizes), one host read, and an integer pass over the hidden states under vocabulary
+        parallelism. Turn it off for production runs once a job has been checked.
+    """
+
+    vocab_group: object = None
+    sequence_group: object = None
+    check_ranks: bool | None = None
+
+    @property
+    def checks_ranks(self) -> bool:
+        if self.check_ranks is not None:
+            return bool(self.check_ranks)
+        return os.environ.get(CHECK_RANKS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def options_of(parallel_options, vocab_parallel_group, sequence_parallel_group) -> ParallelOptions:
+    """The call's options: `parallel_options`, or those the shorthand keywords build (not both)."""
+    if parallel_options is None:
+        return ParallelOptions(vocab_parallel_group, sequence_parallel_group)
+    if not isinstance(parallel_options, ParallelOptions):
+        raise TypeError(f"parallel_options must be a ParallelOptions, got {type(parallel_options).__name__}")
+    if vocab_parallel_group is not None or sequence_parallel_group is not None:
+        raise ValueError("pass the groups either in parallel_options=ParallelOptions(...) or as "
+                         "vocab_parallel_group= / sequence_parallel_group=, not both")
+    return parallel_options
+
+
+def _check_group(group, name):
+    """A process group this rank belongs to: TypeError for anything else, ValueError for a group without it."""
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"this rank is not in {name}: torch.distributed.new_group gives a rank outside the group "
+                         f"a placeholder; call without {name} on ranks outside it")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError(f"{name} was given but torch.distributed is not initialized")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"this rank (global rank {dist.get_rank()}) is not in {name}")
+
+
+class HeadParallel:
+    """One call's `ParallelOptions` at work: the groups checked, the local head, the shard, the exchanges.
+
+    Without groups every method is the identity (or the local size), so the API runs one code path. Order of use:
+    `local_head` for each head, `agree` once (the first collective), then the rest.
+    """
+
+    def __init__(self, options: ParallelOptions, shift: bool):
+        if options.sequence_group is not None and shift:
+            raise ValueError("sequence_parallel_group needs shift=False and labels aligned to positions: with shift "
+                             "the label of a slice's last position lives on the next rank")
+        for group, name in ((options.vocab_group, "vocab_parallel_group"),
+                            (options.sequence_group, "sequence_parallel_group")):
+            if group is not None:
+                _check_group(group, name)
+        self.vocab_group, self.sequence_group = options.vocab_group, options.sequence_group
+        self.check = options.checks_ranks
+        self.shard = None
+
+    def local_head(self, weight, bias):
+        """`(weight, bias)` with DTensors replaced by their local shards; a DTensor's mesh group becomes the
+        vocabulary group when none was given."""
+        weight, bias, group = local_head(weight, bias, self.vocab_group)
+        if group is not self.vocab_group:
+            _check_group(group, "the weight's device mesh group")
+            self.vocab_group = group
+        return weight, bias
+
+    @property
+    def recompute(self) -> bool:
+        """Sequence parallel runs the recompute plan: the loss needs every rank's log-probs before any coefficient
+        is known."""
+        return self.sequence_group is not None
+
+    def agree(self, prepare, settings, device):
+        """Runs `prepare()` (this rank's own checks; returns `(summary, result)`), then, before any other
+        collective, the ranks' consistency check and the shard sizes. Returns `result`. `settings`: what else must
+        be the same on every rank (loss, budget, flags); `device`: where the summary goes (the collectives').
+
+        With the check on, a rank whose own checks fail still joins the all-gathers (as refused), and every rank
+        gathers in every group before comparing: every rank raises, none waits in a collective another rank left."""
+        if not self.check:
+            summary, result = prepare()
+            if self.vocab_group is not None:
+                self.shard = _vocab_shard(_shard_sizes(summary.weight, self.vocab_group), self.vocab_group)
+            return result
+        try:
+            summary, result = prepare()
+        except ValueError:
+            for group in self._groups():
+                rank_check.gather(rank_check.refused(device), group)
+            raise
+        summary.settings = rank_check.settings_fingerprint(settings)
+        vocab_rows = sequence_rows = None
+        vocab, refused = summary.weight.shape[0], 0
+        if self.vocab_group is not None:
+            vocab_rows = rank_check.gather(summary.tensor(-1, replicated=True), self.vocab_group)
+            sizes = [r[rank_check.FIELDS.index("head rows")] for r in vocab_rows]
+            vocab, refused = sum(sizes), max(r[0] for r in vocab_rows)
+        if self.sequence_group is not None:
+            local = summary.tensor(vocab, replicated=False)
+            local[0] = refused
+            sequence_rows = rank_check.gather(local, self.sequence_group)
+        if vocab_rows is not None:
+            rank_check.compare(vocab_rows, rank_check.VOCAB_FIELDS, "vocab_parallel_group")
+            self.shard = _vocab_shard(sizes, self.vocab_group)
+        if sequence_rows is not None:
+            rank_check.compare(sequence_rows, rank_check.SEQUENCE_FIELDS, "sequence_parallel_group")
+        return result
+
+    def _groups(self):
+        return [g for g in (self.vocab_group, self.sequence_group) if g is not None]
+
+    def vocab(self, weight) -> int:
+        """The labels' range: the whole vocabulary, of which `weight` may be this rank's shard."""
+        return weight.shape[0] if self.shard is None else self.shard.vocab
+
+    def plan_vocab(self, weight) -> int:
+        """The rows the plan sizes its chunks for: the largest shard, so that every rank cuts the same chunks."""
+        return weight.shape[0] if self.shard is None else self.shard.largest
+
+    def check_reference_head(self, weight, ref_weight):
+        if self.shard is not None and ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must be sharded as weight: {ref_weight.shape[0]} rows on this rank, weight "
+                             f"has {weight.shape[0]}")
+
+    @property
+    def pass_fn(self):
+        """The pass over a chunk's logits: None (`logsoftmax_pass`) or the vocabulary-sharded one."""
+        return None if self.shard is None else VocabParallelPass(self.shard)
+
+    def global_counts(self, layout):
+        """The layout with each sequence's count summed over the sequence group (see `global_counts`)."""
+        return layout if self.sequence_group is None else global_counts(layout, self.sequence_group)
+
+    def sum_sequences(self, t):
+        """Per-sequence partial sums `t` completed over the sequence group (no autograd)."""
+        return t if self.sequence_group is None else sum_over(t, self.sequence_group)
+
+    def sum_sequences_differentiable(self, t):
+        return t if self.sequence_group is None else SumOver.apply(t, self.sequence_group)
+
+    def hidden_input(self, hidden):
+        """The hidden states as the engine's Function takes them: under vocabulary parallelism their gradient is
+        summed over the shards' ranks in the backward (`SumGradOver`)."""
+        return hidden if self.shard is None else SumGradOver.apply(hidden, self.shard.group)
 
 
 def _all_reduce(t, op, group):

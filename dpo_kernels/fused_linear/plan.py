@@ -1,7 +1,9 @@
 """The fused linear engine's plan: which tokens it projects, in which order, in which chunks, in which mode.
 
-Compaction (`compact_tokens`) keeps only the positions that score a valid label, laid out sequence by sequence
-(`paired=False`) or pair by pair (`paired=True`: chosen i, rejected B+i, chosen i+1, ...). A `StepPlan` is then
+Whatever the caller scores (padded or packed labels, a `TokenAttribution`) becomes one `ScoredPositions` at the
+API's edge: only the positions that score a valid label, sequence by sequence; its `layout` orders them for the
+engine, sequence by sequence (`paired=False`) or pair by pair (`paired=True`: chosen i, rejected B+i, chosen i+1,
+...). A `StepPlan` is then
 built once from the scored-token counts alone (`plan_dpo_step`, `plan_logps`): the engine executes it and the
 memory model (`memory_model.estimate_peak_bytes`) and the cost model (`cost_model.plan_cost`) count the bytes and
 FLOPs of the same object, so the mode decisions exist only here. See docs/design.md, "The fused linear engine".
@@ -97,12 +99,60 @@ def _scored_labels(labels, cu_seqlens, ignore_index, shift):
     return torch.where(same, labels.roll(-1), ignore_index), seq_of_pos
 
 
-def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs=()) -> TokenLayout:
-    """The scored tokens of `labels` (`[R, T]`, or `[N]` packed by `cu_seqlens`), laid out for the engine.
+class ScoredPositions(NamedTuple):
+    """The one form in which the engine takes what a batch scores, whatever the caller started from (padded labels,
+    packed labels, a `TokenAttribution`): the scored tokens in natural order (sequence by sequence, each
+    sequence's tokens in order), their counts, and the facts the later checks need without reading the device
+    again. Built once at the API's edge (`positions_of_labels`, `positions_of_attribution`); `layout` orders
+    them for the engine."""
 
-    Also checks that every label is `ignore_index` or inside each vocabulary size of `vocabs` (ValueError naming the
-    first that is not). That fact and the tokens per sequence reach the host in one synchronization, the only one
-    here: the positions are then gathered to the known count without another (`nonzero_static`)."""
+    rows: torch.Tensor  # [N] int64: row of the flattened hidden states that scores the token
+    targets: torch.Tensor  # [N] int64: the label it scores
+    seqs: torch.Tensor  # [N] int64: its sequence
+    counts: torch.Tensor  # [R] int64: scored tokens per sequence
+    counts_host: list  # the same as Python ints
+    rows_repeat: bool  # one row may score several labels (see `TokenLayout.rows_repeat`)
+    # The smallest and largest label given (`ignore_index` aside, scored or not), or None when there is none: the
+    # vocabulary check runs on the host from these.
+    label_range: tuple | None
+    # What the caller gave and its name: a failed vocabulary check reads it once more to name the first bad label.
+    labels: torch.Tensor
+    labels_name: str
+    ignore_index: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.counts.numel()
+
+    def check_vocab(self, vocab: int) -> None:
+        """ValueError naming the first label outside `[0, vocab)` (that is not `ignore_index`)."""
+        if self.label_range is not None and (self.label_range[0] < 0 or self.label_range[1] >= vocab):
+            check_labels_in_range(self.labels, vocab, self.ignore_index, self.labels_name)
+
+    def layout(self, paired: bool) -> TokenLayout:
+        """The engine's layout: sequence by sequence, or pair by pair when `paired` (chosen i, rejected B+i, ...)."""
+        return _layout(self.rows, self.targets, self.seqs, self.counts, self.counts_host, paired, self.rows_repeat)
+
+
+def _label_range_facts(labels, ignore_index):
+    """`[2]` int64 on the device: the smallest and largest label that is not `ignore_index` (the int64 extremes,
+    reversed, when there is none)."""
+    labels = labels.long()
+    given = labels != ignore_index
+    info = torch.iinfo(torch.int64)
+    return torch.stack([torch.where(given, labels, info.max).min(), torch.where(given, labels, info.min).max()])
+
+
+def _host_range(lo_hi):
+    lo, hi = lo_hi
+    return None if lo > hi else (lo, hi)
+
+
+def positions_of_labels(labels, cu_seqlens, num_seqs, ignore_index, shift) -> ScoredPositions:
+    """The scored tokens of `labels` (`[R, T]`, or `[N]` packed by `cu_seqlens`).
+
+    The tokens per sequence and the labels' range reach the host in one synchronization, the only one here: the
+    positions are then gathered to the known count without another (`nonzero_static`)."""
     scored, seq_of_pos = _scored_labels(labels, cu_seqlens, ignore_index, shift)
     valid = scored != ignore_index
     if cu_seqlens is None:
@@ -111,13 +161,9 @@ def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vo
         counts = torch.zeros(num_seqs, dtype=torch.long, device=labels.device)
         counts.index_add_(0, seq_of_pos, valid.long())
     facts = [counts]
-    if vocabs and labels.numel():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= min(vocabs)))
-        facts.append(bad.any().long().view(1))
+    if labels.numel():
+        facts.append(_label_range_facts(labels, ignore_index))
     host = torch.cat(facts).tolist()
-    if len(facts) > 1 and host[-1]:
-        for vocab in vocabs:
-            check_labels_in_range(labels, vocab, ignore_index)
     counts_host = host[:num_seqs]
     positions = torch.nonzero_static(valid, size=sum(counts_host))
     if cu_seqlens is None:
@@ -126,15 +172,34 @@ def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vo
     else:
         rows = positions[:, 0]
         targets, seq = scored[rows], seq_of_pos[rows]
-    return _layout(rows, targets, seq, counts, counts_host, paired, rows_repeat=False)
+    label_range = _host_range(host[num_seqs:]) if labels.numel() else None
+    return ScoredPositions(rows, targets, seq, counts, counts_host, False, label_range, labels, "labels",
+                           ignore_index)
 
 
-def attributed_tokens(attribution: TokenAttribution, paired) -> TokenLayout:
-    """The layout of an attribution: its tokens grouped by sequence (a stable sort keeps each sequence's order)."""
+def positions_of_attribution(attribution: TokenAttribution, ignore_index) -> ScoredPositions:
+    """The scored tokens of an attribution, grouped by sequence (a stable sort keeps each sequence's order); its
+    counts and targets' range reach the host in one synchronization."""
     order = torch.sort(attribution.seqs, stable=True).indices
     rows, targets, seq = attribution.rows[order], attribution.targets[order], attribution.seqs[order]
     counts = torch.bincount(seq, minlength=attribution.num_seqs)
-    return _layout(rows, targets, seq, counts, counts.tolist(), paired, rows_repeat=True)
+    facts = [counts]
+    if targets.numel():
+        facts.append(_label_range_facts(targets, ignore_index))
+    host = torch.cat(facts).tolist()
+    counts_host = host[: attribution.num_seqs]
+    label_range = _host_range(host[attribution.num_seqs :]) if targets.numel() else None
+    return ScoredPositions(rows, targets, seq, counts, counts_host, True, label_range, attribution.targets,
+                           "attribution.targets", ignore_index)
+
+
+def compact_tokens(labels, cu_seqlens, num_seqs, ignore_index, shift, paired, vocabs=()) -> TokenLayout:
+    """The engine's layout of `labels` (`positions_of_labels`), after checking that every label is `ignore_index`
+    or inside each vocabulary size of `vocabs` (ValueError naming the first that is not)."""
+    positions = positions_of_labels(labels, cu_seqlens, num_seqs, ignore_index, shift)
+    for vocab in vocabs:
+        positions.check_vocab(vocab)
+    return positions.layout(paired)
 
 
 def _layout(rows, targets, seq, counts, counts_host, paired, rows_repeat) -> TokenLayout:

@@ -1,5 +1,6 @@
 """The fused linear engine across gloo processes on the CPU against one process: a vocabulary-sharded head
-(`vocab_parallel_group`, also as a DTensor) and sequences split along time (`sequence_parallel_group`).
+(`vocab_parallel_group`, also as a DTensor) and sequences split along time (`sequence_parallel_group`); and the
+ranks' consistency check, which must refuse inconsistent ranks with one ValueError on every rank.
 
 One spawn of 4 processes runs every case, in phases over subgroups: ranks {0, 1} (even vocabulary shards) beside
 {2, 3} (time slices), then {0, 1, 2} (uneven shards and slices), then all four as a 2 x 2 grid (both groups at once).
@@ -10,6 +11,7 @@ of the ranks' partials (sequence); and every rank's loss and metrics must be bit
 """
 import datetime
 import json
+import os
 import traceback
 
 import pytest
@@ -19,7 +21,8 @@ import torch.multiprocessing as mp
 
 import dpo_kernels
 from dpo_kernels import LOSS_TYPES, reference
-from dpo_kernels.fused_linear import parallel
+from dpo_kernels.fused_linear import parallel, rank_check
+from dpo_kernels.fused_linear.parallel import ParallelOptions
 from tests.helpers import (
     IGNORE_INDEX,
     LOSS_PARAMS,
@@ -395,3 +398,150 @@ def test_sequence_parallel_needs_aligned_labels():
     hidden, weight, _, labels, *_ = make_batch(1, 5, 4, 11)
     with pytest.raises(ValueError, match="shift=False"):
         dpo_kernels.fused_linear_dpo(hidden, weight, labels, sequence_parallel_group=object(), shift=True)
+
+
+# --- The ranks' consistency check: two ranks, one of which passes something the other does not.
+
+# Case -> (what rank 0 raises, what rank 1 raises): None (no error) or (exception type, text in the message). A
+# case whose two ranks expect the same error must also give both ranks the very same message.
+CHECKS = {
+    "vp-consistent": (None, None),
+    "vp-labels-shifted": ((ValueError, "vocab_parallel_group disagree on scored positions: ranks [0] hold one value; "
+                                       "ranks [1] hold one value"),) * 2,
+    "vp-hidden-differs": ((ValueError, "vocab_parallel_group disagree on hidden states: "),) * 2,
+    "vp-batch-differs": ((ValueError, "vocab_parallel_group disagree on hidden rows: ranks [0] have 4; ranks [1] "
+                                      "have 2"),) * 2,
+    "vp-dtype-differs": ((ValueError, "disagree on hidden dtype: ranks [0] have float32; ranks [1] have "
+                                      "bfloat16"),) * 2,
+    "vp-budget-differs": ((ValueError, "vocab_parallel_group disagree on settings"),) * 2,
+    "vp-logprobs-labels-shifted": ((ValueError, "vocab_parallel_group disagree on scored positions"),) * 2,
+    "vp-own-error": ((ValueError, "ranks [1] refused their inputs"), (ValueError, "labels shape")),
+    "vp-not-a-group": ((TypeError, "vocab_parallel_group must be a torch.distributed ProcessGroup, got str"),) * 2,
+    "vp-outside-group": (None, (ValueError, "this rank is not in vocab_parallel_group")),
+    "vp-check-off": (None, None),
+    "vp-env-off": (None, None),
+    "sp-consistent": (None, None),
+    "sp-vocab-differs": ((ValueError, "sequence_parallel_group disagree on head rows: ranks [0] have 37; ranks [1] "
+                                      "have 38"),) * 2,
+    "sp-batch-differs": ((ValueError, "sequence_parallel_group disagree on sequences: ranks [0] have 4; ranks [1] "
+                                      "have 2"),) * 2,
+    "sp-dtype-differs": ((ValueError, "sequence_parallel_group disagree on hidden dtype"),) * 2,
+}
+
+
+def _check_case(name, group, alone, rank):
+    """Runs case `name` on this rank (`alone`: a group of rank 0 only, which rank 1 is outside of)."""
+    kind, what = name.split("-", 1)
+    vp, sp = (group, None) if kind == "vp" else (None, group)
+    s = Setup(vp, sp, torch.float32, seed=11)
+    hidden, labels, _, _ = s.inputs(False)
+    weight, bias = s.shard(s.weight), s.shard(s.bias)
+    kwargs = dict(ref_chosen_logps=s.ref_c, ref_rejected_logps=s.ref_r, shift=s.shift)
+    # The shorthand keywords, as users call it; the options object where only it can say what the case needs.
+    groups = dict(vocab_parallel_group=vp, sequence_parallel_group=sp)
+    if what == "not-a-group":
+        groups = dict(vocab_parallel_group="tp")
+    elif what == "outside-group":
+        groups = dict(vocab_parallel_group=alone)
+        weight, bias = s.weight, s.bias
+    elif what == "check-off":
+        groups = dict(parallel_options=ParallelOptions(vp, check_ranks=False))
+    if rank == 1:
+        if what.endswith("labels-shifted") or what in ("check-off", "env-off"):
+            labels = torch.where(labels == IGNORE_INDEX, labels, (labels + 5) % V)
+        elif what == "hidden-differs":
+            hidden = hidden.clone()
+            hidden[0, 3, 0] += 1e-3
+        elif what == "batch-differs":
+            hidden, labels = hidden[[0, B]], labels[[0, B]]
+            kwargs.update(ref_chosen_logps=s.ref_c[:1], ref_rejected_logps=s.ref_r[:1])
+        elif what == "dtype-differs":
+            hidden, weight, bias = (t.bfloat16() for t in (hidden, weight, bias))
+        elif what == "budget-differs":
+            kwargs["memory_budget"] = "low"
+        elif what == "own-error":
+            labels = labels[:, :-1]
+        elif what == "vocab-differs":
+            weight, bias = torch.cat([weight, weight[:1]]), torch.cat([bias, bias[:1]])
+    if what == "logprobs-labels-shifted":
+        dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, bias=bias, shift=s.shift, **groups)
+        return
+    if what == "env-off":
+        os.environ[parallel.CHECK_RANKS_ENV] = "0"
+    try:
+        out = dpo_kernels.fused_linear_dpo(hidden, weight, labels, bias=bias, **groups, **kwargs)
+    finally:
+        os.environ.pop(parallel.CHECK_RANKS_ENV, None)
+    assert torch.isfinite(out.loss), out.loss
+
+
+def _check_worker(rank, world, store_path, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    group, alone = dist.new_group([0, 1]), dist.new_group([0])
+    results = {}
+    for name in CHECKS:
+        try:
+            _check_case(name, group, alone, rank)
+            results[name] = None
+        except Exception as error:  # what each rank raised is the result under test
+            results[name] = [type(error).__name__, str(error), traceback.format_exc()]
+    with open(f"{out_dir}/{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def check_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rank_check")
+    mp.start_processes(_check_worker, args=(2, str(out / "store"), str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    return [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_inconsistent_ranks_are_refused_on_every_rank(check_results, name):
+    got = [check_results[rank][name] for rank in range(2)]
+    for rank, expected in enumerate(CHECKS[name]):
+        if expected is None:
+            assert got[rank] is None, f"rank {rank} raised:\n{got[rank][2]}"
+            continue
+        assert got[rank] is not None, f"rank {rank} raised nothing; expected {expected}"
+        kind, message, trace = got[rank]
+        assert kind == expected[0].__name__ and expected[1] in message, f"rank {rank}:\n{trace}"
+    if CHECKS[name][0] == CHECKS[name][1] and got[0] is not None:
+        assert got[0][1] == got[1][1], "the ranks raised different messages"
+
+
+def test_checksum_is_the_same_in_blocks_and_views_and_sees_a_shift(monkeypatch):
+    labels = torch.randint(0, 1000, (6, 50), generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(6, 50, 8, generator=torch.Generator().manual_seed(1)).bfloat16()
+    whole = [rank_check.checksum(t) for t in (labels, hidden)]
+    monkeypatch.setattr(rank_check, "_BLOCK", 7)
+    assert [rank_check.checksum(t) for t in (labels, hidden)] == whole
+    assert rank_check.checksum(hidden.transpose(0, 1).contiguous().transpose(0, 1)) == whole[1]
+    assert rank_check.checksum((labels + 5) % 1000) != whole[0]
+    assert rank_check.checksum(labels.roll(1, 1)) != whole[0]
+    nudged = hidden.clone()
+    nudged.view(torch.int16)[2, 7, 3] += 1  # one bf16 ulp
+    assert rank_check.checksum(nudged) != whole[1]
+
+
+def test_options_and_shorthand_are_one_or_the_other():
+    hidden, weight, _, labels, *_ = make_batch(1, 5, 4, 11)
+    with pytest.raises(ValueError, match="not both"):
+        dpo_kernels.fused_linear_dpo(hidden, weight, labels, parallel_options=ParallelOptions(),
+                                     vocab_parallel_group=object())
+    with pytest.raises(TypeError, match="parallel_options must be a ParallelOptions"):
+        dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, parallel_options="tp")
+
+
+def test_check_switch_reads_the_field_then_the_environment(monkeypatch):
+    monkeypatch.delenv(parallel.CHECK_RANKS_ENV, raising=False)
+    assert ParallelOptions().checks_ranks
+    monkeypatch.setenv(parallel.CHECK_RANKS_ENV, "0")
+    assert not ParallelOptions().checks_ranks
+    assert ParallelOptions(check_ranks=True).checks_ranks
+    monkeypatch.setenv(parallel.CHECK_RANKS_ENV, "1")
+    assert not ParallelOptions(check_ranks=False).checks_ranks
