@@ -211,3 +211,46 @@ def test_cuda_rng_states_are_restored_by_device_index(monkeypatch):
     checkpoint.set_rng_tensors(states)
     assert sorted(restored) == list(range(11))
     assert all(int(state[0]) == device for device, state in restored.items())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="sets a file-size limit in the child only")
+def test_a_file_size_limit_is_reported_like_a_full_disk(tiny, tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "dpo_kernels", "train", "--model", tiny["model"], "--data", tiny["data"],
+            "--output-dir", str(out), "--batch-size", "2", "--max-steps", "1", "--max-length", "32",
+            "--no-progress", "--no-plot"]
+    # model.safetensors (about 100 kB) passes the limit; every smaller file of the run fits under it.
+    limit = 60_000
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last.startswith("dpo-kernels train: error: the file-size limit is reached (ulimit -f) writing "
+                           f"{out / 'checkpoint-1'}"), last
+    assert "Traceback" not in proc.stderr
+    assert checkpoint.checkpoint_dirs(out) == []
+
+
+def test_a_tensor_shape_that_disagrees_with_config_json_is_named(run_copy):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = run_copy / "checkpoint-2"
+    state = load_file(str(ckpt / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    rows, cols = state[name].shape
+    state[name] = torch.zeros(rows + 3, cols)
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputFileError, match=rf"model.safetensors: tensor {name} has shape \[{rows + 3}, {cols}\], "
+                                             rf"but config.json gives it \[{rows}, {cols}\]"):
+        checkpoint.read_state(ckpt)
+
+
+def test_a_metrics_log_that_is_a_directory_is_named(tiny, run_copy):
+    (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "metrics.jsonl").mkdir()
+    with pytest.raises(InputFileError, match="metrics.jsonl: is not a file; move it out of the output dir"):
+        train(train_config(tiny, run_copy, max_steps=3, resume="latest"))
