@@ -13,16 +13,20 @@ and, when gradients are wanted, leaves `D = scale * (onehot - softmax(Z))` in th
 Each takes a `ChunkLoop`: the operands, the token layout, the plan, and the buffers the loops fill (gradients and
 the optional per-token entropy and top-1 `TokenStats`, filled by the pass that first reads a token's logits).
 
-Memory (the byte model is `memory_model.py`, over the same plan): at most one `[V, H]` fp32 buffer ever lives, the
-weight-gradient accumulator, and none when one GEMM forms the whole weight gradient (a single chunk without bias:
-cuBLAS accumulates in fp32 and rounds once into the weight's dtype, as the fp32 buffer's final conversion would).
-The unscaled hidden-state gradient `U` of a streaming pair stays fp32 (`[n, H]`, n its tokens).
+Each GEMM, pass and `[n, H]` kernel reports itself to `trace` (a no-op outside `trace.record`): the byte and cost
+models (`memory_model.py`, `cost_model.py`) sum the trace of these same loops run on meta tensors.
+
+Memory: at most one `[V, H]` fp32 buffer ever lives, the weight-gradient accumulator, and none when one GEMM forms
+the whole weight gradient (a single chunk without bias: cuBLAS accumulates in fp32 and rounds once into the weight's
+dtype, as the fp32 buffer's final conversion would). The unscaled hidden-state gradient `U` of a streaming pair stays
+fp32 (`[n, H]`, n its tokens).
 """
 import functools
 from dataclasses import dataclass, field
 
 import torch
 
+from dpo_kernels.fused_linear import trace
 from dpo_kernels.fused_linear.fp32_gemm import addmm_fp32_, mm_fp32
 from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass
 from dpo_kernels.fused_linear.plan import RESIDENT, STREAM_ONCE, StepPlan, TokenLayout
@@ -62,6 +66,8 @@ class Grads:
     def __init__(self, hidden2d, weight, need_h, need_w, need_b):
         V, H = weight.shape
         self.hidden = torch.zeros_like(hidden2d) if need_h else None
+        if need_h:
+            trace.kernel("zero hidden gradient", writes=(self.hidden,))
         self.need_w, self.need_b = need_w, need_b
         self.width = (H if need_w else 0) + (_BIAS_COLUMNS if need_b else 0)
         self.acc = None
@@ -81,8 +87,16 @@ class Grads:
         untouched after the pass; `h * coef` is formed in fp32 (type promotion with the fp32 coef) and rounded
         once."""
         if not self.need_b:
-            return h if coef is None else (h * coef.unsqueeze(1)).to(h.dtype)
+            if coef is None:
+                return h
+            product = h * coef.unsqueeze(1)
+            trace.kernel("weight operand h * c", reads=(h,), writes=(product,))
+            out = product.to(h.dtype)
+            if out is not product:
+                trace.kernel("weight operand round", reads=(product,), writes=(out,))
+            return out
         out = h.new_zeros(h.shape[0], self.width)
+        trace.kernel("weight operand with bias columns", reads=(h,), writes=(out,))
         if self.need_w:
             out[:, : self.H] = h if coef is None else h * coef.unsqueeze(1)
         col = self.width - _BIAS_COLUMNS
@@ -98,15 +112,19 @@ class Grads:
         written in the weight's dtype instead, and no fp32 `[V, H]` buffer exists."""
         if only and not self.need_b and not self.started:
             self.direct = torch.mm(d.t(), operand)
+            trace.gemm("weight-gradient GEMM", d.t(), operand, self.direct)
             return
         if self.acc is None:
             self.acc = torch.empty(self.V, self.width, dtype=torch.float32, device=self.device)
             addmm_fp32_(self.acc, d.t(), operand, accumulate=False)
+            trace.gemm("weight-gradient GEMM", d.t(), operand, self.acc)
         else:
             if self.owed is not None:
                 self.acc.mul_(self.owed)
+                trace.kernel("accumulator scale", reads=(self.acc,), writes=(self.acc,))
                 self.owed = None
             addmm_fp32_(self.acc, d.t(), operand)
+            trace.gemm("weight-gradient GEMM", d.t(), operand, self.acc, accumulate=True)
 
     def defer_scale(self, coef):
         """`acc *= coef` for a 0-dim coefficient (no host sync), applied when more tokens are added, or else folded
@@ -117,11 +135,15 @@ class Grads:
         """The weight and bias gradients in the weight's dtype, times `scale` (a 0-dim tensor such as the upstream
         gradient; None: 1) and any factor the accumulator owes, converted in one pass over it."""
         if self.direct is not None:
-            return (self.direct if scale is None else self.direct.mul_(scale)), None
+            if scale is None:
+                return self.direct, None
+            trace.kernel("weight-gradient scale", reads=(self.direct,), writes=(self.direct,))
+            return self.direct.mul_(scale), None
         grad_w = grad_b = None
         if self.acc is None:  # no token was scored
             grad_w = torch.zeros(self.V, self.H, dtype=weight_dtype, device=self.device) if self.need_w else None
             grad_b = torch.zeros(self.V, dtype=weight_dtype, device=self.device) if self.need_b else None
+            trace.kernel("zero weight gradient", writes=[t for t in (grad_w, grad_b) if t is not None])
             return grad_w, grad_b
         if self.owed is not None:
             scale = self.owed if scale is None else self.owed * scale
@@ -135,11 +157,20 @@ class Grads:
             else:
                 grad_w = _scaled_into(torch.empty(self.V, self.H, dtype=weight_dtype, device=self.device), acc,
                                       scale)
+            if grad_w is not acc or scale is not None:
+                trace.kernel("accumulator conversion", reads=(acc,), writes=(grad_w,))
         if self.need_b:
             col = self.width - _BIAS_COLUMNS
             hi, lo = self.acc[:, col], self.acc[:, col + 1]
             grad_b = (hi + lo if scale is None else hi * scale + lo * scale).to(weight_dtype)
+            trace.kernel("bias gradient", reads=(hi, lo), writes=(grad_b,))
         return grad_w, grad_b
+
+    def scaled_hidden(self, scale):
+        """The hidden-state gradient times the 0-dim `scale` (the upstream gradient), in place: the buffer belongs
+        to this call, and a second copy would cost memory."""
+        trace.kernel("hidden-gradient scale", reads=(self.hidden,), writes=(self.hidden,))
+        return self.hidden.mul_(scale)
 
 
 def _scaled_into(out, src, scale):
@@ -206,11 +237,14 @@ class ChunkLoop:
         self.zbuf = _new_buffer(self.hidden2d, self.weight.shape[0], self.plan.buffer_rows)
 
     def pass_over(self, z, targets, **kwargs):
+        trace.pass_(z, kwargs.get("write_grad", False))
         return (logsoftmax_pass if self.pass_fn is None else self.pass_fn)(z, targets, **kwargs)
 
     def hidden_rows(self, s, e):
         """`[e - s, H]` hidden states of tokens `s:e` (a copy: the rows are scattered)."""
-        return self.hidden2d.index_select(0, self.layout.rows[s:e])
+        h = self.hidden2d.index_select(0, self.layout.rows[s:e])
+        trace.kernel("gather hidden rows", reads=(h,), writes=(h,))
+        return h
 
 
 def _project(loop, h):
@@ -220,6 +254,7 @@ def _project(loop, h):
         torch.mm(h, loop.weight.t(), out=z)
     else:
         torch.addmm(loop.bias, h, loop.weight.t(), out=z)
+    trace.gemm("logits GEMM", h, loop.weight.t(), z)
     return z
 
 
@@ -264,9 +299,16 @@ def _gradient_chunk(loop, s, e, coef, *, projected=False):
     d = loop.zbuf[: e - s] if projected else _project(loop, h)
     loop.pass_over(d, loop.layout.targets[s:e], scale=coef, write_grad=True)
     if grads.hidden is not None:
-        _put_hidden_grad(grads.hidden, loop.layout, s, e, torch.mm(d, loop.weight))
+        _put_hidden_grad(grads.hidden, loop.layout, s, e, _hidden_gemm(d, loop.weight))
     if grads.width:
         grads.add_weight_gemm(d, grads.operand(h, None), only=loop.plan.one_weight_gemm)
+
+
+def _hidden_gemm(d, weight):
+    """`D @ W` in D's dtype."""
+    u = torch.mm(d, weight)
+    trace.gemm("hidden-gradient GEMM", d, weight, u)
+    return u
 
 
 @_explicit_dtypes
@@ -358,8 +400,10 @@ def _scaled_hidden_grad(d, weight, c, out, layout, s, e):
     """The rows of tokens `s:e` get `c * (D @ W)`, rounded once to out's dtype; the fp32 product is freed on
     return."""
     u = mm_fp32(d, weight)
+    trace.gemm("hidden-gradient GEMM", d, weight, u)
     u.mul_(c.unsqueeze(1))
-    _put_hidden_grad(out, layout, s, e, u.to(out.dtype))
+    trace.kernel("hidden-gradient scale", reads=(u,), writes=(u,))
+    _put_hidden_grad(out, layout, s, e, _rounded(u, out.dtype))
 
 
 def _put_hidden_grad(out, layout, s, e, values):
@@ -370,6 +414,15 @@ def _put_hidden_grad(out, layout, s, e, values):
         out.index_add_(0, layout.rows[s:e], values)
     else:
         out.index_copy_(0, layout.rows[s:e], values)
+    trace.kernel("hidden-gradient scatter", reads=(values,), writes=(values,))
+
+
+def _rounded(u, dtype):
+    """`u.to(dtype)`, recorded as a kernel when it copies."""
+    out = u.to(dtype)
+    if out is not u:
+        trace.kernel("hidden-gradient round", reads=(u,), writes=(out,))
+    return out
 
 
 def _stream_once(loop, group, pair_loss):
@@ -399,6 +452,7 @@ def _stream_once(loop, group, pair_loss):
             continue
         if u is not None:
             addmm_fp32_(u[s - s0 : e - s0], d, loop.weight, accumulate=False)
+            trace.gemm("hidden-gradient GEMM", d, loop.weight, u[s - s0 : e - s0])
         if grads.width:
             grads.add_weight_gemm(d, grads.operand(h, None))
     del h
@@ -411,9 +465,10 @@ def _stream_once(loop, group, pair_loss):
     if u is not None:
         row_g = g[i].expand(e0 - s0) if loop.plan.tied else torch.where(rejected, g[B + i], g[i])
         u.mul_(row_g.unsqueeze(1))
+        trace.kernel("hidden-gradient scale", reads=(u,), writes=(u,))
         # Rounded chunk by chunk: a [C, H] temporary rather than a second [n, H] one.
         for s, e in group.chunks:
-            _put_hidden_grad(grads.hidden, layout, s, e, u[s - s0 : e - s0].to(loop.hidden2d.dtype))
+            _put_hidden_grad(grads.hidden, layout, s, e, _rounded(u[s - s0 : e - s0], loop.hidden2d.dtype))
 
 
 def _stream_twice(loop, group, pair_loss):

@@ -7,6 +7,8 @@ in place. They exist only for CUDA, and older releases refuse an fp32 `C`; a one
 falls back to an fp32 product added in a second step, or else to upcast operands (correct, slower). fp32
 operands use the plain ops.
 """
+import contextlib
+
 import torch
 
 _PROBED: dict = {}
@@ -41,6 +43,22 @@ def _probe(device: torch.device, dtype: torch.dtype):
                     acc_ok = False
         _PROBED[key] = (mm_ok, acc_ok)
     return _PROBED[key]
+
+
+@contextlib.contextmanager
+def assume_support(device: torch.device, dtype: torch.dtype, support: tuple):
+    """Within the block the probe answers `support`, `(mm works, accumulate works)`, for `device` and `dtype`: a dry
+    run on "meta" tensors (`trace.dry_run`) takes the branch of the device it models."""
+    key = (torch.device(device), dtype)
+    saved = _PROBED.get(key)
+    _PROBED[key] = tuple(support)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del _PROBED[key]
+        else:
+            _PROBED[key] = saved
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -340,8 +340,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
                                "and consumed by the first backward (retain_graph is not supported)")
         grads, ctx.grads = ctx.grads, None
         grad_w, grad_b = grads.weight_bias(ctx.weight_dtype, scale=grad_loss)
-        # Scaled in place: the buffer belongs to this call, and a second copy would cost memory.
-        grad_h = None if grads.hidden is None else grads.hidden.mul_(grad_loss).view(ctx.shape)
+        grad_h = None if grads.hidden is None else grads.scaled_hidden(grad_loss).view(ctx.shape)
         return grad_h, grad_w, grad_b, None
 
 

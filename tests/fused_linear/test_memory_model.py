@@ -1,128 +1,133 @@
-"""The byte model of `memory_model.py` against a measurement (CPU path, peak RSS of a fresh process).
+"""The byte model of `memory_model.py` against the tensors a real step allocates, and the engine's trace of a real
+step against the dry run the models sum.
 
-One subprocess runs the fused DPO forward+backward in each engine mode, fp32 and bf16 (where the CPU has native
-bf16 GEMMs), at sizes where the `[V, H]` and `[C, V]` buffers dominate (V = 32000, H = 256: one fp32 `[V, H]` buffer
-is 32.8 MB), and compares how far its peak RSS rises above the resident size before the step with
-`estimate_peak_bytes`. Each case runs once unmeasured on its own tensors, then is measured: the steady state of a
-training loop. The CPU BLAS allocates a GEMM workspace the first time it meets a larger product and keeps it (10.6 MB
-at the recompute case's `[540, 256] x [256, 32000]` projection), memory that the step does not allocate again and
-that a CUDA device holds in cuBLAS's workspace from its first GEMM on. To measure what the CUDA path
-allocates, the subprocess swaps in memory-faithful stand-ins for the two pieces whose CPU versions allocate more than
-their CUDA twins: the logsoftmax pass runs eight rows at a time (the Triton pass needs no `[C, V]` temporaries), and
-in bf16 the fp32-result GEMMs (cuBLAS `out_dtype` on CUDA) accumulate thin slices. glibc is told to map every
-allocation above 64 KiB on its own, so freed buffers leave the RSS at once.
+The model is the engine's own run on meta tensors (`trace.dry_run`). Here the CPU path runs the fused DPO forward and
+backward in each engine mode, fp32 and bf16, inside `trace.record()`: its `LiveTensors` dispatch mode counts every
+tensor storage the step creates until it is freed, so the measured peak depends on neither the BLAS nor the
+allocator, and is the same on every CPU. The logsoftmax pass runs as `trace.launcher_pass`, which allocates what the
+Triton launcher does (the CPU twin's `[C, V]` temporaries stand for the kernel's registers); the fp32-result GEMMs
+run the CPU's own branch (`fp32_gemm.py`), and the model is asked for that branch. The two peaks are equal: the
+step's work before the engine (label checks and compaction), which the model leaves out, is freed before the
+engine's buffers exist.
+
+Sizes make `[V, H]` and `[C, V]` dominate: one fp32 `[V, H]` buffer is 2 MB, every `[n, H]` tensor of the step
+together well under half of it, so that a second `[V, H]` accumulator cannot hide in the fp32 bound below.
 """
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import dpo_kernels
-from dpo_kernels.fused_linear import engine
+from dpo_kernels.fused_linear import engine, fp32_gemm, trace
+from dpo_kernels.fused_linear.memory_model import estimate_peak_bytes
+from dpo_kernels.fused_linear.plan import plan_dpo_step
 from tests.helpers import make_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-H, V = 256, 32000
+H, V = 32, 16000
+CASES = {  # name: (B, T, memory_budget in rows of V, loss type)
+    "one_chunk": (2, 100, None, "sigmoid"),
+    "resident_pairs": (3, 120, 256, "sigmoid"),
+    "streaming": (1, 400, 256, "sigmoid"),
+    "two_streaming": (2, 240, 256, "sigmoid"),
+    "untied_streaming": (1, 240, 256, "apo_zero"),
+    "low": (3, 120, "low", "sigmoid"),
+}
 
-SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    import torch
-    torch.set_num_threads(1)
-    import dpo_kernels
-    from dpo_kernels.fused_linear import engine, logsoftmax_pass as lp
-    from dpo_kernels.fused_linear.memory_model import estimate_peak_bytes
 
-    H, V = int(sys.argv[1]), int(sys.argv[2])
-    from dpo_kernels.bench.timing import current_rss as rss, peak_rss as peak, reset_peak_rss as reset_peak
+def _batch(B, T, dtype):
+    g = torch.Generator().manual_seed(T)
+    hidden = torch.randn(2 * B, T, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.1).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, : T // 4] = -100
+    return hidden, weight, labels
 
-    def rowwise_pass(z, labels, *, scale=None, write_grad=False):
-        out = torch.empty(z.shape[0], dtype=torch.float32)
-        for s in range(0, z.shape[0], 8):
-            rows = slice(s, s + 8)
-            out[rows] = lp.logsoftmax_pass_torch(z[rows], labels[rows], None if scale is None else scale[rows],
-                                                 write_grad)
-        return out
 
-    def addmm_fp32_(acc, a, b, *, accumulate=True):
-        if not accumulate:
-            acc.zero_()
-        step = max(1, 2**18 // a.shape[0])  # fp32 slices of about 1 MB
-        for k in range(0, a.shape[1], step):
-            acc.addmm_(a[:, k:k + step].float(), b[k:k + step].float())
+def _budget(rows, dtype):
+    return rows if rows in (None, "low") else rows * V * dtype.itemsize
 
-    def mm_fp32(a, b):
-        out = torch.zeros(a.shape[0], b.shape[1])
-        addmm_fp32_(out, a, b)
-        return out
 
-    engine.logsoftmax_pass = rowwise_pass
-    engine.addmm_fp32_, engine.mm_fp32 = addmm_fp32_, mm_fp32
-
-    def batch(B, T, dtype):
-        g = torch.Generator().manual_seed(T)
-        hidden = torch.randn(2 * B, T, H, generator=g).to(dtype).requires_grad_()
-        weight = (torch.randn(V, H, generator=g) * 0.1).to(dtype).requires_grad_()
-        labels = torch.randint(0, V, (2 * B, T), generator=g)
-        labels[:, : T // 4] = -100
-        return hidden, weight, labels
-
-    def step(hidden, weight, labels, budget, loss_type):
+def _recorded_step(monkeypatch, name, dtype):
+    """`(trace of one real step, pair lengths, budget)` for a case."""
+    B, T, rows, loss_type = CASES[name]
+    hidden, weight, labels = _batch(B, T, dtype)
+    budget = _budget(rows, dtype)
+    monkeypatch.setattr(engine, "logsoftmax_pass", trace.launcher_pass)
+    with trace.record() as rec:
         out = dpo_kernels.fused_linear_dpo(hidden, weight, labels, memory_budget=budget, loss_type=loss_type)
         out.loss.backward()
-
-    # bf16 where oneDNN has native bf16 GEMMs (elsewhere the CPU's bf16 GEMM is a slow reference loop).
-    dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
-    result = {}
-    for dtype in dtypes:
-        s = dtype.itemsize
-        cases = {"one_chunk": (2, 100, None, "sigmoid"), "resident_pairs": (3, 120, 256 * V * s, "sigmoid"),
-                 "streaming": (1, 400, 256 * V * s, "sigmoid"), "two_streaming": (2, 240, 256 * V * s, "sigmoid"),
-                 "untied_streaming": (1, 240, 256 * V * s, "apo_zero"), "low": (3, 120, "low", "sigmoid")}
-        for name, (B, T, budget, loss_type) in cases.items():
-            step(*batch(B, T, dtype), budget, loss_type)  # warm-up: libraries, this case's BLAS workspaces
-            hidden, weight, labels = batch(B, T, dtype)
-            valid = (labels[:, 1:] != -100).sum(1)
-            pairs = (valid[:B] + valid[B:]).tolist()
-            reset_peak()
-            before = rss()
-            step(hidden, weight, labels, budget, loss_type)
-            result[f"{name}_{str(dtype)[6:]}"] = {
-                "measured": peak() - before,
-                "model": estimate_peak_bytes(2 * B * T, pairs, H, V, dtype, budget, loss_type)}
-    json.dump(result, sys.stdout)
-    """
-)
+    valid = (labels[:, 1:] != -100).sum(1)
+    return rec, (valid[:B] + valid[B:]).tolist(), budget
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets /proc/self peak RSS")
-def test_byte_model_matches_measured_peak():
-    # The subprocess runs the PyTorch path only. Triton 3.6's interpreter, which conftest turns on for this process,
-    # changes where that path's buffers come from (one case measured 14.7 MB against 66.3 MB with it, 66.8 without).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(DPO_KERNELS_BACKEND="torch", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(H), str(V)], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    acc = V * H * 4
-    for name, r in result.items():
-        # Within a fifth of one fp32 [V, H] buffer: a second accumulator (the old streaming design) would miss.
-        assert abs(r["measured"] - r["model"]) < 0.2 * acc, (name, r)
-    for name in ("streaming", "two_streaming", "untied_streaming"):
-        r = result[f"{name}_float32"]
-        assert r["measured"] < r["model"] + 0.5 * acc, f"{name} allocates an extra [V, H] accumulator: {r}"
+def _one_accumulator_bound(name, dtype, pairs):
+    """The most a step may allocate with one `[V, H]` fp32 buffer: the logits buffer, that buffer, and half of it
+    for everything `[n, H]`."""
+    B, T, rows, loss_type = CASES[name]
+    plan = plan_dpo_step(pairs, V, dtype.itemsize, _budget(rows, dtype), loss_type)
+    zbuf = plan.buffer_rows * (-(-V // 16) * 16) * dtype.itemsize
+    return zbuf + 1.5 * V * H * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_byte_model_matches_allocated_peak(monkeypatch, name, dtype):
+    B, T, _, loss_type = CASES[name]
+    rec, pairs, budget = _recorded_step(monkeypatch, name, dtype)
+    support = fp32_gemm._probe(torch.device("cpu"), dtype)
+    model = estimate_peak_bytes(2 * B * T, pairs, H, V, dtype, budget, loss_type, fp32_gemm_support=support)
+    measured = rec.peak_bytes()
+    assert measured == model, (name, measured, model)
+    if dtype == torch.float32:  # bf16 on a CPU upcasts W for its fp32-result GEMMs: a transient fp32 [V, H] copy
+        assert measured < _one_accumulator_bound(name, dtype, pairs), (name, measured)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_dry_run_follows_the_real_step(monkeypatch, name):
+    """The kernels a real step reports are the dry run's, in the same order with the same sizes."""
+    B, T, rows, loss_type = CASES[name]
+    rec, pairs, budget = _recorded_step(monkeypatch, name, torch.float32)
+    plan = plan_dpo_step(pairs, V, 4, budget, loss_type)
+    dry = trace.dry_run(plan, 2 * B * T, H, V, torch.float32, loss_type, pairs)
+    kinds = (trace.Gemm, trace.Pass, trace.Elementwise, trace.Call)
+    assert rec.of(*kinds) == dry.of(*kinds)
+    names = {e.name for e in dry.of(trace.Gemm)}
+    assert names == {"logits GEMM", "hidden-gradient GEMM", "weight-gradient GEMM"}, names
+
+
+def test_bound_sees_a_second_accumulator(monkeypatch):
+    """A streaming step that keeps a second fp32 `[V, H]` buffer breaks the one-accumulator bound."""
+    original = engine.Grads.add_weight_gemm
+    extra = []
+
+    def with_second_accumulator(self, d, operand, *, only=False):
+        if not extra:
+            extra.append(torch.zeros(self.V, self.width, dtype=torch.float32, device=self.device))
+        original(self, d, operand, only=only)
+
+    monkeypatch.setattr(engine.Grads, "add_weight_gemm", with_second_accumulator)
+    rec, pairs, _ = _recorded_step(monkeypatch, "streaming", torch.float32)
+    assert rec.peak_bytes() >= _one_accumulator_bound("streaming", torch.float32, pairs)
+
+
+def test_live_tensors_counts_storages_not_views():
+    with trace.record() as rec:
+        a = torch.empty(1000)
+        view = a[10:].view(10, 99)
+        del a
+        b = view * 2  # a second storage of 990 floats
+        b.add_(1)
+        del view, b
+        c = torch.empty(10)
+    assert [type(e) for e in rec.events] == [trace.Alloc, trace.Alloc, trace.Free, trace.Free, trace.Alloc]
+    assert rec.peak_bytes() == 4000 + 3960
+    del c
 
 
 def test_table_in_docstring():
     """The Llama-3-head sizes meet their targets in the model, and the docstring's table says so."""
     from dpo_kernels.fused_linear import memory_model as _memory_model
-    from dpo_kernels.fused_linear.memory_model import estimate_peak_bytes
 
     targets = {(2, 2048): (4.4, 3.37), (2, 8192): (5.1, 3.94), (1, 32768): (6.1, 4.69)}
     for (B, T), (default_target, low_target) in targets.items():
