@@ -18,6 +18,7 @@ the docstring of `plan.py`), and hands it to the engine; `memory_model.estimate_
 Both compute in the dtype the model's own lm_head would (`head_operands`): inside an autocast region the autocast
 dtype, else the inputs' own; the engine itself then runs on those explicit dtypes with autocast off.
 """
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -265,8 +266,9 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     positions = par.agree(prepare, settings, _device_of(hidden))
     positions.check_vocab(par.vocab(weight))
     layout = par.global_counts(positions.layout(paired=False))
+    del positions  # as in `_run_dpo`: only the engine's layout stays for the step
     plan = plan_logps(layout.rows.numel(), par.plan_vocab(weight), hidden.element_size(), memory_budget)
-    run = _LogpsRun(layout, plan, positions.num_seqs, bool(average), par)
+    run = _LogpsRun(layout, plan, layout.counts.numel(), bool(average), par)
     logps = LinearSequenceLogprobsFunction.apply(par.hidden_input(hidden), weight, bias, run)
     return par.sum_sequences_differentiable(logps)
 
@@ -355,7 +357,7 @@ class _DPOInputs:
     ref_hidden: torch.Tensor | None
     ref_weight: torch.Tensor | None
     ref_bias: torch.Tensor | None
-    positions: ScoredPositions
+    positions: ScoredPositions | None  # None once the engine's layout is built (`_run_dpo`)
 
     @property
     def num_pairs(self) -> int:
@@ -464,9 +466,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     settings = ("dpo", loss_type, beta, label_smoothing, sorted(loss_params.items()), ignore_index, shift, average,
                 memory_budget, token_stats, ref_chosen_logps is not None, _weight_grad_wanted(weight, bias),
                 torch.is_grad_enabled())
-    inputs = par.agree(prepare, settings, _device_of(hidden))
-    return _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_budget, token_stats,
-                    loss_settings)
+    return _run_dpo(par.agree(prepare, settings, _device_of(hidden)), par, ref_chosen_logps, ref_rejected_logps,
+                    average, memory_budget, token_stats, loss_settings)
 
 
 def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_budget, token_stats,
@@ -479,6 +480,9 @@ def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_
         par.check_reference_head(inputs.weight, inputs.ref_weight)
         inputs.positions.check_vocab(par.vocab(inputs.ref_weight))
     layout = par.global_counts(inputs.positions.layout(paired=True))
+    # The positions in natural order are not needed past the layout: the engine's buffers do not share memory with
+    # them (the memory model counts the engine alone).
+    inputs = dataclasses.replace(inputs, positions=None)
     counts = layout.counts
     plan = _dpo_plan(layout, B, par, inputs, memory_budget, loss_type)
     if inputs.ref_hidden is not None:
@@ -502,7 +506,7 @@ def _reference_logps(inputs, layout, average, memory_budget, par):
     ref_bias = None if inputs.ref_bias is None else inputs.ref_bias.detach()
     loop = engine.ChunkLoop(_flat(inputs.ref_hidden.detach()), inputs.ref_weight.detach(), ref_bias, layout, plan,
                             pass_fn=par.pass_fn)
-    return engine.forward_logps(loop, inputs.positions.num_seqs, average)
+    return engine.forward_logps(loop, layout.counts.numel(), average)
 
 
 def _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps) -> DPOOutput:

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from dpo_kernels.fused_linear import fp32_gemm
 from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass_torch
+from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions
 from dpo_kernels.fused_linear.plan import StepPlan, TokenLayout
 
 # fp32-result GEMMs on CUDA: `(mm with out_dtype, addmm into an fp32 result)` both supported.
@@ -231,6 +232,12 @@ def plan_pairs(plan: StepPlan) -> list:
     return pairs
 
 
+class _OneProcessLauncherPass(HeadParallel):
+    """No process group, and each chunk's pass allocating what its Triton launcher allocates (`launcher_pass`)."""
+
+    pass_fn = staticmethod(launcher_pass)
+
+
 def dry_run(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype,
             loss_type: str = "sigmoid", pair_lengths=None, fp32_gemm_support=CUDA_OUT_DTYPE) -> Trace:
     """The trace of one `fused_linear_dpo` forward + backward that runs `plan`, on meta tensors.
@@ -253,7 +260,7 @@ def dry_run(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, dtyp
         loss_fn = functools.partial(dpo_loss_and_grads, loss_type=loss_type, chosen_lengths=layout.counts[:B],
                                     rejected_lengths=layout.counts[B:])
         run = functional._DPORun(layout, plan, B, False, loss_fn, token_stats=False, grad_enabled=True,
-                                 pass_fn=launcher_pass)
+                                 par=_OneProcessLauncherPass(ParallelOptions(), shift=False))
         functional.FusedLinearDPOFunction.apply(hidden, weight, None, run).backward()
         del layout, loss_fn, run
     return trace
