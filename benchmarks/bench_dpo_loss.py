@@ -22,6 +22,7 @@ def test_dpo_loss(dpo_step, provider, size):
 def _steps(batch, device):
     import dpo_kernels
     from dpo_kernels.bench.providers.loss import _eager_loss
+    from dpo_kernels.loss_op.spec import check_loss_settings, op_params
 
     g = torch.Generator().manual_seed(0)
     rc = -torch.rand(batch, generator=g) * 100 - 5
@@ -31,6 +32,7 @@ def _steps(batch, device):
     rc, rr, pc, pr = (t.to(device) for t in (rc, rr, pc, pr))
     pc.requires_grad_(), pr.requires_grad_()
     op = torch.ops.dpo_kernels.dpo_loss_forward.default
+    params = op_params(check_loss_settings("sigmoid", beta=0.1))
 
     def zero():
         pc.grad = pr.grad = None
@@ -41,7 +43,7 @@ def _steps(batch, device):
 
     def raw_op():
         zero()
-        op(pc, pr, rc, rr, None, None, (0,), (1.0,), (0.0,), 0.1, 0.5, 0.05, 50.0)[0].backward()
+        op(pc, pr, rc, rr, None, None, (0,), params)[0].backward()
 
     def eager():
         zero()

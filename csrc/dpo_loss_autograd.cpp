@@ -56,9 +56,7 @@ DpoLossResult dpo_loss_forward_autograd(const at::Tensor& policy_chosen, const a
                                         const std::optional<at::Tensor>& ref_rejected,
                                         const std::optional<at::Tensor>& chosen_lengths,
                                         const std::optional<at::Tensor>& rejected_lengths,
-                                        at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
-                                        at::ArrayRef<double> label_smoothing, double beta, double gamma, double tau,
-                                        double dpop_lambda, bool average) {
+                                        at::IntArrayRef loss_types, at::ArrayRef<double> params, bool average) {
   // The same op below the Autograd key: the CPU or CUDA kernel.
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("dpo_kernels::dpo_loss_forward", "")
@@ -67,7 +65,7 @@ DpoLossResult dpo_loss_forward_autograd(const at::Tensor& policy_chosen, const a
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     out = op.call(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                  loss_types, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda, average);
+                  loss_types, params, average);
   }
   // Without grad mode or a policy input that requires grad (reference model, eval, dpo_loss_and_grads) no node is
   // built. Reference log-probs and lengths are constants: a gradient never flows into them.

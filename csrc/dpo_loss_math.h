@@ -79,6 +79,36 @@ enum LossType : int {
 
 constexpr int kMaxTerms = 16;
 
+// The index of each name in dpo_kernels/loss_op/loss_types.py HYPER_PARAMS: each loss term's row of the op's
+// `params` lists its hyper-parameters in this order (tests/loss_op/test_loss_types.py checks that the two agree,
+// through hyper_param_name). Every term has every hyper-parameter; one that is not per loss type (beta, gamma, ...)
+// repeats the call's one value in every row.
+enum HyperParam : int {
+  kBeta = 0,
+  kLabelSmoothing,
+  kLossWeights,
+  kGamma,
+  kTau,
+  kDpopLambda,
+  kNumHyperParams
+};
+
+// The name HYPER_PARAMS gives each enumerator, exposed by the extension (`dpo_kernels._C.hyper_param_names`) for
+// the test that compares the orders; nullptr for an enumerator without a name (the switch has no default, so that
+// -Wswitch flags it at build time too).
+inline const char* hyper_param_name(HyperParam p) {
+  switch (p) {
+    case kBeta: return "beta";
+    case kLabelSmoothing: return "label_smoothing";
+    case kLossWeights: return "loss_weights";
+    case kGamma: return "gamma";
+    case kTau: return "tau";
+    case kDpopLambda: return "dpop_lambda";
+    case kNumHyperParams: break;
+  }
+  return nullptr;
+}
+
 template <typename T>
 struct DpoLossArgs {
   int64_t batch;
@@ -90,9 +120,7 @@ struct DpoLossArgs {
   const T* rejected_lengths;
   int num_terms;
   int types[kMaxTerms];
-  T weights[kMaxTerms];
-  T smoothing[kMaxTerms];
-  T beta, gamma, tau, dpop_lambda;
+  T params[kMaxTerms][kNumHyperParams];  // params[term][kGamma]: the term's gamma; beta is one for every term
   // Batch-coupled inputs, prepared by the host code (sorts and sums) before the launch; null when unused.
   const T* aot_sorted_policy;    // sort(pc - pr)
   const T* aot_sorted_ref;       // sort(rc - rr)
@@ -184,8 +212,8 @@ DPO_HD T norm_len(const DpoLossArgs<T>& a, const T* lengths, int64_t p) {
 // position the pair landed on, and `dc`/`dr` already include the 1/B of the mean (flag `already_mean`).
 template <typename T>
 DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T& dc, T& dr, bool& already_mean) {
-  const T beta = a.beta;
-  const T eps = a.smoothing[term];
+  const T beta = a.params[term][kBeta];
+  const T eps = a.params[term][kLabelSmoothing];
   const T pc = a.policy_chosen[p], pr = a.policy_rejected[p];
   const T rc = a.ref_chosen ? a.ref_chosen[p] : T(0);
   const T rr = a.ref_rejected ? a.ref_rejected[p] : T(0);
@@ -288,7 +316,7 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
       return;
     }
     case kDiscopop: {
-      const T tau = a.tau;
+      const T tau = a.params[term][kTau];
       const T m = sigmoid(z / tau), mn = sigmoid(-z / tau);
       const T ls = log_sigmoid(z);
       // exp(-z) * m as exp(logsig(z/tau) - z): finite where exp(-z) alone overflows but m has underflowed.
@@ -308,17 +336,18 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
     }
     case kSimpo: {
       const T lc = norm_len(a, a.chosen_lengths, p), lr = norm_len(a, a.rejected_lengths, p);
-      const Term<T> t = smoothed_logistic(beta * (pc / lc - pr / lr) - a.gamma, eps);
+      const Term<T> t = smoothed_logistic(beta * (pc / lc - pr / lr) - a.params[term][kGamma], eps);
       value = t.value, dc = beta * t.dz / lc, dr = -beta * t.dz / lr;
       return;
     }
     case kDpop: {
+      const T lambda = a.params[term][kDpopLambda];
       const T x = rc - pc;
-      const T zp = beta * (c - r - a.dpop_lambda * relu(x));
+      const T zp = beta * (c - r - lambda * relu(x));
       value = -log_sigmoid(zp);
       const T g = -sigmoid(-zp) * beta;
       // relu's derivative at 0 is taken as 0, as torch.relu's backward does.
-      dc = g * (T(1) + (x > T(0) ? a.dpop_lambda : T(0))), dr = -g;
+      dc = g * (T(1) + (x > T(0) ? lambda : T(0))), dr = -g;
       return;
     }
     default:
@@ -337,7 +366,7 @@ DPO_HD T dpo_pair(const DpoLossArgs<T>& a, int64_t p, bool& correct, T& margin) 
     T value, dc, dr;
     bool already_mean;
     loss_term(a, term, p, value, dc, dr, already_mean);
-    const T w = a.weights[term];
+    const T w = a.params[term][kLossWeights];
     const T scale = already_mean ? w : w * inv_b;
     total += w * value;
     gc += scale * dc;
@@ -345,8 +374,9 @@ DPO_HD T dpo_pair(const DpoLossArgs<T>& a, int64_t p, bool& correct, T& margin) 
   }
   const T rc = a.ref_chosen ? a.ref_chosen[p] : T(0);
   const T rr = a.ref_rejected ? a.ref_rejected[p] : T(0);
-  const T chosen_reward = a.beta * (a.policy_chosen[p] - rc);
-  const T rejected_reward = a.beta * (a.policy_rejected[p] - rr);
+  const T beta = a.params[0][kBeta];
+  const T chosen_reward = beta * (a.policy_chosen[p] - rc);
+  const T rejected_reward = beta * (a.policy_rejected[p] - rr);
   a.losses[p] = total;
   a.chosen_rewards[p] = chosen_reward;
   a.rejected_rewards[p] = rejected_reward;

@@ -44,9 +44,15 @@ DpoLossBuffers prepare_dpo_loss(const DpoLossInputs& in) {
   const int64_t num_terms = static_cast<int64_t>(in.loss_types.size());
   TORCH_CHECK(num_terms >= 1 && num_terms <= kMaxTerms, "dpo_loss: between 1 and ", kMaxTerms,
               " loss types, got ", num_terms);
-  TORCH_CHECK(static_cast<int64_t>(in.loss_weights.size()) == num_terms &&
-                  static_cast<int64_t>(in.label_smoothing.size()) == num_terms,
-              "dpo_loss: loss_weights and label_smoothing need one entry per loss type");
+  TORCH_CHECK(static_cast<int64_t>(in.params.size()) == num_terms * kNumHyperParams, "dpo_loss: params needs ",
+              kNumHyperParams, " hyper-parameters per loss type (HYPER_PARAMS' order), got ", in.params.size(),
+              " values for ", num_terms, " loss types");
+  // The rewards and metrics are of the call, not of a term: they read one beta.
+  for (int64_t t = 1; t < num_terms; ++t) {
+    TORCH_CHECK(in.params[t * kNumHyperParams + kBeta] == in.params[kBeta],
+                "dpo_loss: beta must be the same for every loss type, got ", in.params[kBeta], " and ",
+                in.params[t * kNumHyperParams + kBeta]);
+  }
   for (int64_t t : in.loss_types) {
     TORCH_CHECK(t >= 0 && t < kNumLossTypes, "dpo_loss: unknown loss type code ", t);
   }
@@ -117,13 +123,10 @@ DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, const DpoLossInputs& in) {
   a.num_terms = static_cast<int>(in.loss_types.size());
   for (int i = 0; i < a.num_terms; ++i) {
     a.types[i] = static_cast<int>(in.loss_types[i]);
-    a.weights[i] = static_cast<T>(in.loss_weights[i]);
-    a.smoothing[i] = static_cast<T>(in.label_smoothing[i]);
+    for (int k = 0; k < kNumHyperParams; ++k) {
+      a.params[i][k] = static_cast<T>(in.params[i * kNumHyperParams + k]);
+    }
   }
-  a.beta = static_cast<T>(in.beta);
-  a.gamma = static_cast<T>(in.gamma);
-  a.tau = static_cast<T>(in.tau);
-  a.dpop_lambda = static_cast<T>(in.dpop_lambda);
   a.aot_sorted_policy = ptr_or_null<T>(b.aot_sorted_policy);
   a.aot_sorted_ref = ptr_or_null<T>(b.aot_sorted_ref);
   a.aot_rank = ptr_or_null<int64_t>(b.aot_rank);
@@ -178,10 +181,11 @@ DpoLossBackwardArgs prepare_dpo_loss_backward(const at::Tensor& grad_loss, const
 
 TORCH_LIBRARY(dpo_kernels, m) {
   // One call: the batch-mean loss and its per-pair terms, the rewards and metrics, and dloss/dlogp per sequence.
+  // `params` holds every hyper-parameter of each loss type in turn, each row in the order of enum HyperParam
+  // (dpo_loss_math.h), which is HYPER_PARAMS' order.
   m.def(
       "dpo_loss_forward(Tensor policy_chosen, Tensor policy_rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
-      "Tensor? chosen_lengths, Tensor? rejected_lengths, int[] loss_types, float[] loss_weights, "
-      "float[] label_smoothing, float beta, float gamma, float tau, float dpop_lambda, bool average=False) -> "
+      "Tensor? chosen_lengths, Tensor? rejected_lengths, int[] loss_types, float[] params, bool average=False) -> "
       "(Tensor loss, Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor reward_accuracy, "
       "Tensor reward_margin, Tensor grad_chosen, Tensor grad_rejected)");
   // The backward of dpo_loss_forward: grad_loss (a scalar) times the saved coefficients, in one launch.

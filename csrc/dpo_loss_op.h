@@ -36,9 +36,7 @@ struct DpoLossInputs {
   const std::optional<at::Tensor>& chosen_lengths;
   const std::optional<at::Tensor>& rejected_lengths;
   at::IntArrayRef loss_types;
-  at::ArrayRef<double> loss_weights;
-  at::ArrayRef<double> label_smoothing;
-  double beta, gamma, tau, dpop_lambda;
+  at::ArrayRef<double> params;  // [len(loss_types) * kNumHyperParams]: each term's row in enum HyperParam order
   bool average;
 };
 
@@ -75,12 +73,11 @@ DpoLossResult dpo_loss_forward_on(const at::Tensor& policy_chosen, const at::Ten
                                   const std::optional<at::Tensor>& ref_rejected,
                                   const std::optional<at::Tensor>& chosen_lengths,
                                   const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
-                                  at::ArrayRef<double> loss_weights, at::ArrayRef<double> label_smoothing,
-                                  double beta, double gamma, double tau, double dpop_lambda, bool average) {
+                                  at::ArrayRef<double> params, bool average) {
   check_on_device<Device>(policy_chosen, "dpo_loss_forward");
   const typename Device::Guard guard(policy_chosen.device());
   const DpoLossInputs in{policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                         loss_types, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda, average};
+                         loss_types, params, average};
   DpoLossBuffers b = prepare_dpo_loss(in);
   if (b.policy_chosen.scalar_type() == at::kDouble) {
     Device::forward(make_dpo_loss_args<double>(b, in), b.policy_chosen.options());

@@ -77,9 +77,10 @@ def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
     return loss - torch.nn.functional.logsigmoid(-z) * eps if eps != 0 else loss
 
 
-def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average):
+def _pair_loss(name, params, pc, pr, rc, rr, lc, lr, average):
+    """One term's per-pair loss `[B]`; `params` maps every name of `HYPER_PARAMS` to the term's value."""
     logsigmoid = torch.nn.functional.logsigmoid
-    beta = spec.beta
+    beta, eps = params["beta"], params["label_smoothing"]
     chosen, rejected = pc - rc, pr - rr
     delta = chosen - rejected
     if name == "sigmoid":
@@ -120,9 +121,10 @@ def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average):
         return torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * delta))
     if name == "discopop":
         z = beta * delta
-        mix = torch.sigmoid(z / spec.tau)
+        tau = params["tau"]
+        mix = torch.sigmoid(z / tau)
         # TRL writes exp(-z) * mix, which is inf * 0 = NaN once exp(-z) overflows; this is the same value, finite.
-        return -logsigmoid(z) * (1 - mix) + torch.exp(logsigmoid(z / spec.tau) - z)
+        return -logsigmoid(z) * (1 - mix) + torch.exp(logsigmoid(z / tau) - z)
     if name == "sigmoid_norm":
         d = chosen / nc - rejected / nr
         return -logsigmoid(beta * d)
@@ -130,9 +132,9 @@ def _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average):
         token_sum = (pc * lc).sum() if average else pc.sum()
         return (-token_sum / lc.sum().clamp(min=1.0)).expand(pc.shape[0])
     if name == "simpo":
-        return _smoothed_logistic(beta * (pc / nc - pr / nr) - spec.gamma, eps)
+        return _smoothed_logistic(beta * (pc / nc - pr / nr) - params["gamma"], eps)
     if name == "dpop":
-        return -logsigmoid(beta * (delta - spec.dpop_lambda * torch.relu(rc - pc)))
+        return -logsigmoid(beta * (delta - params["dpop_lambda"] * torch.relu(rc - pc)))
     raise AssertionError(name)
 
 
@@ -172,10 +174,10 @@ def dpo_loss(
 
     loss = 0.0
     losses = torch.zeros_like(pc)
-    for name, weight, eps in zip(spec.loss_types, spec.loss_weights, spec.label_smoothing, strict=True):
-        per_pair = _pair_loss(name, eps, spec, pc, pr, rc, rr, lc, lr, average)
-        loss = loss + per_pair.mean() * weight
-        losses = losses + per_pair.detach() * weight
+    for name, params in zip(spec.loss_types, spec.terms, strict=True):
+        per_pair = _pair_loss(name, params, pc, pr, rc, rr, lc, lr, average)
+        loss = loss + per_pair.mean() * params["loss_weights"]
+        losses = losses + per_pair.detach() * params["loss_weights"]
 
     chosen_rewards = spec.beta * (pc - rc).detach()
     rejected_rewards = spec.beta * (pr - rr).detach()

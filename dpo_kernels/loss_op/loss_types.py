@@ -1,8 +1,9 @@
 """The one table of DPO loss types: every fact about a loss that code anywhere in the package needs.
 
-The order of `LOSSES` is the integer code the C++ op receives (`csrc/dpo_loss_math.h`, `enum LossType`); a test
-checks that the two agree. Adding a loss type touches this table, `csrc/dpo_loss_math.h` and
-`dpo_kernels/reference.py`, nothing else (docs/design.md, "Adding a loss type").
+The order of `LOSSES` is the integer code the C++ op receives (`csrc/dpo_loss_math.h`, `enum LossType`), and the
+order of `HYPER_PARAMS` the order in which it reads each loss type's hyper-parameters (`enum HyperParam`); tests
+check that both agree. Adding a loss type touches this table, `csrc/dpo_loss_math.h` and `dpo_kernels/reference.py`;
+adding a hyper-parameter touches those and the trainer's config, nothing else (docs/design.md, "Adding a loss type").
 """
 import math
 from collections.abc import Mapping, Sequence
@@ -65,7 +66,8 @@ class HyperParam(NamedTuple):
 
 _PROBABILITY = Range(0.0, 1.0)
 # Every hyper-parameter `dpo_loss` takes besides the tensors and `loss_type`. `beta` and `loss_weights` apply to
-# every loss; the others only to the losses that list them in `LossInfo.params`.
+# every loss; the others only to the losses that list them in `LossInfo.params`. The op receives every one for every
+# loss type, in this order (`enum HyperParam` in csrc/dpo_loss_math.h): append a new one at the end.
 HYPER_PARAMS: dict[str, HyperParam] = {
     "beta": HyperParam(0.1, "the KL coefficient scaling every log-ratio (IPO's tau, SimPO's beta)",
                        Range(0.0, low_open=True)),

@@ -42,8 +42,7 @@ _forward_op = torch.ops.dpo_kernels.dpo_loss_forward.default
 # Python between the op's forward and backward; torch.compile needs only the fake (shape) functions here.
 @torch.library.register_fake(_FORWARD_NAME)
 def _dpo_loss_forward_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                           rejected_lengths, loss_types, loss_weights, label_smoothing, beta, gamma, tau,
-                           dpop_lambda, average=False):
+                           rejected_lengths, loss_types, params, average=False):
     scalar = policy_chosen.new_empty(())
     vector = torch.empty_like(policy_chosen, memory_format=torch.contiguous_format)
     return (scalar, vector, vector.clone(), vector.clone(), scalar.clone(), scalar.clone(), vector.clone(),

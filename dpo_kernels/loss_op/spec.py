@@ -5,6 +5,7 @@ Kept free of the extension so that `dpo_kernels.reference` imports without `dpo_
 import math
 import numbers
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -20,8 +21,6 @@ from dpo_kernels.loss_op.loss_types import (
 
 # `dpo_loss`'s `**loss_params`: every hyper-parameter but the two it names, `beta` and `label_smoothing`.
 LOSS_PARAM_NAMES = tuple(name for name in HYPER_PARAMS if name not in ("beta", "label_smoothing"))
-# The ones that take one value for the whole call (gamma, tau, dpop_lambda), as LossSpec and the op hold them.
-_SHARED_PARAMS = tuple(name for name in LOSS_PARAM_NAMES if not HYPER_PARAMS[name].per_loss)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -51,15 +50,24 @@ class LossTraits(NamedTuple):
 
 
 class LossSpec(NamedTuple):
-    """Validated, normalized hyper-parameters of one call."""
+    """Validated, normalized hyper-parameters of one call.
+
+    loss_types: the loss names, one per term.
+    terms:      one mapping per term, from every name of `HYPER_PARAMS` (in its order) to the float the term reads;
+                a hyper-parameter that is not per loss type has the call's one value in every term.
+    """
 
     loss_types: tuple
-    loss_weights: tuple
-    label_smoothing: tuple
-    beta: float
-    gamma: float
-    tau: float
-    dpop_lambda: float
+    terms: tuple
+
+    @property
+    def beta(self) -> float:
+        """The call's one beta (every term has the same), which the rewards read."""
+        return self.terms[0]["beta"]
+
+    def values(self, name: str) -> tuple:
+        """The hyper-parameter `name` of each term, in term order."""
+        return tuple(term[name] for term in self.terms)
 
 
 def loss_traits(loss_type) -> LossTraits:
@@ -91,8 +99,7 @@ def check_loss_settings(loss_type, *, beta=HYPER_PARAMS["beta"].default,
     Args:
         loss_type: a name of `LOSS_TYPES` or a non-empty list of them.
         beta, label_smoothing: as `dpo_kernels.dpo_loss` (label_smoothing: one value or one per loss type).
-        loss_params: a dict of `dpo_loss`'s other keyword hyper-parameters (`loss_weights`, `gamma`, `tau`,
-            `dpop_lambda`), or None.
+        loss_params: a dict of `dpo_loss`'s other keyword hyper-parameters (names of `LOSS_PARAM_NAMES`), or None.
     Returns:
         the normalized `LossSpec`. Raises ValueError naming the setting (and the loss type that rejects it).
     """
@@ -104,18 +111,28 @@ def check_loss_settings(loss_type, *, beta=HYPER_PARAMS["beta"].default,
     beta = _real("beta", beta)
     if not HYPER_PARAMS["beta"].valid.contains(beta):
         raise ValueError(f"beta = {beta} is invalid: needs {HYPER_PARAMS['beta'].valid.describe('beta')}")
-    weights = _per_loss("loss_weights", loss_params.get("loss_weights"), len(names))
-    smoothing = _per_loss("label_smoothing", label_smoothing, len(names))
-    shared = {name: _real(name, loss_params.get(name, HYPER_PARAMS[name].default)) for name in _SHARED_PARAMS}
-    for index, name in enumerate(names):
-        # label_smoothing is per loss type, the others are shared by every term.
-        values = {**shared, "label_smoothing": smoothing[index]}
+    given = {**loss_params, "beta": beta, "label_smoothing": label_smoothing}
+    # Each hyper-parameter's value in every term: a per-loss one may differ between terms, the others repeat.
+    per_term = {}
+    for param, info in HYPER_PARAMS.items():
+        value = given.get(param, info.default)
+        per_term[param] = (_per_loss(param, value, len(names)) if info.per_loss
+                           else (_real(param, value),) * len(names))
+    terms = tuple(MappingProxyType({param: values[index] for param, values in per_term.items()})
+                  for index in range(len(names)))
+    for name, term in zip(names, terms, strict=True):
         for param, valid in LOSSES[name].params.items():
-            if not valid.contains(values[param]):
+            if not valid.contains(term[param]):
                 note = f" ({valid.note})" if valid.note else ""
-                raise ValueError(f"{param} = {values[param]} is invalid for loss_type {name!r}: needs "
+                raise ValueError(f"{param} = {term[param]} is invalid for loss_type {name!r}: needs "
                                  f"{valid.describe(param)}{note}")
-    return LossSpec(names, weights, smoothing, beta, shared["gamma"], shared["tau"], shared["dpop_lambda"])
+    return LossSpec(names, terms)
+
+
+def op_params(spec: LossSpec) -> tuple:
+    """The C++ op's `params`: every term's hyper-parameters in turn, each in `HYPER_PARAMS`' order, which is the order
+    of `enum HyperParam` in csrc/dpo_loss_math.h (a test checks that the two agree)."""
+    return tuple(term[param] for term in spec.terms for param in HYPER_PARAMS)
 
 
 def validate_spec(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths, loss_params) -> LossSpec:
@@ -139,7 +156,7 @@ def check_average(average) -> bool:
 class OpConstants(NamedTuple):
     """The C++ op's non-tensor arguments for one validated spec, and which lengths its terms read."""
 
-    op_args: tuple  # (loss_type codes, loss_weights, label_smoothing, beta, gamma, tau, dpop_lambda)
+    op_args: tuple  # (loss_type codes, params)
     reads_chosen_lengths: bool
     reads_rejected_lengths: bool
 
@@ -168,8 +185,7 @@ def _build_op_constants(loss_type, beta, label_smoothing, has_chosen_lengths, ha
     spec = validate_spec(loss_type, beta, label_smoothing, True if has_chosen_lengths else None,
                          True if has_rejected_lengths else None, loss_params)
     infos = [LOSSES[name] for name in spec.loss_types]
-    op_args = (tuple(LOSS_TYPES.index(name) for name in spec.loss_types), spec.loss_weights, spec.label_smoothing,
-               spec.beta, spec.gamma, spec.tau, spec.dpop_lambda)
+    op_args = (tuple(LOSS_TYPES.index(name) for name in spec.loss_types), op_params(spec))
     return OpConstants(op_args, any(i.needs_chosen_lengths for i in infos),
                        any(i.needs_rejected_lengths for i in infos))
 

@@ -13,7 +13,7 @@ from dpo_kernels.loss_op.loss_types import (
     hyper_param_help,
     loss_type_help,
 )
-from dpo_kernels.loss_op.spec import LOSS_PARAM_NAMES, check_loss_settings, validate_spec
+from dpo_kernels.loss_op.spec import LOSS_PARAM_NAMES, check_loss_settings, op_params, validate_spec
 from tests.helpers import REPO_ROOT
 
 
@@ -94,15 +94,43 @@ def test_check_loss_settings_names_the_setting(settings, message):
 def test_check_loss_settings_defaults_come_from_the_table():
     spec = check_loss_settings(["sigmoid", "hinge"])
     assert spec.beta == HYPER_PARAMS["beta"].default
-    assert spec.loss_weights == (HYPER_PARAMS["loss_weights"].default,) * 2
-    assert spec.label_smoothing == (HYPER_PARAMS["label_smoothing"].default,) * 2
-    assert (spec.gamma, spec.tau, spec.dpop_lambda) == tuple(HYPER_PARAMS[n].default
-                                                             for n in ("gamma", "tau", "dpop_lambda"))
+    for term in spec.terms:
+        assert tuple(term) == tuple(HYPER_PARAMS)
+        assert dict(term) == {name: param.default for name, param in HYPER_PARAMS.items()}
     assert set(LOSS_PARAM_NAMES) == set(HYPER_PARAMS) - {"beta", "label_smoothing"}
 
 
 def test_a_scalar_loss_weight_applies_to_every_term():
-    assert check_loss_settings(["sigmoid", "hinge"], loss_params={"loss_weights": 0.5}).loss_weights == (0.5, 0.5)
+    assert check_loss_settings(["sigmoid", "hinge"], loss_params={"loss_weights": 0.5}).values("loss_weights") == (
+        0.5, 0.5)
+
+
+def test_op_params_are_each_terms_row_in_table_order():
+    spec = check_loss_settings(["simpo", "dpop"], beta=0.3, label_smoothing=[0.1, 0.0],
+                               loss_params={"loss_weights": [1.0, 2.0], "gamma": 0.7, "dpop_lambda": 9.0})
+    rows = [dict(beta=0.3, label_smoothing=0.1, loss_weights=1.0, gamma=0.7, tau=HYPER_PARAMS["tau"].default,
+                 dpop_lambda=9.0),
+            dict(beta=0.3, label_smoothing=0.0, loss_weights=2.0, gamma=0.7, tau=HYPER_PARAMS["tau"].default,
+                 dpop_lambda=9.0)]
+    assert op_params(spec) == tuple(row[name] for row in rows for name in HYPER_PARAMS)
+
+
+def test_cpp_hyper_param_order_matches_the_table():
+    """The op reads each term's row of `params` by `enum HyperParam` (csrc/dpo_loss_math.h); the compiled extension
+    reports the name of each enumerator in that order (`hyper_param_name`)."""
+    from dpo_kernels import _C
+
+    header = (REPO_ROOT / "csrc" / "dpo_loss_math.h").read_text()
+    body = re.search(r"enum HyperParam\s*:\s*int\s*\{(.*?)\};", header, re.S)
+    assert body, "enum HyperParam not found in csrc/dpo_loss_math.h"
+    entries = [entry.strip() for entry in body.group(1).split(",") if entry.strip()]
+    assert re.fullmatch(r"k\w+\s*=\s*0", entries[0]) and not any("=" in e for e in entries[1:]), (
+        "the enumerators must count from 0")
+    names = [re.match(r"k(\w+)", entry).group(1) for entry in entries]
+    assert tuple(_snake_case(n) for n in names) == tuple(HYPER_PARAMS) + ("num_hyper_params",)
+    assert _C.hyper_param_names() == tuple(HYPER_PARAMS), (
+        "hyper_param_name names an enumerator wrongly, or the extension is stale (`python setup.py build_ext "
+        "--inplace`)")
 
 
 def test_lengths_are_checked_only_with_tensors():

@@ -11,11 +11,20 @@ import torch
 import dpo_kernels
 from dpo_kernels import reference
 from dpo_kernels.loss_op.op import LOSS_TYPES
+from dpo_kernels.loss_op.spec import check_loss_settings, op_params
 from tests.helpers import DEVICES, REPO_ROOT, SMOOTHED
 
 ROOT = str(REPO_ROOT)
 # The op's integer code of each loss type (its index in the table).
 CODE = {name: code for code, name in enumerate(LOSS_TYPES)}
+
+
+def _params(codes, **settings):
+    """The op's `params` for the loss types `codes`: `settings` as `dpo_loss` takes them, the table's defaults else."""
+    beta = settings.pop("beta", 0.1)
+    label_smoothing = settings.pop("label_smoothing", 0.0)
+    return op_params(check_loss_settings([LOSS_TYPES[c] for c in codes], beta=beta, label_smoothing=label_smoothing,
+                                         loss_params=settings))
 
 
 def _inputs(batch, dtype=torch.float64, device="cpu"):
@@ -39,8 +48,9 @@ def test_opcheck(loss_types, device):
     pc, pr, rc, rr, lc, lr = _inputs(11, torch.float32, device)
     smoothing = [SMOOTHED.get(LOSS_TYPES[i], 0.0) for i in loss_types]
     weights = [1.0 + 0.5 * k for k in range(len(loss_types))]
-    args = (pc.requires_grad_(), pr.requires_grad_(), rc, rr, lc, lr, loss_types, weights, smoothing, 0.1, 0.5,
-            0.05, 50.0)
+    params = _params(loss_types, loss_weights=weights, label_smoothing=smoothing, gamma=0.7, tau=0.2,
+                     dpop_lambda=30.0)
+    args = (pc.requires_grad_(), pr.requires_grad_(), rc, rr, lc, lr, loss_types, params)
     torch.library.opcheck(torch.ops.dpo_kernels.dpo_loss_forward, args)
 
 
@@ -49,8 +59,7 @@ def test_opcheck_reference_free(average):
     pc, pr, _, _, lc, lr = _inputs(5, torch.float32)
     types = [CODE["sft"], CODE["sigmoid"]]
     torch.library.opcheck(torch.ops.dpo_kernels.dpo_loss_forward,
-                          (pc.requires_grad_(), pr, None, None, lc, None, types, [1.0, 1.0], [0.0, 0.0], 0.1, 0.5,
-                           0.05, 50.0, average))
+                          (pc.requires_grad_(), pr, None, None, lc, None, types, _params(types), average))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -88,8 +97,8 @@ def test_autograd_runs_in_cpp(dtype):
     assert "DpoLossFunction" in node.name(), node.name()
     for name in ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin", "losses"):
         assert not getattr(out, name).requires_grad, name
-    raw = torch.ops.dpo_kernels.dpo_loss_forward(pc.float(), pr.float(), rc.float(), rr.float(), None, None, [6],
-                                                 [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+    raw = torch.ops.dpo_kernels.dpo_loss_forward(pc.float(), pr.float(), rc.float(), rr.float(), None, None,
+                                                 [CODE["bco_pair"]], _params([CODE["bco_pair"]]))
     with pytest.raises(RuntimeError, match="does not require grad"):
         raw[1].sum().backward()
     (out.loss * 2.5).backward()
@@ -261,12 +270,36 @@ def test_bad_input_raises_value_error(case, fn):
 def test_raw_op_checks_its_arguments():
     pc, pr, rc, rr, lc, lr = _inputs(4, torch.float32)
     op = torch.ops.dpo_kernels.dpo_loss_forward
+    sigmoid = [CODE["sigmoid"]]
     with pytest.raises(RuntimeError, match="dtype"):
-        op(pc, pr, rc.double(), rr, None, None, [CODE["sigmoid"]], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+        op(pc, pr, rc.double(), rr, None, None, sigmoid, _params(sigmoid))
     with pytest.raises(RuntimeError, match="length-normalized"):
-        op(pc, pr, rc, rr, None, None, [CODE["ipo"]], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+        op(pc, pr, rc, rr, None, None, [CODE["ipo"]], _params([CODE["ipo"]]))
     with pytest.raises(RuntimeError, match="unknown loss type code"):
-        op(pc, pr, rc, rr, None, None, [99], [1.0], [0.0], 0.1, 0.5, 0.05, 50.0)
+        op(pc, pr, rc, rr, None, None, [99], _params(sigmoid))
+    with pytest.raises(RuntimeError, match="hyper-parameters per loss type"):
+        op(pc, pr, rc, rr, None, None, sigmoid, _params(sigmoid)[:-1])
+    with pytest.raises(RuntimeError, match="hyper-parameters per loss type"):
+        op(pc, pr, rc, rr, None, None, sigmoid * 2, _params(sigmoid))
+    two = list(_params(sigmoid * 2))
+    two[len(two) // 2] *= 2  # the second term's beta: the rewards read one
+    with pytest.raises(RuntimeError, match="beta must be the same"):
+        op(pc, pr, rc, rr, None, None, sigmoid * 2, two)
+
+
+def test_raw_op_reads_each_terms_hyper_parameters():
+    """Two terms of one loss type with different gamma, label_smoothing and weight: each reads its own row of
+    `params`, so the pair of terms gives the sum of the two single-term calls (each weighted by its row)."""
+    pc, pr, rc, rr, lc, lr = _inputs(8, torch.float64)
+    op = torch.ops.dpo_kernels.dpo_loss_forward
+    simpo = CODE["simpo"]
+    rows = [dict(gamma=0.3, label_smoothing=0.1, loss_weights=0.5), dict(gamma=1.2, label_smoothing=0.0,
+                                                                        loss_weights=2.0)]
+    both = op(pc, pr, rc, rr, lc, lr, [simpo, simpo], sum((_params([simpo], **row) for row in rows), ()))
+    single = [op(pc, pr, rc, rr, lc, lr, [simpo], _params([simpo], **row)) for row in rows]
+    assert not torch.allclose(single[0][0], single[1][0])
+    for output in (0, 1, 6, 7):  # loss, losses, grad_chosen, grad_rejected
+        torch.testing.assert_close(both[output], single[0][output] + single[1][output], rtol=1e-12, atol=0)
 
 
 def _nvcc():
