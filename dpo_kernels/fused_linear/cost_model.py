@@ -1,6 +1,6 @@
 """FLOP and HBM-byte model of one fused linear DPO step on a GPU, from the engine's own trace of the plan it runs.
 
-`plan_cost` records the engine's run of a `plan.StepPlan` on meta tensors (`trace.dry_run`: the engine's code and
+`plan_cost` records the engine's run of a `plan.StepPlan` on meta tensors (`dry_run.dry_run`: the engine's code and
 mode functions, without memory or arithmetic) and lists every kernel the engine reports, each kernel that touches
 `[C, V]`, `[V, H]` or `[n, H]` data: the logits GEMM, the logsoftmax pass, the hidden-state and weight-gradient
 GEMMs, the fp32 hidden-state product's scaling and rounding, the gather and scatter of hidden rows, the
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dpo_kernels.fused_linear.dry_run import dry_run
 from dpo_kernels.fused_linear.logsoftmax_pass import pass_grid
 from dpo_kernels.fused_linear.memory_model import DTYPE_OF_ITEMSIZE
 from dpo_kernels.fused_linear.plan import StepPlan, plan_dpo_step
-from dpo_kernels.fused_linear.trace import Call, Elementwise, Gemm, Pass, dry_run
+from dpo_kernels.fused_linear.trace import Call, Elementwise, Gemm, Pass
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _pass_bytes(p: Pass, device: Device) -> int:
 def plan_cost(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, itemsize: int,
               device: Device = H200, loss_type: str = "sigmoid", pair_lengths=None) -> StepCost:
     """The kernels of one forward + backward that runs `plan`, from the engine's trace of it (see the module
-    docstring); `pair_lengths` default to `trace.plan_pairs(plan)`."""
+    docstring); `pair_lengths` default to `dry_run.plan_pairs(plan)`."""
     events = dry_run(plan, hidden_rows, hidden_size, vocab, DTYPE_OF_ITEMSIZE[itemsize], loss_type,
                      pair_lengths).events
     kernels, loss_calls = [], 0

@@ -48,7 +48,7 @@ def _probe(device: torch.device, dtype: torch.dtype):
 @contextlib.contextmanager
 def assume_support(device: torch.device, dtype: torch.dtype, support: tuple):
     """Within the block the probe answers `support`, `(mm works, accumulate works)`, for `device` and `dtype`: a dry
-    run on "meta" tensors (`trace.dry_run`) takes the branch of the device it models."""
+    run on "meta" tensors (`dry_run.dry_run`) takes the branch of the device it models."""
     key = (torch.device(device), dtype)
     saved = _PROBED.get(key)
     _PROBED[key] = tuple(support)

@@ -1,6 +1,6 @@
 """Byte model of the fused linear DPO step: the peak extra memory of one forward + backward.
 
-`plan_peak_bytes` records the engine's own run of a `plan.StepPlan` on meta tensors (`trace.dry_run`: the engine's
+`plan_peak_bytes` records the engine's own run of a `plan.StepPlan` on meta tensors (`dry_run.dry_run`: the engine's
 code and mode functions, without memory or arithmetic) and returns the highest sum of live bytes of the tensors it
 allocates, the returned gradients included; inputs and the weights' existing storage are not counted (what
 `torch.cuda.max_memory_allocated()` minus the memory allocated before the step measures). `estimate_peak_bytes`
@@ -28,8 +28,9 @@ then gradients), peaks lower. 1 x 32768: one pair streamed through C = 8192, wit
 """
 import torch
 
+from dpo_kernels.fused_linear.dry_run import dry_run
 from dpo_kernels.fused_linear.plan import StepPlan, plan_dpo_step
-from dpo_kernels.fused_linear.trace import CUDA_OUT_DTYPE, dry_run
+from dpo_kernels.fused_linear.trace import CUDA_OUT_DTYPE
 
 # The dtype a dry run gives tensors of each operand itemsize: only the bytes matter.
 DTYPE_OF_ITEMSIZE = {4: torch.float32, 2: torch.bfloat16}
@@ -55,6 +56,6 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
 def plan_peak_bytes(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, itemsize: int,
                     loss_type: str = "sigmoid", pair_lengths=None) -> int:
     """Peak extra bytes of one forward + backward that runs `plan` (weight and hidden states requiring gradients,
-    no bias), summed from the engine's trace of it; `pair_lengths` default to `trace.plan_pairs(plan)`."""
+    no bias), summed from the engine's trace of it; `pair_lengths` default to `dry_run.plan_pairs(plan)`."""
     return dry_run(plan, hidden_rows, hidden_size, vocab, DTYPE_OF_ITEMSIZE[itemsize], loss_type,
                    pair_lengths).peak_bytes()

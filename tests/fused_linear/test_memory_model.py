@@ -1,10 +1,10 @@
 """The byte model of `memory_model.py` against the tensors a real step allocates, and the engine's trace of a real
 step against the dry run the models sum.
 
-The model is the engine's own run on meta tensors (`trace.dry_run`). Here the CPU path runs the fused DPO forward and
+The model is the engine's own run on meta tensors (`dry_run.dry_run`). Here the CPU path runs the fused DPO forward and
 backward in each engine mode, fp32 and bf16, inside `trace.record()`: its `LiveTensors` dispatch mode counts every
 tensor storage the step creates until it is freed, so the measured peak depends on neither the BLAS nor the
-allocator, and is the same on every CPU. The logsoftmax pass runs as `trace.launcher_pass`, which allocates what the
+allocator, and is the same on every CPU. The logsoftmax pass runs as `dry_run.launcher_pass`, which allocates what the
 Triton launcher does (the CPU twin's `[C, V]` temporaries stand for the kernel's registers); the fp32-result GEMMs
 run the CPU's own branch (`fp32_gemm.py`), and the model is asked for that branch. The two peaks are equal: the
 step's work before the engine (label checks and compaction), which the model leaves out, is freed before the
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dpo_kernels
-from dpo_kernels.fused_linear import engine, fp32_gemm, trace
+from dpo_kernels.fused_linear import dry_run, engine, fp32_gemm, trace
 from dpo_kernels.fused_linear.memory_model import estimate_peak_bytes
 from dpo_kernels.fused_linear.plan import plan_dpo_step
 from tests.helpers import make_batch
@@ -53,7 +53,7 @@ def _recorded_step(monkeypatch, name, dtype):
     B, T, rows, loss_type = CASES[name]
     hidden, weight, labels = _batch(B, T, dtype)
     budget = _budget(rows, dtype)
-    monkeypatch.setattr(engine, "logsoftmax_pass", trace.launcher_pass)
+    monkeypatch.setattr(engine, "logsoftmax_pass", dry_run.launcher_pass)
     with trace.record() as rec:
         out = dpo_kernels.fused_linear_dpo(hidden, weight, labels, memory_budget=budget, loss_type=loss_type)
         out.loss.backward()
@@ -89,7 +89,7 @@ def test_dry_run_follows_the_real_step(monkeypatch, name):
     B, T, rows, loss_type = CASES[name]
     rec, pairs, budget = _recorded_step(monkeypatch, name, torch.float32)
     plan = plan_dpo_step(pairs, V, 4, budget, loss_type)
-    dry = trace.dry_run(plan, 2 * B * T, H, V, torch.float32, loss_type, pairs)
+    dry = dry_run.dry_run(plan, 2 * B * T, H, V, torch.float32, loss_type, pairs)
     kinds = (trace.Gemm, trace.Pass, trace.Elementwise, trace.Call)
     assert rec.of(*kinds) == dry.of(*kinds)
     names = {e.name for e in dry.of(trace.Gemm)}
