@@ -5,10 +5,12 @@ Public API:
     dpo_loss                            the fused DPO loss, metrics and gradient in one op (C++/CUDA)
     linear_sequence_logprobs            sequence log-probs from hidden states without materializing logits
     DPOLoss, FusedLinearDPOLoss         nn.Modules to drop into a training loop
+    ParallelOptions                     the process groups of a sharded head (vocabulary / sequence parallel)
     reference                           plain-PyTorch references of all of the above
 """
 from dpo_kernels import reference
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+from dpo_kernels.fused_linear.parallel import ParallelOptions
 from dpo_kernels.logprobs.from_logits import sequence_logprobs, token_logprobs
 from dpo_kernels.loss_op.op import LOSS_TYPES, DPOLossOutput, dpo_loss
 from dpo_kernels.losses import DPOLoss, DPOOutput, FusedLinearDPOLoss
@@ -19,6 +21,7 @@ __all__ = [
     "DPOLoss",
     "DPOOutput",
     "FusedLinearDPOLoss",
+    "ParallelOptions",
     "fused_linear_dpo",
     "linear_sequence_logprobs",
     "LOSS_TYPES",
