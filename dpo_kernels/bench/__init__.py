@@ -10,6 +10,7 @@ Modules, one job each:
     comm        the bytes the fused engine all-reduces across processes
     shared_prompt  the shared-prompt full training step against unshared rows
     peers       the peer packages and their pinned versions (standard library only)
+    profile     the step profiler: the pass per grid, device ms per kernel class beside the cost and memory models
     report      the JSON, Markdown and PNG writer, each stamped with device, versions and date
     cli         the `bench` and `profile-memory` subcommands
 """

@@ -64,7 +64,15 @@ def run_bench(args) -> int:
     from dpo_kernels.bench import compare
 
     device = _device(args)
-    ops = [op for op in args.ops if op not in ("shared-prompt", "comm")]
+    ops = [op for op in args.ops if op not in ("shared-prompt", "comm", "profile")]
+    if "profile" in args.ops:
+        from dpo_kernels.bench import profile
+
+        out = args.output_dir or default_output_dir(device)
+        paths = profile.run(out, device, tiny=args.tiny, dtype=args.dtype, iters=args.iters)
+        with open(paths["markdown"]) as f:
+            print(f.read(), end="")
+        print(f"[bench] profile: {paths['json']}, {paths['markdown']}")
     if "comm" in args.ops:
         from dpo_kernels.bench import comm
 
@@ -167,7 +175,10 @@ def add_subcommands(subparsers) -> None:
                        help="comma-separated ops: linear, logits, loss (default: all); shared-prompt: the full "
                             "training step with and without the shared-prompt layout at prompt:response 1:1, 4:1, "
                             "16:1; comm: the bytes the engine all-reduces per chunk and per step under "
-                            "vocabulary and sequence parallelism, measured against the O(C) bound")
+                            "vocabulary and sequence parallelism, measured against the O(C) bound; profile: the "
+                            "fp32 GEMM branch, SMs and L2, the logsoftmax pass alone per grid, and one fused step "
+                            "per reference size under torch.profiler beside the cost and memory models "
+                            "(profile.json, profile.md)")
     bench.add_argument("--tiny", action="store_true", help="one tiny size per op (a smoke run, seconds on a CPU)")
     bench.add_argument("--warmup", type=int, default=1, help="warm-up steps when --iters is given")
     bench.add_argument("--iters", type=int, default=None, help="timed steps (default 5, 50 for the loss)")

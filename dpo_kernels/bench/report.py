@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dpo_kernels.bench import peers
+from dpo_kernels.fused_linear.fp32_gemm import fp32_gemm_branch
 
 GIB = float(1 << 30)
 _PACKAGES = ("torch", "triton", "transformers", *peers.PACKAGES, "dpo_kernels")
@@ -40,8 +41,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+# Operand dtypes whose fp32-result GEMMs the stamp names the branch of (fp32 operands take the plain ops).
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def stamp(device: torch.device) -> dict:
-    """Device, library versions (None where not installed), CUDA version, git commit and the UTC date and time."""
+    """Device, library versions (None where not installed), CUDA version, git commit, the UTC date and time, and
+    `fp32_gemm_branch`: `{"bfloat16": name, "float16": name}`, the branch the engine's fp32-result GEMMs take on
+    `device` (`fp32_gemm.fp32_gemm_branch`; on CUDA the first stamp runs the probe)."""
     return {
         "device": device_name(device),
         "device_type": device.type,
@@ -50,13 +57,16 @@ def stamp(device: torch.device) -> dict:
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(),
+        "fp32_gemm_branch": {str(d).replace("torch.", ""): fp32_gemm_branch(device, d) for d in _HALF_DTYPES},
     }
 
 
 def stamp_line(s: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v)
     commit = f", commit {s['git_commit']}" if s.get("git_commit") else ""
-    return f"{s['device']}; {versions}; CUDA {s['cuda']}{commit}; {s['date']}"
+    branches = s.get("fp32_gemm_branch") or {}
+    gemms = f"; fp32 GEMMs {', '.join(f'{d} {b}' for d, b in branches.items())}" if branches else ""
+    return f"{s['device']}; {versions}; CUDA {s['cuda']}{commit}{gemms}; {s['date']}"
 
 
 def write_report(output_dir: str, name: str, result: dict, markdown_lines: list, plot=None) -> dict:

@@ -13,11 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-# The engine's own fp32-accumulating GEMM: its one-time probe picks addmm's out_dtype overload, or, on torch
-# releases that refuse an fp32 C, an fp32-result mm added in a second step; never upcast [C, V] operands (which would
-# time fp32 GEMMs and report a floor several times too high).
-from dpo_kernels.fused_linear.fp32_gemm import addmm_fp32_
-
 _CHUNK_TOKENS = 8192
 
 
@@ -139,11 +134,18 @@ def bandwidth_floor_ms(rows: int, vocab: int, dtype: torch.dtype, bytes_per_s: f
 
 def gemm_floor_ms(valid_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device,
                   *, iters: int = 5, seed: int = 0) -> float:
-    """The fused-linear floor: the three GEMMs (logits, grad_h, grad_W in fp32) over the valid tokens, chunked."""
+    """The fused-linear floor: the three GEMMs (logits, grad_h, grad_W) over the valid tokens, chunked, each a plain
+    `torch.mm` in `dtype`.
+
+    6·N·H·V FLOPs at the speed cuBLAS gives this dtype, whatever the engine's fp32-result GEMMs do on this device: a
+    floor taken through them (`fused_linear/fp32_gemm.py`) would slow down with the engine when they fall back to
+    upcast operands, and the ratio to the floor would hide it. Each chunk's weight product overwrites the last: the
+    floor counts the FLOPs, not the accumulation.
+    """
     g = torch.Generator(device=device).manual_seed(seed)
     h = torch.randn(valid_tokens, hidden, device=device, dtype=dtype, generator=g)
     w = torch.randn(vocab, hidden, device=device, dtype=dtype, generator=g)
-    grad_w = torch.zeros(vocab, hidden, device=device, dtype=torch.float32)
+    grad_w = torch.empty(vocab, hidden, device=device, dtype=dtype)
     grad_h = torch.empty_like(h)
     buf = torch.empty(min(_CHUNK_TOKENS, valid_tokens), vocab, device=device, dtype=dtype)
 
@@ -153,6 +155,6 @@ def gemm_floor_ms(valid_tokens: int, hidden: int, vocab: int, dtype: torch.dtype
             z = buf[: hc.shape[0]]
             torch.mm(hc, w.t(), out=z)
             torch.mm(z, w, out=grad_h[start : start + hc.shape[0]])
-            addmm_fp32_(grad_w, z.t(), hc)
+            torch.mm(z.t(), hc, out=grad_w)
 
     return time_step(three_gemms, device, warmup=1, iters=iters).median_ms

@@ -5,10 +5,10 @@ code and mode functions, without memory or arithmetic) and returns the highest s
 allocates, the returned gradients included; inputs and the weights' existing storage are not counted (what
 `torch.cuda.max_memory_allocated()` minus the memory allocated before the step measures). `estimate_peak_bytes`
 builds that plan from scored-token counts, as `fused_linear_dpo` does from its labels. Assumptions: CUDA with
-torch's fp32-result GEMMs (`out_dtype`, see `fp32_gemm.py`; `fp32_gemm_support` models another branch), the Triton
-pass (in place, no `[C, V]` temporaries), hidden states and weight requiring gradients, no bias, each pair's tokens
-split evenly between its two responses, and autograd taking the returned gradients as `.grad` without a copy (it
-does when nothing else holds them).
+torch's fp32-result GEMMs (`out_dtype`, see `fp32_gemm.py`; given a `device`, the branch its probe takes there, and
+given `fp32_gemm_support`, that branch), the Triton pass (in place, no `[C, V]` temporaries), hidden states and
+weight requiring gradients, no bias, each pair's tokens split evenly between its two responses, and autograd taking
+the returned gradients as `.grad` without a copy (it does when nothing else holds them).
 
 Table (H = 4096, V = 128256 bf16, the first quarter of each row prompt, reference-free sigmoid; GiB, and the
 target: 1.3x the peak of TRL's own loss for the default, that peak for "low"):
@@ -29,6 +29,7 @@ then gradients), peaks lower. 1 x 32768: one pair streamed through C = 8192, wit
 import torch
 
 from dpo_kernels.fused_linear.dry_run import dry_run
+from dpo_kernels.fused_linear.fp32_gemm import fp32_gemm_support as probed_support
 from dpo_kernels.fused_linear.plan import StepPlan, plan_dpo_step
 from dpo_kernels.fused_linear.trace import CUDA_OUT_DTYPE
 
@@ -37,7 +38,7 @@ DTYPE_OF_ITEMSIZE = {4: torch.float32, 2: torch.bfloat16}
 
 
 def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=torch.bfloat16, memory_budget=None,
-                        loss_type="sigmoid", fp32_gemm_support=CUDA_OUT_DTYPE) -> int:
+                        loss_type="sigmoid", fp32_gemm_support=None, device=None) -> int:
     """Peak extra bytes of one `fused_linear_dpo` forward + backward (see the module docstring).
 
     Args:
@@ -45,8 +46,12 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
         pair_lengths: scored tokens of each pair, chosen plus rejected, in batch order (length B).
         hidden_size, vocab: H and V of the `[V, H]` head; dtype: the hidden states' and head's dtype.
         memory_budget, loss_type: as `fused_linear_dpo`.
-        fp32_gemm_support: `(mm with out_dtype, addmm into fp32)` on the device modeled (`fp32_gemm.py`).
+        fp32_gemm_support: `(mm with out_dtype, addmm into fp32)` on the device modeled (`fp32_gemm.py`); None:
+            the branch `device`'s probe takes, or without a device `trace.CUDA_OUT_DTYPE` (both supported).
+        device: the device the step runs on, when known (a CUDA device is probed on first use).
     """
+    if fp32_gemm_support is None:
+        fp32_gemm_support = CUDA_OUT_DTYPE if device is None else probed_support(device, dtype)
     itemsize = torch.tensor([], dtype=dtype).element_size()
     plan = plan_dpo_step(list(pair_lengths), vocab, itemsize, memory_budget, loss_type)
     return dry_run(plan, hidden_rows, hidden_size, vocab, dtype, loss_type, list(pair_lengths),
