@@ -10,8 +10,9 @@ sign or `1/len` in average mode), so the `[C, V]` buffer that held the logits is
 Each program sweeps a row twice (statistics, then the gradient), then moves to its next row. The grid is persistent
 (`pass_grid`): at most `PROGRAMS_PER_SM` programs per SM, and no more than keep the rows in flight within half of L2
 (about 100 of Llama 3's 250 KiB rows on an H100/H200: one program per SM or fewer), so that the second sweep of a row
-reads L2 rather than HBM. With so few programs, the first sweep issues the next tile's loads before the current
-tile's math, so that each program keeps two tiles of HBM reads in flight.
+reads L2 rather than HBM. With so few programs, the plain variants issue the next tile's loads before the current
+tile's math, so that each program keeps two tiles of HBM reads in flight; the statistics variants do not, which keeps
+them within 128 registers a thread.
 CUDA tensors (or `DPO_KERNELS_BACKEND=triton`) run the Triton kernel; CPU tensors run the PyTorch twin below.
 
 With `stats` the first sweep also yields what TRL logs per token, at no extra read: the entropy of softmax(Z) and
@@ -59,13 +60,18 @@ def logsoftmax_pass_kernel(
         first = tl.zeros([], tl.int32)
         # Loads are masked at V_LOAD (>= V, a multiple of 16 where the rows have room): a mask at a V that is not one
         # (50257, 32001) makes every access of the row scalar. Columns V..V_LOAD become -inf.
-        tile = tl.load(z_row + offs, mask=offs < V_LOAD, other=float("-inf"))
+        if not WITH_STATS:
+            tile = tl.load(z_row + offs, mask=offs < V_LOAD, other=float("-inf"))
         for start in range(0, V, BLOCK_V):
             cols = start + offs
+            if WITH_STATS:
+                tile = tl.load(z_row + cols, mask=cols < V_LOAD, other=float("-inf"))
             x = tl.where(cols < V, tile.to(tl.float32), float("-inf"))
-            # The next tile's loads go out before this tile's math: with about one program per SM, that keeps two
-            # tiles of HBM reads in flight where the math would otherwise leave none.
-            tile = tl.load(z_row + BLOCK_V + cols, mask=BLOCK_V + cols < V_LOAD, other=float("-inf"))
+            if not WITH_STATS:
+                # The next tile's loads go out before this tile's math, so that a program keeps two tiles of HBM
+                # reads in flight. The statistics' registers leave no room for a second tile: there a tile's loads
+                # wait for the previous tile's math, and a second resident program keeps reads in flight instead.
+                tile = tl.load(z_row + BLOCK_V + cols, mask=BLOCK_V + cols < V_LOAD, other=float("-inf"))
             tile_max = tl.max(x, axis=0)
             m_new = tl.maximum(m, tile_max)
             # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would turn s into NaN.
