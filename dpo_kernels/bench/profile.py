@@ -58,27 +58,6 @@ def device_facts(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 @contextlib.contextmanager
-def launch_grid(programs=None):
-    """Inside the block the pass's launcher runs `programs` programs (at most one per row), or its own grid when
-    None; yields the list of program counts it launched, one per launch.
-
-    The launcher takes its grid from `logsoftmax_pass.pass_grid`, which this replaces for the block."""
-    own = logsoftmax_pass.pass_grid
-    launched = []
-
-    def grid(num_rows, *args, **kwargs):
-        chosen = own(num_rows, *args, **kwargs) if programs is None else (min(num_rows, programs),) * 2
-        launched.append(chosen[0])
-        return chosen
-
-    logsoftmax_pass.pass_grid = grid
-    try:
-        yield launched
-    finally:
-        logsoftmax_pass.pass_grid = own
-
-
-@contextlib.contextmanager
 def labelled_pass():
     """Inside the block each of the engine's passes runs in the profiler range `PASS_RANGE`."""
     own = engine.logsoftmax_pass
@@ -94,12 +73,10 @@ def labelled_pass():
         engine.logsoftmax_pass = own
 
 
-def _grids(device: torch.device) -> list:
-    """`(label, programs or None)`: the engine's grid, then `PROGRAMS_PER_SM` per SM (the interpreter's stand-in
-    SM count on the CPU)."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-           else logsoftmax_pass.INTERPRETER_SMS)
-    return [("engine", None)] + [(f"{k}/SM", k * sms) for k in PROGRAMS_PER_SM]
+def _grids() -> list:
+    """`(label, programs per SM or None)`: the engine's own grid, then `PROGRAMS_PER_SM` per SM (the pass's knob,
+    `logsoftmax_pass_forward(programs_per_sm=...)`)."""
+    return [("engine", None)] + [(f"{k}/SM", k) for k in PROGRAMS_PER_SM]
 
 
 def profile_pass(device, rows, vocab, dtype, copy_bytes_per_s=None, iters=10, seed=0) -> list:
@@ -117,13 +94,15 @@ def profile_pass(device, rows, vocab, dtype, copy_bytes_per_s=None, iters=10, se
         # Values no longer matter once the gradient has overwritten the logits: the kernel does the same work.
         nbytes = rows * vocab * z.element_size() * (2 if write_grad else 1)
 
-        def launch(write_grad=write_grad, stats=stats):
-            logsoftmax_pass.logsoftmax_pass_forward(z, labels, scale if write_grad else None, write_grad, stats)
+        for label, per_sm in _grids():
+            def launch(write_grad=write_grad, stats=stats, per_sm=per_sm):
+                logsoftmax_pass.logsoftmax_pass_forward(z, labels, scale if write_grad else None, write_grad, stats,
+                                                        programs_per_sm=per_sm)
 
-        for label, programs in _grids(device):
-            with launch_grid(programs) as launched:
-                m = time_step(launch, device, warmup=1, iters=iters)
-            row = {"variant": variant, "grid": label, "programs": launched[-1], "median_ms": m.median_ms,
+            grid = logsoftmax_pass.pass_launch(z, labels, scale=scale if write_grad else None, write_grad=write_grad,
+                                               stats=stats, programs_per_sm=per_sm)
+            m = time_step(launch, device, warmup=1, iters=iters)
+            row = {"variant": variant, "grid": label, "programs": grid.programs, "median_ms": m.median_ms,
                    "gbs": None, "fraction_of_copy": None}
             if copy_bytes_per_s and device.type == "cuda":
                 rate = nbytes / (m.median_ms * 1e-3)

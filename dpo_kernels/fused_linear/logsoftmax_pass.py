@@ -8,10 +8,11 @@ log-prob `Z[label] - lse`. With `write_grad` it then overwrites `Z` in place wit
 (the gradient of the token log-prob w.r.t. its logits, optionally times a per-row factor such as the rejected rows'
 sign or `1/len` in average mode), so the `[C, V]` buffer that held the logits is reused for their gradient.
 Each program sweeps a row twice (statistics, then the gradient), then moves to its next row. The grid is persistent
-(`pass_grid`): at most `PROGRAMS_PER_SM` programs per SM, and no more than keep the rows in flight within half of L2
-(about 100 of Llama 3's 250 KiB rows on an H100/H200: one program per SM or fewer), so that the second sweep of a row
-reads L2 rather than HBM. With so few programs, the first sweep issues the next tile's loads before the current
-tile's math, so that each program keeps two tiles of HBM reads in flight.
+(`pass_grid.py`): as many programs as the SMs hold at once, by the compiled variant's own registers, shared memory and
+warps, fewer where that keeps the rows in flight within half of L2 (so that the second sweep of a row reads L2 rather
+than HBM), but never fewer than one per SM. The plain variants issue the next tile's loads before the current tile's
+math, so that each program keeps two tiles of HBM reads in flight; the statistics variants do not, which keeps them
+within 128 registers a thread, two programs of 8 warps an SM.
 CUDA tensors (or `DPO_KERNELS_BACKEND=triton`) run the Triton kernel; CPU tensors run the PyTorch twin below.
 
 With `stats` the first sweep also yields what TRL logs per token, at no extra read: the entropy of softmax(Z) and
@@ -21,11 +22,21 @@ entropy keeps `t = sum e^(z-m) (z-m)` beside `s = sum e^(z-m)`, both rescaled wh
 nothing, the limit of `p log p`. The first argmax moves only to a tile whose max is strictly larger, at the first
 column attaining it. The constexpr WITH_STATS compiles all of this out of the plain pass.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from dpo_kernels.backend import launch_device, use_triton
+from dpo_kernels.backend import launch_device, triton_interpreted, use_triton
+from dpo_kernels.fused_linear.pass_grid import (
+    INTERPRETER_PROGRAM,
+    DeviceLimits,
+    ProgramResources,
+    device_limits,
+    pass_grid,
+    programs_per_sm_override,
+)
 
 
 @triton.heuristics({
@@ -59,13 +70,18 @@ def logsoftmax_pass_kernel(
         first = tl.zeros([], tl.int32)
         # Loads are masked at V_LOAD (>= V, a multiple of 16 where the rows have room): a mask at a V that is not one
         # (50257, 32001) makes every access of the row scalar. Columns V..V_LOAD become -inf.
-        tile = tl.load(z_row + offs, mask=offs < V_LOAD, other=float("-inf"))
+        if not WITH_STATS:
+            tile = tl.load(z_row + offs, mask=offs < V_LOAD, other=float("-inf"))
         for start in range(0, V, BLOCK_V):
             cols = start + offs
+            if WITH_STATS:
+                tile = tl.load(z_row + cols, mask=cols < V_LOAD, other=float("-inf"))
             x = tl.where(cols < V, tile.to(tl.float32), float("-inf"))
-            # The next tile's loads go out before this tile's math: with about one program per SM, that keeps two
-            # tiles of HBM reads in flight where the math would otherwise leave none.
-            tile = tl.load(z_row + BLOCK_V + cols, mask=BLOCK_V + cols < V_LOAD, other=float("-inf"))
+            if not WITH_STATS:
+                # The next tile's loads go out before this tile's math, so that a program keeps two tiles of HBM
+                # reads in flight. The statistics' registers leave no room for a second tile: there a tile's loads
+                # wait for the previous tile's math, and a second resident program keeps reads in flight instead.
+                tile = tl.load(z_row + BLOCK_V + cols, mask=BLOCK_V + cols < V_LOAD, other=float("-inf"))
             tile_max = tl.max(x, axis=0)
             m_new = tl.maximum(m, tile_max)
             # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would turn s into NaN.
@@ -102,35 +118,6 @@ def logsoftmax_pass_kernel(
                 tl.store(z_row + cols, (d * scale).to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
-# Programs per SM when the rows are small enough for L2 not to bound them. Two programs of 8 warps fit an SM in every
-# variant (at most 128 registers a thread on sm_90), so the whole grid is resident: a persistent grid with more
-# programs than fit would start its last ones only when the first finish, and take up to twice as long.
-PROGRAMS_PER_SM = 2
-# The share of L2 the rows in flight may fill, so that a row is still there when its own program sweeps it again:
-# L2 is split in two partitions, and the gradient written back and the GEMM's operands compete for the rest.
-L2_SHARE = 0.5
-# The interpreter's stand-in device: one SM, so that a chunk of more than PROGRAMS_PER_SM rows gives its programs
-# several rows each, as a GPU does.
-INTERPRETER_L2_BYTES, INTERPRETER_SMS = 1 << 20, 1
-
-
-def pass_grid(num_rows: int, vocab: int, itemsize: int, l2_bytes: int, num_sms: int) -> tuple[int, int]:
-    """The pass's persistent grid: `(programs, rows_in_flight)` for `num_rows` rows of `vocab` elements of `itemsize`
-    bytes on a device with `l2_bytes` of L2 and `num_sms` SMs.
-
-    Each program sweeps one row at a time (statistics, then the gradient) and then moves on to the row `programs`
-    further, so `rows_in_flight == programs`: as many as fit in `L2_SHARE` of L2 (at least one), at most
-    `PROGRAMS_PER_SM` per SM, never more than there are rows. Within that bound the second sweep of every row reads
-    L2, not HBM.
-    """
-    if num_rows <= 0:
-        return 0, 0
-    row_bytes = max(1, vocab * itemsize)
-    fit = max(1, int(l2_bytes * L2_SHARE) // row_bytes)
-    programs = max(1, min(num_rows, PROGRAMS_PER_SM * num_sms, fit))
-    return programs, programs
-
-
 def _block_v(vocab: int) -> int:
     # 8192 fp32 values over 8 warps is 32 registers a thread: wide enough to keep H100/H200 loads in flight, small
     # enough not to spill. Narrow vocabularies take one tile.
@@ -148,43 +135,60 @@ def _load_width(z: torch.Tensor) -> int:
     return padded if end * z.element_size() <= z.untyped_storage().nbytes() else vocab
 
 
-def _l2_and_sms(device: torch.device) -> tuple[int, int]:
-    """`(L2 bytes, SM count)` of a CUDA device; for the interpreter, a small device that still gives each program
-    several rows of a test's chunk."""
-    if device.type != "cuda":
-        return INTERPRETER_L2_BYTES, INTERPRETER_SMS
-    props = torch.cuda.get_device_properties(device)
-    return props.L2_cache_size, props.multi_processor_count
+class PassLaunch(NamedTuple):
+    """The grid a launch of the pass takes (`pass_grid`), and what it was sized from."""
+
+    programs: int
+    program: ProgramResources
+    limits: DeviceLimits
 
 
-def logsoftmax_pass_forward(z, labels, scale, write_grad, stats):
-    """The Triton launch behind `logsoftmax_pass` (same arguments, checked there): `z [C, V]`
-    float32/bfloat16/float16 with unit stride along V, `labels [C]` int64, `scale` None or `[C]` float32. Returns
-    `[C]` float32 log-probs, or with `stats` `(logp [C] float32, entropy [C] float32, top1 [C] bool)`."""
+def _compiled_program(args: tuple, meta: dict) -> ProgramResources:
+    """What one program of the variant `args` and `meta` select takes, as its compiled kernel reports it (compiling
+    it on the first call; later calls find it in Triton's cache)."""
+    kernel = logsoftmax_pass_kernel.warmup(*args, grid=(1,), **meta)
+    # The register count is known once the binary is loaded.
+    kernel._init_handles()
+    return ProgramResources(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps)
+
+
+def _launch(z, labels, scale, write_grad, stats, programs_per_sm):
+    """The outputs, the kernel's arguments and meta-parameters, and the grid of a launch (arguments as
+    `logsoftmax_pass_forward`)."""
     rows, vocab = z.shape
     logp = torch.empty(rows, dtype=torch.float32, device=z.device)
     entropy = torch.empty(rows, dtype=torch.float32, device=z.device) if stats else None
     top1 = torch.empty(rows, dtype=torch.bool, device=z.device) if stats else None
-    if rows > 0:
-        block = _block_v(vocab)
-        programs, _ = pass_grid(rows, vocab, z.element_size(), *_l2_and_sms(z.device))
+    args = (z, z.stride(0), labels, scale, logp, entropy, top1, rows, vocab, _load_width(z))
+    block = _block_v(vocab)
+    meta = {"BLOCK_V": block, "WRITE_GRAD": bool(write_grad), "num_warps": 8 if block >= 4096 else 4}
+    limits = device_limits(z.device)
+    per_sm = programs_per_sm_override(programs_per_sm)
+    program = INTERPRETER_PROGRAM
+    if z.is_cuda and not triton_interpreted():
         with launch_device(z):
-            logsoftmax_pass_kernel[(programs,)](
-                z,
-                z.stride(0),
-                labels,
-                scale,
-                logp,
-                entropy,
-                top1,
-                rows,
-                vocab,
-                _load_width(z),
-                BLOCK_V=block,
-                WRITE_GRAD=bool(write_grad),
-                num_warps=8 if block >= 4096 else 4,
-            )
-    return (logp, entropy, top1) if stats else logp
+            program = _compiled_program(args, meta)
+    programs, _ = pass_grid(rows, vocab, z.element_size(), limits, program, per_sm)
+    return (logp, entropy, top1), args, meta, PassLaunch(programs, program, limits)
+
+
+def pass_launch(z, labels, *, scale=None, write_grad=False, stats=False, programs_per_sm=None) -> PassLaunch:
+    """The grid `logsoftmax_pass` launches for these arguments (as `logsoftmax_pass`), with the compiled variant's
+    resources and the device's limits it comes from; `programs_per_sm` as `logsoftmax_pass_forward`."""
+    return _launch(z, labels, scale, write_grad, stats, programs_per_sm)[3]
+
+
+def logsoftmax_pass_forward(z, labels, scale, write_grad, stats, programs_per_sm=None):
+    """The Triton launch behind `logsoftmax_pass` (same arguments, checked there): `z [C, V]`
+    float32/bfloat16/float16 with unit stride along V, `labels [C]` int64, `scale` None or `[C]` float32.
+    `programs_per_sm`: that many programs per SM instead of `pass_grid`'s choice (default: the
+    `DPO_KERNELS_PASS_PROGRAMS_PER_SM` environment variable, if set). Returns `[C]` float32 log-probs, or with
+    `stats` `(logp [C] float32, entropy [C] float32, top1 [C] bool)`."""
+    outputs, args, meta, launch = _launch(z, labels, scale, write_grad, stats, programs_per_sm)
+    if launch.programs > 0:
+        with launch_device(z):
+            logsoftmax_pass_kernel[(launch.programs,)](*args, **meta)
+    return outputs if stats else outputs[0]
 
 
 def _entropy_and_top1(zf, lse, labels):

@@ -3,7 +3,16 @@ import pytest
 import torch
 
 import dpo_kernels
-from dpo_kernels.fused_linear.logsoftmax_pass import PROGRAMS_PER_SM, logsoftmax_pass, logsoftmax_pass_torch, pass_grid
+from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass, logsoftmax_pass_torch, pass_grid
+from dpo_kernels.fused_linear.pass_grid import (
+    L2_SHARE,
+    PROGRAMS_PER_SM_ENV,
+    DeviceLimits,
+    ProgramResources,
+    device_limits,
+    programs_per_sm_override,
+    resident_programs,
+)
 from tests.helpers import (
     DTYPE_ATOL,
     MODES,
@@ -170,31 +179,90 @@ def test_pass_reads_padding_but_never_uses_or_writes_it(force_backend, write_gra
 
 
 MIB = 1 << 20
+# Stand-ins for torch.cuda.get_device_properties: an H200 / H100 SXM (132 SMs) and an H100 PCIe (114 SMs), sm_90.
+H200 = DeviceLimits(num_sms=132, l2_bytes=50 * MIB)
+H100_PCIE = DeviceLimits(num_sms=114, l2_bytes=50 * MIB)
+# A program of 8 warps within 128 registers a thread (the bound the compile test holds every variant to), and one
+# over it (the 174 registers a statistics variant took with the next-tile prefetch).
+FITS_TWICE = ProgramResources(regs=128, shared=32, num_warps=8)
+FITS_ONCE = ProgramResources(regs=174, shared=32, num_warps=8)
 
 
-@pytest.mark.parametrize("l2_bytes,num_sms", [(50 * MIB, 132), (60 * MIB, 132), (40 * MIB, 114)])
-def test_pass_grid_keeps_the_rows_in_flight_within_half_of_l2(l2_bytes, num_sms):
-    # Llama 3's vocabulary in bf16: 250 KiB rows, far more rows than programs.
-    programs, in_flight = pass_grid(8192, 128256, 2, l2_bytes, num_sms)
-    assert in_flight == programs
-    assert in_flight * 128256 * 2 <= l2_bytes // 2 < (in_flight + 1) * 128256 * 2
-    assert pass_grid(8192, 128256, 2, 50 * MIB, 132) == (102, 102)
+def test_resident_programs_from_registers_shared_memory_and_warps():
+    assert resident_programs(FITS_TWICE, H200) == 2
+    assert resident_programs(FITS_ONCE, H200) == 1
+    # Registers are allocated a warp at a time, in 256s: 129 registers a thread take as many as 136.
+    assert resident_programs(ProgramResources(129, 32, 8), H200) == 1
+    assert resident_programs(ProgramResources(64, 32, 8), H200) == 4
+    # 24 registers, 4 warps: the threads (2048 an SM) bind before the registers do.
+    assert resident_programs(ProgramResources(24, 0, 4), H200) == 16
+    # Shared memory binds: 100 KiB a program (plus the 1 KiB reserved) fits twice in 228 KiB.
+    assert resident_programs(ProgramResources(32, 100 << 10, 4), H200) == 2
+    # A program too large for any SM still counts as one: the launch itself reports that it does not fit.
+    assert resident_programs(ProgramResources(255, 300 << 10, 8), H200) == 1
+
+
+@pytest.mark.parametrize("limits", [H200, H100_PCIE], ids=["H200", "H100-PCIe"])
+@pytest.mark.parametrize("program", [FITS_TWICE, FITS_ONCE], ids=["fits-twice", "fits-once"])
+def test_pass_grid_never_idles_an_sm(limits, program):
+    # Llama 3's vocabulary in bf16: 250 KiB rows. Half of L2 holds 102 of them, fewer than the SMs; the grid still
+    # gives every SM a program, and no SM more programs than it holds at once.
+    row = 128256 * 2
+    assert int(limits.l2_bytes * L2_SHARE) // row < limits.num_sms
+    programs, in_flight = pass_grid(8192, 128256, 2, limits, program)
+    assert programs == in_flight == limits.num_sms
+    assert limits.num_sms <= programs <= resident_programs(program, limits) * limits.num_sms
+
+
+def test_pass_grid_keeps_the_l2_rule_above_one_program_per_sm():
+    # 96 KiB rows (V = 49152 in bf16): half of L2 holds 266 of them, more than the 264 two-program slots of an H200,
+    # and 200 rows of 128 KiB hold 25 MiB exactly: between one and two programs per SM, the L2 rule decides.
+    assert pass_grid(100_000, 49152, 2, H200, FITS_TWICE) == (264, 264)
+    programs, _ = pass_grid(100_000, 65536, 2, H200, FITS_TWICE)
+    assert programs == 200 and programs * 65536 * 2 <= H200.l2_bytes * L2_SHARE < (programs + 1) * 65536 * 2
+    # Small rows: L2 does not bind, the grid stops at what the SMs hold.
+    assert pass_grid(100_000, 1000, 4, H200, FITS_TWICE) == (264, 264)
+    assert pass_grid(100_000, 1000, 4, H200, FITS_ONCE) == (132, 132)
 
 
 def test_pass_grid_bounds():
-    # Small rows: L2 does not bind, the grid stops at PROGRAMS_PER_SM per SM.
-    assert pass_grid(100_000, 1000, 4, 50 * MIB, 132) == (PROGRAMS_PER_SM * 132, PROGRAMS_PER_SM * 132)
-    # Fewer rows than programs: one program per row.
-    assert pass_grid(7, 128256, 2, 50 * MIB, 132) == (7, 7)
-    # A row larger than half of L2 still gets a program; no rows, no programs.
-    assert pass_grid(64, 32 * MIB, 4, 50 * MIB, 132) == (1, 1)
-    assert pass_grid(0, 1000, 4, 50 * MIB, 132) == (0, 0)
+    # Fewer rows than SMs: one program per row.
+    assert pass_grid(7, 128256, 2, H200, FITS_TWICE) == (7, 7)
+    # A row larger than half of L2 still leaves no SM idle; no rows, no programs.
+    assert pass_grid(1000, 32 * MIB, 4, H200, FITS_TWICE) == (132, 132)
+    assert pass_grid(0, 1000, 4, H200, FITS_TWICE) == (0, 0)
+
+
+@pytest.mark.parametrize("per_sm", [1, 2, 4])
+def test_pass_grid_knob_sets_the_programs_per_sm(monkeypatch, per_sm):
+    """`DPO_KERNELS_PASS_PROGRAMS_PER_SM` (or the argument) replaces the occupancy and L2 bounds, for a profiler."""
+    monkeypatch.setenv(PROGRAMS_PER_SM_ENV, str(per_sm))
+    assert programs_per_sm_override() == per_sm
+    assert pass_grid(8192, 128256, 2, H200, FITS_ONCE, programs_per_sm_override()) == (per_sm * 132,) * 2
+    # The argument wins over the environment; the rows still bound the grid.
+    assert programs_per_sm_override(3) == 3
+    assert pass_grid(100, 128256, 2, H200, FITS_ONCE, per_sm) == (100, 100)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_pass_grid_knob_rejects_what_is_not_a_positive_count(monkeypatch, value):
+    monkeypatch.setenv(PROGRAMS_PER_SM_ENV, value)
+    with pytest.raises(ValueError, match="programs per SM|PROGRAMS_PER_SM"):
+        programs_per_sm_override()
+
+
+def test_pass_grid_without_the_knob(monkeypatch):
+    monkeypatch.delenv(PROGRAMS_PER_SM_ENV, raising=False)
+    assert programs_per_sm_override() is None
+    monkeypatch.setenv(PROGRAMS_PER_SM_ENV, " ")
+    assert programs_per_sm_override() is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pass_results_do_not_depend_on_the_grid(force_backend, monkeypatch, dtype):
     """Each row is swept by exactly one program, the same way whichever program it falls to: the outputs are the same
-    bits for one program, a few, and one per row. The launcher sizes the grid from the device with `pass_grid`."""
+    bits for one program, a few, and one per row. The launcher sizes the grid with `pass_grid`, from the device's
+    limits and the compiled variant's resources (`pass_launch` reports both)."""
     from dpo_kernels.fused_linear import logsoftmax_pass as op
 
     force_backend("triton")
@@ -202,6 +270,9 @@ def test_pass_results_do_not_depend_on_the_grid(force_backend, monkeypatch, dtyp
     z = (torch.randn(rows, V) * 4).to(dtype).to(TRITON_DEVICE)
     labels = torch.randint(0, V, (rows,), device=TRITON_DEVICE)
     scale = torch.randn(rows, device=TRITON_DEVICE)
+    launch = op.pass_launch(z, labels, scale=scale, write_grad=True, stats=True)
+    assert launch.limits == device_limits(torch.device(TRITON_DEVICE))
+    assert launch.programs == min(rows, resident_programs(launch.program, launch.limits) * launch.limits.num_sms)
     asked, results = [], []
     for programs in (1, 3, rows):
         def grid(*args, programs=programs):
@@ -215,10 +286,4 @@ def test_pass_results_do_not_depend_on_the_grid(force_backend, monkeypatch, dtyp
         for got, want in zip(other, results[0], strict=True):
             assert torch.equal(got, want)
     assert not torch.equal(results[0][-1], z), "the gradient was not written"
-    device = torch.device(TRITON_DEVICE)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        limits = (props.L2_cache_size, props.multi_processor_count)
-    else:
-        limits = (op.INTERPRETER_L2_BYTES, op.INTERPRETER_SMS)
-    assert asked == [(rows, V, z.element_size(), *limits)] * 3
+    assert asked == [(rows, V, z.element_size(), launch.limits, launch.program, None)] * 3

@@ -3,16 +3,21 @@
 The interpreter runs the kernel's Python, not Triton's code generator, so this compiles the kernel ahead of time
 for sm_90 as a launch at V = 128256 would specialize it (16-divisible pointers, sizes and row stride), in every
 flag combination the engine uses (token statistics on and off), and checks that the chunk of logits is read, and its
-gradient written, with 16-byte vector instructions. It runs in a subprocess without TRITON_INTERPRET, which patches
-Triton's language in the test process.
+gradient written, with 16-byte vector instructions; that every variant fits two programs an SM (its registers, as
+the cubin reports them, its shared memory and warps); and that the code does the MUFU and barrier work the cost model
+charges. It runs in a subprocess without TRITON_INTERPRET, which patches Triton's language in the test process.
 """
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+from dpo_kernels.fused_linear.cost_model import H200, MODELED_PASS_PROGRAM, PASS_BARRIERS_PER_TILE, pass_ex2_per_tile
+from dpo_kernels.fused_linear.pass_grid import ProgramResources, resident_programs
 from tests.helpers import REPO_ROOT
 
 V = 128256
@@ -21,7 +26,12 @@ CASES = [(dtype, write_grad, has_scale, stats) for dtype in ("bf16", "fp32") for
           (True, True, True))]
 # A vocabulary that is not a multiple of 16 (GPT-2's): the engine's rows are padded to 16 elements, so the loads
 # (masked at V rounded up) stay vector loads; the stores, masked at V itself, do not.
-ODD_V_CASES = [("bf16", True, True, True, 50257), ("bf16", True, False, False, 50257)]
+ODD_V_CASES = [(dtype, write_grad, has_scale, stats, 50257) for dtype in ("bf16", "fp32")
+               for write_grad, has_scale, stats in ((True, True, True), (True, False, True), (False, False, True),
+                                                    (True, False, False))]
+
+
+CASES_WITH_V = [(*case, V) for case in CASES]
 
 
 def _name(dtype, write_grad, has_scale, stats, vocab=V):
@@ -51,10 +61,27 @@ def compile_for_sm90(dtype: str, write_grad: bool, has_scale: bool, stats: bool,
     attrs = {(jit.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(jit, signature, constexprs, attrs)
     options = {"num_warps": 8 if block >= 4096 else 4}
-    asm = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    asm = kernel.asm
     ptx = asm["ptx"]
     return {"cubin": bool(asm.get("cubin")), "vector_load": "ld.global.v4" in ptx,
-            "vector_store": "st.global.v4" in ptx}
+            "vector_store": "st.global.v4" in ptx, "regs": _registers(asm["cubin"]), "shared": kernel.metadata.shared,
+            "num_warps": kernel.metadata.num_warps, "block": block, "ex2": ptx.count("ex2.approx"),
+            "barriers": len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx))}
+
+
+def _registers(cubin: bytes) -> int:
+    """Registers a thread of the cubin's kernel, as `cuobjdump` (shipped with Triton) reads them: what a GPU's
+    `kernel.n_regs` reports, without a GPU."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pass.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +102,27 @@ def test_pass_compiles_for_sm90_with_vector_access(compiled, dtype, write_grad, 
     assert result["vector_load"], "the logits are not read with 16-byte vector loads"
     if write_grad:
         assert result["vector_store"], "the gradient is not written with 16-byte vector stores"
+
+
+@pytest.mark.parametrize("dtype,write_grad,has_scale,stats,vocab", CASES_WITH_V + ODD_V_CASES)
+def test_every_variant_fits_two_programs_an_sm(compiled, dtype, write_grad, has_scale, stats, vocab):
+    """Two programs of 8 warps an SM: at most 128 registers a thread (the statistics variants take no next-tile
+    prefetch for that), so that `pass_grid` may launch two an SM and the cost model's stand-in program holds."""
+    result = compiled[_name(dtype, write_grad, has_scale, stats, vocab)]
+    program = ProgramResources(result["regs"], result["shared"], result["num_warps"])
+    assert result["num_warps"] == MODELED_PASS_PROGRAM.num_warps and result["regs"] <= MODELED_PASS_PROGRAM.regs, (
+        f"{_name(dtype, write_grad, has_scale, stats, vocab)}: {result['regs']} registers a thread")
+    assert result["shared"] <= MODELED_PASS_PROGRAM.shared
+    assert resident_programs(program, H200.limits) >= 2
+
+
+@pytest.mark.parametrize("dtype,write_grad,has_scale,stats,vocab", CASES_WITH_V + ODD_V_CASES)
+def test_the_code_does_the_work_the_cost_model_charges(compiled, dtype, write_grad, has_scale, stats, vocab):
+    """MUFU ex2 per thread and tile as `cost_model.pass_ex2_per_tile` counts them, and no more barriers per tile
+    than it charges (twice that with statistics, which the modeled step does not take)."""
+    result = compiled[_name(dtype, write_grad, has_scale, stats, vocab)]
+    assert result["ex2"] == pass_ex2_per_tile(result["block"], write_grad)
+    assert result["barriers"] <= PASS_BARRIERS_PER_TILE * (2 if stats else 1)
 
 
 @pytest.mark.parametrize("dtype,write_grad,has_scale,stats,vocab", ODD_V_CASES)
