@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh --call 2   # ~4 min: build (seconds on the still-warm machine), the rest of the CUDA
 #                                           # tests, the memory profile to T = 65536, the logits path at
 #                                           # [4·4096, 128256], the loss op at B = 8…65536, the shared-prompt step,
-#                                           # then the peers from the carried wheels (carry .whl). Device timeout_s: 300.
+#                                           # then the peers from the carried wheels (carry .whl).
+#                                           # Device timeout_s: 300.
 #   bash benchmarks/gpu_check.sh --rerun bench-linear,cuda-tests-sample
 #                                           # the named stages in plan order, after build (and wheels, for peers):
 #                                           # what a failed call spends the next call on. timeout_s: `--list` budget
@@ -355,7 +356,9 @@ stage_environment() {
   {
     echo "CUDA_HOME=${CUDA_HOME:-unset}: $CUDA_HOME_WHY"
     echo "PYTHON=$PYTHON ($(command -v "$PYTHON")), PYTHONPATH=${PYTHONPATH:-}"
-    echo "commit $(git rev-parse HEAD 2> /dev/null || echo unknown)$(git diff --quiet HEAD 2> /dev/null || echo ' (with local changes)')"
+    local changes
+    changes=$(git diff --quiet HEAD 2> /dev/null || echo ' (with local changes)')
+    echo "commit $(git rev-parse HEAD 2> /dev/null || echo unknown)$changes"
     nvidia-smi 2> /dev/null || echo "nvidia-smi: not available"
     if [[ -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/nvcc ]]; then "$CUDA_HOME/bin/nvcc" --version | tail -n 2; fi
     gcc --version 2> /dev/null | head -n 1 || echo "gcc: not available"
@@ -440,7 +443,8 @@ collect_cuda_tests() {
     return "$rc"
   fi
   "$PYTHON" -c "$PICKER" "$SAMPLE_MAX" < "$dir/collected.txt" > "$dir/sample.txt"
-  echo "$(wc -l < "$dir/collected.txt") test(s) collected by -k '$TESTS_K', $(grep -c '::' "$dir/sample.txt") in the sample"
+  echo "$(wc -l < "$dir/collected.txt") test(s) collected by -k '$TESTS_K'," \
+    "$(grep -c '::' "$dir/sample.txt") in the sample"
 }
 
 # run_tests DIR LIST: the tests of LIST (ids, one a line) with a junit report; nothing to run is a pass.
@@ -567,8 +571,8 @@ write_summary() {
     tail -n +2 "$OUT/stages.tsv" | awk -F'\t' '{ printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4 }'
     echo
     if [[ -n $again ]]; then
-      echo "Failed or not run: $again. Rerun: \`bash benchmarks/gpu_check.sh --rerun $again\` (\`--list\` gives the budget;"
-      echo "timeout_s = budget + 60)."
+      echo "Failed or not run: $again. Rerun: \`bash benchmarks/gpu_check.sh --rerun $again\`"
+      echo "(\`--list\` gives its budget; timeout_s = budget + 60)."
       echo
     fi
     for name in "${PLAN_NAMES[@]}"; do
