@@ -5,8 +5,10 @@ is, so the shared layout needs no patch of the model, only a mask and the positi
 
     eager            `[rows, 1, T, T]` additive float mask (0 where allowed, the dtype's minimum elsewhere),
                      because eager attention adds the mask to the scores
-    sdpa             `[rows, 1, T, T]` bool mask (True where allowed): SDPA takes bool masks in any compute dtype,
-                     while a float mask must match the query's dtype (bf16 under autocast)
+    sdpa             `[rows, 1, T, T]` additive float mask in the dtype the query reaches SDPA with (the autocast
+                     dtype inside an autocast region, else the embeddings' dtype): SDPA turns a bool mask into such
+                     a float mask on every call, and autocast casts a float mask of another dtype on every call, so
+                     either would cost one `[rows, 1, T, T]` tensor per layer instead of one per forward
     flex_attention   a `BlockMask` from a mask_mod over the per-position document / segment / position ids (no
                      `[T, T]` tensor on CUDA, where `create_block_mask` runs compiled); fully masked blocks are
                      skipped, which is where packing gains
@@ -126,10 +128,17 @@ def _windows(config, kind: str) -> dict[str, int | None]:
 
 def _dense_mask(batch: SharedLayout, window, attention, dtype):
     allowed = batch.attention_mask(window)
-    if attention == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
-                                                                                       torch.finfo(dtype).min)
+    # SDPA's own conversion of a bool mask fills with -inf; eager adds the mask to the scores itself, where the
+    # dtype's minimum keeps a masked score finite.
+    fill = float("-inf") if attention == "sdpa" else torch.finfo(dtype).min
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, fill)
+
+
+def _mask_dtype(inner: nn.Module, attention: str, device: torch.device) -> torch.dtype:
+    """The dtype of the dense mask: what the query has when it reaches the attention."""
+    if attention == "sdpa" and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return inner.get_input_embeddings().weight.dtype
 
 
 # Compiled once per process on CUDA (and re-specialized for dynamic shapes by torch.compile): the compiled
@@ -155,14 +164,17 @@ def shared_attention_mask(model: nn.Module, batch: SharedLayout, dtype: torch.dt
     """The `attention_mask` argument that makes `model`'s backbone run `batch` with the shared-prompt rule.
 
     Returns a 4D tensor, a FlexAttention `BlockMask`, or (for models mixing full and sliding layers) a dict of them
-    keyed by layer type. `dtype`: the additive mask's dtype under eager attention (default: the input embeddings'
-    dtype, as transformers builds its own). Raises `SharedPromptUnsupported` for unsupported models.
+    keyed by layer type. Build it once per forward, next to the forward (`shared_backbone_hidden_states` and
+    `shared_logits` do): under SDPA its default dtype follows the autocast region it is built in.
+    `dtype`: the additive mask's dtype (default: under SDPA inside an autocast region, the autocast dtype; else the
+    input embeddings' dtype, as transformers builds its own). Raises `SharedPromptUnsupported` for unsupported
+    models.
     """
     check_shared_prompt_support(model)
     inner = unwrap_model(model)
     attention = _attention_implementation(inner)
     if dtype is None:
-        dtype = inner.get_input_embeddings().weight.dtype
+        dtype = _mask_dtype(inner, attention, batch.document_ids.device)
     masks = {}
     for key, window in _windows(inner.config, SUPPORTED_MODELS[type(inner).__name__]).items():
         if attention == "flex_attention":

@@ -65,6 +65,8 @@ class SharedPromptBatch:
             token order within a sequence.
         counts: `[2B]` scored positions per sequence (what the unshared rows score).
         num_pairs: B.
+        max_count: `max(counts)` as a host int (0 when nothing is scored), so that layouts sized by it take no
+            device sync.
     """
 
     input_ids: torch.Tensor
@@ -77,6 +79,7 @@ class SharedPromptBatch:
     token_seqs: torch.Tensor
     counts: torch.Tensor
     num_pairs: int
+    max_count: int
 
     @property
     def attribution(self) -> TokenAttribution:
@@ -111,7 +114,7 @@ class SharedPromptBatch:
 
     def to(self, device) -> SharedPromptBatch:
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
-        return SharedPromptBatch(**moved, num_pairs=self.num_pairs)
+        return SharedPromptBatch(**moved, num_pairs=self.num_pairs, max_count=self.max_count)
 
 
 _TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "document_ids", "labels", "token_rows",
@@ -292,4 +295,5 @@ def build_shared_batch(
         token_seqs=token_seqs,
         counts=tensor([len(s) for s in scored]),
         num_pairs=B,
+        max_count=max(len(s) for s in scored),
     )

@@ -2,7 +2,8 @@
 
 The attribution (`SharedPromptBatch.token_rows/token_targets/token_seqs`) says which position scores which label
 for which sequence; the last prompt position scores two labels (one per response), so a gradient reaching it is
-the sum of both, as the unshared rows' two copies of the prompt would give after the backbone.
+the sum of both, as the unshared rows' two copies of the prompt would give after the backbone. Shapes sized by the
+longest sequence come from the batch's host-side `max_count`: no call here waits on the device.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _per_sequence(tok: torch.Tensor, batch: SharedPromptBatch, average: bool) ->
     seqs = batch.token_seqs.to(tok.device)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(seqs.numel(), device=tok.device) - starts[seqs]
-    table = tok.new_zeros(counts.numel(), max(int(counts.max().item()) if counts.numel() else 0, 1))
+    table = tok.new_zeros(counts.numel(), max(batch.max_count, 1))
     table = table.index_put((seqs, slot), tok)
     total = table.sum(1)
     if average:
@@ -89,7 +90,7 @@ def gather_scored_logits(logits: torch.Tensor, batch: SharedPromptBatch) -> tupl
                          f"{tuple(batch.input_ids.shape)}")
     device = logits.device
     counts, seqs = batch.counts.to(device), batch.token_seqs.to(device)
-    width = int(counts.max().item()) + 1 if counts.numel() else 1
+    width = batch.max_count + 1
     slot = torch.arange(seqs.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[seqs]
     scored = logits.reshape(rows * T, V).index_select(0, batch.token_rows.to(device))
     gathered = logits.new_zeros(counts.numel(), width, V).index_put((seqs, slot), scored)

@@ -220,11 +220,15 @@ def test_mask_kinds_follow_the_architecture():
     assert eager.dtype == torch.float32 and eager.shape == (rows, 1, T, T)
     assert torch.equal(eager == 0, batch.attention_mask())
     sdpa = shared_attention_mask(build_model("mistral", "sdpa"), batch)
-    assert sdpa.dtype == torch.bool and torch.equal(sdpa, batch.attention_mask(WINDOW))
+    assert sdpa.dtype == torch.float32 and torch.equal(sdpa == 0, batch.attention_mask(WINDOW))
+    assert torch.equal(sdpa != 0, sdpa == float("-inf"))
     mapping = shared_attention_mask(build_model("qwen2", "sdpa"), batch)
     assert set(mapping) == {"full_attention", "sliding_attention"}
-    assert torch.equal(mapping["full_attention"], batch.attention_mask())
-    assert torch.equal(mapping["sliding_attention"], batch.attention_mask(WINDOW))
+    assert torch.equal(mapping["full_attention"] == 0, batch.attention_mask())
+    assert torch.equal(mapping["sliding_attention"] == 0, batch.attention_mask(WINDOW))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert shared_attention_mask(build_model("llama", "sdpa"), batch).dtype == torch.bfloat16
+        assert shared_attention_mask(build_model("llama", "eager"), batch).dtype == torch.float32
 
 
 @pytest.fixture

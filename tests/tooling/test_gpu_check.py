@@ -1,7 +1,8 @@
-"""benchmarks/gpu_check.sh on the CPU: its stage caps against its budget, its toolkit resolution, its install stage
-(build first, then the wheels; a wheel that fails costs only its rows; PEP 668) with a stand-in interpreter, and a
-short --cpu-smoke run. Makefile's gpu-wheels list and the script's map of who needs which wheel against the peers
-table (dpo_kernels/bench/peers.py)."""
+"""benchmarks/gpu_check.sh on the CPU: its two calls (caps against budgets, the order, the device timeouts the header
+and the README give), --rerun, the CUDA test sample, its toolkit resolution, its build and wheels stages (build
+first; a wheel that fails costs only its rows; PEP 668) with a stand-in interpreter, and a short --cpu-smoke run.
+Makefile's gpu-wheels list and the script's map of who needs which wheel against the peers table
+(dpo_kernels/bench/peers.py)."""
 import os
 import re
 import subprocess
@@ -17,16 +18,31 @@ from dpo_kernels.bench import peers
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 TEXT = SCRIPT.read_text()
+README = (ROOT / "README.md").read_text()
+# A GPU session's device time, machine starts included (the device tool's limit), and what one start costs at most.
+SESSION_S, START_S = 900, 90
 
 
 def declared_stages():
+    """`[(name, cap in call 1 or None, cap in call 2 or None)]` in the script's order."""
     block = re.search(r"^STAGES=\(\n(.*?)^\)", TEXT, re.MULTILINE | re.DOTALL).group(1)
     rows = [line.strip().strip('"').split() for line in block.splitlines() if line.strip()]
-    return [(name, int(cap)) for name, cap in rows]
+    return [(name, None if c1 == "-" else int(c1), None if c2 == "-" else int(c2)) for name, c1, c2 in rows]
 
 
-def declared_budget():
-    return int(re.search(r"^BUDGET_S=\$\{GPU_CHECK_BUDGET_S:-(\d+)\}", TEXT, re.MULTILINE).group(1))
+def declared_array(name):
+    return [int(v) for v in re.search(rf"^{name}=\(([\d ]+)\)", TEXT, re.MULTILINE).group(1).split()]
+
+
+def call_plan(call):
+    return [(name, caps[call - 1]) for name, *caps in declared_stages() if caps[call - 1] is not None]
+
+
+def listed(*args):
+    out = subprocess.run(["bash", str(SCRIPT), *args, "--list"], capture_output=True, text=True, timeout=30,
+                         check=True, env=clean_env())
+    lines = [line for line in out.stdout.split("\n") if line]
+    return int(lines[0].removeprefix("budget ")), [(n, int(c)) for n, c in (line.split() for line in lines[1:])]
 
 
 def clean_env(**extra):
@@ -36,24 +52,76 @@ def clean_env(**extra):
     return environ
 
 
-def test_the_caps_add_up_to_the_budget():
-    stages = declared_stages()
-    assert sum(cap for _, cap in stages) == declared_budget()
+def test_each_calls_caps_add_up_to_its_budget_and_fit_the_session():
+    budgets, timeouts = declared_array("CALL_BUDGETS"), declared_array("CALL_TIMEOUTS")
+    for call in (1, 2):
+        assert sum(cap for _, cap in call_plan(call)) == budgets[call - 1]
+        assert timeouts[call - 1] == budgets[call - 1] + 60 <= 600  # one command's limit
+    # Both calls, each on a fresh machine at worst, leave the session time to spare.
+    assert sum(timeouts) + 2 * START_S < SESSION_S
 
 
-def test_headline_rows_come_first_and_every_stage_has_a_function():
-    names = [name for name, _ in declared_stages()]
-    assert names[:8] == ["install", "environment", "bench-linear", "memory", "bench-logits", "loss-overhead",
-                         "cuda-tests", "trl-step"]
-    for name in names:
+def test_call_1_gives_the_most_information_first_and_call_2_ends_with_the_peers():
+    assert [name for name, _ in call_plan(1)] == ["build", "environment", "profile", "bench-linear", "loss-op",
+                                                  "cuda-tests-sample"]
+    second = [name for name, _ in call_plan(2)]
+    assert second[:2] == ["build", "cuda-tests-rest"]
+    assert {"memory", "bench-logits", "bench-loss", "shared-prompt"} < set(second[:second.index("wheels")])
+    peer_stages = second[second.index("wheels") + 1:]
+    assert peer_stages == ["bench-linear-peers", "memory-peers", "bench-logits-peers", "trl-step"]
+    for name in set(call_plan(1)) & set(call_plan(2)):
+        assert name == "build"
+    for name, *_ in declared_stages():
         assert re.search(rf"^stage_{name.replace('-', '_')}\(\) \{{", TEXT, re.MULTILINE), name
 
 
-def test_list_prints_the_declared_table():
-    out = subprocess.run(["bash", str(SCRIPT), "--list"], capture_output=True, text=True, timeout=30, check=True)
-    lines = out.stdout.split("\n")
-    assert lines[0] == f"budget {declared_budget()}"
-    assert [tuple(line.split()) for line in lines[1:] if line] == [(n, str(c)) for n, c in declared_stages()]
+def test_the_header_and_the_readme_say_which_timeout_each_call_gets():
+    for call, timeout in zip((1, 2), declared_array("CALL_TIMEOUTS"), strict=True):
+        assert re.search(rf"--call {call} .*?timeout_s: {timeout}\.", TEXT, re.DOTALL), call
+        assert re.search(rf"--call {call}`[^\n]*\n?[^\n]*`timeout_s: {timeout}`", README), call
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_list_prints_each_calls_plan(call):
+    assert listed("--call", str(call)) == (declared_array("CALL_BUDGETS")[call - 1], call_plan(call))
+
+
+def test_a_rerun_builds_first_and_installs_the_wheels_before_a_peer_stage():
+    budget, plan = listed("--rerun", "memory-peers,bench-linear")
+    assert [name for name, _ in plan] == ["build", "bench-linear", "wheels", "memory-peers"]
+    assert budget == sum(cap for _, cap in plan)
+    assert [name for name, _ in listed("--rerun", "bench-loss")[1]] == ["build", "bench-loss"]
+    # A smoke run builds nothing unasked, and has room for a slow CPU.
+    budget, plan = listed("--cpu-smoke", "--rerun", "memory-peers")
+    assert plan == [("memory-peers", 10)] and budget == 30
+
+
+@pytest.mark.parametrize("args", [["--call", "3"], ["--rerun", "no-such-stage"], ["--rerun"], ["--frobnicate"]])
+def test_bad_arguments_are_refused(args):
+    proc = subprocess.run(["bash", str(SCRIPT), *args, "--list"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def pick(ids, limit):
+    return subprocess.run(["bash", str(SCRIPT), "--pick-sample", str(limit)], input="\n".join(ids) + "\n",
+                          env=clean_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=30,
+                          check=True).stdout.split()
+
+
+IDS = [f"tests/a.py::test_values[{backend}-{dtype}-{size}]"
+       for backend in ("triton", "cuda") for dtype in ("dtype0", "dtype1", "dtype2") for size in (1, 513, 4097)]
+IDS += ["tests/a.py::test_plain", "tests/b.py::test_flags[True]", "tests/b.py::test_flags[False]"]
+
+
+def test_the_sample_takes_every_function_first_then_every_parameter_value():
+    everything = pick(IDS, 1000)
+    assert everything[:3] == ["tests/a.py::test_values[triton-dtype0-1]", "tests/a.py::test_plain",
+                              "tests/b.py::test_flags[True]"]
+    assert pick(IDS, 3) == everything[:3]
+    values = lambda ids: {(k, v) for i in ids if "[" in i for k, v in enumerate(i[:-1].split("[")[1].split("-"))}
+    assert values(everything) == values(IDS)
+    assert len(everything) < len(IDS)
+    assert set(everything) <= set(IDS) and len(set(everything)) == len(everything)
 
 
 def test_the_script_finds_the_toolkit_behind_a_wrapper_nvcc(tmp_path):
@@ -119,29 +187,30 @@ def run_install(tmp_path, pep668):
     log = tmp_path / "calls.log"
     environ = clean_env(PYTHON=str(fake), REAL_PYTHON=sys.executable, FAKE_LOG=str(log), FAKE_PEP668=str(pep668),
                         OUT=str(tmp_path / "out"), GPU_CHECK_WORK=str(tmp_path / "work"),
-                        GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_STAGES="install", GPU_CHECK_KEEP_DIRS="1",
-                        PIP_DISABLE_PIP_VERSION_CHECK="1")
-    proc = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke"], env=environ, capture_output=True, text=True,
-                          timeout=180)
+                        GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_KEEP_DIRS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    proc = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--rerun", "build,wheels"], env=environ,
+                          capture_output=True, text=True, timeout=180)
     return proc, log.read_text().splitlines()
 
 
-def test_install_builds_first_and_a_bad_wheel_costs_only_its_rows(tmp_path):
+def test_build_comes_first_and_a_bad_wheel_costs_only_its_rows(tmp_path):
     proc, calls = run_install(tmp_path, pep668=0)
     out = tmp_path / "out"
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # the install stage failed: exit 3
-    assert (out / "stages.tsv").read_text().splitlines()[1].split("\t")[:2] == ["install", "3"]
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the wheels stage failed: exit 3
+    stages = [line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines()[1:]]
+    assert stages == [["build", "0"], ["wheels", "3"]]
     assert calls[0] == "-m pip install --no-build-isolation --no-deps -e ."
     assert all("-e" not in c.split() for c in calls[1:])
-    wheels = (out / "install" / "wheels.tsv").read_text()
+    wheels = (out / "wheels" / "wheels.tsv").read_text()
     assert "gpucheckprobe-1.0-py3-none-any.whl\tinstalled" in wheels
     assert "liger_kernel-0.8.5-py3-none-any.whl\tfailed\tLiger: the liger rows" in wheels
     assert "FAILED liger_kernel-0.8.5-py3-none-any.whl; lost: Liger" in proc.stdout
+    assert "--rerun wheels" in (out / "SUMMARY.md").read_text()
     assert (tmp_path / "work" / "pythonpath").read_text() == ""
     assert not any("--target" in c for c in calls)
 
 
-def test_install_under_pep_668_builds_in_place_and_installs_the_wheels_into_a_folder(tmp_path):
+def test_under_pep_668_build_is_in_place_and_the_wheels_go_into_a_folder(tmp_path):
     proc, calls = run_install(tmp_path, pep668=1)
     work = tmp_path / "work"
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -150,7 +219,7 @@ def test_install_under_pep_668_builds_in_place_and_installs_the_wheels_into_a_fo
     assert not (work / "site" / "liger_kernel").exists()
     assert (work / "pythonpath").read_text().split() == [str(ROOT), str(work / "site")]
     assert "PYTHONPATH=" + str(ROOT) + ":" + str(work / "site") in proc.stdout
-    wheels = (tmp_path / "out" / "install" / "wheels.tsv").read_text()
+    wheels = (tmp_path / "out" / "wheels" / "wheels.tsv").read_text()
     assert "gpucheckprobe-1.0-py3-none-any.whl\tinstalled" in wheels
     assert "liger_kernel-0.8.5-py3-none-any.whl\tfailed" in wheels
 
@@ -178,28 +247,30 @@ def test_the_script_names_the_rows_of_every_pinned_wheel_from_the_peers_table():
         assert needed_by_in_script(wheel) == peers.needed_by(wheel) != f"whatever imports {name}", wheel
 
 
-def smoke(tmp_path, stages=None, timeout=600):
+def smoke(tmp_path, *args, timeout=600):
     environ = clean_env(PYTHON=sys.executable, OUT=str(tmp_path / "out"), GPU_CHECK_WORK=str(tmp_path / "work"))
-    if stages:
-        environ["GPU_CHECK_STAGES"] = stages
-    return subprocess.run(["bash", str(SCRIPT), "--cpu-smoke"], cwd=tmp_path, env=environ, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", *args], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_short_smoke_run_leaves_one_tarball_with_every_stage(tmp_path):
-    proc = smoke(tmp_path, "environment,bench-loss")
+    """The environment stage, and the profiler, which the tree may not hold yet: then the stage says so and counts
+    as absent, not failed."""
+    proc = smoke(tmp_path, "--rerun", "environment,profile")
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     # OUT came from the environment: what comes back is these three files, the stage folders are in the tarball.
     assert sorted(p.name for p in out.iterdir()) == ["SUMMARY.md", "gpu_check.tar.gz", "stages.tsv"]
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         members = set(tar.getnames())
-    assert {"SUMMARY.md", "stages.tsv", "environment/log.txt", "environment/environment.txt", "bench-loss/loss.md",
-            "bench-loss/loss.json"} <= members
+    assert {"SUMMARY.md", "stages.tsv", "environment/log.txt", "environment/environment.txt",
+            "profile/log.txt"} <= members
     stages = [line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines()[1:]]
-    assert stages == [["environment", "0"], ["bench-loss", "0"]]
+    assert stages[0] == ["environment", "0"] and stages[1][0] == "profile" and stages[1][1] in ("0", "absent")
+    assert ("profile/note.txt" in members) == (stages[1][1] == "absent")
     summary = (out / "SUMMARY.md").read_text()
     assert "| environment | 0 |" in summary and "dpo_kernels imported from" in summary
+    assert "fp32 GEMM probe: not run (no CUDA device)" in summary and "Failed or not run" not in summary
 
 
 def test_the_memory_stage_profiles_to_t_65536_at_the_reference_head():
@@ -218,17 +289,19 @@ def test_gpu_check_picks_the_python_that_has_torch(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", OUT=str(tmp_path / "out"), GPU_CHECK_BUDGET_S="0")
-    out = subprocess.run(["bash", script, "--cpu-smoke"], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(["bash", script, "--cpu-smoke", "--call", "1"], capture_output=True, text=True, timeout=120,
+                         env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "python python3," in out.stdout, out.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DPO_KERNELS_FULL_SMOKE") != "1",
-                    reason="every stage at tiny sizes takes 1.5-3 minutes on 2 cores; the short smoke run above "
-                           "covers the script's machinery in CI. Set DPO_KERNELS_FULL_SMOKE=1 to run it")
-def test_the_whole_smoke_run_passes(tmp_path):
-    proc = smoke(tmp_path)
+                    reason="every stage at tiny sizes takes minutes on 2 cores; the short smoke run above covers the "
+                           "script's machinery in CI. Set DPO_KERNELS_FULL_SMOKE=1 to run it")
+@pytest.mark.parametrize("call", [1, 2])
+def test_the_whole_smoke_run_of_each_call_passes(tmp_path, call):
+    proc = smoke(tmp_path, "--call", str(call), timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     names = [line.split("\t")[0] for line in (tmp_path / "out" / "stages.tsv").read_text().splitlines()[1:]]
-    assert names == [name for name, _ in declared_stages() if name != "install"]
+    assert names == [name for name, _ in call_plan(call) if name != "build"]
