@@ -43,6 +43,7 @@ __all__ = [
     "last_run",
     "strict_enabled",
     "strict_mode",
+    "summary_lines",
 ]
 
 # What falls back to what: a `Fallback`'s kind.
@@ -128,6 +129,16 @@ def _counted(modes) -> list[str]:
     for mode in modes:
         counts[mode] = counts.get(mode, 0) + 1
     return [mode if n == 1 else f"{mode} x{n}" for mode, n in counts.items()]
+
+
+def summary_lines(records) -> list[str]:
+    """One line per distinct `PathRecord.summary()` of `records`, in first-seen order, with how many calls gave it
+    (the lines the trainer and the TRL drop-in print once, at their first step)."""
+    counts = {}
+    for entry in records:
+        line = entry.summary()
+        counts[line] = counts.get(line, 0) + 1
+    return [line if n == 1 else f"{line} (x{n} calls)" for line, n in counts.items()]
 
 
 def last_run() -> PathRecord | None:
