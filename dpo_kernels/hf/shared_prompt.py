@@ -82,9 +82,9 @@ class SharedLayout(Protocol):
 
 class SharedPromptUnsupported(ValueError):
     """The model (or its attention implementation) cannot run the shared-prompt layout; use unshared rows. `model`:
-    the class name of the model that cannot."""
+    the class name of the model that cannot (None when not given)."""
 
-    def __init__(self, message: str, model: str):
+    def __init__(self, message: str, model: str | None = None):
         super().__init__(message)
         self.model = model
 

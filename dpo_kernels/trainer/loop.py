@@ -247,7 +247,7 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
     fallbacks = ()
     if problem is not None:
         message = f"share_prompt: {problem} Training on unshared rows."
-        fallbacks = (paths.fallback(paths.SHARED_TO_UNSHARED, problem.model, message,
+        fallbacks = (paths.fallback(paths.SHARED_TO_UNSHARED, problem.model or "the model", message,
                                     warn=message if ctx.is_main else None, stacklevel=3),)
         c = dataclasses.replace(c, share_prompt=False)
     check_backend_fits(policy, c)

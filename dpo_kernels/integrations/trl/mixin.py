@@ -47,6 +47,7 @@ class FusedDPOMixin:
         self._dk_memory_budget = parse_memory_budget(options.get("memory_budget"))
         self._dk_strict = options.get("strict", False)
         self._dk_paths_logged = False
+        self.dpo_kernels_paths = []  # the first step's `PathRecord`s, kept when it has run
         self._dk_fallbacks = []
         share_prompt = options.get("share_prompt", False)
         self._dk_share_prompt = False
@@ -70,10 +71,11 @@ class FusedDPOMixin:
                 problem = shared_prompt_problem(self) if share_prompt else None
                 if problem is not None:
                     who, exc = problem
+                    cause = f"{who} ({exc.model})" if exc.model else who
                     message = (f"dpo_kernels: share_prompt=True cannot run here ({who}: {exc}); this trainer runs "
                                "every step on unshared rows.")
-                    self._dk_fallbacks.append(paths.fallback(paths.SHARED_TO_UNSHARED, f"{who} ({exc.model})",
-                                                             message, warn=message, stacklevel=3))
+                    self._dk_fallbacks.append(paths.fallback(paths.SHARED_TO_UNSHARED, cause, message, warn=message,
+                                                             stacklevel=3))
                 self._dk_share_prompt = share_prompt and problem is None
         self._dk_ready = True
 
