@@ -7,13 +7,15 @@ Public API:
     DPOLoss, FusedLinearDPOLoss         nn.Modules to drop into a training loop
     ParallelOptions                     the process groups of a sharded head (vocabulary / sequence parallel)
     reference                           plain-PyTorch references of all of the above
+    last_run, paths                     which path the newest call took (backend, plan, fallbacks); strict mode
 """
-from dpo_kernels import reference
+from dpo_kernels import paths, reference
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
 from dpo_kernels.fused_linear.parallel import ParallelOptions
 from dpo_kernels.logprobs.from_logits import sequence_logprobs, token_logprobs
 from dpo_kernels.loss_op.op import LOSS_TYPES, DPOLossOutput, dpo_loss
 from dpo_kernels.losses import DPOLoss, DPOOutput, FusedLinearDPOLoss
+from dpo_kernels.paths import last_run
 
 __version__ = "0.1.0"
 
@@ -23,10 +25,12 @@ __all__ = [
     "FusedLinearDPOLoss",
     "ParallelOptions",
     "fused_linear_dpo",
+    "last_run",
     "linear_sequence_logprobs",
     "LOSS_TYPES",
     "DPOLossOutput",
     "dpo_loss",
+    "paths",
     "reference",
     "sequence_logprobs",
     "token_logprobs",

@@ -1,7 +1,9 @@
 """Which implementation runs an op: the Triton kernels or the PyTorch fallback.
 
 `DPO_KERNELS_BACKEND=triton|torch|auto` (default auto: Triton for CUDA tensors, PyTorch for CPU tensors). Forcing
-`triton` on CPU tensors needs `TRITON_INTERPRET=1`, set before Triton is imported; the tests do this.
+`triton` on CPU tensors needs `TRITON_INTERPRET=1`, set before Triton is imported; the tests do this. PyTorch chosen
+by auto is a fallback (`torch_fallback_reason`), which `dpo_kernels.paths` records and strict mode refuses; PyTorch
+chosen by `torch` is not.
 """
 import contextlib
 import os
@@ -42,3 +44,12 @@ def launch_device(tensor: torch.Tensor):
     device, and the tensor may live on another one, e.g. an lm_head placed on a second GPU by device_map); a no-op
     for CPU tensors."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def torch_fallback_reason(tensor: torch.Tensor) -> str | None:
+    """Why an op on `tensor` runs the PyTorch twin without being asked to (auto, and a tensor Triton does not run),
+    or None: Triton runs it, or `DPO_KERNELS_BACKEND=torch` chose PyTorch."""
+    if backend_choice() != "auto" or use_triton(tensor):
+        return None
+    return (f"{tensor.device.type} tensors run the PyTorch twin of the Triton kernels under DPO_KERNELS_BACKEND=auto "
+            "(Triton runs CUDA tensors); DPO_KERNELS_BACKEND=torch asks for it")

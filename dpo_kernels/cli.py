@@ -18,6 +18,7 @@ import types
 import typing
 from pathlib import Path
 
+from dpo_kernels.paths import StrictModeError
 from dpo_kernels.trainer.errors import InputFileError, UserInputError
 
 
@@ -116,7 +117,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="JSON (or YAML, with PyYAML) file of TrainConfig values; explicit flags override it")
     for name, f in FIELDS.items():
         _add_flag(p, f, field_types()[name])
-    p.set_defaults(func=run_train, user_errors=(UserInputError,))
+    p.set_defaults(func=run_train, user_errors=(UserInputError, StrictModeError))
     return p
 
 
@@ -226,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Runs the command. Its user errors (`UserInputError` for train) are one line and status 2, a Ctrl-C that
-    stops at once is status 130; any other exception is a bug and keeps its traceback."""
+    """Runs the command. Its user errors (`UserInputError` and `StrictModeError` for train) are one line and status
+    2, a Ctrl-C that stops at once is status 130; any other exception is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

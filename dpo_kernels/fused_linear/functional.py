@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpo_kernels import paths
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear import engine
 from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions, options_of
@@ -268,6 +269,8 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     layout = par.global_counts(positions.layout(paired=False))
     del positions  # as in `_run_dpo`: only the engine's layout stays for the step
     plan = plan_logps(layout.rows.numel(), par.plan_vocab(weight), hidden.element_size(), memory_budget)
+    paths.record_engine_call("linear_sequence_logprobs", plan, hidden, weight, bias, shared_prompt=layout.rows_repeat,
+                             sharded_pass=par.shard is not None)
     run = _LogpsRun(layout, plan, layout.counts.numel(), bool(average), par)
     logps = LinearSequenceLogprobsFunction.apply(par.hidden_input(hidden), weight, bias, run)
     return par.sum_sequences_differentiable(logps)
@@ -485,6 +488,8 @@ def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_
     inputs = dataclasses.replace(inputs, positions=None)
     counts = layout.counts
     plan = _dpo_plan(layout, B, par, inputs, memory_budget, loss_type)
+    paths.record_engine_call("fused_linear_dpo", plan, inputs.hidden, inputs.weight, inputs.bias,
+                             shared_prompt=layout.rows_repeat, sharded_pass=par.shard is not None)
     if inputs.ref_hidden is not None:
         ref = par.sum_sequences(_reference_logps(inputs, layout, average, memory_budget, par))
         ref_chosen_logps, ref_rejected_logps = ref[:B], ref[B:]

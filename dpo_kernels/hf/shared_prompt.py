@@ -83,7 +83,12 @@ class SharedLayout(Protocol):
 
 
 class SharedPromptUnsupported(ValueError):
-    """The model (or its attention implementation) cannot run the shared-prompt layout; use unshared rows."""
+    """The model (or its attention implementation) cannot run the shared-prompt layout; use unshared rows. `model`:
+    the class name of the model that cannot (None when not given)."""
+
+    def __init__(self, message: str, model: str | None = None):
+        super().__init__(message)
+        self.model = model
 
 
 def _attention_implementation(model: nn.Module) -> str:
@@ -99,20 +104,20 @@ def check_shared_prompt_support(model: nn.Module) -> None:
     if name not in SUPPORTED_MODELS:
         raise SharedPromptUnsupported(
             f"{name} is not verified to honour a custom 4D attention mask and position ids, so the shared-prompt "
-            f"layout cannot run on it; supported: {', '.join(sorted(SUPPORTED_MODELS))}. Use unshared rows."
+            f"layout cannot run on it; supported: {', '.join(sorted(SUPPORTED_MODELS))}. Use unshared rows.", name
         )
     attention = _attention_implementation(inner)
     if attention not in SUPPORTED_ATTENTION:
         raise SharedPromptUnsupported(
             f"{name} runs attn_implementation={attention!r}, which cannot express the shared-prompt mask (a "
             "rejected token must see the prompt but not the chosen response: not one varlen flash-attention call); "
-            f"load the model with attn_implementation in {SUPPORTED_ATTENTION}, or use unshared rows."
+            f"load the model with attn_implementation in {SUPPORTED_ATTENTION}, or use unshared rows.", name
         )
     if SUPPORTED_MODELS[name] == _BY_LAYER_TYPE:
         kinds = set(getattr(inner.config, "layer_types", None) or ())
         if not kinds <= set(_LAYER_TYPES):
             raise SharedPromptUnsupported(f"{name} has layer types {sorted(kinds)}; the shared-prompt mask knows "
-                                          f"{_LAYER_TYPES}. Use unshared rows.")
+                                          f"{_LAYER_TYPES}. Use unshared rows.", name)
 
 
 def _windows(config, kind: str) -> dict[str, int | None]:

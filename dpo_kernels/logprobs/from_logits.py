@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dpo_kernels import paths
 from dpo_kernels.backend import launch_device, use_triton
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.validation import check_logits_labels
@@ -356,6 +357,7 @@ def token_logprobs(
         logits' dtype.
     """
     logits, labels = _prepare(logits, labels, ignore_index, inplace_backward)
+    paths.record_logits_call("token_logprobs", logits)
     return TokenLogprobsFunction.apply(logits, labels, ignore_index, bool(shift), bool(inplace_backward))
 
 
@@ -378,6 +380,7 @@ def sequence_logprobs(
         for any upstream gradient (e.g. a different weight per row); gradients in the logits' dtype.
     """
     logits, labels = _prepare(logits, labels, ignore_index, inplace_backward)
+    paths.record_logits_call("sequence_logprobs", logits)
     tok = TokenLogprobsFunction.apply(logits, labels, ignore_index, bool(shift), bool(inplace_backward))
     total = tok.sum(-1)
     if not average:

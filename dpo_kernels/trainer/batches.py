@@ -28,13 +28,14 @@ def collate_pairs(examples, pad_id: int, device: torch.device, *, share_prompt: 
             "num_tokens": torch.tensor(real, device=device)}
 
 
-def shared_prompt_problem(*models: nn.Module | None) -> str | None:
-    """Why the shared-prompt layout cannot run on one of `models` (None entries skipped), or None when it can."""
+def shared_prompt_problem(*models: nn.Module | None) -> SharedPromptUnsupported | None:
+    """Why the shared-prompt layout cannot run on one of `models` (None entries skipped; its message says why, its
+    `model` names the model's class), or None when it can."""
     for model in models:
         if model is None:
             continue
         try:
             check_shared_prompt_support(model)
         except SharedPromptUnsupported as e:
-            return str(e)
+            return e
     return None

@@ -152,6 +152,9 @@ class TrainConfig:
                                          "rejected] per pair, the responses kept apart by the attention mask (the "
                                          "same numbers, fewer tokens when prompts are long); models it does not "
                                          "support train on unshared rows, with a warning")
+    strict: bool = _setting(False, "turn every fallback (shared prompt -> unshared rows, Triton -> PyTorch, which "
+                                   "CPU tensors take unless DPO_KERNELS_BACKEND=torch) into an error naming the model, "
+                                   "option or device that caused it; DPO_KERNELS_STRICT=1 does the same")
     distributed: str = _setting("none", "data parallelism across torchrun processes: ddp, or fsdp (FSDP2 "
                                         "fully_shard)", choices=DISTRIBUTED_MODES)
     device: str = _setting("auto", "auto picks CUDA when available", choices=DEVICES)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpo_kernels import paths
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.integrations import hf
 from dpo_kernels.trainer import checkpoint, distributed, models
@@ -62,6 +63,7 @@ class TrainResult:
     skipped_steps: int = 0                 # steps skipped because the loss was not finite
     dropped_rows: int = 0                  # rows dropped by skip_bad_rows
     plot_path: str | None = None
+    path_records: list = dataclasses.field(default_factory=list)  # dpo_kernels.paths: the run's, its first step's
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,6 +178,7 @@ class Run:
     scheduler: Any
     state: checkpoint.TrainState
     resumed: bool
+    path: paths.PathRecord | None = None  # the run's own record: shared prompt or not, its fallbacks
     saved_step: int | None = None
 
     def micro_batch(self, micro: int):
@@ -241,9 +244,11 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
         enable_checkpointing(policy)
     policy.train()
     problem = shared_prompt_problem(policy, ref.model) if c.share_prompt else None
+    fallbacks = ()
     if problem is not None:
-        if ctx.is_main:
-            warnings.warn(f"share_prompt: {problem} Training on unshared rows.", stacklevel=3)
+        message = f"share_prompt: {problem} Training on unshared rows."
+        fallbacks = (paths.fallback(paths.SHARED_TO_UNSHARED, problem.model or "the model", message,
+                                    warn=message if ctx.is_main else None, stacklevel=3),)
         c = dataclasses.replace(c, share_prompt=False)
     check_backend_fits(policy, c)
     dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype,
@@ -267,8 +272,9 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
         if notes and ctx.is_main:
             warnings.warn(f"resuming from {resume_dir} with settings that differ from its run: " + "; ".join(notes),
                           stacklevel=3)
+    path = paths.record(paths.PathRecord("trainer", shared_prompt=c.share_prompt, fallbacks=fallbacks))
     return Run(c, ctx, out_dir, tokenizer, pad, train_data, eval_data, plan, ref, dpo, model, optimizer, scheduler,
-               state, resumed=resume_dir is not None)
+               state, resumed=resume_dir is not None, path=path)
 
 
 def check_backend_fits(policy, c: TrainConfig) -> None:
@@ -292,7 +298,7 @@ def train(config: TrainConfig) -> TrainResult:
     check_config(config)
     ctx = distributed.setup(config.distributed, config.device)
     try:
-        with checkpoint.claim_output_dir(config.output_dir, ctx) as out_dir:
+        with checkpoint.claim_output_dir(config.output_dir, ctx) as out_dir, paths.strict_mode(config.strict):
             run_id = checkpoint.own_output_dir(out_dir, ctx, resume=config.resume,
                                                overwrite=config.overwrite_output_dir)
             run = build_run(config, ctx, out_dir, run_id)
@@ -312,20 +318,27 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
     log = MetricsLog(run.out_dir, resume_step=s.step if run.resumed else None, enabled=ctx.is_main)
     stop_at = min(plan.total_steps, c.stop_after_steps) if c.stop_after_steps > 0 else plan.total_steps
     bar = tqdm(total=plan.total_steps, initial=s.step, disable=not (c.progress and ctx.is_main), desc="dpo")
-    eval_metrics = {}
+    eval_metrics, path_records = {}, None
     while s.step < stop_at:
         t0 = time.perf_counter()
         sums, tokens, backbone, finite = [0.0] * len(METRIC_KEYS), 0, 0, True
-        for a in range(c.grad_accum):
-            batch, ref_c, ref_r = run.micro_batch(s.step * c.grad_accum + a)
-            with run.gradient_sync(last=a == c.grad_accum - 1):
-                out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)  # forward
-                (out.loss / c.grad_accum).backward()                                                    # backward
-            values = batch_metrics(out)
-            finite = finite and math.isfinite(values[0])
-            sums = [t + v / c.grad_accum for t, v in zip(sums, values, strict=True)]
-            tokens += int(batch["num_tokens"])
-            backbone += batch["input_ids"].numel()  # positions the policy ran on, padding included
+        with paths.collect() as step_records:
+            for a in range(c.grad_accum):
+                batch, ref_c, ref_r = run.micro_batch(s.step * c.grad_accum + a)
+                with run.gradient_sync(last=a == c.grad_accum - 1):
+                    out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],           # forward
+                                    ref_c, ref_r)
+                    (out.loss / c.grad_accum).backward()                                                 # backward
+                values = batch_metrics(out)
+                finite = finite and math.isfinite(values[0])
+                sums = [t + v / c.grad_accum for t, v in zip(sums, values, strict=True)]
+                tokens += int(batch["num_tokens"])
+                backbone += batch["input_ids"].numel()  # positions the policy ran on, padding included
+        if path_records is None:
+            path_records = [run.path, *step_records]
+            if ctx.is_main:
+                for line in paths.summary_lines(path_records):
+                    tqdm.write(f"dpo_kernels path: {line}")
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)                                  # clip
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -377,7 +390,8 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
     ctx.barrier()
     return TrainResult(output_dir=str(run.out_dir), global_step=s.step, final_checkpoint=str(final_checkpoint),
                        history=log.history, eval_metrics=eval_metrics, skipped_steps=s.skipped_steps,
-                       dropped_rows=run.train_data.dropped, plot_path=plot_path)
+                       dropped_rows=run.train_data.dropped, plot_path=plot_path,
+                       path_records=path_records or [run.path])
 
 
 def step_record(run: Run, sums: list[float], tokens: int, backbone: int, finite: bool, grad_norm: float, lr: float,

@@ -1,5 +1,6 @@
 """FusedDPOTrainer and patch_dpo_trainer check their own settings when built, not at the first training step: a bad
-memory_budget raises, and loss settings the fused loss refuses make the trainer use TRL's computation."""
+memory_budget raises, and loss settings the fused loss refuses make the trainer use TRL's computation (an error in
+strict mode). The first step prints and keeps which paths it took (`dpo_kernels.paths`)."""
 import os
 import warnings
 
@@ -10,6 +11,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
+from dpo_kernels import paths  # noqa: E402
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
 from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
 
@@ -24,7 +26,7 @@ def tiny():
 
 def _build(cls, tiny, tmp_path, quiet=True, **kwargs):
     tok, data = tiny
-    config = {key: kwargs.pop(key) for key in ("loss_type", "label_smoothing") if key in kwargs}
+    config = {key: kwargs.pop(key) for key in ("loss_type", "label_smoothing", "ld_alpha") if key in kwargs}
     args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", per_device_train_batch_size=2,
                          max_steps=1, use_cpu=True, bf16=False, disable_tqdm=True, **config)
     with warnings.catch_warnings():
@@ -58,3 +60,41 @@ def test_loss_settings_the_fused_loss_refuses_fall_back_to_trl(tiny, tmp_path):
     assert trainer._dk_unsupported
     ok = _build(FusedDPOTrainer, tiny, tmp_path, loss_type=["robust"], label_smoothing=0.1)
     assert not ok._dk_unsupported
+
+
+def test_strict_mode_refuses_an_option_the_engine_lacks_naming_it(tiny, tmp_path, monkeypatch):
+    with pytest.raises(paths.StrictModeError, match=r"fused engine -> TRL's own computation caused by ld_alpha=0.5"):
+        _build(FusedDPOTrainer, tiny, tmp_path, ld_alpha=0.5, strict=True)
+    with pytest.raises(ValueError, match="strict must be True or False"):
+        _build(FusedDPOTrainer, tiny, tmp_path, strict="yes")
+    stock = _build(trl.DPOTrainer, tiny, tmp_path, ld_alpha=0.5)
+    monkeypatch.setenv("DPO_KERNELS_STRICT", "1")
+    with pytest.raises(paths.StrictModeError, match="ld_alpha=0.5"):
+        patch_dpo_trainer(stock)
+
+
+def _first_steps(trainer, steps=2):
+    batch = next(iter(trainer.get_train_dataloader()))
+    for _ in range(steps):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_the_first_step_prints_and_keeps_its_paths(tiny, tmp_path, capsys, force_backend):
+    force_backend("torch")
+    trainer = _build(FusedDPOTrainer, tiny, tmp_path)
+    _first_steps(trainer)
+    records = trainer.dpo_kernels_paths
+    assert [r.entry for r in records] == ["trl", "linear_sequence_logprobs", "fused_linear_dpo"]
+    assert records[0] == paths.PathRecord("trl", shared_prompt=False)
+    assert records[2].backend == "torch" and records[2].modes == ("resident",)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dpo_kernels path: ")]
+    assert printed == [f"dpo_kernels path: {line}" for line in paths.summary_lines(records)], "printed once"
+
+
+def test_a_step_on_trls_computation_records_the_fallback(tiny, tmp_path, force_backend):
+    force_backend("torch")
+    trainer = _build(FusedDPOTrainer, tiny, tmp_path, ld_alpha=0.5)
+    _first_steps(trainer, steps=1)
+    (record,) = trainer.dpo_kernels_paths
+    assert record.entry == "trl"
+    assert [(f.kind, f.cause) for f in record.fallbacks] == [(paths.FUSED_TO_TRL, "ld_alpha=0.5")]

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
 
+from dpo_kernels import paths  # noqa: E402
 from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_close,
@@ -39,12 +40,15 @@ def tiny():
             "policy": build_llama(tok, seed=0), "ref": build_llama(tok, seed=1)}
 
 
-def build(cls, tiny, *, policy=None, ref=True, share_prompt=None, peft_config=None, quiet=True, **config):
+def build(cls, tiny, *, policy=None, ref=True, share_prompt=None, strict=None, peft_config=None, quiet=True,
+          **config):
     config = {"per_device_train_batch_size": PAIRS, "max_steps": 1, "learning_rate": 0.5, "optim": "sgd",
               "logging_steps": 1, **config}
     args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_trl_shared_test", report_to=[], save_strategy="no",
                          use_cpu=True, bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0, **config)
     kwargs = {} if share_prompt is None else {"share_prompt": share_prompt}
+    if strict is not None:
+        kwargs["strict"] = strict
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
     with warnings.catch_warnings():
@@ -184,3 +188,19 @@ def test_keep_end_rows_cut_apart_run_unshared_with_one_warning(tiny):
         assert_same_trl_step(got[0], want, mode)
         assert_close(f"{mode} second loss", got[1][0], want[0])
         assert {r[0] for r in rows} == {shared_rows}
+
+
+def test_strict_mode_refuses_unshared_rows_naming_the_model_or_the_batch(tiny, force_backend):
+    from transformers import LlamaForCausalLM
+
+    class CustomLlama(LlamaForCausalLM):
+        pass
+
+    policy = CustomLlama(tiny["policy"].config)
+    with pytest.raises(paths.StrictModeError, match=r"caused by the policy \(CustomLlama\)"):
+        build(FusedDPOTrainer, tiny, policy=policy, share_prompt=True, strict=True)
+    force_backend("torch")
+    fused = build(FusedDPOTrainer, tiny, share_prompt=True, strict=True, max_length=8, truncation_mode="keep_end")
+    batch = next(iter(fused.get_train_dataloader()))
+    with pytest.raises(paths.StrictModeError, match="shared prompt -> unshared rows caused by .*prompt"):
+        fused.compute_loss(fused.model, batch)

@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 
+from dpo_kernels import paths
 from dpo_kernels.hf import shared_prompt as shared_hf
 from dpo_kernels.trainer import train
 from dpo_kernels.trainer.data import load_preference_data
@@ -46,3 +47,16 @@ def test_unsupported_model_trains_on_unshared_rows_with_a_warning(tiny, tmp_path
     with pytest.warns(UserWarning, match="LlamaForCausalLM is not verified.*Training on unshared rows"):
         record = train(config(tiny, tmp_path / "fallback", share_prompt=True)).history[0]
     assert record["tokens/backbone"] == expected_backbone_tokens(tiny, 4)[0]
+
+
+def test_the_fallback_is_in_the_runs_path_record_and_strict_mode_refuses_it(tiny, tmp_path, monkeypatch):
+    monkeypatch.delitem(shared_hf.SUPPORTED_MODELS, "LlamaForCausalLM")
+    with pytest.warns(UserWarning, match="LlamaForCausalLM"):
+        result = train(config(tiny, tmp_path / "fallback", share_prompt=True, max_steps=1))
+    run = result.path_records[0]
+    assert (run.entry, run.shared_prompt) == ("trainer", False)
+    assert [(f.kind, f.cause) for f in run.fallbacks] == [(paths.SHARED_TO_UNSHARED, "LlamaForCausalLM")]
+    assert all(r.shared_prompt is False for r in result.path_records[1:])
+    with pytest.raises(paths.StrictModeError, match="caused by LlamaForCausalLM"):
+        train(config(tiny, tmp_path / "strict", share_prompt=True, strict=True))
+    assert not (tmp_path / "strict" / "metrics.jsonl").exists()

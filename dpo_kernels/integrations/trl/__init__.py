@@ -18,7 +18,8 @@ gradient accumulation, `sync_ref_model`, gradient checkpointing, and `padding_fr
 and this trainer implements: rows are packed into one sequence with restarting `position_ids` and `cu_seqlens`.
 Options it does not implement (`ld_alpha`, `f_divergence_type` other than reverse_kl, `use_weighting`, an MoE
 router auxiliary loss, vision datasets, prompt-learning PEFT, soft-capped logits) make it use TRL's own computation,
-with one warning naming the option.
+with one warning naming the option; with `strict=True` (or `DPO_KERNELS_STRICT=1`) every such fallback is an error
+instead. The first step prints which paths it took (`dpo_kernels.paths`).
 
 `share_prompt=True` runs each pair's prompt through the policy and the reference once (`dpo_kernels.shared_prompt`):
 the pairs are read back from TRL's collated rows, so they hold exactly the tokens TRL's `max_length` /

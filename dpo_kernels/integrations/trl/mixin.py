@@ -17,7 +17,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 import dpo_kernels
-from dpo_kernels import hf
+from dpo_kernels import hf, paths
 from dpo_kernels.fused_linear.functional import head_operands
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.hf.head_forward import install_head_forward
@@ -45,42 +45,49 @@ class FusedDPOMixin:
         options = getattr(self, "_dk_options", {})
         self._dk_token_metrics = options.get("token_metrics", True)
         self._dk_memory_budget = parse_memory_budget(options.get("memory_budget"))
-        self._dk_unsupported = unsupported_options(self)
+        self._dk_strict = options.get("strict", False)
+        self._dk_paths_logged = False
+        self.dpo_kernels_paths = []  # the first step's `PathRecord`s, kept when it has run
+        self._dk_fallbacks = []
         share_prompt = options.get("share_prompt", False)
         self._dk_share_prompt = False
         self._dk_unshared_reasons = set()
-        if self._dk_unsupported:
-            names = "; ".join(self._dk_unsupported)
-            padding_free = options.get("padding_free", self.args.padding_free)
-            suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if padding_free else ""
-            shared = ", on unshared rows (share_prompt is off)" if share_prompt else ""
-            warnings.warn(
-                f"dpo_kernels: {names} is not supported by the fused engine; this trainer uses TRL's own "
-                f"computation{shared} for every step{suffix}.",
-                stacklevel=3,
-            )
-        else:
-            install_head_forward(hf.unwrap_model(self.model))
-            if self.ref_model is not None:
-                install_head_forward(hf.unwrap_model(self.ref_model))
-            self.padding_free = bool(self.args.padding_free)
-            if share_prompt:
-                problem = shared_prompt_problem(self)
+        with paths.strict_mode(self._dk_strict):
+            self._dk_unsupported = unsupported_options(self)
+            if self._dk_unsupported:
+                names = "; ".join(self._dk_unsupported)
+                padding_free = options.get("padding_free", self.args.padding_free)
+                suffix = " (and TRL 1.16 pads the batches: padding_free is off)" if padding_free else ""
+                shared = ", on unshared rows (share_prompt is off)" if share_prompt else ""
+                message = (f"dpo_kernels: {names} is not supported by the fused engine; this trainer uses TRL's own "
+                           f"computation{shared} for every step{suffix}.")
+                self._dk_fallbacks.append(paths.fallback(paths.FUSED_TO_TRL, names, message, warn=message,
+                                                         stacklevel=3))
+            else:
+                install_head_forward(hf.unwrap_model(self.model))
+                if self.ref_model is not None:
+                    install_head_forward(hf.unwrap_model(self.ref_model))
+                self.padding_free = bool(self.args.padding_free)
+                problem = shared_prompt_problem(self) if share_prompt else None
                 if problem is not None:
-                    warnings.warn(f"dpo_kernels: share_prompt=True cannot run here ({problem}); this trainer runs "
-                                  "every step on unshared rows.", stacklevel=3)
-                self._dk_share_prompt = problem is None
+                    who, exc = problem
+                    cause = f"{who} ({exc.model})" if exc.model else who
+                    message = (f"dpo_kernels: share_prompt=True cannot run here ({who}: {exc}); this trainer runs "
+                               "every step on unshared rows.")
+                    self._dk_fallbacks.append(paths.fallback(paths.SHARED_TO_UNSHARED, cause, message, warn=message,
+                                                             stacklevel=3))
+                self._dk_share_prompt = share_prompt and problem is None
         self._dk_ready = True
 
     @property
     def _dk_padding_free(self) -> bool:
         return bool(self.args.padding_free)
 
-    def _dk_shared_batch(self, inputs) -> SharedPromptBatch | None:
+    def _dk_shared_batch(self, inputs) -> tuple[SharedPromptBatch | None, tuple]:
         """The shared-prompt layout of one collated batch, or None for unshared rows (share_prompt off, or a batch
-        that cannot share: warned once per reason)."""
+        that cannot share: a fallback, warned once per reason); and the batch's fallbacks."""
         if not self._dk_share_prompt:
-            return None
+            return None, ()
         extra = sorted(set(inputs) - NON_MODEL_KEYS - {"input_ids", "attention_mask"})
         if extra:
             reason = f"the batch carries {extra}, which have no place in the shared-prompt rows"
@@ -88,13 +95,17 @@ class FusedDPOMixin:
             pairs = shared_pairs(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
             if not isinstance(pairs, str):
                 return build_shared_batch(pairs, pad_id=self._dk_pad_id(), pack=self._dk_padding_free,
-                                          device=inputs["input_ids"].device)
+                                          device=inputs["input_ids"].device), ()
             reason = pairs
-        if reason not in self._dk_unshared_reasons:
-            self._dk_unshared_reasons.add(reason)
-            warnings.warn(f"dpo_kernels: share_prompt: {reason}; such batches run on unshared rows (warned once).",
-                          stacklevel=4)
-        return None
+        message = f"dpo_kernels: share_prompt: {reason}; such batches run on unshared rows (warned once)."
+        warn = None if reason in self._dk_unshared_reasons else message
+        self._dk_unshared_reasons.add(reason)
+        return None, (paths.fallback(paths.SHARED_TO_UNSHARED, reason, message, warn=warn, stacklevel=5),)
+
+    def _dk_record(self, shared: SharedPromptBatch | None, batch_fallbacks: tuple = ()) -> None:
+        """The drop-in's own `PathRecord` of a step or a reference pass: shared prompt or not, every fallback."""
+        paths.record(paths.PathRecord("trl", shared_prompt=shared is not None,
+                                      fallbacks=(*self._dk_fallbacks, *batch_fallbacks)))
 
     def _dk_pad_id(self) -> int:
         # Padding is never attended to by real tokens nor scored; TRL's pad token keeps the ids in the vocabulary.
@@ -128,10 +139,17 @@ class FusedDPOMixin:
     def compute_ref_log_probs(self, model, inputs):
         """TRL's precompute hook, through the fused engine (same values, no logits)."""
         self._dpo_kernels_setup()
-        if self._dk_unsupported:
-            return super().compute_ref_log_probs(model, inputs)
+        with paths.strict_mode(self._dk_strict):
+            if self._dk_unsupported:
+                self._dk_record(None)
+                return super().compute_ref_log_probs(model, inputs)
+            return self._dk_reference_pass(model, inputs)
+
+    def _dk_reference_pass(self, model, inputs):
         model_kwargs, labels = split_inputs(inputs)
-        layout = Layout(model_kwargs, labels, self._dk_padding_free, self._dk_shared_batch(inputs))
+        shared, batch_fallbacks = self._dk_shared_batch(inputs)
+        self._dk_record(shared, batch_fallbacks)
+        layout = Layout(model_kwargs, labels, self._dk_padding_free, shared)
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -181,14 +199,29 @@ class FusedDPOMixin:
     # -- the step ------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs, return_outputs):
+        """One step, in strict mode if asked; the first one prints which paths it took (`dpo_kernels.paths`) and
+        keeps their records as `dpo_kernels_paths`."""
         self._dpo_kernels_setup()
-        if self._dk_unsupported:
-            return super()._compute_loss(model, inputs, return_outputs)
+        with paths.strict_mode(self._dk_strict), paths.collect() as records:
+            if self._dk_unsupported:
+                self._dk_record(None)
+                result = super()._compute_loss(model, inputs, return_outputs)
+            else:
+                result = self._dk_step(model, inputs, return_outputs)
+        if not self._dk_paths_logged:
+            self._dk_paths_logged = True
+            self.dpo_kernels_paths = records
+            for line in paths.summary_lines(records):
+                self.accelerator.print(f"dpo_kernels path: {line}")
+        return result
+
+    def _dk_step(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
         model_kwargs, labels = split_inputs(inputs)
         rows = labels.shape[0]
-        shared = self._dk_shared_batch(inputs)
+        shared, batch_fallbacks = self._dk_shared_batch(inputs)
+        self._dk_record(shared, batch_fallbacks)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -233,7 +266,7 @@ class FusedDPOMixin:
             warnings.warn(
                 "`return_outputs=True` recomputes the logits with an extra forward pass (as TRL does).",
                 FutureWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             with torch.no_grad():
                 outputs = model(**model_kwargs)

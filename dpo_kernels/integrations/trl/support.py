@@ -1,5 +1,6 @@
 """What the fused engine cannot run for a given `trl.DPOTrainer`: options that send every step to TRL's own
-computation, and models that cannot take the shared-prompt layout. Each answer is the text of one warning."""
+computation, and models that cannot take the shared-prompt layout. The drop-in turns each answer into one
+`dpo_kernels.paths.fallback`: a warning, or the error of strict mode."""
 from __future__ import annotations
 
 import torch
@@ -62,13 +63,14 @@ def _probe_head(trainer, model) -> None:
         hf.check_output_head(model, ids)
 
 
-def shared_prompt_problem(trainer) -> str | None:
-    """Why no step of the trainer can share prompts (the model's class or attention), or None."""
+def shared_prompt_problem(trainer) -> tuple[str, hf.SharedPromptUnsupported] | None:
+    """Why no step of the trainer can share prompts, or None: which model ("the policy", "the reference model") and
+    the error naming its class and what it lacks."""
     for name, model in (("the policy", trainer.model), ("the reference model", trainer.ref_model)):
         if model is None:
             continue
         try:
             hf.check_shared_prompt_support(model)
         except hf.SharedPromptUnsupported as exc:
-            return f"{name}: {exc}"
+            return name, exc
     return None

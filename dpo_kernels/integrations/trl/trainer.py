@@ -24,18 +24,24 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
             row), for the same numbers. A model outside `shared_prompt.SUPPORTED_MODELS` or not on eager, SDPA or
             FlexAttention runs unshared rows, with one warning; so does a batch whose pairs kept different prompt
             tokens in their two rows (`truncation_mode="keep_end"`).
+        strict: every fallback (TRL's own computation for an option the engine lacks, unshared rows for a model or
+            batch, PyTorch for tensors Triton does not run) raises `dpo_kernels.paths.StrictModeError` naming the
+            option, model or device instead of warning; `DPO_KERNELS_STRICT=1` does the same.
+
+    The first step prints which paths it took (`dpo_kernels.paths`), and keeps their records as `dpo_kernels_paths`.
     """
 
     def __init__(self, *args, token_metrics: bool = True, memory_budget: int | str | None = None,
-                 share_prompt: bool = False, **kwargs):
+                 share_prompt: bool = False, strict: bool = False, **kwargs):
         parse_memory_budget(memory_budget)  # a bad value fails here, before TRL's setup
-        _check_share_prompt(share_prompt)
+        _check_flag("share_prompt", share_prompt)
+        _check_flag("strict", strict)
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         # TRL 1.16 switches padding_free off with a warning during its __init__; this trainer implements it, so keep
         # the flag out of TRL's sight and restore it once TRL is set up.
         padding_free = bool(getattr(config, "padding_free", False))
         self._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget,
-                            "padding_free": padding_free, "share_prompt": share_prompt}
+                            "padding_free": padding_free, "share_prompt": share_prompt, "strict": strict}
         if padding_free:
             config.padding_free = False
         try:
@@ -47,13 +53,13 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
         self.padding_free = padding_free and not self._dk_unsupported
 
 
-def _check_share_prompt(share_prompt) -> None:
-    if not isinstance(share_prompt, bool):
-        raise ValueError(f"share_prompt must be True or False, got {share_prompt!r}")
+def _check_flag(name, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
-def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True,
-                      memory_budget: int | str | None = None, share_prompt: bool = False) -> DPOTrainer:
+def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True, memory_budget: int | str | None = None,
+                      share_prompt: bool = False, strict: bool = False) -> DPOTrainer:
     """Turns an already-built `trl.DPOTrainer` (or subclass) into a fused one, in place; returns it. The options
     are `FusedDPOTrainer`'s.
 
@@ -62,12 +68,13 @@ def patch_dpo_trainer(trainer: DPOTrainer, *, token_metrics: bool = True,
     if not isinstance(trainer, DPOTrainer):
         raise ValueError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
     parse_memory_budget(memory_budget)
-    _check_share_prompt(share_prompt)
+    _check_flag("share_prompt", share_prompt)
+    _check_flag("strict", strict)
     if not isinstance(trainer, FusedDPOMixin):
         cls = type(trainer)
         trainer.__class__ = type(f"Fused{cls.__name__}", (FusedDPOMixin, cls), {})
     trainer._dk_options = {"token_metrics": token_metrics, "memory_budget": memory_budget,
-                           "share_prompt": share_prompt}
+                           "share_prompt": share_prompt, "strict": strict}
     trainer._dk_ready = False
     trainer._dpo_kernels_setup()
     return trainer
