@@ -6,11 +6,13 @@ Public API:
     linear_sequence_logprobs            sequence log-probs from hidden states without materializing logits
     DPOLoss, FusedLinearDPOLoss         nn.Modules to drop into a training loop
     ParallelOptions                     the process groups of a sharded head (vocabulary / sequence parallel)
+    LoraHead                            a LoRA adapter on the lm_head, run inside the fused linear engine
     reference                           plain-PyTorch references of all of the above
     last_run, paths                     which path the newest call took (backend, plan, fallbacks); strict mode
 """
 from dpo_kernels import paths, reference
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+from dpo_kernels.fused_linear.lora import LoraHead
 from dpo_kernels.fused_linear.parallel import ParallelOptions
 from dpo_kernels.logprobs.from_logits import sequence_logprobs, token_logprobs
 from dpo_kernels.loss_op.op import LOSS_TYPES, DPOLossOutput, dpo_loss
@@ -23,6 +25,7 @@ __all__ = [
     "DPOLoss",
     "DPOOutput",
     "FusedLinearDPOLoss",
+    "LoraHead",
     "ParallelOptions",
     "fused_linear_dpo",
     "last_run",

@@ -77,6 +77,8 @@ class FusedLinearDPOLoss(nn.Module):
     parallel_options: a `ParallelOptions`, the process groups over which the head's vocabulary rows or the sequences'
     positions are split and the ranks' consistency check (see `fused_linear_dpo`); `vocab_parallel_group=` and
     `sequence_parallel_group=` are shorthands that build one. A DTensor weight sharded on dim 0 needs no group.
+    `forward(..., lora=LoraHead(a, b, scaling))`: a LoRA adapter on the head (a PEFT LoRA lm_head), run inside the
+    engine; `a` and `b` get their gradients (see `fused_linear_dpo`).
     """
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX,
@@ -89,14 +91,14 @@ class FusedLinearDPOLoss(nn.Module):
         self.shift, self.token_stats, self.loss_params = shift, token_stats, loss_params
 
     def forward(self, hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
-                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None) -> DPOOutput:
+                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, lora=None) -> DPOOutput:
         return fused_linear_dpo(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens,
                                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                                 ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, beta=self.beta,
                                 loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                                 average=self.average, ignore_index=self.ignore_index, shift=self.shift,
                                 memory_budget=self.memory_budget, token_stats=self.token_stats,
-                                parallel_options=self.parallel_options, **self.loss_params)
+                                parallel_options=self.parallel_options, lora=lora, **self.loss_params)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, average={self.average}, "

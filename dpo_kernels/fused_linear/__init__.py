@@ -3,10 +3,12 @@
 `functional` (autograd Functions and the public API) -> `plan` (which tokens, which chunks, which mode) ->
 `engine` (the chunk loops that execute a plan) -> `logsoftmax_pass` (the Triton pass over one `[C, V]` chunk) and
 `fp32_gemm` (fp32-result GEMMs); `trace` records what the engine allocates and computes, `dry_run` runs it on
-meta tensors for a plan, and `memory_model` and `cost_model` sum that trace. Across processes, `parallel`
-(`ParallelOptions`) and `rank_check` (the ranks' consistency check).
+meta tensors for a plan, and `memory_model` and `cost_model` sum that trace; `lora` (`LoraHead`) runs a LoRA
+adapter on the head inside the engine. Across processes, `parallel` (`ParallelOptions`) and `rank_check` (the
+ranks' consistency check).
 """
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+from dpo_kernels.fused_linear.lora import LoraHead
 from dpo_kernels.fused_linear.parallel import ParallelOptions
 
-__all__ = ["ParallelOptions", "fused_linear_dpo", "linear_sequence_logprobs"]
+__all__ = ["LoraHead", "ParallelOptions", "fused_linear_dpo", "linear_sequence_logprobs"]

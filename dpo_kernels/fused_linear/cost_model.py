@@ -167,11 +167,12 @@ def pass_seconds(p: Pass, device: Device) -> float:
 
 
 def plan_cost(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, itemsize: int,
-              device: Device = H200, loss_type: str = "sigmoid", pair_lengths=None) -> StepCost:
+              device: Device = H200, loss_type: str = "sigmoid", pair_lengths=None, lora_rank: int = 0) -> StepCost:
     """The kernels of one forward + backward that runs `plan`, from the engine's trace of it (see the module
-    docstring); `pair_lengths` default to `dry_run.plan_pairs(plan)`."""
+    docstring); `pair_lengths` default to `dry_run.plan_pairs(plan)`. `lora_rank`: r of a LoRA adapter on the
+    head (its rank-r GEMMs join the kernels; the weight is frozen, so its gradient GEMM leaves them)."""
     events = dry_run(plan, hidden_rows, hidden_size, vocab, DTYPE_OF_ITEMSIZE[itemsize], loss_type,
-                     pair_lengths).events
+                     pair_lengths, lora_rank=lora_rank).events
     kernels, loss_calls = [], 0
     for e in events:
         if isinstance(e, Gemm):
@@ -187,9 +188,10 @@ def plan_cost(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, it
 
 
 def estimate_step_cost(hidden_rows, pair_lengths, hidden_size, vocab, dtype=torch.bfloat16, memory_budget=None,
-                       loss_type="sigmoid", device: Device = H200) -> StepCost:
+                       loss_type="sigmoid", device: Device = H200, lora_rank=0) -> StepCost:
     """`plan_cost` of the plan `fused_linear_dpo` builds for these scored tokens per pair (arguments as
     `memory_model.estimate_peak_bytes`)."""
     itemsize = torch.tensor([], dtype=dtype).element_size()
     plan = plan_dpo_step(list(pair_lengths), vocab, itemsize, memory_budget, loss_type)
-    return plan_cost(plan, hidden_rows, hidden_size, vocab, itemsize, device, loss_type, list(pair_lengths))
+    return plan_cost(plan, hidden_rows, hidden_size, vocab, itemsize, device, loss_type, list(pair_lengths),
+                     lora_rank)

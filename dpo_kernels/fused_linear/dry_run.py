@@ -68,13 +68,16 @@ class _OneProcessLauncherPass(HeadParallel):
 
 
 def dry_run(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype,
-            loss_type: str = "sigmoid", pair_lengths=None, fp32_gemm_support=CUDA_OUT_DTYPE) -> Trace:
+            loss_type: str = "sigmoid", pair_lengths=None, fp32_gemm_support=CUDA_OUT_DTYPE,
+            lora_rank: int = 0) -> Trace:
     """The trace of one `fused_linear_dpo` forward + backward that runs `plan`, on meta tensors.
 
     hidden_rows: rows of the flattened hidden states (`[hidden_rows, hidden_size]`, requiring gradients, as the
     `[vocab, hidden_size]` weight; no bias); dtype: theirs. pair_lengths: scored tokens per pair (default
     `plan_pairs(plan)`). fp32_gemm_support: `(mm with out_dtype, addmm into fp32)` of the device modeled.
-    Inputs are not counted; the returned gradients are.
+    lora_rank: r of a LoRA adapter on the head (`lora.LoraHead`, `[r, hidden_size]` and `[vocab, r]` requiring
+    gradients), 0 for none; with one the weight is frozen, as PEFT keeps it. Inputs are not counted; the returned
+    gradients are.
     """
     from dpo_kernels.fused_linear import functional
     from dpo_kernels.loss_op.op import dpo_loss_and_grads
@@ -83,13 +86,18 @@ def dry_run(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, dtyp
     pairs = list(plan_pairs(plan) if pair_lengths is None else pair_lengths)
     B = len(pairs)
     hidden = torch.empty(hidden_rows, hidden_size, dtype=dtype, device=meta, requires_grad=True)
-    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=meta, requires_grad=True)
+    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=meta, requires_grad=not lora_rank)
+    lora_a = lora_b = None
+    if lora_rank:
+        lora_a = torch.empty(lora_rank, hidden_size, dtype=dtype, device=meta, requires_grad=True)
+        lora_b = torch.empty(vocab, lora_rank, dtype=dtype, device=meta, requires_grad=True)
     with fp32_gemm.assume_support(meta, dtype, fp32_gemm_support), record() as trace:
         layout = _meta_layout(pairs, meta)
         loss_fn = functools.partial(dpo_loss_and_grads, loss_type=loss_type, chosen_lengths=layout.counts[:B],
                                     rejected_lengths=layout.counts[B:])
         run = functional._DPORun(layout, plan, B, False, loss_fn, token_stats=False, grad_enabled=True,
-                                 par=_OneProcessLauncherPass(ParallelOptions(), shift=False))
-        functional.FusedLinearDPOFunction.apply(hidden, weight, None, run).backward()
+                                 par=_OneProcessLauncherPass(ParallelOptions(), shift=False),
+                                 lora_scaling=1.0 if lora_rank else None)
+        functional.FusedLinearDPOFunction.apply(hidden, weight, None, lora_a, lora_b, run).backward()
         del layout, loss_fn, run
     return trace

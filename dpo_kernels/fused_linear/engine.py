@@ -16,6 +16,10 @@ the optional per-token entropy and top-1 `TokenStats`, filled by the pass that f
 Each GEMM, pass and `[n, H]` kernel reports itself to `trace` (a no-op outside `trace.record`): the byte and cost
 models (`memory_model.py`, `cost_model.py`) sum the trace of these same loops run on meta tensors.
 
+With a LoRA adapter on the head (`lora.LoraHead`), each projection adds its rank-r term to the buffer and each
+chunk's gradients add the adapter's (`lora.project`, `lora.add_gradients`); the hidden-state gradient then stays fp32
+until both terms are in.
+
 Memory: at most one `[V, H]` fp32 buffer ever lives, the weight-gradient accumulator, and none when one GEMM forms
 the whole weight gradient (a single chunk without bias: cuBLAS accumulates in fp32 and rounds once into the weight's
 dtype, as the fp32 buffer's final conversion would). The unscaled hidden-state gradient `U` of a streaming pair stays
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpo_kernels.fused_linear import lora as lora_terms
 from dpo_kernels.fused_linear import trace
 from dpo_kernels.fused_linear.fp32_gemm import addmm_fp32_, mm_fp32
 from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass
@@ -63,8 +68,9 @@ class Grads:
     `add_weight_gemm(..., only=True)` instead writes the weight gradient in the weight's dtype with one GEMM.
     """
 
-    def __init__(self, hidden2d, weight, need_h, need_w, need_b):
+    def __init__(self, hidden2d, weight, need_h, need_w, need_b, lora=None):
         V, H = weight.shape
+        self.lora = lora  # a `lora.LoraGrads` when the head carries an adapter whose gradients are wanted
         self.hidden = torch.zeros_like(hidden2d) if need_h else None
         if need_h:
             trace.kernel("zero hidden gradient", writes=(self.hidden,))
@@ -213,10 +219,12 @@ def _new_buffer(hidden2d, vocab, rows):
 class ChunkLoop:
     """One engine call, passed whole to the chunk loops.
 
-    hidden2d: `[rows, H]` hidden states; weight: `[V, H]`; bias: `[V]` or None (one dtype, chosen by the caller).
+    hidden2d: `[rows, H]` hidden states; weight: `[V, H]`; bias: `[V]` or None (one dtype, chosen by the caller);
+    lora: a `lora.LoraHead` on the weight, or None.
     layout: the scored tokens (`plan.compact_tokens`); plan: their chunks and modes (`plan.StepPlan`).
     grads: the gradient buffers to fill, or None (forward only); stats: per-token entropy and top-1, or None.
     Allocated with the loop: `zbuf`, the reused `[C, V]` logits buffer, and `tok`, the `[N]` fp32 token log-probs.
+    With an adapter, `lora_down` holds the last projected chunk's `P = h A^T`, as `zbuf` holds its logits.
     """
 
     hidden2d: torch.Tensor
@@ -229,7 +237,9 @@ class ChunkLoop:
     # The pass over a chunk's logits in place of `logsoftmax_pass` (None): a vocabulary-sharded head's
     # `parallel.VocabParallelPass`.
     pass_fn: object = None
+    lora: lora_terms.LoraHead | None = None
     tok: torch.Tensor = field(init=False, repr=False)
+    lora_down: torch.Tensor | None = field(init=False, repr=False, default=None)
     zbuf: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -255,6 +265,8 @@ def _project(loop, h):
     else:
         torch.addmm(loop.bias, h, loop.weight.t(), out=z)
     trace.gemm("logits GEMM", h, loop.weight.t(), z)
+    if loop.lora is not None:
+        loop.lora_down = lora_terms.project(loop.lora, h, z)
     return z
 
 
@@ -298,10 +310,29 @@ def _gradient_chunk(loop, s, e, coef, *, projected=False):
     h = loop.hidden_rows(s, e)
     d = loop.zbuf[: e - s] if projected else _project(loop, h)
     loop.pass_over(d, loop.layout.targets[s:e], scale=coef, write_grad=True)
-    if grads.hidden is not None:
+    if loop.lora is not None:
+        _adapter_chunk_grads(loop, d, h, s, e)
+    elif grads.hidden is not None:
         _put_hidden_grad(grads.hidden, loop.layout, s, e, _hidden_gemm(d, loop.weight))
     if grads.width:
         grads.add_weight_gemm(d, grads.operand(h, None), only=loop.plan.one_weight_gemm)
+
+
+def _adapter_chunk_grads(loop, d, h, s, e, coef=None):
+    """With an adapter on the head: the hidden-gradient rows of tokens `s:e` get `coef * (D W) + s (coef * D B) A`,
+    summed in fp32 and rounded once, and the adapter's gradients get the chunk's terms (`lora.add_gradients`).
+    `coef [e - s]`: the rows' coefficients, None when D already carries them."""
+    grads = loop.grads
+    u = None
+    if grads.hidden is not None:
+        u = mm_fp32(d, loop.weight)
+        trace.gemm("hidden-gradient GEMM", d, loop.weight, u)
+        if coef is not None:
+            u.mul_(coef.unsqueeze(1))
+            trace.kernel("hidden-gradient scale", reads=(u,), writes=(u,))
+    lora_terms.add_gradients(loop.lora, grads.lora, d, h, loop.lora_down, coef, u)
+    if u is not None:
+        _put_hidden_grad(grads.hidden, loop.layout, s, e, _rounded(u, grads.hidden.dtype))
 
 
 def _hidden_gemm(d, weight):
@@ -390,7 +421,9 @@ def _resident_group(loop, group, pair_loss):
     if grads is None:
         return
     c = pair_loss.token_coefficients(g, s, e)
-    if grads.hidden is not None:
+    if loop.lora is not None:
+        _adapter_chunk_grads(loop, d, h, s, e, c)
+    elif grads.hidden is not None:
         _scaled_hidden_grad(d, loop.weight, c, grads.hidden, loop.layout, s, e)
     if grads.width:
         grads.add_weight_gemm(d, grads.operand(h, c), only=loop.plan.one_weight_gemm)
@@ -430,7 +463,8 @@ def _stream_once(loop, group, pair_loss):
     tied losses, 1/len in average mode); the pair's `D^T h` sums go straight into the (still empty) weight-gradient
     accumulator, and `U = D @ W` into an fp32 `[n, H]` buffer, both scaled once the pair's coefficient is known.
 
-    The plan takes this mode with a weight gradient only for tied losses while the accumulator is unused.
+    The plan takes this mode with a weight gradient (the adapter's included) only for tied losses while the
+    accumulators are unused.
     """
     grads, layout, B = loop.grads, loop.layout, pair_loss.B
     s0, e0 = group.start, group.end
@@ -453,6 +487,9 @@ def _stream_once(loop, group, pair_loss):
         if u is not None:
             addmm_fp32_(u[s - s0 : e - s0], d, loop.weight, accumulate=False)
             trace.gemm("hidden-gradient GEMM", d, loop.weight, u[s - s0 : e - s0])
+        if loop.lora is not None:
+            lora_terms.add_gradients(loop.lora, grads.lora, d, h, loop.lora_down, None,
+                                     None if u is None else u[s - s0 : e - s0])
         if grads.width:
             grads.add_weight_gemm(d, grads.operand(h, None))
     del h
@@ -462,6 +499,8 @@ def _stream_once(loop, group, pair_loss):
     i = group.pairs[0]
     if grads.width:
         grads.defer_scale(g[i])
+    if grads.lora is not None:
+        grads.lora.scale_(g[i])
     if u is not None:
         row_g = g[i].expand(e0 - s0) if loop.plan.tied else torch.where(rejected, g[B + i], g[i])
         u.mul_(row_g.unsqueeze(1))

@@ -15,6 +15,8 @@ the docstring of `plan.py`), and hands it to the engine; `memory_model.estimate_
   entropy and top-1 hit, summed per sequence into the output (what TRL logs as `entropy` and
   `mean_token_accuracy`), at no extra GEMM.
 
+Both take an optional `lora=LoraHead(a, b, scaling)`: a LoRA adapter on the head, run inside the engine (`lora.py`).
+
 Both compute in the dtype the model's own lm_head would (`head_operands`): inside an autocast region the autocast
 dtype, else the inputs' own; the engine itself then runs on those explicit dtypes with autocast off.
 """
@@ -27,6 +29,7 @@ import torch
 from dpo_kernels import paths
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear import engine
+from dpo_kernels.fused_linear.lora import LoraGrads, LoraHead, check_lora
 from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions, options_of
 from dpo_kernels.fused_linear.plan import (
     ScoredPositions,
@@ -76,6 +79,32 @@ def head_operands(hidden, weight, bias=None):
         return t
 
     return cast(hidden), cast(weight), cast(bias)
+
+
+def lora_operands(lora: LoraHead | None) -> LoraHead | None:
+    """The adapter's `a` and `b` in the dtype its head computes in (`head_operands`)."""
+    if lora is None:
+        return None
+    a, b, _ = head_operands(lora.a, lora.b)
+    return lora._replace(a=a, b=b)
+
+
+def _check_lora_setting(lora, par):
+    """`lora` is None or a `LoraHead`, on a whole head in one process: a vocabulary shard of B, or per-rank partial
+    gradients of A and B, are not implemented."""
+    if lora is not None and not isinstance(lora, LoraHead):
+        raise ValueError(f"lora must be a LoraHead(a [r, H], b [V, r], scaling), got {type(lora).__name__}")
+    if lora is not None and (par.vocab_group is not None or par.sequence_group is not None):
+        raise ValueError("lora= does not run with vocabulary- or sequence-parallel groups")
+
+
+def _lora_of(a, b, scaling):
+    return None if a is None else LoraHead(a, b, scaling)
+
+
+def _lora_inputs(lora):
+    """`(a, b)` of the adapter as the autograd Functions take them, and its scaling (None without one)."""
+    return (None, None, None) if lora is None else (lora.a, lora.b, float(lora.scaling))
 
 
 def _check_head(hidden, weight, bias, prefix=""):
@@ -184,15 +213,19 @@ def _token_coefficients(per_seq, layout, average):
     return coef / layout.counts[layout.seq] if average else coef
 
 
-def _weight_grad_wanted(weight, bias):
-    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+def _weight_grad_wanted(weight, bias, lora=None):
+    """Whether a weight-like gradient (the weight's, the bias's or the adapter's: each an accumulator over chunks)
+    is formed."""
+    params = (weight, bias) if lora is None else (weight, bias, lora.a, lora.b)
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
 
 
-def _grads_of(hidden2d, weight, need_h, need_w, need_b):
+def _grads_of(hidden2d, weight, need_h, need_w, need_b, need_a=False, need_lora_b=False):
     """The gradient buffers for the wanted gradients, or None when none is."""
-    if not (need_h or need_w or need_b):
+    if not (need_h or need_w or need_b or need_a or need_lora_b):
         return None
-    return engine.Grads(hidden2d, weight, need_h, need_w, need_b)
+    lora = LoraGrads(need_a, need_lora_b) if need_a or need_lora_b else None
+    return engine.Grads(hidden2d, weight, need_h, need_w, need_b, lora)
 
 
 @dataclass(frozen=True)
@@ -204,33 +237,39 @@ class _LogpsRun:
     num_seqs: int
     average: bool
     par: HeadParallel = field(compare=False)
+    lora_scaling: float | None = None  # the adapter's s, when the head carries one
 
 
 class LinearSequenceLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, run: _LogpsRun):
-        ctx.save_for_backward(hidden, weight, bias)
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, run: _LogpsRun):
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b)
         ctx.run = run
-        loop = engine.ChunkLoop(_flat(hidden), weight, bias, run.layout, run.plan, pass_fn=run.par.pass_fn)
+        loop = engine.ChunkLoop(_flat(hidden), weight, bias, run.layout, run.plan, pass_fn=run.par.pass_fn,
+                                lora=_lora_of(lora_a, lora_b, run.lora_scaling))
         return engine.forward_logps(loop, run.num_seqs, run.average)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias = ctx.saved_tensors
+        hidden, weight, bias, lora_a, lora_b = ctx.saved_tensors
         run = ctx.run
         hidden2d = _flat(hidden)
-        grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
+        lora = _lora_of(lora_a, lora_b, run.lora_scaling)
+        grads = _grads_of(hidden2d, weight, *ctx.needs_input_grad[:5])
+        if grads is None:
+            return None, None, None, None, None, None
         coef = _token_coefficients(grad_out, run.layout, run.average)
         engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
-                                                pass_fn=run.par.pass_fn), coef)
+                                                pass_fn=run.par.pass_fn, lora=lora), coef)
         grad_w, grad_b = grads.weight_bias(weight.dtype)
+        grad_a, grad_lora_b = (None, None) if grads.lora is None else grads.lora.results(lora)
         grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
-        return grad_h, grad_w, grad_b, None
+        return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=IGNORE_INDEX, shift=True, average=False,
                              cu_seqlens=None, memory_budget=None, parallel_options: ParallelOptions | None = None,
-                             vocab_parallel_group=None, sequence_parallel_group=None):
+                             vocab_parallel_group=None, sequence_parallel_group=None, lora: LoraHead | None = None):
     """Per-sequence log-probabilities of the labels under `softmax(hidden @ weight.T + bias)`, chunked.
 
     Args:
@@ -250,17 +289,23 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
         parallel_options: a `ParallelOptions` (the process groups over which the head's vocabulary or the
             sequences' positions are split, and the ranks' consistency check), as `fused_linear_dpo`;
             `vocab_parallel_group=` and `sequence_parallel_group=` are shorthands that build one.
+        lora: a `LoraHead(a [r, H], b [V, r], scaling)` on the head (a PEFT LoRA lm_head): the logits are
+            `hidden @ weight.T + bias + scaling * (hidden @ a.T) @ b.T`, never materialized (one process only).
     Returns:
-        `[R]` float32, the same on every rank of the groups. Differentiable w.r.t. hidden, weight and bias for any
-        upstream gradient; the backward recomputes each chunk's logits.
+        `[R]` float32, the same on every rank of the groups. Differentiable w.r.t. hidden, weight, bias and the
+        adapter's `a` and `b` for any upstream gradient; the backward recomputes each chunk's logits.
     """
     par = HeadParallel(options_of(parallel_options, vocab_parallel_group, sequence_parallel_group), shift)
     weight, bias = par.local_head(weight, bias)
     hidden, weight, bias = head_operands(hidden, weight, bias)
+    _check_lora_setting(lora, par)
+    lora = lora_operands(lora)
 
     def prepare():
         positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
         _check_head(hidden, weight, bias)
+        if lora is not None:
+            check_lora(lora, hidden, weight)
         return Summary(hidden, weight, bias, positions, settings=0), positions
 
     settings = ("logps", ignore_index, shift, average, memory_budget)
@@ -271,8 +316,9 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     plan = plan_logps(layout.rows.numel(), par.plan_vocab(weight), hidden.element_size(), memory_budget)
     paths.record_engine_call("linear_sequence_logprobs", plan, hidden, weight, bias, shared_prompt=layout.rows_repeat,
                              sharded_pass=par.shard is not None)
-    run = _LogpsRun(layout, plan, layout.counts.numel(), bool(average), par)
-    logps = LinearSequenceLogprobsFunction.apply(par.hidden_input(hidden), weight, bias, run)
+    lora_a, lora_b, scaling = _lora_inputs(lora)
+    run = _LogpsRun(layout, plan, layout.counts.numel(), bool(average), par, scaling)
+    logps = LinearSequenceLogprobsFunction.apply(par.hidden_input(hidden), weight, bias, lora_a, lora_b, run)
     return par.sum_sequences_differentiable(logps)
 
 
@@ -285,6 +331,7 @@ class _DPORun:
     `result` receives the forward's non-differentiable results by name (`DPOLossOutput` as `out`, `logps [2B]`,
     and with token stats `entropy [2B]`, `top1 [2B]`); only the loss leaves the Function as its output.
     `par`: the call's process groups (per-sequence sums are completed over the sequence group).
+    `lora_scaling`: the adapter's s when the head carries one (its `a` and `b` are the Function's inputs).
     """
 
     layout: TokenLayout
@@ -295,32 +342,36 @@ class _DPORun:
     token_stats: bool
     grad_enabled: bool
     par: HeadParallel = field(compare=False)
+    lora_scaling: float | None = None
     result: dict = field(default_factory=dict, compare=False)
 
 
 class FusedLinearDPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, run: _DPORun):
-        need_h, need_w, need_b = (need and run.grad_enabled for need in ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, run: _DPORun):
+        needs = [need and run.grad_enabled for need in ctx.needs_input_grad[:5]]
         hidden2d = _flat(hidden)
         B, par = run.num_pairs, run.par
+        lora = _lora_of(lora_a, lora_b, run.lora_scaling)
         ctx.run, ctx.shape = run, hidden.shape
         stats = engine.TokenStats(run.layout.rows.numel(), hidden.device) if run.token_stats else None
         if run.plan.recompute:
-            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats, pass_fn=par.pass_fn)
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats, pass_fn=par.pass_fn,
+                                    lora=lora)
             logps = par.sum_sequences(engine.forward_logps(loop, 2 * B, run.average))
             del loop
             out, grad_c, grad_r = run.loss_fn(logps[:B], logps[B:])
-            ctx.save_for_backward(hidden, weight, bias)
+            ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b)
             ctx.seq_grad = torch.cat([grad_c, grad_r]).float()
         else:
-            grads = _grads_of(hidden2d, weight, need_h, need_w, need_b)
-            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats, pass_fn=par.pass_fn)
+            grads = _grads_of(hidden2d, weight, *needs)
+            loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats, pass_fn=par.pass_fn,
+                                    lora=lora)
             out, logps = engine.fused_dpo(loop, engine.PairLoss(run.layout, B, run.average, run.loss_fn))
             del loop
             # Converted in the backward: the upstream gradient then folds into the one pass that turns the fp32
             # weight-gradient accumulator into the weight's dtype.
-            ctx.grads, ctx.weight_dtype = grads, weight.dtype
+            ctx.grads, ctx.weight_dtype, ctx.lora = grads, weight.dtype, lora
         run.result.update(out=out, logps=logps)
         if stats is not None:
             entropy, top1 = stats.per_sequence(run.layout, 2 * B)
@@ -331,22 +382,27 @@ class FusedLinearDPOFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         run = ctx.run
         if run.plan.recompute:
-            hidden, weight, bias = ctx.saved_tensors
+            hidden, weight, bias, lora_a, lora_b = ctx.saved_tensors
             hidden2d = _flat(hidden)
-            grads = engine.Grads(hidden2d, weight, *ctx.needs_input_grad[:3])
+            lora = _lora_of(lora_a, lora_b, run.lora_scaling)
+            grads = _grads_of(hidden2d, weight, *ctx.needs_input_grad[:5])
+            if grads is None:
+                return None, None, None, None, None, None
             coef = _token_coefficients(ctx.seq_grad, run.layout, run.average) * grad_loss.float()
             engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
-                                                    pass_fn=run.par.pass_fn), coef)
+                                                    pass_fn=run.par.pass_fn, lora=lora), coef)
             grad_w, grad_b = grads.weight_bias(weight.dtype)
+            grad_a, grad_lora_b = (None, None) if grads.lora is None else grads.lora.results(lora)
             grad_h = None if grads.hidden is None else grads.hidden.view(ctx.shape)
-            return grad_h, grad_w, grad_b, None
+            return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None
         if ctx.grads is None:
             raise RuntimeError("FusedLinearDPOFunction's backward ran twice: its gradients are formed in the forward "
                                "and consumed by the first backward (retain_graph is not supported)")
         grads, ctx.grads = ctx.grads, None
         grad_w, grad_b = grads.weight_bias(ctx.weight_dtype, scale=grad_loss)
+        grad_a, grad_lora_b = (None, None) if grads.lora is None else grads.lora.results(ctx.lora, scale=grad_loss)
         grad_h = None if grads.hidden is None else grads.scaled_hidden(grad_loss).view(ctx.shape)
-        return grad_h, grad_w, grad_b, None
+        return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None
 
 
 @dataclass(frozen=True)
@@ -361,6 +417,7 @@ class _DPOInputs:
     ref_weight: torch.Tensor | None
     ref_bias: torch.Tensor | None
     positions: ScoredPositions | None  # None once the engine's layout is built (`_run_dpo`)
+    lora: LoraHead | None = None  # the policy head's adapter
 
     @property
     def num_pairs(self) -> int:
@@ -375,13 +432,15 @@ def _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weigh
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs, hidden.device, "hidden")
 
 
-def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings):
+def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings, lora=None):
     """The rank's own checks of a fused DPO call, and its scored positions (`scored_positions`).
     `ref`: `(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)`."""
     loss_type, beta, label_smoothing, loss_params = loss_settings
     check_loss_settings(loss_type, beta=beta, label_smoothing=label_smoothing, loss_params=loss_params)
     positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
     _check_head(hidden, weight, bias)
+    if lora is not None:
+        check_lora(lora, hidden, weight)
     num_seqs = positions.num_seqs
     if num_seqs == 0 or num_seqs % 2:
         raise ValueError(f"the batch needs an even, non-zero number of sequences (B chosen then B rejected), got "
@@ -396,7 +455,7 @@ def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, r
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
                              f"{tuple(hidden.shape[:-1])}")
         _check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
-    return _DPOInputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, positions)
+    return _DPOInputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, positions, lora)
 
 
 def _dpo_plan(layout, num_pairs, par, inputs, memory_budget, loss_type) -> StepPlan:
@@ -407,14 +466,15 @@ def _dpo_plan(layout, num_pairs, par, inputs, memory_budget, loss_type) -> StepP
                         tied=is_tied(loss_type))
     pair_counts = [layout.counts_host[i] + layout.counts_host[num_pairs + i] for i in range(num_pairs)]
     return plan_dpo_step(pair_counts, vocab, itemsize, memory_budget, loss_type,
-                         weight_grad=_weight_grad_wanted(inputs.weight, inputs.bias))
+                         weight_grad=_weight_grad_wanted(inputs.weight, inputs.bias, inputs.lora))
 
 
 def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                      ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1,
                      loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX, shift=True,
                      memory_budget=None, token_stats=False, parallel_options: ParallelOptions | None = None,
-                     vocab_parallel_group=None, sequence_parallel_group=None, **loss_params) -> DPOOutput:
+                     vocab_parallel_group=None, sequence_parallel_group=None, lora: LoraHead | None = None,
+                     **loss_params) -> DPOOutput:
     """The DPO loss from the policy's last hidden states and lm_head, with its gradients formed in the forward.
 
     Args:
@@ -450,24 +510,32 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
             before any coefficient is known.
         vocab_parallel_group, sequence_parallel_group: shorthands for
             `parallel_options=ParallelOptions(vocab_group, sequence_group)`.
+        lora: a `LoraHead(a [r, H], b [V, r], scaling)` on the policy's head (a PEFT LoRA lm_head): its logits are
+            `hidden @ weight.T + bias + scaling * (hidden @ a.T) @ b.T`, never materialized; `a` and `b` get exact
+            gradients (one process only). The reference head (`ref_weight`, or `weight`) carries no adapter.
     Returns:
         `DPOOutput`, the same on every rank of the groups; only `loss` is differentiable (w.r.t. hidden, weight,
-        bias). Response lengths passed to the loss are the numbers of scored tokens per sequence.
+        bias and the adapter's `a` and `b`). Response lengths passed to the loss are the numbers of scored tokens
+        per sequence.
     """
     par = HeadParallel(options_of(parallel_options, vocab_parallel_group, sequence_parallel_group), shift)
     weight, bias = par.local_head(weight, bias)
     if ref_weight is not None:
         ref_weight, ref_bias = par.local_head(ref_weight, ref_bias)
     hidden, weight, bias = head_operands(hidden, weight, bias)
+    _check_lora_setting(lora, par)
+    lora = lora_operands(lora)
     loss_settings = (loss_type, beta, label_smoothing, loss_params)
     ref = (ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
 
     def prepare():
-        inputs = _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings)
+        inputs = _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings,
+                             lora)
         return Summary(inputs.hidden, inputs.weight, inputs.bias, inputs.positions, 0, inputs.ref_hidden), inputs
 
     settings = ("dpo", loss_type, beta, label_smoothing, sorted(loss_params.items()), ignore_index, shift, average,
-                memory_budget, token_stats, ref_chosen_logps is not None, _weight_grad_wanted(weight, bias),
+                memory_budget, token_stats, ref_chosen_logps is not None,
+                _weight_grad_wanted(weight, bias, lora),
                 torch.is_grad_enabled())
     return _run_dpo(par.agree(prepare, settings, _device_of(hidden)), par, ref_chosen_logps, ref_rejected_logps,
                     average, memory_budget, token_stats, loss_settings)
@@ -497,8 +565,10 @@ def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_
                                 ref_rejected_logps=ref_rejected_logps, beta=beta, loss_type=loss_type,
                                 label_smoothing=label_smoothing, chosen_lengths=counts[:B],
                                 rejected_lengths=counts[B:], average=bool(average), **loss_params)
-    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled(), par)
-    loss = FusedLinearDPOFunction.apply(par.hidden_input(inputs.hidden), inputs.weight, inputs.bias, run)
+    lora_a, lora_b, scaling = _lora_inputs(inputs.lora)
+    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled(), par, scaling)
+    loss = FusedLinearDPOFunction.apply(par.hidden_input(inputs.hidden), inputs.weight, inputs.bias, lora_a, lora_b,
+                                        run)
     return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
 
 

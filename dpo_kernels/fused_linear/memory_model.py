@@ -38,7 +38,7 @@ DTYPE_OF_ITEMSIZE = {4: torch.float32, 2: torch.bfloat16}
 
 
 def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=torch.bfloat16, memory_budget=None,
-                        loss_type="sigmoid", fp32_gemm_support=None, device=None) -> int:
+                        loss_type="sigmoid", fp32_gemm_support=None, device=None, lora_rank=0) -> int:
     """Peak extra bytes of one `fused_linear_dpo` forward + backward (see the module docstring).
 
     Args:
@@ -49,18 +49,20 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
         fp32_gemm_support: `(mm with out_dtype, addmm into fp32)` on the device modeled (`fp32_gemm.py`); None:
             the branch `device`'s probe takes, or without a device `trace.CUDA_OUT_DTYPE` (both supported).
         device: the device the step runs on, when known (a CUDA device is probed on first use).
+        lora_rank: r of a LoRA adapter on the head (0: none); with one the weight is frozen (`dry_run.dry_run`).
     """
     if fp32_gemm_support is None:
         fp32_gemm_support = CUDA_OUT_DTYPE if device is None else probed_support(device, dtype)
     itemsize = torch.tensor([], dtype=dtype).element_size()
     plan = plan_dpo_step(list(pair_lengths), vocab, itemsize, memory_budget, loss_type)
     return dry_run(plan, hidden_rows, hidden_size, vocab, dtype, loss_type, list(pair_lengths),
-                   fp32_gemm_support).peak_bytes()
+                   fp32_gemm_support, lora_rank).peak_bytes()
 
 
 def plan_peak_bytes(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, itemsize: int,
-                    loss_type: str = "sigmoid", pair_lengths=None) -> int:
+                    loss_type: str = "sigmoid", pair_lengths=None, lora_rank: int = 0) -> int:
     """Peak extra bytes of one forward + backward that runs `plan` (weight and hidden states requiring gradients,
-    no bias), summed from the engine's trace of it; `pair_lengths` default to `dry_run.plan_pairs(plan)`."""
+    no bias; with `lora_rank` an adapter's A and B instead of the weight), summed from the engine's trace of it;
+    `pair_lengths` default to `dry_run.plan_pairs(plan)`."""
     return dry_run(plan, hidden_rows, hidden_size, vocab, DTYPE_OF_ITEMSIZE[itemsize], loss_type,
-                   pair_lengths).peak_bytes()
+                   pair_lengths, lora_rank=lora_rank).peak_bytes()

@@ -6,6 +6,8 @@ PEFT-wrapped ones included, under one contract:
 
     F.linear(backbone_hidden_states(model, ...), *output_head(model)) == model(...).logits
 
+(with a LoRA lm_head, `fused_head(model)` adds its adapter's term, `LoraHead.delta_logits`).
+
 `check_output_head` tests the contract on a model this package does not know.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpo_kernels.hf.head import logit_multiplier, output_head
+from dpo_kernels.hf.head import fused_head, logit_multiplier
 from dpo_kernels.hf.unwrap import unwrap_model
 
 __all__ = ["backbone_hidden_states", "check_output_head"]
@@ -77,7 +79,7 @@ def check_output_head(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     during the check. `tolerance` is relative to the largest logit: 1e-4 for float32 heads, 3e-2 for 16-bit ones or
     under autocast (folding a logit multiplier into the hidden states rounds differently there).
     """
-    weight, bias = output_head(model)
+    weight, bias, lora = fused_head(model)
     if tolerance is None:
         full = weight.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(weight.device.type)
         tolerance = 1e-4 if full else 3e-2
@@ -85,13 +87,17 @@ def check_output_head(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     model.eval()
     try:
         hidden = backbone_hidden_states(model, input_ids, attention_mask)
-        ours = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        hidden = hidden.to(weight.dtype)
+        ours = torch.nn.functional.linear(hidden, weight, bias)
+        if lora is not None:
+            ours = ours + lora.delta_logits(hidden)
+        ours = ours.float()
         theirs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
     finally:
         model.train(training)
     diff = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("nan")
     if not diff <= tolerance * max(theirs.abs().max().item(), 1e-6):
         raise ValueError(
-            f"{type(unwrap_model(model)).__name__}'s logits are not hidden @ lm_head.weight^T + bias "
+            f"{type(unwrap_model(model)).__name__}'s logits are not hidden @ lm_head.weight^T + bias (+ its LoRA term) "
             f"(max abs difference {diff:.3e}); this model needs the logits path"
         )

@@ -2,7 +2,8 @@
 
 Trainers call the model through wrappers (DDP, FSDP, DeepSpeed, PEFT) whose hooks only run when `forward` runs, so
 the fused head must be computed inside the forward rather than on an unwrapped module. TRL does the same with
-`fused_lm_head=True`; this adds `dpo_kernels_head_fn=fn`, which returns `fn(hidden [R,T,H], weight [V,H], bias)`.
+`fused_lm_head=True`; this adds `dpo_kernels_head_fn=fn`, which returns `fn(hidden [R,T,H], weight [V,H], bias, lora)`
+(`lora`: the head's PEFT LoRA adapter as a `LoraHead`, or None; see `head.fused_head`).
 Without the keyword the previous forward runs unchanged (generation, TRL's own fused head).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import types
 from torch import nn
 
 from dpo_kernels.hf.backbone import backbone_hidden_states
-from dpo_kernels.hf.head import output_head
+from dpo_kernels.hf.head import fused_head
 
 _MARK = "_dpo_kernels_head_forward"
 
@@ -35,9 +36,11 @@ def install_head_forward(model: nn.Module) -> None:
         kwargs.pop("labels", None)
         hidden = backbone_hidden_states(self, kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None),
                                         **kwargs)
-        weight, bias = output_head(self)
+        weight, bias, lora = fused_head(self)
         with _gathered(weight, bias):
-            return dpo_kernels_head_fn(hidden, _full(weight), _full(bias))
+            if lora is not None:
+                lora = lora._replace(a=_full(lora.a), b=_full(lora.b))
+            return dpo_kernels_head_fn(hidden, _full(weight), _full(bias), lora)
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _MARK, True)

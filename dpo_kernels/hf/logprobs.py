@@ -11,7 +11,7 @@ from torch import nn
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import linear_sequence_logprobs
 from dpo_kernels.hf.backbone import backbone_hidden_states
-from dpo_kernels.hf.head import output_head
+from dpo_kernels.hf.head import fused_head
 from dpo_kernels.validation import check_cu_seqlens
 
 __all__ = ["packed_position_ids", "sequence_logprobs"]
@@ -49,7 +49,7 @@ def sequence_logprobs(
     """Per-sequence label log-probs of an HF causal LM through the fused linear engine (no `[*, V]` logits).
 
     Args:
-        model: HF causal LM (PEFT / compiled / DDP wrappers accepted).
+        model: HF causal LM (PEFT / compiled / DDP wrappers accepted; a LoRA lm_head runs inside the engine).
         input_ids: `[R, T]` int64; or, with `cu_seqlens`, packed `[1, N]` (padding-free: `position_ids` in
             `model_kwargs` restart at 0 per sequence, and are derived from `cu_seqlens` when not given, so that
             attention stays within each sequence).
@@ -75,9 +75,10 @@ def sequence_logprobs(
     adapter_ctx = _adapters_disabled(model) if disable_adapters else contextlib.nullcontext()
     with grad_ctx, adapter_ctx:
         hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
-        weight, bias = output_head(model)
+        weight, bias, lora = fused_head(model)
         if cu_seqlens is not None:
             hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         # Inside an autocast region the engine computes in the autocast dtype, as the model's own lm_head would.
         return linear_sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift,
-                                        average=average, cu_seqlens=cu_seqlens, memory_budget=memory_budget)
+                                        average=average, cu_seqlens=cu_seqlens, memory_budget=memory_budget,
+                                        lora=lora)

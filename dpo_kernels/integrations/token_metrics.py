@@ -1,10 +1,11 @@
 """The per-token statistics TRL logs besides the loss: mean logit, entropy and top-1 accuracy, without `[N, V]`.
 
 `logits/chosen` and `logits/rejected` are means over valid tokens and the vocabulary of `h @ W^T + b`, which is
-`(h @ W.sum(0) + b.sum()) / V`: one GEMV, no logits. Entropy and whether the label is the argmax need every logit:
-the fused engine returns them from the pass that already reads every logit (`token_stats=True`,
-`with_engine_stats`). Only where the fused loss is not used does `token_sums(full=True)` take one extra no-grad
-pass over the valid tokens in chunks (2·N·H·V FLOPs, a third of a training step's head work).
+`(h @ W.sum(0) + b.sum()) / V`: one GEMV, no logits (a LoRA head adds `s (h @ A^T) @ B.sum(0) / V`). Entropy and
+whether the label is the argmax need every logit: the fused engine returns them from the pass that already reads
+every logit (`token_stats=True`, `with_engine_stats`). Only where the fused loss is not used does
+`token_sums(full=True)` take one extra no-grad pass over the valid tokens in chunks (2·N·H·V FLOPs, a third of a
+training step's head work).
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ class TokenSums(NamedTuple):
 
 
 @torch.no_grad()
-def token_sums(hidden, weight, bias, next_labels, row, num_chosen_rows: int, *, full: bool, ignore_index=IGNORE_INDEX):
+def token_sums(hidden, weight, bias, next_labels, row, num_chosen_rows: int, *, full: bool, ignore_index=IGNORE_INDEX,
+               lora=None):
     """Args:
         hidden: `[N, H]` the head's inputs (any position layout), detached inside.
-        weight: `[V, H]`, bias: `[V]` or None.
+        weight: `[V, H]`, bias: `[V]` or None; lora: the head's `LoraHead`, or None.
         next_labels: `[N]` the label each position predicts (`ignore_index` where none).
         row: `[N]` the row of each position; rows `< num_chosen_rows` are chosen responses.
         full: also compute entropy and top-1 (the extra chunked pass).
@@ -47,13 +49,19 @@ def token_sums(hidden, weight, bias, next_labels, row, num_chosen_rows: int, *, 
     w_mean = weight.detach().sum(0, dtype=torch.float32) / vocab
     b_mean = bias.detach().sum(dtype=torch.float32) / vocab if bias is not None else 0.0
     mean_logit = h.float() @ w_mean + b_mean
+    if lora is not None:
+        b_rows_mean = lora.b.detach().sum(0, dtype=torch.float32) / vocab
+        mean_logit += (h.float() @ lora.a.detach().float().t()) @ b_rows_mean * float(lora.scaling)
     zero = mean_logit.new_zeros(())
     entropy_sum = chosen_top1 = None
     if full:
         entropy_sum, chosen_top1 = zero.clone(), zero.clone()
         step = max(1, _CHUNK_ELEMENTS // vocab)
         for start in range(0, h.shape[0], step):
-            z = torch.nn.functional.linear(h[start:start + step], weight.detach(), bias).float()
+            z = torch.nn.functional.linear(h[start:start + step], weight.detach(), bias)
+            if lora is not None:
+                z = z + lora.delta_logits(h[start:start + step])
+            z = z.float()
             lse = torch.logsumexp(z, dim=-1)
             p = torch.exp(z - lse.unsqueeze(-1))
             entropy_sum += (lse - (p * z).sum(-1)).sum()

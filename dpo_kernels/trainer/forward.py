@@ -1,6 +1,7 @@
 """One DPO forward of a policy on a batch, through one of three loss backends (`trainer.backends`).
 
-    fused-linear  backbone hidden states + lm_head weight -> dpo_kernels.FusedLinearDPOLoss (no [2B, T, V] logits)
+    fused-linear  backbone hidden states + lm_head weight -> dpo_kernels.FusedLinearDPOLoss (no [2B, T, V] logits);
+                  a PEFT LoRA adapter on the lm_head runs inside it (`hf.fused_head`)
     logits        model(...).logits -> dpo_kernels.DPOLoss (Triton log-probs on CUDA, then the fused loss op)
     reference     model(...).logits -> dpo_kernels.reference.sequence_logprobs -> dpo_kernels.reference.dpo_loss
 
@@ -70,9 +71,9 @@ class DPOForward(nn.Module):
         if self.fused is not None:
             with _autocast(input_ids, self.autocast_dtype):
                 hidden, labels = _hidden_states(self.model, input_ids, attention_mask, labels)
-                weight, bias = hf.output_head(self.model)
+                weight, bias, lora = hf.fused_head(self.model)
                 return self.fused(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
-                                  ref_rejected_logps=ref_rejected_logps)
+                                  ref_rejected_logps=ref_rejected_logps, lora=lora)
         logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
         if self.logits_loss is not None:
             return self.logits_loss(logits, labels, ref_chosen_logps, ref_rejected_logps)
@@ -112,8 +113,8 @@ def reference_logps(model: nn.Module, backend: str, input_ids, attention_mask, l
     if backend == "fused-linear":
         with _autocast(input_ids, autocast_dtype):
             hidden, labels = _hidden_states(model, input_ids, attention_mask, labels)
-            weight, bias = hf.output_head(model)
-            logps = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, bias=bias)
+            weight, bias, lora = hf.fused_head(model)
+            logps = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, bias=bias, lora=lora)
     else:
         logps_fn = dpo_kernels.sequence_logprobs if backend == "logits" else dpo_kernels.reference.sequence_logprobs
         logps = logps_fn(*_logits(model, input_ids, attention_mask, labels, autocast_dtype))

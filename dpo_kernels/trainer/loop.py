@@ -278,10 +278,11 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
 
 
 def check_backend_fits(policy, c: TrainConfig) -> None:
-    """The fused-linear backend needs a plain linear lm_head: say so before the first step, not at it."""
+    """The fused-linear backend needs a linear lm_head (a PEFT LoRA adapter on it included): say so before the first
+    step, not at it."""
     if c.loss_backend == "fused-linear":
         try:
-            hf.output_head(policy)
+            hf.fused_head(policy)
         except ValueError as e:
             raise UserInputError(f"loss_backend fused-linear cannot train {c.model}: {e} (--loss-backend logits "
                                  "runs it)") from None

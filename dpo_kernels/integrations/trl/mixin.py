@@ -18,7 +18,7 @@ from trl.trainer.utils import use_adapter
 
 import dpo_kernels
 from dpo_kernels import hf, paths
-from dpo_kernels.fused_linear.functional import head_operands
+from dpo_kernels.fused_linear.functional import head_operands, lora_operands
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.hf.head_forward import install_head_forward
 from dpo_kernels.integrations.token_metrics import token_sums, with_engine_stats
@@ -29,6 +29,13 @@ from dpo_kernels.integrations.trl.support import shared_prompt_problem, unsuppor
 from dpo_kernels.shared_prompt.batch import SharedPromptBatch, build_shared_batch
 
 __all__ = ["FusedDPOMixin"]
+
+
+def _has_lora_head(model) -> bool:
+    """Whether a PEFT adapter layer wraps the lm_head (what TRL 1.16's own `__init__` refuses)."""
+    inner = hf.unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return hasattr(head, "base_layer")
 
 
 class FusedDPOMixin:
@@ -54,6 +61,10 @@ class FusedDPOMixin:
         self._dk_unshared_reasons = set()
         with paths.strict_mode(self._dk_strict):
             self._dk_unsupported = unsupported_options(self)
+            if self._dk_unsupported and _has_lora_head(self.model):
+                raise ValueError(f"dpo_kernels: the policy's lm_head carries a LoRA adapter, which TRL's own "
+                                 f"computation ignores, and this trainer cannot run {'; '.join(self._dk_unsupported)} "
+                                 "fused; remove 'lm_head' from target_modules or those settings")
             if self._dk_unsupported:
                 names = "; ".join(self._dk_unsupported)
                 padding_free = options.get("padding_free", self.args.padding_free)
@@ -115,10 +126,10 @@ class FusedDPOMixin:
     # -- reference log-probs -------------------------------------------------------------------------------------
 
     def _dk_logps(self, model, layout: Layout) -> torch.Tensor:
-        def head_fn(hidden, weight, bias):
+        def head_fn(hidden, weight, bias, lora):
             return dpo_kernels.linear_sequence_logprobs(layout.flat_hidden(hidden), weight, layout.labels, bias=bias,
                                                         cu_seqlens=layout.cu_seqlens,
-                                                        memory_budget=self._dk_memory_budget)
+                                                        memory_budget=self._dk_memory_budget, lora=lora)
 
         with self.accelerator.autocast():
             return model(**layout.model_inputs(model), dpo_kernels_head_fn=head_fn)
@@ -233,22 +244,23 @@ class FusedDPOMixin:
         fused = settings.fused_loss(completion_mask, memory_budget=self._dk_memory_budget,
                                     token_stats=self._dk_token_metrics)
 
-        def head_fn(hidden, weight, bias):
+        def head_fn(hidden, weight, bias, lora):
             # Cast once to the dtype the engine computes in (the autocast dtype inside autocast): the token metrics
             # below read the same operands, and the engine takes them as they are.
             flat, weight, bias = head_operands(layout.flat_hidden(hidden), weight, bias)
+            lora = lora_operands(lora)
             if fused is not None:
                 result = fused(flat, weight, layout.labels, bias=bias, cu_seqlens=layout.cu_seqlens,
-                               ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+                               ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, lora=lora)
             else:
                 result = dpo_kernels.linear_sequence_logprobs(flat, weight, layout.labels, bias=bias,
                                                               cu_seqlens=layout.cu_seqlens,
-                                                              memory_budget=self._dk_memory_budget)
+                                                              memory_budget=self._dk_memory_budget, lora=lora)
             # The fused engine already returned entropy and top-1 sums; only the other path needs the extra pass.
             scored, next_labels, row = layout.scored(flat)
             with fp32_sums(flat):
                 sums = token_sums(scored, weight, bias, next_labels, row, rows // 2,
-                                  full=self._dk_token_metrics and fused is None)
+                                  full=self._dk_token_metrics and fused is None, lora=lora)
             if fused is not None and self._dk_token_metrics:
                 sums = with_engine_stats(sums, result)
             return result, sums

@@ -44,7 +44,7 @@ def unsupported_options(trainer) -> list[str]:
         if candidate is None:
             continue
         try:
-            hf.output_head(candidate)
+            hf.fused_head(candidate)
             _probe_head(trainer, candidate)
         except ValueError as exc:
             found.append(f"{name}'s output head ({exc})")
@@ -57,7 +57,7 @@ def _probe_head(trainer, model) -> None:
 
     if is_deepspeed_zero3_enabled() or getattr(trainer, "is_fsdp_enabled", False):
         return  # sharded parameters cannot run a forward outside the engine here
-    weight, _ = hf.output_head(model)
+    weight = hf.fused_head(model).weight
     ids = (torch.arange(8, device=weight.device) * 7919 % weight.shape[0]).unsqueeze(0)
     with trainer.accelerator.autocast():
         hf.check_output_head(model, ids)

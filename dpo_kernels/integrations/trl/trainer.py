@@ -2,6 +2,9 @@
 one fused in place."""
 from __future__ import annotations
 
+import contextlib
+
+import trl.trainer.dpo_trainer
 from trl import DPOTrainer
 
 from dpo_kernels.fused_linear.plan import parse_memory_budget
@@ -45,12 +48,34 @@ class FusedDPOTrainer(FusedDPOMixin, DPOTrainer):
         if padding_free:
             config.padding_free = False
         try:
-            super().__init__(*args, **kwargs)
+            with _lora_head_allowed():
+                super().__init__(*args, **kwargs)
         finally:
             if padding_free:
                 config.padding_free = True
         self._dpo_kernels_setup()
         self.padding_free = padding_free and not self._dk_unsupported
+
+
+class _NoTunerLayer:
+    """A class no module is an instance of."""
+
+
+@contextlib.contextmanager
+def _lora_head_allowed():
+    """TRL 1.16 refuses a PEFT adapter on the lm_head in its `__init__` (`isinstance(head, BaseTunerLayer)`), since
+    its own fused head reads `lm_head.weight` alone. This trainer runs the adapter inside the fused engine, and
+    refuses it where a step would fall back to TRL's head (`FusedDPOMixin._dpo_kernels_setup`)."""
+    module = trl.trainer.dpo_trainer
+    saved = getattr(module, "BaseTunerLayer", None)
+    if saved is None:
+        yield
+        return
+    module.BaseTunerLayer = _NoTunerLayer
+    try:
+        yield
+    finally:
+        module.BaseTunerLayer = saved
 
 
 def _check_flag(name, value) -> None:
