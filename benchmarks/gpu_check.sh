@@ -294,15 +294,15 @@ stage_trl_step() {
 }
 
 stage_bench_linear_peers() {
-  "${CLI[@]}" bench --ops linear --providers eager,torch_compile,liger,cce --output-dir "$1" "${BENCH[@]}"
+  "${CLI[@]}" bench --ops linear --providers eager,torch_compile,liger,cce,torch_native,quack --output-dir "$1" "${BENCH[@]}"
 }
 
 stage_memory_peers() {
-  "${CLI[@]}" profile-memory --providers eager,liger,cce --output-dir "$1" "${MEMORY[@]}"
+  "${CLI[@]}" profile-memory --providers eager,liger,cce,torch_native,quack --output-dir "$1" "${MEMORY[@]}"
 }
 
 stage_bench_logits_peers() {
-  "${CLI[@]}" bench --ops logits --providers torch_compile,liger --output-dir "$1" "${BENCH[@]}"
+  "${CLI[@]}" bench --ops logits --providers torch_compile,liger,quack --output-dir "$1" "${BENCH[@]}"
 }
 
 stage_bench_loss() {

@@ -37,6 +37,12 @@ def _dtype(value: str) -> torch.dtype:
     return _DTYPES[value]
 
 
+def _reference_dtype(value: str) -> torch.dtype:
+    if value in ("fp64", "float64"):
+        return torch.float64
+    return _dtype(value)
+
+
 def default_output_dir(device: torch.device) -> str:
     """benchmarks/results/<date>-<device>/ (under the current directory)."""
     from dpo_kernels.bench.report import device_name
@@ -96,7 +102,8 @@ def run_bench(args) -> int:
     out = args.output_dir or default_output_dir(device)
     iterations = (args.warmup, args.iters) if args.iters else None
     written = compare.run_sweep(ops, out, sizes=sizes, provider_names=args.providers, dtype=args.dtype,
-                                device=device, compile_backend=args.compile_backend, iterations=iterations)
+                                device=device, compile_backend=args.compile_backend, iterations=iterations,
+                                reference_dtype=args.reference_dtype)
     for op, paths in written.items():
         print(f"[bench] {op}: " + ", ".join(paths.values()))
     return 0
@@ -168,6 +175,9 @@ def add_subcommands(subparsers) -> None:
                             "training step with and without the shared-prompt layout at prompt:response 1:1, 4:1, "
                             "16:1; comm: the bytes the engine all-reduces per chunk and per step under "
                             "vocabulary and sequence parallelism, measured against the O(C) bound")
+    bench.add_argument("--reference-dtype", type=_reference_dtype, default=None,
+                       help="fp64: measure every provider's error against eager on float64 copies of the inputs "
+                            "(the truth; affordable at the CPU sizes); default: eager in the benchmark dtype")
     bench.add_argument("--tiny", action="store_true", help="one tiny size per op (a smoke run, seconds on a CPU)")
     bench.add_argument("--warmup", type=int, default=1, help="warm-up steps when --iters is given")
     bench.add_argument("--iters", type=int, default=None, help="timed steps (default 5, 50 for the loss)")
