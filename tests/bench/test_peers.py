@@ -75,3 +75,12 @@ def test_the_file_runs_without_any_installed_package():
     out = subprocess.run([*run, "--needed-by", "liger_kernel-0.8.5-py3-none-any.whl"], capture_output=True,
                          text=True, timeout=30, check=True).stdout
     assert out.strip() == peers.needed_by("liger-kernel")
+
+
+def test_the_readme_peer_table_shows_the_pinned_package_and_version():
+    readme = (REPO_ROOT / "README.md").read_text()
+    rows = {m.group(1): m.group(2, 3) for m in re.finditer(r"^\| `(\w+)` \| `([\w.-]+)` \| ([^|]+?) \|", readme,
+                                                             re.MULTILINE)}
+    for peer in peers.PEERS:
+        assert rows.get(peer.provider) == (peer.package, f"≥ {peer.version}" if peer.since else peer.version), (
+            peer.provider, rows.get(peer.provider))
