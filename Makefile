@@ -7,8 +7,12 @@ PYTEST_ARGS ?=
 comma := ,
 STAMP := build/.installed-$(subst $(comma),_,$(EXTRAS))
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+# What --no-build-isolation takes from the environment besides torch.
+BUILD_TOOLS := "setuptools>=70" wheel ninja pybind11
+# Where `make wheel` and `make sdist` write.
+DIST ?= dist
 
-.PHONY: install test demo bench gpu-check gpu-wheels lint clean
+.PHONY: install test demo bench gpu-check gpu-wheels wheel sdist lint clean
 
 install: $(STAMP)
 
@@ -16,7 +20,7 @@ install: $(STAMP)
 # that --no-build-isolation takes from the environment next, then the package with its C++ extension.
 $(STAMP): $(SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
-	$(PIP) install -q "setuptools>=70" wheel ninja pybind11
+	$(PIP) install -q $(BUILD_TOOLS)
 	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	@mkdir -p build && touch $@
 
@@ -49,6 +53,19 @@ gpu-wheels:
 	@ls -l .whl/*.whl | awk '{ printf "%12d  %s\n", $$5, $$9; total += $$5 } \
 		END { printf "%12d  total (%.2f MiB) in %d wheels; carry .whl\n", total, total / 1048576, NR; \
 		      if (total > $(GPU_WHEELS_MAX_BYTES)) { print "over 60 MiB: the working tree would not travel"; exit 1 } }'
+
+# A wheel of the package with dpo_kernels._C: the CPU kernels always, and the CUDA kernels for TORCH_CUDA_ARCH_LIST
+# when torch has CUDA and nvcc is found (setup.py). It is built against the installed torch, in the checkout: a
+# second build, or one after `make install`, reuses the compiled objects in build/ and recompiles only what changed.
+wheel:
+	@$(PIP) install -q $(BUILD_TOOLS)
+	$(PIP) wheel --no-build-isolation --no-deps -w $(DIST) .
+
+# The source distribution: `pip install --no-build-isolation dpo_kernels-<version>.tar.gz` builds it against the
+# installed torch (MANIFEST.in brings csrc/ whole, the CUDA sources included).
+sdist:
+	@$(PIP) install -q $(BUILD_TOOLS)
+	$(PYTHON) -c "from setuptools import build_meta; print('$(DIST)/' + build_meta.build_sdist('$(DIST)'))"
 
 lint:
 	$(PYTHON) -m ruff check dpo_kernels tests benchmarks python

@@ -490,15 +490,15 @@ stage_shared_prompt() {
 }
 
 stage_bench_linear_peers() {
-  "${CLI[@]}" bench --ops linear --providers trl,eager,torch_compile,liger,cce --output-dir "$1" "${BENCH[@]}"
+  "${CLI[@]}" bench --ops linear --providers trl,eager,torch_compile,liger,cce,torch_native,quack --output-dir "$1" "${BENCH[@]}"
 }
 
 stage_memory_peers() {
-  "${CLI[@]}" profile-memory --providers trl,eager,liger,cce --output-dir "$1" "${MEMORY[@]}"
+  "${CLI[@]}" profile-memory --providers trl,eager,liger,cce,torch_native,quack --output-dir "$1" "${MEMORY[@]}"
 }
 
 stage_bench_logits_peers() {
-  "${CLI[@]}" bench --ops logits --providers trl,torch_compile,liger --output-dir "$1" "${BENCH[@]}"
+  "${CLI[@]}" bench --ops logits --providers trl,torch_compile,liger,quack --output-dir "$1" "${BENCH[@]}"
 }
 
 stage_trl_step() {

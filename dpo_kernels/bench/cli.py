@@ -37,6 +37,12 @@ def _dtype(value: str) -> torch.dtype:
     return _DTYPES[value]
 
 
+def _reference_dtype(value: str) -> torch.dtype:
+    if value in ("fp64", "float64"):
+        return torch.float64
+    return _dtype(value)
+
+
 def default_output_dir(device: torch.device) -> str:
     """benchmarks/results/<date>-<device>/ (under the current directory)."""
     from dpo_kernels.bench.report import device_name
@@ -104,7 +110,8 @@ def run_bench(args) -> int:
     out = args.output_dir or default_output_dir(device)
     iterations = (args.warmup, args.iters) if args.iters else None
     written = compare.run_sweep(ops, out, sizes=sizes, provider_names=args.providers, dtype=args.dtype,
-                                device=device, compile_backend=args.compile_backend, iterations=iterations)
+                                device=device, compile_backend=args.compile_backend, iterations=iterations,
+                                reference_dtype=args.reference_dtype)
     for op, paths in written.items():
         print(f"[bench] {op}: " + ", ".join(paths.values()))
     return 0
@@ -179,6 +186,9 @@ def add_subcommands(subparsers) -> None:
                             "fp32 GEMM branch, SMs and L2, the logsoftmax pass alone per grid, and one fused step "
                             "per reference size under torch.profiler beside the cost and memory models "
                             "(profile.json, profile.md)")
+    bench.add_argument("--reference-dtype", type=_reference_dtype, default=None,
+                       help="fp64: measure every provider's error against eager on float64 copies of the inputs "
+                            "(the truth; affordable at the CPU sizes); default: eager in the benchmark dtype")
     bench.add_argument("--tiny", action="store_true", help="one tiny size per op (a smoke run, seconds on a CPU)")
     bench.add_argument("--warmup", type=int, default=1, help="warm-up steps when --iters is given")
     bench.add_argument("--iters", type=int, default=None, help="timed steps (default 5, 50 for the loss)")

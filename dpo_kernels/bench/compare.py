@@ -55,6 +55,29 @@ GRAD_NAMES = {
 }
 
 
+def cast_inputs(op: str, inputs, dtype: torch.dtype):
+    """The same inputs with their floating-point leaves as new leaves in `dtype` (the eager reference's copies)."""
+    def leaf(t):
+        return t.detach().to(dtype).requires_grad_()
+
+    if op == "linear":
+        return bench_inputs.LinearInputs(leaf(inputs.hidden), leaf(inputs.weight), inputs.labels, inputs.targets)
+    if op == "logits":
+        return bench_inputs.LogitsInputs(leaf(inputs.logits), inputs.labels, inputs.targets)
+    return bench_inputs.LossInputs(leaf(inputs.policy_chosen), leaf(inputs.policy_rejected),
+                                   inputs.ref_chosen.to(dtype), inputs.ref_rejected.to(dtype))
+
+
+def _eager_reference(op: str, inputs, tensors, dtype):
+    """Eager's loss and gradients on `inputs` (on copies in `dtype` when given): what the errors are measured
+    against."""
+    eager = providers_for(op, ["eager"])[0]
+    if dtype is None:
+        return loss_and_grads(eager.build(inputs), tensors)
+    copies = cast_inputs(op, inputs, dtype)
+    return loss_and_grads(eager.build(copies), leaves(op, copies))
+
+
 def make_inputs(op: str, size: Size, dtype: torch.dtype, device: torch.device, seed: int = 0):
     if op == "linear":
         return bench_inputs.make_linear_inputs(size.pairs, size.seq_len, size.hidden, size.vocab, dtype=dtype,
@@ -79,12 +102,14 @@ def _clear_grads(tensors) -> None:
 
 
 def relative_error(value: torch.Tensor, truth: torch.Tensor, rows: int = 4096) -> float:
-    """`||value - truth|| / ||truth||` in fp32, in row chunks so that no full-size fp32 copy is made."""
+    """`||value - truth|| / ||truth||` in fp32 (fp64 against a float64 truth), in row chunks so that no full-size
+    copy is made."""
     value, truth = value.detach().reshape(-1, value.shape[-1]), truth.detach().reshape(-1, truth.shape[-1])
+    dtype = torch.promote_types(truth.dtype, torch.float32)
     diff = ref = 0.0
     for start in range(0, truth.shape[0], rows):
-        t = truth[start : start + rows].float()
-        diff += (value[start : start + rows].float() - t).pow(2).sum().item()
+        t = truth[start : start + rows].to(dtype)
+        diff += (value[start : start + rows].to(dtype) - t).pow(2).sum().item()
         ref += t.pow(2).sum().item()
     return (diff ** 0.5) / max(ref ** 0.5, 1e-30)
 
@@ -136,8 +161,11 @@ def _run_provider(provider, op, inputs, tensors, device, reference, settings) ->
 
 
 def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None, compile_backend="inductor",
-           iterations=None, seed=0, bytes_per_s=None, on_update=None) -> dict:
+           iterations=None, seed=0, bytes_per_s=None, reference_dtype=None, on_update=None) -> dict:
     """Runs the sweep of one op and returns its result dict (what `write_op` saves).
+
+    The errors are measured against eager PyTorch on the same inputs, in `reference_dtype` when given (float64 on
+    the CPU gives the truth), else in `dtype`.
 
     `on_update(result, redraw)` is called after every provider row (redraw False) and after every size but the last
     (redraw True), so that a caller can save partial results (a GPU slot's stage can time out); `result["complete"]`
@@ -162,6 +190,7 @@ def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None,
                   "loss": None}[op],
         "copy_bandwidth_gbs": bytes_per_s / 1e9 if bytes_per_s else None,
         "compile_backend": compile_backend,
+        "reference_dtype": str(reference_dtype or dtype).replace("torch.", ""),
         "iterations": list(settings["iterations"]),
         "providers": [{"name": p.name, "description": p.description,
                        "status": "skipped" if skipped[p.name] else "ran", "note": skipped[p.name]}
@@ -170,7 +199,6 @@ def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None,
         "rows": [],
         "complete": False,
     }
-    eager = providers_for(op, ["eager"])[0]
     for index, size in enumerate(sizes):
         inputs = make_inputs(op, size, dtype, device, seed)
         tensors = leaves(op, inputs)
@@ -181,7 +209,7 @@ def run_op(op, sizes, *, provider_names=None, dtype=torch.bfloat16, device=None,
                                 "floor_ms": floor})
         reference = None
         try:
-            reference = loss_and_grads(eager.build(inputs), tensors)
+            reference = _eager_reference(op, inputs, tensors, reference_dtype)
         except OOM_ERRORS:
             _clear_grads(tensors)
         release_memory(device)
@@ -234,7 +262,9 @@ def markdown_lines(result: dict) -> list:
         lines.append("| floor (ms) | " + " | ".join(floors) + " |")
     for name in ran:
         lines.append(f"| {name} | " + " | ".join(_cell(by_key.get((name, label))) for label in labels) + " |")
-    lines += ["", "Relative error vs eager (loss; gradients), same inputs and dtype:", "",
+    reference = result.get("reference_dtype", result["dtype"])
+    against = "same inputs and dtype" if reference == result["dtype"] else f"same inputs, eager in {reference}"
+    lines += ["", f"Relative error vs eager (loss; gradients), {against}:", "",
               "| provider | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for name in ran:
         cells = []
@@ -281,7 +311,7 @@ def write_op(result: dict, output_dir: str, png: bool = True) -> dict:
 
 
 def run_sweep(ops, output_dir, *, sizes=None, provider_names=None, dtype=None, device=None,
-              compile_backend="inductor", iterations=None, log=print) -> dict:
+              compile_backend="inductor", iterations=None, reference_dtype=None, log=print) -> dict:
     """Runs and writes every op in `ops`; sizes default to the reference sizes (docs/design.md, "Benchmarks") on
     CUDA, small ones on the CPU."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -297,6 +327,7 @@ def run_sweep(ops, output_dir, *, sizes=None, provider_names=None, dtype=None, d
         log(f"[bench] {op}: {', '.join(s.label for s in sizes[op])} on {report.device_name(device)}, {dtype}")
         result = run_op(op, sizes[op], provider_names=names, dtype=dtype, device=device,
                         compile_backend=compile_backend, iterations=iterations, bytes_per_s=bytes_per_s,
+                        reference_dtype=reference_dtype,
                         on_update=lambda partial, redraw: write_op(partial, output_dir, png=redraw))
         written[op] = write_op(result, output_dir)
         log("\n".join(markdown_lines(result)))

@@ -30,7 +30,7 @@ from dpo_kernels.bench.timing import peak_extra_memory, release_memory
 
 GPU_DEFAULTS = {"seq_lens": (1024, 2048, 4096, 8192, 16384, 32768, 65536), "hidden": 4096, "vocab": 128256}
 CPU_DEFAULTS = {"seq_lens": (256, 512, 1024, 2048), "hidden": 64, "vocab": 4096}
-DEFAULT_PROVIDERS = ("eager", "trl", "liger", "cce", "dpo_kernels", "dpo_kernels_low")
+DEFAULT_PROVIDERS = ("eager", "trl", "liger", "cce", "torch_native", "quack", "dpo_kernels", "dpo_kernels_low")
 _RESULT_PREFIX = "DPO_KERNELS_MEMORY_RESULT "
 
 # Shared-prompt profile: prompt lengths P, response length R and pairs B (the model: bench.shared_prompt's shapes).

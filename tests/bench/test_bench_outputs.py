@@ -225,3 +225,18 @@ def test_package_command_exposes_the_subcommands():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--seq-lens" in out.stdout and "--vocab" in out.stdout
+
+
+def test_errors_against_a_float64_eager_are_measured_on_float64_copies():
+    size = (compare.Size(1, 16, 16, 129),)
+    runs = {ref: compare.run_op("linear", size, provider_names=["eager"], dtype=torch.float32, device=CPU,
+                                iterations=(0, 1), reference_dtype=ref)
+            for ref in (None, torch.float64)}
+    same, truth = (runs[ref]["rows"][0]["error_vs_eager"] for ref in (None, torch.float64))
+    assert runs[None]["reference_dtype"] == "float32" and runs[torch.float64]["reference_dtype"] == "float64"
+    assert all(v == 0.0 for v in same.values()), same  # eager against itself
+    assert truth["loss"] < 1e-6 and all(0.0 < truth[g] < 1e-5 for g in compare.GRAD_NAMES["linear"]), truth
+    assert "same inputs, eager in float64:" in "\n".join(compare.markdown_lines(runs[torch.float64]))
+    args = cli.main.__globals__["argparse"].ArgumentParser()
+    cli.add_subcommands(args.add_subparsers(dest="command"))
+    assert args.parse_args(["bench", "--reference-dtype", "fp64"]).reference_dtype == torch.float64

@@ -63,6 +63,11 @@ def dpo_head(seq_logps: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(margin).mean()
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32, or as it is when wider: eager on float64 copies is the truth the errors are measured against."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def masked_token_sum(token_logps: torch.Tensor, targets: torch.Tensor,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Sum over positions of `token_logps` `[R, T]` where `targets != ignore_index`: `[R]`."""

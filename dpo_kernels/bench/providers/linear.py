@@ -2,22 +2,25 @@
 DPO loss -> grad_hidden and grad_weight.
 
 `inputs.labels` follow the HuggingFace convention (shift inside the op); `inputs.targets` are aligned with the
-positions, for APIs that do not shift (TRL's chunked function, Liger, CCE). Both describe the same scored tokens.
+positions, for APIs that do not shift (TRL's chunked function, Liger, CCE, torch, QuACK). Both describe the same
+scored tokens.
 """
 import inspect
 
 import torch
 
 from dpo_kernels.bench.peers import BY_PROVIDER
-from dpo_kernels.bench.providers.common import BETA, Provider, compiled, dpo_head, masked_token_sum
+from dpo_kernels.bench.providers.common import BETA, Provider, at_least_fp32, compiled, dpo_head, masked_token_sum
 from dpo_kernels.constants import IGNORE_INDEX
 
 # TRL 1.16's fused LM head uses this vocabulary chunk (trl/trainer/utils.py, _CHUNKED_LOGPROB_CHUNK_SIZE).
 TRL_VOCAB_CHUNK = 32768
+# QuACK 0.6.5's default token chunk (quack/linear_cross_entropy.py, chunked_linear_cross_entropy).
+QUACK_TOKEN_CHUNK = 4096
 
 
 def _eager_loss(hidden, weight, targets):
-    logits = (hidden @ weight.t()).float()
+    logits = at_least_fp32(hidden @ weight.t())
     picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return dpo_head(masked_token_sum(picked, targets))
 
@@ -81,7 +84,41 @@ def build_cce(inputs, **_):
     return forward
 
 
+def build_torch_native(inputs, **_):
+    # torch >= 2.13's own chunked head, as a user gets it: the default LinearCrossEntropyOptions() picks the chunk
+    # size and precision policy per device and dtype, and reduction='none' recomputes its chunks in the backward.
+    import torch.nn.functional as F
+    from torch.nn import LinearCrossEntropyOptions
+
+    options = LinearCrossEntropyOptions()
+    rows, positions, hidden = inputs.hidden.shape
+
+    def forward():
+        nll = F.linear_cross_entropy(inputs.hidden.view(rows * positions, hidden), inputs.weight,
+                                     inputs.targets.view(-1), reduction="none", ignore_index=IGNORE_INDEX,
+                                     options=options)
+        return dpo_head(masked_token_sum(-nll.float().view(rows, positions), inputs.targets))
+
+    return forward
+
+
+def build_quack(inputs, **_):
+    # QuACK's chunked path reduces to one 'mean' or 'sum' over its tokens and has no per-token output, so each
+    # sequence is one call with reduction='sum': its sum of token losses is minus the sequence log-prob.
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
+    def forward():
+        nll = [chunked_linear_cross_entropy(inputs.hidden[row], inputs.weight, inputs.targets[row],
+                                            chunk_size=QUACK_TOKEN_CHUNK, ignore_index=IGNORE_INDEX,
+                                            reduction="sum")
+               for row in range(inputs.hidden.shape[0])]
+        return dpo_head(-torch.stack(nll).float())
+
+    return forward
+
+
 TRL, LIGER, CCE = BY_PROVIDER["trl"], BY_PROVIDER["liger"], BY_PROVIDER["cce"]
+NATIVE, QUACK = BY_PROVIDER["torch_native"], BY_PROVIDER["quack"]
 PROVIDERS = (
     Provider("dpo_kernels", "dpo_kernels.FusedLinearDPOLoss (default memory budget)", _build_fused(None),
              requires=("dpo_kernels:FusedLinearDPOLoss",)),
@@ -95,4 +132,11 @@ PROVIDERS = (
              devices=("cuda",), install_hint=LIGER.install_hint),
     Provider(CCE.provider, f"{CCE.title} linear_cross_entropy(reduction='none')", build_cce,
              requires=("cut_cross_entropy",), devices=("cuda",), install_hint=CCE.install_hint),
+    Provider(NATIVE.provider, f"{NATIVE.title} F.linear_cross_entropy(reduction='none', "
+             "options=LinearCrossEntropyOptions())", build_torch_native,
+             requires=("torch.nn.functional:linear_cross_entropy", "torch.nn:LinearCrossEntropyOptions"),
+             install_hint=NATIVE.install_hint),
+    Provider(QUACK.provider, f"{QUACK.title} chunked_linear_cross_entropy(reduction='sum'), one call per sequence",
+             build_quack, requires=("quack.linear_cross_entropy",), devices=("cuda",),
+             install_hint=QUACK.install_hint),
 )

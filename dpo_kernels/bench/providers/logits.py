@@ -5,12 +5,12 @@ Labels follow the HuggingFace convention (position t scores `labels[:, t+1]`); e
 import torch
 
 from dpo_kernels.bench.peers import BY_PROVIDER
-from dpo_kernels.bench.providers.common import BETA, Provider, compiled, dpo_head, masked_token_sum
+from dpo_kernels.bench.providers.common import BETA, Provider, at_least_fp32, compiled, dpo_head, masked_token_sum
 
 
 def _eager_loss(logits, labels):
     logits, labels = logits[:, :-1], labels[:, 1:]
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(at_least_fp32(logits), dim=-1)
     picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return dpo_head(masked_token_sum(picked, labels))
 
@@ -58,7 +58,21 @@ def build_liger(inputs, **_):
     return forward
 
 
+def build_quack(inputs, **_):
+    from quack.cross_entropy import cross_entropy
+
+    rows, positions, vocab = inputs.logits.shape
+
+    def forward():
+        # The position-aligned targets score the logits as they lie: no shifted, non-contiguous [*, V] slice.
+        nll = cross_entropy(inputs.logits.view(rows * positions, vocab), inputs.targets.view(-1), reduction="none")
+        return dpo_head(masked_token_sum(-nll.float().view(rows, positions), inputs.targets))
+
+    return forward
+
+
 TRL, LIGER, CCE = BY_PROVIDER["trl"], BY_PROVIDER["liger"], BY_PROVIDER["cce"]
+NATIVE, QUACK = BY_PROVIDER["torch_native"], BY_PROVIDER["quack"]
 PROVIDERS = (
     Provider("dpo_kernels", "dpo_kernels.sequence_logprobs + dpo_kernels.dpo_loss", build_dpo_kernels,
              requires=("dpo_kernels:sequence_logprobs", "dpo_kernels:dpo_loss")),
@@ -70,4 +84,9 @@ PROVIDERS = (
              requires=("liger_kernel",), devices=("cuda",), install_hint=LIGER.install_hint),
     Provider(CCE.provider, CCE.title, None,
              not_applicable="CCE takes hidden states and the classifier, not logits"),
+    Provider(NATIVE.provider, NATIVE.title, None,
+             not_applicable="F.linear_cross_entropy takes hidden states and the classifier; from logits, torch's "
+                            "own path is the eager row"),
+    Provider(QUACK.provider, f"{QUACK.title} cross_entropy(reduction='none')", build_quack,
+             requires=("quack.cross_entropy",), devices=("cuda",), install_hint=QUACK.install_hint),
 )

@@ -34,6 +34,7 @@ def build_compile(inputs, compile_backend="inductor", **_):
 
 
 TRL, LIGER, CCE = BY_PROVIDER["trl"], BY_PROVIDER["liger"], BY_PROVIDER["cce"]
+NATIVE, QUACK = BY_PROVIDER["torch_native"], BY_PROVIDER["quack"]
 PROVIDERS = (
     Provider("dpo_kernels", "dpo_kernels.dpo_loss (one C++/CUDA launch)", build_dpo_kernels,
              requires=("dpo_kernels:dpo_loss",)),
@@ -44,4 +45,6 @@ PROVIDERS = (
     Provider(LIGER.provider, LIGER.title, None,
              not_applicable="Liger's DPO loss exists only fused with the linear layer (see the linear op)"),
     Provider(CCE.provider, CCE.title, None, not_applicable="CCE has no DPO loss"),
+    Provider(NATIVE.provider, NATIVE.title, None, not_applicable="torch has no DPO loss"),
+    Provider(QUACK.provider, QUACK.title, None, not_applicable="QuACK has no DPO loss"),
 )
