@@ -63,8 +63,9 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, n
         raise ValueError(f"{name}{first} = {value} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
-def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
-    """`logits [R, T, V]` float32/bfloat16/float16 and `labels [R, T]` integer on the same device, labels in range."""
+def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, labels_in_range=True) -> None:
+    """`logits [R, T, V]` float32/bfloat16/float16 and `labels [R, T]` integer on the same device, and (unless
+    `labels_in_range=False`: an op that reads them checks them itself) labels in range."""
     check_ndim(logits, 3, "logits", "[R, T, V]")
     check_ndim(labels, 2, "labels", "[R, T]")
     check_float_dtype(logits, "logits")
@@ -76,7 +77,8 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits [R, T] = {tuple(logits.shape[:2])}")
     if logits.shape[2] == 0:
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    check_labels_in_range(labels, logits.shape[2], ignore_index)
+    if labels_in_range:
+        check_labels_in_range(labels, logits.shape[2], ignore_index)
 
 
 # The offsets last found valid, as (weak reference, version counter, total): the packed HF path checks them before

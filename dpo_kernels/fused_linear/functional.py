@@ -213,13 +213,6 @@ def _token_coefficients(per_seq, layout, average):
     return coef / layout.counts[layout.seq] if average else coef
 
 
-def _weight_grad_wanted(weight, bias, lora=None):
-    """Whether a weight-like gradient (the weight's, the bias's or the adapter's: each an accumulator over chunks)
-    is formed."""
-    params = (weight, bias) if lora is None else (weight, bias, lora.a, lora.b)
-    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-
-
 def _grads_of(hidden2d, weight, need_h, need_w, need_b, need_a=False, need_lora_b=False):
     """The gradient buffers for the wanted gradients, or None when none is."""
     if not (need_h or need_w or need_b or need_a or need_lora_b):
@@ -458,15 +451,14 @@ def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, r
     return _DPOInputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, positions, lora)
 
 
-def _dpo_plan(layout, num_pairs, par, inputs, memory_budget, loss_type) -> StepPlan:
+def _dpo_plan(layout, num_pairs, par, inputs, memory_budget, loss_type, weight_grad) -> StepPlan:
     vocab, itemsize = par.plan_vocab(inputs.weight), inputs.hidden.element_size()
     if par.recompute:
         # The rank's own tokens in even chunks: the counts are global, and no pair is whole on one rank.
         return StepPlan(chunk_tokens(vocab, itemsize, memory_budget), layout.rows.numel(), recompute=True,
                         tied=is_tied(loss_type))
     pair_counts = [layout.counts_host[i] + layout.counts_host[num_pairs + i] for i in range(num_pairs)]
-    return plan_dpo_step(pair_counts, vocab, itemsize, memory_budget, loss_type,
-                         weight_grad=_weight_grad_wanted(inputs.weight, inputs.bias, inputs.lora))
+    return plan_dpo_step(pair_counts, vocab, itemsize, memory_budget, loss_type, weight_grad=weight_grad)
 
 
 def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
@@ -527,6 +519,44 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     lora = lora_operands(lora)
     loss_settings = (loss_type, beta, label_smoothing, loss_params)
     ref = (ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
+    if torch.compiler.is_compiling() and par.vocab_group is None and par.sequence_group is None and lora is None:
+        # The compiler takes the call whole, as one custom op (`ops.py`): the plan reads the device.
+        from dpo_kernels.fused_linear import ops
+
+        return ops.traced_fused_linear_dpo(hidden, weight, bias, labels, cu_seqlens, ref, loss_settings, average,
+                                           ignore_index, shift, memory_budget, token_stats)
+    wanted = GradsWanted.current(hidden, weight, bias, lora)
+    return run_fused_linear_dpo(par, hidden, weight, bias, labels, cu_seqlens, ref, loss_settings, average,
+                                ignore_index, shift, memory_budget, token_stats, wanted,
+                                FusedLinearDPOFunction.apply, lora)
+
+
+@dataclass(frozen=True)
+class GradsWanted:
+    """Which gradients a fused DPO call forms: grad mode, and whether hidden, weight, bias (and a LoRA adapter's
+    `a` and `b`) require grad."""
+
+    enabled: bool
+    inputs: tuple  # (hidden, weight, bias[, lora a, lora b]): bool each
+
+    @staticmethod
+    def current(hidden, weight, bias, lora=None) -> "GradsWanted":
+        params = (hidden, weight, bias) if lora is None else (hidden, weight, bias, lora.a, lora.b)
+        return GradsWanted(torch.is_grad_enabled(), tuple(p is not None and p.requires_grad for p in params))
+
+    @property
+    def weight(self) -> bool:
+        """Whether a weight-like gradient (weight, bias or adapter: each an accumulator over chunks) is formed."""
+        return self.enabled and any(self.inputs[1:])
+
+
+def run_fused_linear_dpo(par, hidden, weight, bias, labels, cu_seqlens, ref, loss_settings, average, ignore_index,
+                         shift, memory_budget, token_stats, wanted: GradsWanted, apply, lora=None) -> DPOOutput:
+    """`fused_linear_dpo` after its heads are local and cast: the checks, the ranks' agreement, then `_run_dpo`.
+    `apply(hidden, weight, bias, lora_a, lora_b, run) -> loss` runs `FusedLinearDPOFunction` (its `apply`, or its
+    forward inside the custom op of `ops.py`); `lora`: the checked `LoraHead` or None."""
+    ref_chosen_logps, ref_rejected_logps = ref[:2]
+    loss_type, beta, label_smoothing, loss_params = loss_settings
 
     def prepare():
         inputs = _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, ref, loss_settings,
@@ -534,15 +564,13 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         return Summary(inputs.hidden, inputs.weight, inputs.bias, inputs.positions, 0, inputs.ref_hidden), inputs
 
     settings = ("dpo", loss_type, beta, label_smoothing, sorted(loss_params.items()), ignore_index, shift, average,
-                memory_budget, token_stats, ref_chosen_logps is not None,
-                _weight_grad_wanted(weight, bias, lora),
-                torch.is_grad_enabled())
+                memory_budget, token_stats, ref_chosen_logps is not None, wanted.weight, wanted.enabled)
     return _run_dpo(par.agree(prepare, settings, _device_of(hidden)), par, ref_chosen_logps, ref_rejected_logps,
-                    average, memory_budget, token_stats, loss_settings)
+                    average, memory_budget, token_stats, loss_settings, wanted, apply)
 
 
 def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_budget, token_stats,
-             loss_settings) -> DPOOutput:
+             loss_settings, wanted, apply) -> DPOOutput:
     """A fused DPO call whose ranks agree: the layout, the plan, the reference log-probs, then the engine."""
     loss_type, beta, label_smoothing, loss_params = loss_settings
     B = inputs.num_pairs
@@ -555,7 +583,7 @@ def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_
     # them (the memory model counts the engine alone).
     inputs = dataclasses.replace(inputs, positions=None)
     counts = layout.counts
-    plan = _dpo_plan(layout, B, par, inputs, memory_budget, loss_type)
+    plan = _dpo_plan(layout, B, par, inputs, memory_budget, loss_type, wanted.weight)
     paths.record_engine_call("fused_linear_dpo", plan, inputs.hidden, inputs.weight, inputs.bias,
                              shared_prompt=layout.rows_repeat, sharded_pass=par.shard is not None)
     if inputs.ref_hidden is not None:
@@ -566,9 +594,8 @@ def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_
                                 label_smoothing=label_smoothing, chosen_lengths=counts[:B],
                                 rejected_lengths=counts[B:], average=bool(average), **loss_params)
     lora_a, lora_b, scaling = _lora_inputs(inputs.lora)
-    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), torch.is_grad_enabled(), par, scaling)
-    loss = FusedLinearDPOFunction.apply(par.hidden_input(inputs.hidden), inputs.weight, inputs.bias, lora_a, lora_b,
-                                        run)
+    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), wanted.enabled, par, scaling)
+    loss = apply(par.hidden_input(inputs.hidden), inputs.weight, inputs.bias, lora_a, lora_b, run)
     return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from dpo_kernels import paths
 from dpo_kernels.backend import launch_device, use_triton
 from dpo_kernels.constants import IGNORE_INDEX
-from dpo_kernels.validation import check_logits_labels
+from dpo_kernels.validation import check_labels_in_range, check_logits_labels
 
 # Fallback chunk: 4 Mi fp32 values (16 MiB) of [*, V] at a time.
 _CHUNK_ELEMENTS = 1 << 22
@@ -256,6 +256,53 @@ def _backward_torch(logits, labels, lse, grad, ignore_index, shift, out=None):
     return out
 
 
+# The kernels as custom ops, for torch.compile (docs/design.md, "Where code runs"): the label range check reads the
+# device, so it runs inside the op; eager calls take `TokenLogprobsFunction`, which also serves `inplace_backward`.
+@torch.library.custom_op("dpo_kernels::token_logprobs", mutates_args=())
+def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                      shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(tok, lse)` as `token_logprobs_forward` (or its PyTorch twin) returns them, after the label range check.
+    `logits [R, T, V]` with unit last stride, `labels [R, T]` int64."""
+    check_labels_in_range(labels, logits.shape[2], ignore_index)
+    forward = token_logprobs_forward if use_triton(logits) else _forward_torch
+    return forward(logits, labels, ignore_index, shift)
+
+
+@token_logprobs_op.register_fake
+def _token_logprobs_fake(logits, labels, ignore_index, shift):
+    R, T, _ = logits.shape
+    tok = logits.new_empty(R, max(T - 1, 0) if shift else T, dtype=torch.float32)
+    return tok, torch.empty_like(tok)
+
+
+@torch.library.custom_op("dpo_kernels::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                               ignore_index: int, shift: bool) -> torch.Tensor:
+    """`dlogits [R, T, V]` in the logits' dtype, as `token_logprobs_backward` (or its twin) writes it."""
+    backward = token_logprobs_backward if use_triton(logits) else _backward_torch
+    return backward(logits, labels, lse, grad, ignore_index, shift)
+
+
+@token_logprobs_backward_op.register_fake
+def _token_logprobs_backward_fake(logits, labels, lse, grad, ignore_index, shift):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _token_logprobs_setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, shift = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.args = (ignore_index, shift)
+
+
+def _token_logprobs_op_backward(ctx, grad_tok, _grad_lse):
+    logits, labels, lse = ctx.saved_tensors
+    return token_logprobs_backward_op(logits, labels, lse, grad_tok, *ctx.args), None, None, None
+
+
+torch.library.register_autograd("dpo_kernels::token_logprobs", _token_logprobs_op_backward,
+                                setup_context=_token_logprobs_setup_context)
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, shift, inplace_backward):
@@ -318,7 +365,7 @@ def _check_inplace_backward(logits: torch.Tensor) -> None:
 
 
 def _prepare(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool):
-    check_logits_labels(logits, labels, ignore_index)
+    check_logits_labels(logits, labels, ignore_index, labels_in_range=not _traced(inplace_backward))
     if logits.stride(-1) != 1:
         # The kernels vectorize along the vocabulary; only a non-unit vocabulary stride forces a copy.
         logits = logits.contiguous()
@@ -327,6 +374,18 @@ def _prepare(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inpl
     if labels.dtype != torch.int64:
         labels = labels.long()
     return logits, labels
+
+
+def _traced(inplace_backward: bool) -> bool:
+    """Whether torch.compile is tracing a call that takes the custom op (`inplace_backward` writes into the
+    logits, which the compiler's functional graph would copy: it runs eagerly, a graph break)."""
+    return torch.compiler.is_compiling() and not inplace_backward
+
+
+def _token_logprobs(logits, labels, ignore_index, shift, inplace_backward):
+    if _traced(inplace_backward):
+        return token_logprobs_op(logits, labels, ignore_index, bool(shift))[0]
+    return TokenLogprobsFunction.apply(logits, labels, ignore_index, bool(shift), bool(inplace_backward))
 
 
 def token_logprobs(
@@ -358,7 +417,7 @@ def token_logprobs(
     """
     logits, labels = _prepare(logits, labels, ignore_index, inplace_backward)
     paths.record_logits_call("token_logprobs", logits)
-    return TokenLogprobsFunction.apply(logits, labels, ignore_index, bool(shift), bool(inplace_backward))
+    return _token_logprobs(logits, labels, ignore_index, shift, inplace_backward)
 
 
 def sequence_logprobs(
@@ -381,7 +440,7 @@ def sequence_logprobs(
     """
     logits, labels = _prepare(logits, labels, ignore_index, inplace_backward)
     paths.record_logits_call("sequence_logprobs", logits)
-    tok = TokenLogprobsFunction.apply(logits, labels, ignore_index, bool(shift), bool(inplace_backward))
+    tok = _token_logprobs(logits, labels, ignore_index, shift, inplace_backward)
     total = tok.sum(-1)
     if not average:
         return total

@@ -148,6 +148,8 @@ class TrainConfig:
                                       "--loss-backend reference only) is for tests", choices=PRECISIONS,
                               resume="config")
     gradient_checkpointing: bool = _setting(False, "recompute activations in backward to save memory")
+    compile: bool = _setting(False, "torch.compile the policy's forward and its DPO loss (nn.Module.compile: the "
+                                    "weights and checkpoints are the same; the first steps compile)")
     share_prompt: bool = _setting(False, "run each pair's prompt through the model once: one row [prompt | chosen | "
                                          "rejected] per pair, the responses kept apart by the attention mask (the "
                                          "same numbers, fewer tokens when prompts are long); models it does not "

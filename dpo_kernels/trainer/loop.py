@@ -253,6 +253,8 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
     check_backend_fits(policy, c)
     dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype,
                      memory_budget=parse_memory_budget(c.memory_budget))
+    if c.compile:
+        dpo.compile()
     model = distributed.wrap(dpo, ctx, decoder_layer_types(policy))
 
     params = [p for p in model.parameters() if p.requires_grad]

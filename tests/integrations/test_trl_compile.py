@@ -1,0 +1,36 @@
+"""The TRL drop-in with `torch_compile=True`: accelerate compiles the policy, the fused head runs as its custom op
+inside the compiled graph, and the step gives stock TRL's (uncompiled) loss, metrics and weights."""
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
+datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
+
+from dpo_kernels.fused_linear import ops  # noqa: E402
+from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
+from tests.helpers import assert_same_trl_logs, trl_train_logs  # noqa: E402
+from tests.integrations.test_trl import _one_thread, assert_same_weights, make_trainer, tiny  # noqa: E402, F401
+
+
+def test_compiled_policy_matches_stock_trainer(tiny, monkeypatch):  # noqa: F811
+    traced = []
+    original = ops.traced_fused_linear_dpo
+
+    def record(*args, **kwargs):
+        traced.append(torch.compiler.is_compiling())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "traced_fused_linear_dpo", record)
+    torch._dynamo.reset()
+    stock = make_trainer(trl.DPOTrainer, tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = make_trainer(FusedDPOTrainer, tiny, torch_compile=True, torch_compile_backend="aot_eager")
+        fused_logs = trl_train_logs(fused)
+    assert traced and all(traced), "the fused head did not run inside the compiled graph"
+    assert_same_trl_logs(fused_logs[0], trl_train_logs(stock)[0])
+    assert_same_weights(fused.model, stock.model, tiny["policy"])
