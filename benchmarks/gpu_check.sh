@@ -64,11 +64,12 @@ STAGES=(
   "bench-linear         45   -"
   "loss-op              15   -"
   "cuda-tests-sample    60   -"
-  "cuda-tests-rest       -  40"
-  "memory                -  25"
+  "cuda-tests-rest       -  30"
+  "memory                -  20"
   "bench-logits          -  15"
   "bench-loss            -  15"
   "shared-prompt         -  20"
+  "compile               -  15"
   "wheels                -  10"
   "bench-linear-peers    -  25"
   "memory-peers          -  10"
@@ -246,6 +247,7 @@ if [[ $SMOKE == 1 ]]; then
   BENCH=(--tiny --compile-backend aot_eager --warmup 0 --iters 1)
   MEMORY=(--seq-lens 64,128 --hidden 16 --vocab 257 --no-isolate --compile-backend aot_eager)
   TRL_ARGS=(--tiny)
+  COMPILE_ARGS=(--tiny --device cpu --iters 1)
   LOSS_ARGS=(--device cpu --batch 8 1024)
   SAMPLE_MAX=${GPU_CHECK_SAMPLE_MAX:-3}
   REST_MAX=3  # the interpreter runs a Triton test in seconds to minutes: a smoke run only shows the stage works
@@ -253,6 +255,7 @@ else
   BENCH=()
   MEMORY=(--seq-lens 1024,2048,4096,8192,16384,32768,65536 --hidden 4096 --vocab 128256 --pairs 1)
   TRL_ARGS=()
+  COMPILE_ARGS=(--device cuda)
   LOSS_ARGS=(--device cuda --batch 8 1024 65536)
   SAMPLE_MAX=${GPU_CHECK_SAMPLE_MAX:-40}
   REST_MAX=
@@ -487,6 +490,11 @@ stage_bench_loss() {
 
 stage_shared_prompt() {
   "${CLI[@]}" bench --ops shared-prompt --output-dir "$1" "${BENCH[@]}"
+}
+
+stage_compile() {
+  [[ -f benchmarks/compile_check.py ]] || { echo "benchmarks/compile_check.py is missing"; return 2; }
+  "$PYTHON" benchmarks/compile_check.py --output-dir "$1" "${COMPILE_ARGS[@]}"
 }
 
 stage_bench_linear_peers() {

@@ -178,3 +178,19 @@ def test_backward_op_needs_the_forwards_own_handle():
     with pytest.raises(RuntimeError, match="handle"):
         ops.fused_linear_dpo_backward_op(torch.tensor([-1]), torch.tensor(1.0), [2, 3, H], torch.float32, [V, H],
                                          torch.float32, torch.device("cpu"), [True, False, False])
+
+
+def test_the_device_plans_compile_check_runs_at_tiny_size(tmp_path):
+    """`benchmarks/compile_check.py`, the GPU slot's compile stage, at a tiny size: same bits, at most two graphs."""
+    import importlib.util
+    import json
+
+    from tests.helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("compile_check", REPO_ROOT / "benchmarks" / "compile_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--output-dir", str(tmp_path), "--tiny", "--device", "cpu", "--iters", "1"]) == 0
+    result = json.loads((tmp_path / "compile_check.json").read_text())
+    assert result["ok"] and result["graphs_compiled"] <= 2
+    assert [r["same_bits"] for r in result["rows"]] == [True, True]
