@@ -37,7 +37,8 @@
 
 namespace dpo_kernels {
 
-// The index of each name in dpo_kernels/loss_op/group_spec.py GROUP_LOSS_TYPES (a test checks that they agree).
+// The index of each name in dpo_kernels/loss_op/group_spec.py GROUP_LOSS_TYPES (the Python wrapper passes that
+// index; the tests against the reference fail where the two disagree).
 enum GroupLossType : int {
   kPlackettLuce = 0,
   kAllPairs,
@@ -171,7 +172,7 @@ DPO_HD GroupPartial group_forward(const GroupLossArgs<T>& a, int64_t g) {
     const T ri = a.rewards[first + order[i]];
     if (score[order[i]] == score[order[0]]) {
       top_reward = ri > top_reward ? ri : top_reward;
-    } else if (!has_other || ri > best_other || ri != ri) {
+    } else if (!has_other || ri > best_other || ri != ri) {  // a NaN below the top: no reward is above it
       best_other = ri, has_other = true;
     }
     for (int j = i + 1; j < size; ++j) {
@@ -253,8 +254,8 @@ DPO_HD T write_group_scalars(const GroupLossArgs<T>& a, const GroupPartial& tota
     loss += static_cast<double>(w_sft * sft);
   }
   *a.loss = static_cast<T>(loss);
-  *a.ranking_accuracy =
-      static_cast<T>(total.pairs > 0 ? static_cast<double>(total.correct_pairs) / static_cast<double>(total.pairs) : 0.0);
+  const double pairs = static_cast<double>(total.pairs);
+  *a.ranking_accuracy = static_cast<T>(total.pairs > 0 ? static_cast<double>(total.correct_pairs) / pairs : 0.0);
   *a.top1_accuracy = static_cast<T>(
       total.ranked_groups > 0 ? static_cast<double>(total.top1_correct) / static_cast<double>(total.ranked_groups)
                               : 0.0);

@@ -41,8 +41,8 @@ GroupLossBuffers prepare_group_loss(const GroupLossInputs& in) {
               "group_dpo_loss: policy_logps must be a 1-D [R] tensor of at least one group, got shape ",
               policy.sizes());
   const at::ScalarType dtype = policy.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "group_dpo_loss: the op computes in float32 or float64, got ",
-              dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "group_dpo_loss: the op computes in float32 or float64, got ", dtype);
   TORCH_CHECK(in.offsets.dim() == 1 && in.offsets.numel() >= 2 && in.offsets.scalar_type() == at::kLong,
               "group_dpo_loss: group offsets must be a 1-D int64 [G + 1] tensor, got shape ", in.offsets.sizes(),
               " of ", in.offsets.scalar_type());

@@ -14,7 +14,7 @@ from dpo_kernels.loss_op.op import dpo_loss_and_grads
 from dpo_kernels.loss_op.spec import op_params
 from tests.helpers import SMOOTHED, assert_within_rule
 
-MIXED_SIZES = (2, 5, 3, 16, 4, 2, 7, 9, 11, 2, 6)  # every K from 2 to 16 in one batch is not needed: these mix them
+MIXED_SIZES = (2, 5, 3, 16, 4, 2, 7, 9, 11, 2, 6)  # K from 2 to the largest, mixed in one batch
 
 
 def make_groups(sizes, *, dtype=torch.float32, score_levels=1000, with_ref=True, seed=0):
