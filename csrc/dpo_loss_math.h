@@ -207,20 +207,29 @@ DPO_HD T norm_len(const DpoLossArgs<T>& a, const T* lengths, int64_t p) {
   return a.from_means ? T(1) : clamp_len(lengths, p);
 }
 
-// One loss term of pair p: its value (weight not applied) and d(value)/d(pc), d(value)/d(pr) as this pair's entry
-// of the per-pair vector whose mean is the loss. For the batch-coupled terms the gradient comes from the sorted
-// position the pair landed on, and `dc`/`dr` already include the 1/B of the mean (flag `already_mean`).
+// The lengths a length-normalized term (ipo, sigmoid_norm, simpo) divides by; the other terms never read them.
+DPO_HD bool reads_norm_lengths(int type) { return type == kIpo || type == kSigmoidNorm || type == kSimpo; }
+
+// One pair's values as a term reads them: the policy's and reference's log-probs of the preferred (c) and the other
+// (r) response (reference 0 when reference-free), and the divisors of the length-normalized terms (norm_len, or 1
+// where the term reads none).
 template <typename T>
-DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T& dc, T& dr, bool& already_mean) {
-  const T beta = a.params[term][kBeta];
-  const T eps = a.params[term][kLabelSmoothing];
-  const T pc = a.policy_chosen[p], pr = a.policy_rejected[p];
-  const T rc = a.ref_chosen ? a.ref_chosen[p] : T(0);
-  const T rr = a.ref_rejected ? a.ref_rejected[p] : T(0);
+struct PairLogps {
+  T pc, pr, rc, rr;
+  T lc, lr;
+};
+
+// One loss term of one pair, for every loss type that reads that pair alone (all but aot, aot_unpaired and sft):
+// its value (weight not applied) and d(value)/d(pc), d(value)/d(pr). `params` is the term's row of hyper-parameters,
+// in enum HyperParam order. The group losses apply it to each pair of a group (group_loss_math.h).
+template <typename T>
+DPO_HD void pair_term(int type, const T* params, const PairLogps<T>& in, T& value, T& dc, T& dr) {
+  const T beta = params[kBeta];
+  const T eps = params[kLabelSmoothing];
+  const T pc = in.pc, pr = in.pr, rc = in.rc, rr = in.rr;
   const T c = pc - rc, r = pr - rr;
   const T z = beta * (c - r);
-  already_mean = false;
-  switch (a.types[term]) {
+  switch (type) {
     case kSigmoid: {
       const Term<T> t = smoothed_logistic(z, eps);
       value = t.value, dc = beta * t.dz, dr = -beta * t.dz;
@@ -235,10 +244,10 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
     }
     case kIpo:
     case kSigmoidNorm: {
-      const T lc = norm_len(a, a.chosen_lengths, p), lr = norm_len(a, a.rejected_lengths, p);
+      const T lc = in.lc, lr = in.lr;
       const T d = c / lc - r / lr;
       T dd;
-      if (a.types[term] == kIpo) {
+      if (type == kIpo) {
         const T e = d - T(1) / (T(2) * beta);
         value = e * e, dd = T(2) * e;
       } else {
@@ -282,6 +291,61 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
       dc = T(2) * ec, dr = T(2) * er;
       return;
     }
+    case kApoZero: {
+      const T sc = sigmoid(beta * c), sr = sigmoid(beta * r);
+      value = T(1) - sc + sr;
+      dc = -beta * sc * (T(1) - sc), dr = beta * sr * (T(1) - sr);
+      return;
+    }
+    case kApoDown: {
+      const T sc = sigmoid(beta * c), sz = sigmoid(z), szn = sigmoid(-z);
+      value = sc + (T(1) - sz);
+      dc = beta * sc * (T(1) - sc) - beta * sz * szn;
+      dr = beta * sz * szn;
+      return;
+    }
+    case kDiscopop: {
+      const T tau = params[kTau];
+      const T m = sigmoid(z / tau), mn = sigmoid(-z / tau);
+      const T ls = log_sigmoid(z);
+      // exp(-z) * m as exp(logsig(z/tau) - z): finite where exp(-z) alone overflows but m has underflowed.
+      const T em = dk_exp(log_sigmoid(z / tau) - z);
+      value = -ls * (T(1) - m) + em;
+      const T dm = m * mn / tau;
+      const T g = beta * (dm * ls + em * mn / tau - mn * sigmoid(-z) - em);
+      dc = g, dr = -g;
+      return;
+    }
+    case kSimpo: {
+      const T lc = in.lc, lr = in.lr;
+      const Term<T> t = smoothed_logistic(beta * (pc / lc - pr / lr) - params[kGamma], eps);
+      value = t.value, dc = beta * t.dz / lc, dr = -beta * t.dz / lr;
+      return;
+    }
+    case kDpop: {
+      const T lambda = params[kDpopLambda];
+      const T x = rc - pc;
+      const T zp = beta * (c - r - lambda * relu(x));
+      value = -log_sigmoid(zp);
+      const T g = -sigmoid(-zp) * beta;
+      // relu's derivative at 0 is taken as 0, as torch.relu's backward does.
+      dc = g * (T(1) + (x > T(0) ? lambda : T(0))), dr = -g;
+      return;
+    }
+    default:
+      value = dc = dr = T(NAN);
+  }
+}
+
+// One loss term of pair p: its value (weight not applied) and d(value)/d(pc), d(value)/d(pr) as this pair's entry
+// of the per-pair vector whose mean is the loss. For the batch-coupled terms the gradient comes from the sorted
+// position the pair landed on, and `dc`/`dr` already include the 1/B of the mean (flag `already_mean`).
+template <typename T>
+DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T& dc, T& dr, bool& already_mean) {
+  const T beta = a.params[term][kBeta];
+  const T eps = a.params[term][kLabelSmoothing];
+  already_mean = false;
+  switch (a.types[term]) {
     case kAot:
     case kAotUnpaired: {
       const bool paired = a.types[term] == kAot;
@@ -302,31 +366,6 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
       already_mean = true;
       return;
     }
-    case kApoZero: {
-      const T sc = sigmoid(beta * c), sr = sigmoid(beta * r);
-      value = T(1) - sc + sr;
-      dc = -beta * sc * (T(1) - sc), dr = beta * sr * (T(1) - sr);
-      return;
-    }
-    case kApoDown: {
-      const T sc = sigmoid(beta * c), sz = sigmoid(z), szn = sigmoid(-z);
-      value = sc + (T(1) - sz);
-      dc = beta * sc * (T(1) - sc) - beta * sz * szn;
-      dr = beta * sz * szn;
-      return;
-    }
-    case kDiscopop: {
-      const T tau = a.params[term][kTau];
-      const T m = sigmoid(z / tau), mn = sigmoid(-z / tau);
-      const T ls = log_sigmoid(z);
-      // exp(-z) * m as exp(logsig(z/tau) - z): finite where exp(-z) alone overflows but m has underflowed.
-      const T em = dk_exp(log_sigmoid(z / tau) - z);
-      value = -ls * (T(1) - m) + em;
-      const T dm = m * mn / tau;
-      const T g = beta * (dm * ls + em * mn / tau - mn * sigmoid(-z) - em);
-      dc = g, dr = -g;
-      return;
-    }
     case kSft: {
       const T total_len = a.sft_sums[1] < T(1) ? T(1) : a.sft_sums[1];
       value = -a.sft_sums[0] / total_len;
@@ -334,25 +373,15 @@ DPO_HD void loss_term(const DpoLossArgs<T>& a, int term, int64_t p, T& value, T&
       already_mean = true;
       return;
     }
-    case kSimpo: {
-      const T lc = norm_len(a, a.chosen_lengths, p), lr = norm_len(a, a.rejected_lengths, p);
-      const Term<T> t = smoothed_logistic(beta * (pc / lc - pr / lr) - a.params[term][kGamma], eps);
-      value = t.value, dc = beta * t.dz / lc, dr = -beta * t.dz / lr;
-      return;
+    default: {
+      const int type = a.types[term];
+      const bool normalized = reads_norm_lengths(type);
+      const PairLogps<T> in{a.policy_chosen[p], a.policy_rejected[p], a.ref_chosen ? a.ref_chosen[p] : T(0),
+                            a.ref_rejected ? a.ref_rejected[p] : T(0),
+                            normalized ? norm_len(a, a.chosen_lengths, p) : T(1),
+                            normalized ? norm_len(a, a.rejected_lengths, p) : T(1)};
+      pair_term(type, a.params[term], in, value, dc, dr);
     }
-    case kDpop: {
-      const T lambda = a.params[term][kDpopLambda];
-      const T x = rc - pc;
-      const T zp = beta * (c - r - lambda * relu(x));
-      value = -log_sigmoid(zp);
-      const T g = -sigmoid(-zp) * beta;
-      // relu's derivative at 0 is taken as 0, as torch.relu's backward does.
-      dc = g * (T(1) + (x > T(0) ? lambda : T(0))), dr = -g;
-      return;
-    }
-    default:
-      value = dc = dr = T(NAN);
-      already_mean = false;
   }
 }
 

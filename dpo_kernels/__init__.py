@@ -3,6 +3,8 @@
 Public API:
     sequence_logprobs, token_logprobs   per-sequence / per-token label log-probs from logits (Triton)
     dpo_loss                            the fused DPO loss, metrics and gradient in one op (C++/CUDA)
+    group_dpo_loss                      the same for groups of K ranked responses per prompt (Plackett-Luce,
+                                        all pairs, best vs worst)
     linear_sequence_logprobs            sequence log-probs from hidden states without materializing logits
     DPOLoss, FusedLinearDPOLoss         nn.Modules to drop into a training loop
     ParallelOptions                     the process groups of a sharded head (vocabulary / sequence parallel)
@@ -15,6 +17,8 @@ from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequenc
 from dpo_kernels.fused_linear.lora import LoraHead
 from dpo_kernels.fused_linear.parallel import ParallelOptions
 from dpo_kernels.logprobs.from_logits import sequence_logprobs, token_logprobs
+from dpo_kernels.loss_op.group import GroupDPOLossOutput, group_dpo_loss
+from dpo_kernels.loss_op.group_spec import GROUP_LOSS_TYPES
 from dpo_kernels.loss_op.op import LOSS_TYPES, DPOLossOutput, dpo_loss
 from dpo_kernels.losses import DPOLoss, DPOOutput, FusedLinearDPOLoss
 from dpo_kernels.paths import last_run
@@ -34,6 +38,9 @@ __all__ = [
     "DPOLossOutput",
     "dpo_loss",
     "paths",
+    "GROUP_LOSS_TYPES",
+    "GroupDPOLossOutput",
+    "group_dpo_loss",
     "reference",
     "sequence_logprobs",
     "token_logprobs",

@@ -191,6 +191,111 @@ def dpo_loss(
     )
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Group (ranked-list) DPO loss. The formulas and their papers are in the header comment of csrc/group_loss_math.h.
+# ---------------------------------------------------------------------------------------------------------------------
+from dpo_kernels.loss_op.group_spec import (  # noqa: E402  (kept beside the loss it serves)
+    GroupDPOLossOutput,
+    check_group_settings,
+    validate_group_inputs,
+)
+
+
+def group_dpo_loss(
+    policy_logps,
+    ref_logps,
+    group_sizes,
+    scores=None,
+    *,
+    loss_type="plackett_luce",
+    beta=0.1,
+    top_k=None,
+    pair_loss="sigmoid",
+    pair_weighting=None,
+    lengths=None,
+    sft_weight=0.0,
+    label_smoothing=0.0,
+    average=False,
+    **loss_params,
+) -> GroupDPOLossOutput:
+    """Plain-PyTorch group DPO loss with autograd; same signature and validation as `dpo_kernels.group_dpo_loss`.
+
+    Computes in float64 when a log-prob input is float64, else in float32; scores are compared in float64.
+    """
+    average = check_average(average)
+    spec = check_group_settings(loss_type, beta=beta, pair_loss=pair_loss, top_k=top_k,
+                                pair_weighting=pair_weighting, sft_weight=sft_weight,
+                                label_smoothing=label_smoothing, loss_params=loss_params)
+    sizes, dtype = validate_group_inputs(policy_logps, ref_logps, group_sizes, scores, lengths, spec)
+    p = policy_logps.to(dtype)
+    f = torch.zeros_like(p) if ref_logps is None else ref_logps.detach().to(dtype)
+    lengths = None if lengths is None else lengths.to(dtype)
+    rewards = spec.beta * (p - f)
+    ranking_row, sft_row = spec.terms.terms
+    group_losses, kept_best = [], []
+    pairs = correct_pairs = ranked_groups = top1_correct = 0
+    start = 0
+    for size in sizes:
+        span = torch.arange(start, start + size)
+        given = torch.arange(size, 0, -1, dtype=torch.float64)  # no scores: the given order, best first
+        s = given if scores is None else scores[start:start + size].to(torch.float64)
+        order = span[torch.sort(s, descending=True, stable=True).indices]
+        s_sorted = torch.sort(s, descending=True, stable=True).values
+        r = rewards.detach()
+        # Ordered pairs (i before j with a strictly higher score): the metrics, and all_pairs' terms.
+        ordered = [(order[i], order[j], s_sorted[i] - s_sorted[j]) for i in range(size) for j in range(i + 1, size)
+                   if s_sorted[i] > s_sorted[j]]
+        pairs += len(ordered)
+        correct_pairs += sum(int(r[hi] > r[lo]) for hi, lo, _ in ordered)
+        top = s_sorted == s_sorted[0]
+        if not top.all():
+            ranked_groups += 1
+            top1_correct += int(r[order[top]].max() > r[order[~top]].max())
+        if spec.loss_type == "plackett_luce":
+            m = size - 1 if spec.top_k == 0 else min(spec.top_k, size - 1)
+            u = spec.beta * (p - f)[order]
+            value = sum(torch.logsumexp(u[k:], 0) - u[k] for k in range(m))
+        else:
+            if spec.loss_type == "best_vs_worst":
+                ordered = [(hi, lo, gap) for hi, lo, gap in ordered if hi == order[0] and lo == order[-1]]
+            if not ordered:
+                group_losses.append(None)
+                start += size
+                continue
+            hi = torch.stack([h for h, _, _ in ordered])
+            lo = torch.stack([low for _, low, _ in ordered])
+            weight = (torch.stack([gap for _, _, gap in ordered]).to(dtype) if spec.score_gap
+                      else torch.ones(len(ordered), dtype=dtype))
+            lc = None if lengths is None else lengths[hi]
+            lr = None if lengths is None else lengths[lo]
+            per_pair = _pair_loss(spec.pair_loss, ranking_row, p[hi], p[lo], f[hi], f[lo], lc, lr, average)
+            value = (weight * per_pair).sum() / weight.sum()
+        group_losses.append(ranking_row["loss_weights"] * value)
+        kept_best.append(order[0])
+        start += size
+
+    kept = [v for v in group_losses if v is not None]
+    loss = torch.stack(kept).sum() / len(kept) if kept else p.sum() * 0
+    sft = torch.zeros((), dtype=dtype)
+    if spec.sft_weight != 0.0 and kept_best:
+        best = torch.stack(kept_best)
+        token_sum = (p[best] * lengths[best]).sum() if average else p[best].sum()
+        sft = -token_sum / lengths[best].sum().clamp(min=1.0)
+    if spec.sft_weight != 0.0:
+        loss = loss + sft_row["loss_weights"] * sft
+    zero = torch.zeros((), dtype=dtype)
+    losses = torch.stack([zero if v is None else (v + sft_row["loss_weights"] * sft if spec.sft_weight != 0.0 else v)
+                          for v in group_losses]).detach()
+    return GroupDPOLossOutput(
+        loss=loss,
+        losses=losses,
+        rewards=rewards.detach(),
+        ranking_accuracy=torch.tensor(correct_pairs / pairs if pairs else 0.0, dtype=dtype),
+        top1_accuracy=torch.tensor(top1_correct / ranked_groups if ranked_groups else 0.0, dtype=dtype),
+        groups_left_out=torch.tensor(len(group_losses) - len(kept), dtype=torch.int64),
+    )
+
+
 def fused_linear_dpo(
     hidden,
     weight,
