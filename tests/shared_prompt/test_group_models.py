@@ -175,9 +175,11 @@ def test_unsupported_models_fall_back_to_the_unshared_rows():
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4)
     gpt2 = transformers.GPT2LMHeadModel(config).eval()
     with pytest.raises(SharedPromptUnsupported, match="GPT2LMHeadModel is not verified"):
+        check_shared_prompt_support(gpt2)
+    with pytest.raises(SharedPromptUnsupported, match="GPT2LMHeadModel is not verified"):
         shared_logits(gpt2, build_group_batch(GROUPS))
     # The fallback rows, numbered as the group batch, give the same log-probs through the package's unshared path.
-    check_shared_prompt_support(model := build_model("llama", "sdpa"))
+    model = build_model("llama", "sdpa")
     ids, mask, labels = unshared_group_rows(GROUPS)
     truth, baseline = truth_and_baseline(model, GROUPS)
     with torch.no_grad():
