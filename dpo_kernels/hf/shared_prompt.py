@@ -1,4 +1,5 @@
-"""Running a HuggingFace causal LM on a shared-prompt batch: the mask each attention implementation takes.
+"""Running a HuggingFace causal LM on a shared-prompt batch (pairs, or groups of K responses): the mask each attention
+implementation takes.
 
 transformers 5.x hands a 4D attention mask (a tensor or a FlexAttention `BlockMask`) to the attention layers as it
 is, so the shared layout needs no patch of the model, only a mask and the position ids:
@@ -12,8 +13,9 @@ is, so the shared layout needs no patch of the model, only a mask and the positi
     flex_attention   a `BlockMask` from a mask_mod over the per-position document / segment / position ids (no
                      `[T, T]` tensor on CUDA, where `create_block_mask` runs compiled); fully masked blocks are
                      skipped, which is where packing gains
-    flash_attention_2 and others: refused. One varlen call cannot express "rejected sees the prompt but not the
-                     chosen response"; callers fall back to unshared rows.
+    flash_attention_2 and others: refused. One varlen call cannot express "a response sees the prompt but not the
+                     other responses"; callers fall back to unshared rows (for groups,
+                     `shared_prompt.unshared_group_rows`).
 
 Sliding windows: a prepared 4D mask bypasses transformers' own window, so the window goes into the mask, measured
 in the unshared rows' positions. Models whose layers mix full and sliding attention (Qwen2/3 with
@@ -24,9 +26,9 @@ Only architectures verified to honour a custom 4D mask and the given position id
 (`SUPPORTED_MODELS`, each tested against its unshared rows); others raise `SharedPromptUnsupported` naming the
 model class.
 
-The batch (`dpo_kernels.shared_prompt.SharedPromptBatch`) carries the attention rule in both forms this module
-hands on (`attention_mask` dense, `mask_mod` for FlexAttention); `SharedLayout` names what is read from it, so model
-access imports nothing of the shared-prompt package above it.
+The batch (`dpo_kernels.shared_prompt.SharedPromptBatch` or `GroupBatch`) carries the attention rule in both forms
+this module hands on (`attention_mask` dense, `mask_mod` for FlexAttention); `SharedLayout` names what is read from
+it, so model access imports nothing of the shared-prompt package above it.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class SharedLayout(Protocol):
-    """What running a model on a shared-prompt batch reads from it; `SharedPromptBatch` is one."""
+    """What running a model on a shared-prompt batch reads from it; `SharedPromptBatch` and `GroupBatch` are."""
 
     input_ids: torch.Tensor  # [rows, T] int64
     position_ids: torch.Tensor  # [rows, T] int64, each token's position in its unshared row

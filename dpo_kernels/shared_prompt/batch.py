@@ -1,4 +1,4 @@
-"""The shared-prompt batch: each pair's prompt runs through the model once, its two responses after it.
+"""The shared-prompt batch: each prompt runs through the model once, its responses after it.
 
 One row per pair holds `[prompt | chosen | rejected]` (with packing, several pairs one after another in a row):
 
@@ -10,6 +10,11 @@ Chosen tokens attend causally to the prompt and to earlier chosen tokens; reject
 to earlier rejected tokens, never to chosen ones; pairs packed in one row never see each other. So every token sees
 the same context at the same positions as in the unshared rows `[prompt | chosen]` and `[prompt | rejected]`, and
 its hidden state is the same function of its inputs.
+
+A group of K responses (`shared_prompt/groups.py`) is the same layout with K response segments: response k holds
+segment k + 1 (CHOSEN and REJECTED are segments 1 and 2), sees the prompt and its own earlier tokens, and its
+positions continue from the prompt's end. `SharedBatch` is the layout and its attention rule, whatever the number
+of responses; `SharedPromptBatch` numbers the sequences of pairs, `GroupBatch` those of groups.
 
 The first token of each response is predicted from the last prompt position, which therefore scores two labels
 (c0 and r0): the batch carries an attribution instead of shift-by-one labels, one entry per scored position:
@@ -24,14 +29,14 @@ Truncation follows the trainer's unshared rows exactly (`truncate_pair`): the pr
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.plan import TokenAttribution
 
-# Segment ids: what part of its pair a position holds.
+# Segment ids: what part of its pair a position holds (in a group, response k holds segment PROMPT + 1 + k).
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
     "PAD",
     "PROMPT",
     "REJECTED",
+    "SharedBatch",
     "SharedPromptBatch",
     "build_shared_batch",
     "pairs_from_examples",
@@ -47,24 +53,23 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class SharedPromptBatch:
-    """B pairs laid out with one copy of each prompt. `rows` and `T` below are `input_ids.shape`, N the number of
-    scored positions. All tensors are int64 on one device.
+class SharedBatch:
+    """Prompts laid out once, each followed by its responses. `rows` and `T` below are `input_ids.shape`, S the
+    number of sequences (responses), N the number of scored positions. All tensors are int64 on one device.
 
     Attributes:
         input_ids: `[rows, T]` token ids, `pad_id` in padding.
         position_ids: `[rows, T]` the positions each token has in its unshared row (0 in padding).
-        segment_ids: `[rows, T]` PROMPT, CHOSEN, REJECTED or PAD.
-        document_ids: `[rows, T]` the pair index (0..B-1) of each position, -1 in padding.
+        segment_ids: `[rows, T]` PROMPT, the response's segment (k + 1 for response k of its prompt) or PAD.
+        document_ids: `[rows, T]` the index of the prompt's pair or group (0..) at each position, -1 in padding.
         labels: `[rows, T]` each response token's own id, IGNORE_INDEX on prompt and padding. Not for a shift by
-            one (the first rejected token's predecessor in the row is the last chosen token): score through the
-            attribution below.
+            one (the first token of a later response has the previous response's last token before it in the row):
+            score through the attribution below.
         token_rows: `[N]` row of the flattened `[rows * T, H]` hidden states that scores each label.
         token_targets: `[N]` the label it scores.
-        token_seqs: `[N]` its sequence: chosen i is i, rejected i is B + i. Entries are sequence by sequence, in
+        token_seqs: `[N]` its sequence, in the numbering of the subclass. Entries are sequence by sequence, in
             token order within a sequence.
-        counts: `[2B]` scored positions per sequence (what the unshared rows score).
-        num_pairs: B.
+        counts: `[S]` scored positions per sequence (what the unshared rows score).
         max_count: `max(counts)` as a host int (0 when nothing is scored), so that layouts sized by it take no
             device sync.
     """
@@ -78,15 +83,19 @@ class SharedPromptBatch:
     token_targets: torch.Tensor
     token_seqs: torch.Tensor
     counts: torch.Tensor
-    num_pairs: int
     max_count: int
+
+    @property
+    def num_seqs(self) -> int:
+        """S, the number of sequences the attribution scores."""
+        return self.counts.numel()
 
     @property
     def attribution(self) -> TokenAttribution:
         """The scored positions as the fused linear engine takes them in place of labels:
-        `fused_linear_dpo(hidden, weight, batch.attribution, ...)` with `hidden` `[rows, T, H]` as the model gives
-        it (no copy into the unshared `[2B, T, H]` layout)."""
-        return TokenAttribution(self.token_rows, self.token_targets, self.token_seqs, 2 * self.num_pairs)
+        `linear_sequence_logprobs(hidden, weight, batch.attribution)` with `hidden` `[rows, T, H]` as the model
+        gives it (no copy into the unshared `[S, T, H]` layout)."""
+        return TokenAttribution(self.token_rows, self.token_targets, self.token_seqs, self.num_seqs)
 
     @property
     def num_positions(self) -> int:
@@ -112,19 +121,26 @@ class SharedPromptBatch:
 
         return mask_mod
 
-    def to(self, device) -> SharedPromptBatch:
-        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
-        return SharedPromptBatch(**moved, num_pairs=self.num_pairs, max_count=self.max_count)
+    def to(self, device):
+        """The same batch (of the same class) with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
-_TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "document_ids", "labels", "token_rows",
-                  "token_targets", "token_seqs", "counts")
+@dataclass(frozen=True)
+class SharedPromptBatch(SharedBatch):
+    """B pairs laid out with one copy of each prompt (`SharedBatch`, S = 2B): chosen i is sequence i, rejected i is
+    sequence B + i, as the package's unshared rows. `num_pairs`: B."""
+
+    num_pairs: int
 
 
 def attends(q, k, doc_q, doc_k, seg_q, seg_k, pos_q, pos_k, sliding_window=None):
     """The attention rule for query index q and key index k of one row (tensors that broadcast): same document,
-    key not after the query, key in the prompt or in the query's own segment, and within the sliding window (in the
-    unshared rows' positions) if there is one. Both the dense masks and FlexAttention's mask_mod evaluate it."""
+    key not after the query, key in the prompt or in the query's own segment (never another response), and within
+    the sliding window (in the unshared rows' positions) if there is one. Both the dense masks and FlexAttention's
+    mask_mod evaluate it."""
     allowed = (doc_q == doc_k) & (q >= k) & ((seg_k == PROMPT) | (seg_q == seg_k))
     if sliding_window is not None:
         allowed = allowed & (pos_q - pos_k < sliding_window)
@@ -138,6 +154,22 @@ def allowed_pairs(document_ids, segment_ids, position_ids, sliding_window=None):
     return attends(*(x for pair in ids for x in pair), sliding_window)
 
 
+def truncate_prompt(prompt: Sequence[int], max_prompt_length: int | None, bos_token_id: int | None) -> list[int]:
+    """The prompt's last `max_prompt_length` tokens, and its first token too when that is `bos_token_id` (and
+    `max_prompt_length > 1`), as the trainer cuts it."""
+    prompt = list(prompt)
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        keep_bos = int(bos_token_id is not None and prompt[0] == bos_token_id and max_prompt_length > 1)
+        prompt = prompt[:keep_bos] + prompt[len(prompt) - (max_prompt_length - keep_bos):]
+    return prompt
+
+
+def check_truncation_options(max_length, max_prompt_length, bos_token_id) -> None:
+    check_int("max_length", max_length, minimum=1, optional=True)
+    check_int("max_prompt_length", max_prompt_length, minimum=1, optional=True)
+    check_int("bos_token_id", bos_token_id, minimum=0, optional=True)
+
+
 def truncate_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], *,
                   max_length: int | None = None, max_prompt_length: int | None = None,
                   bos_token_id: int | None = None) -> tuple[list[int], list[int], list[int]]:
@@ -147,13 +179,8 @@ def truncate_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequen
     `max_prompt_length > 1`); then each response keeps its first `max_length - len(prompt)` tokens.
     Returns `(prompt, chosen, rejected)` as lists; raises ValueError when the prompt leaves no room for a response.
     """
-    _check_int("max_length", max_length, minimum=1, optional=True)
-    _check_int("max_prompt_length", max_prompt_length, minimum=1, optional=True)
-    _check_int("bos_token_id", bos_token_id, minimum=0, optional=True)
-    prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        keep_bos = int(bos_token_id is not None and prompt[0] == bos_token_id and max_prompt_length > 1)
-        prompt = prompt[:keep_bos] + prompt[len(prompt) - (max_prompt_length - keep_bos):]
+    check_truncation_options(max_length, max_prompt_length, bos_token_id)
+    prompt, chosen, rejected = truncate_prompt(prompt, max_prompt_length, bos_token_id), list(chosen), list(rejected)
     if max_length is not None:
         if len(prompt) >= max_length:
             raise ValueError(f"the prompt alone is {len(prompt)} tokens, which leaves no room for a response "
@@ -173,7 +200,7 @@ def pairs_from_examples(examples) -> list[tuple[tuple[int, ...], tuple[int, ...]
     return pairs
 
 
-def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
+def check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
     """An integer setting of the public API: a bool, a float or a value below `minimum` is a ValueError naming it
     (a prompt cut to 0 tokens would silently stop scoring each response's first token)."""
     if value is None and optional:
@@ -182,20 +209,21 @@ def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> Non
         raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 
-def _check_ids(ids, what):
+def check_ids(ids, what):
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise ValueError(f"{what} must hold non-negative integer token ids, got {t!r}")
 
 
-def _rows_of(lengths, pack, max_row_tokens):
-    """Which pairs share each row: one pair per row, or consecutive pairs up to `max_row_tokens` per row."""
+def _rows_of(lengths, pack, max_row_tokens, unit):
+    """Which prompts share each row: one per row, or consecutive ones up to `max_row_tokens` per row. `unit` names
+    a prompt with its responses in the error ("pair", "group")."""
     if not pack:
         return [[i] for i in range(len(lengths))]
     rows, current, used = [], [], 0
     for i, n in enumerate(lengths):
         if max_row_tokens is not None and n > max_row_tokens:
-            raise ValueError(f"pair {i} holds {n} tokens (prompt + chosen + rejected), more than "
+            raise ValueError(f"{unit} {i} holds {n} tokens (the prompt and its responses), more than "
                              f"max_row_tokens={max_row_tokens}")
         if current and max_row_tokens is not None and used + n > max_row_tokens:
             rows.append(current)
@@ -205,6 +233,81 @@ def _rows_of(lengths, pack, max_row_tokens):
     if current:
         rows.append(current)
     return rows
+
+
+def check_layout_options(pad_id, pack, max_row_tokens, pad_to_multiple_of) -> None:
+    """The layout settings every builder takes, checked before any work."""
+    check_int("pad_id", pad_id, minimum=0)
+    check_int("max_row_tokens", max_row_tokens, minimum=1, optional=True)
+    check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1)
+    if max_row_tokens is not None and not pack:
+        raise ValueError("max_row_tokens caps packed rows; pass pack=True with it")
+
+
+def lay_out(prompts: list[list[int]], responses: list[list[list[int]]], seqs: list[list[int]], *, pad_id: int,
+            pack: bool, max_row_tokens: int | None, pad_to_multiple_of: int, device, unit: str) -> dict:
+    """The fields of a `SharedBatch` (as keyword arguments) for prompts already truncated and checked.
+
+    Args:
+        prompts: D prompts' token ids; document d is prompt d with its responses.
+        responses: per prompt, its responses' token ids (response k gets segment k + 1).
+        seqs: per prompt, the sequence number of each of its responses (together a permutation of 0..S-1).
+        pad_id, pack, max_row_tokens, pad_to_multiple_of, device: as `build_shared_batch`; `unit` names a prompt
+            with its responses in errors.
+    """
+    num_seqs = sum(len(r) for r in responses)
+    lengths = [len(p) + sum(len(ids) for ids in rs) for p, rs in zip(prompts, responses, strict=True)]
+    row_docs = _rows_of(lengths, pack, max_row_tokens, unit)
+    T = max(1, max(sum(lengths[d] for d in row) for row in row_docs))
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+
+    shape = (len(row_docs), T)
+    input_ids = [[pad_id] * T for _ in row_docs]
+    position_ids = [[0] * T for _ in row_docs]
+    segment_ids = [[PAD] * T for _ in row_docs]
+    document_ids = [[-1] * T for _ in row_docs]
+    labels = [[IGNORE_INDEX] * T for _ in row_docs]
+    scored = [[] for _ in range(num_seqs)]  # per sequence: (flat hidden row, target)
+    for r, row in enumerate(row_docs):
+        at = 0
+        for d in row:
+            p = prompts[d]
+            last_prompt = r * T + at + len(p) - 1 if p else None
+            segments = [(PROMPT, p, None)] + [(PROMPT + 1 + k, ids, seq) for k, (ids, seq)
+                                               in enumerate(zip(responses[d], seqs[d], strict=True))]
+            for seg, ids, seq in segments:
+                start_pos = 0 if seg == PROMPT else len(p)
+                previous = last_prompt  # the row that predicts this segment's first token
+                for j, t in enumerate(ids):
+                    input_ids[r][at] = t
+                    position_ids[r][at] = start_pos + j
+                    segment_ids[r][at] = seg
+                    document_ids[r][at] = d
+                    if seq is not None:
+                        labels[r][at] = t
+                        if previous is not None:
+                            scored[seq].append((previous, t))
+                        previous = r * T + at
+                    at += 1
+
+    flat = [(row, target, seq) for seq, entries in enumerate(scored) for row, target in entries]
+
+    def tensor(data):
+        return torch.tensor(data, dtype=torch.long, device=device)
+
+    token_rows, token_targets, token_seqs = (tensor([e[k] for e in flat]) for k in range(3))
+    return dict(
+        input_ids=tensor(input_ids).reshape(shape),
+        position_ids=tensor(position_ids).reshape(shape),
+        segment_ids=tensor(segment_ids).reshape(shape),
+        document_ids=tensor(document_ids).reshape(shape),
+        labels=tensor(labels).reshape(shape),
+        token_rows=token_rows,
+        token_targets=token_targets,
+        token_seqs=token_seqs,
+        counts=tensor([len(s) for s in scored]),
+        max_count=max((len(s) for s in scored), default=0),
+    )
 
 
 def build_shared_batch(
@@ -233,67 +336,16 @@ def build_shared_batch(
     Returns:
         a `SharedPromptBatch`.
     """
-    _check_int("pad_id", pad_id, minimum=0)
-    _check_int("max_row_tokens", max_row_tokens, minimum=1, optional=True)
-    _check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1)
-    if max_row_tokens is not None and not pack:
-        raise ValueError("max_row_tokens caps packed rows; pass pack=True with it")
+    check_layout_options(pad_id, pack, max_row_tokens, pad_to_multiple_of)
     pairs = [truncate_pair(p, c, r, max_length=max_length, max_prompt_length=max_prompt_length,
                            bos_token_id=bos_token_id) for p, c, r in pairs]
     if not pairs:
         raise ValueError("build_shared_batch needs at least one pair")
     for i, (p, c, r) in enumerate(pairs):
         for name, ids in (("prompt", p), ("chosen", c), ("rejected", r)):
-            _check_ids(ids, f"pair {i}'s {name}")
+            check_ids(ids, f"pair {i}'s {name}")
     B = len(pairs)
-    lengths = [len(p) + len(c) + len(r) for p, c, r in pairs]
-    row_pairs = _rows_of(lengths, pack, max_row_tokens)
-    T = max(1, max(sum(lengths[i] for i in row) for row in row_pairs))
-    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-
-    shape = (len(row_pairs), T)
-    input_ids = [[pad_id] * T for _ in row_pairs]
-    position_ids = [[0] * T for _ in row_pairs]
-    segment_ids = [[PAD] * T for _ in row_pairs]
-    document_ids = [[-1] * T for _ in row_pairs]
-    labels = [[IGNORE_INDEX] * T for _ in row_pairs]
-    scored = [[] for _ in range(2 * B)]  # per sequence: (flat hidden row, target)
-    for r, row in enumerate(row_pairs):
-        at = 0
-        for i in row:
-            p, c, rej = pairs[i]
-            last_prompt = r * T + at + len(p) - 1 if p else None
-            for seg, ids, seq in ((PROMPT, p, None), (CHOSEN, c, i), (REJECTED, rej, B + i)):
-                start_pos = 0 if seg == PROMPT else len(p)
-                previous = last_prompt  # the row that predicts this segment's first token
-                for j, t in enumerate(ids):
-                    input_ids[r][at] = t
-                    position_ids[r][at] = start_pos + j
-                    segment_ids[r][at] = seg
-                    document_ids[r][at] = i
-                    if seq is not None:
-                        labels[r][at] = t
-                        if previous is not None:
-                            scored[seq].append((previous, t))
-                        previous = r * T + at
-                    at += 1
-
-    flat = [(row, target, seq) for seq, entries in enumerate(scored) for row, target in entries]
-
-    def tensor(data):
-        return torch.tensor(data, dtype=torch.long, device=device)
-
-    token_rows, token_targets, token_seqs = (tensor([e[k] for e in flat]) for k in range(3))
-    return SharedPromptBatch(
-        input_ids=tensor(input_ids).reshape(shape),
-        position_ids=tensor(position_ids).reshape(shape),
-        segment_ids=tensor(segment_ids).reshape(shape),
-        document_ids=tensor(document_ids).reshape(shape),
-        labels=tensor(labels).reshape(shape),
-        token_rows=token_rows,
-        token_targets=token_targets,
-        token_seqs=token_seqs,
-        counts=tensor([len(s) for s in scored]),
-        num_pairs=B,
-        max_count=max(len(s) for s in scored),
-    )
+    layout = lay_out([p for p, _, _ in pairs], [[c, r] for _, c, r in pairs], [[i, B + i] for i in range(B)],
+                     pad_id=pad_id, pack=pack, max_row_tokens=max_row_tokens, pad_to_multiple_of=pad_to_multiple_of,
+                     device=device, unit="pair")
+    return SharedPromptBatch(**layout, num_pairs=B)

@@ -1,9 +1,12 @@
-"""Per-sequence log-probs of a shared-prompt batch, from logits or from hidden states, through its attribution.
+"""Per-sequence log-probs of a shared-prompt batch (pairs or groups), from logits or from hidden states, through
+its attribution.
 
-The attribution (`SharedPromptBatch.token_rows/token_targets/token_seqs`) says which position scores which label
-for which sequence; the last prompt position scores two labels (one per response), so a gradient reaching it is
-the sum of both, as the unshared rows' two copies of the prompt would give after the backbone. Shapes sized by the
-longest sequence come from the batch's host-side `max_count`: no call here waits on the device.
+The attribution (`SharedBatch.token_rows/token_targets/token_seqs`) says which position scores which label for
+which sequence; the last prompt position scores one label per response (two for a pair, K for a group), so a
+gradient reaching it is the sum of theirs, as the unshared rows' copies of the prompt would give after the backbone.
+Every function returns `[S]`, one entry per sequence in the batch's numbering: `[2B]` chosen then rejected for a
+`SharedPromptBatch`, `[R]` group by group for a `GroupBatch`. Shapes sized by the longest sequence come from the
+batch's host-side `max_count`: no call here waits on the device.
 """
 from __future__ import annotations
 
@@ -12,13 +15,13 @@ import torch
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import linear_sequence_logprobs
 from dpo_kernels.logprobs.from_logits import token_logprobs
-from dpo_kernels.shared_prompt.batch import SharedPromptBatch
+from dpo_kernels.shared_prompt.batch import SharedBatch
 
 __all__ = ["gather_scored_logits", "sequence_logprobs_from_hidden", "sequence_logprobs_from_logits"]
 
 
-def _per_sequence(tok: torch.Tensor, batch: SharedPromptBatch, average: bool) -> torch.Tensor:
-    """`[2B]` sums (means) of the token log-probs `tok [N]` (attribution order) in a fixed order: the same bits on
+def _per_sequence(tok: torch.Tensor, batch: SharedBatch, average: bool) -> torch.Tensor:
+    """`[S]` sums (means) of the token log-probs `tok [N]` (attribution order) in a fixed order: the same bits on
     every run, as the engine's per-sequence reduction."""
     counts = batch.counts.to(tok.device)
     seqs = batch.token_seqs.to(tok.device)
@@ -32,17 +35,17 @@ def _per_sequence(tok: torch.Tensor, batch: SharedPromptBatch, average: bool) ->
     return total
 
 
-def sequence_logprobs_from_logits(logits: torch.Tensor, batch: SharedPromptBatch, *,
+def sequence_logprobs_from_logits(logits: torch.Tensor, batch: SharedBatch, *,
                                   average: bool = False) -> torch.Tensor:
-    """`[2B]` float32 log-probs (chosen then rejected) of the batch's labels.
+    """`[S]` float32 log-probs of the batch's labels, in its sequence numbering.
 
     Args:
         logits: `[rows, T, V]` float32/bfloat16/float16, the model's logits on `batch`
             (`dpo_kernels.hf.shared_logits`).
-        batch: the `SharedPromptBatch` they were computed on.
+        batch: the `SharedPromptBatch` or `GroupBatch` they were computed on.
         average: per-token means instead of sums (0 for a sequence with no scored token).
     Returns:
-        `[2B]` float32, differentiable w.r.t. `logits`. Only the N scored rows are read (a `[N, V]` gather).
+        `[S]` float32, differentiable w.r.t. `logits`. Only the N scored rows are read (a `[N, V]` gather).
     """
     rows, T, V = logits.shape
     if (rows, T) != tuple(batch.input_ids.shape):
@@ -53,10 +56,10 @@ def sequence_logprobs_from_logits(logits: torch.Tensor, batch: SharedPromptBatch
     return _per_sequence(tok.reshape(-1), batch, average)
 
 
-def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: SharedPromptBatch, *,
+def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: SharedBatch, *,
                                   bias: torch.Tensor | None = None, average: bool = False,
                                   memory_budget=None) -> torch.Tensor:
-    """`[2B]` float32 log-probs of the batch's labels under `softmax(hidden @ weight.T + bias)`, by the fused linear
+    """`[S]` float32 log-probs of the batch's labels under `softmax(hidden @ weight.T + bias)`, by the fused linear
     engine (no `[*, V]` logits).
 
     Args:
@@ -64,7 +67,7 @@ def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, ba
         weight: `[V, H]` lm_head weight in hidden's dtype; bias: optional `[V]`.
         average, memory_budget: as `dpo_kernels.linear_sequence_logprobs`.
     Returns:
-        `[2B]` float32, differentiable w.r.t. hidden, weight and bias.
+        `[S]` float32, differentiable w.r.t. hidden, weight and bias.
     """
     if tuple(hidden.shape[:-1]) != tuple(batch.input_ids.shape):
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match the batch's [rows, T] = "
@@ -73,14 +76,14 @@ def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, ba
                                     memory_budget=memory_budget)
 
 
-def gather_scored_logits(logits: torch.Tensor, batch: SharedPromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_scored_logits(logits: torch.Tensor, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The scored logits of a shared batch in the unshared layout, for code that takes `(logits, labels)` with the
     HuggingFace shift (`DPOLoss`, `dpo_kernels.sequence_logprobs`, the reference oracle).
 
     Args:
         logits: `[rows, T, V]`, the model's logits on `batch`.
     Returns:
-        `(logits [2B, M + 1, V], labels [2B, M + 1])`, M the most scored tokens of a sequence: row s holds the logits
+        `(logits [S, M + 1, V], labels [S, M + 1])`, M the most scored tokens of a sequence: row s holds the logits
         of sequence s's scored positions in order, and `labels[s, t + 1]` the label position t scores
         (IGNORE_INDEX elsewhere; unscored rows of the gathered logits are zeros). Differentiable w.r.t. `logits`.
     """
