@@ -13,6 +13,7 @@ import dpo_kernels
 from dpo_kernels import reference
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.loss_op.loss_types import LOSSES
+from dpo_kernels.shared_prompt.batch import PAD, PROMPT
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
@@ -260,3 +261,26 @@ def trl_train_logs(trainer):
     trainer.train()
     return [{k: v for k, v in log.items() if "runtime" not in k and "per_second" not in k}
             for log in trainer.state.log_history]
+
+
+def brute_force_mask(batch, window=None):
+    """The shared-prompt attention rule written out position by position, for a pair or a group batch: a response
+    position sees its document's prompt and its own earlier tokens, a prompt position the earlier prompt, padding
+    earlier padding; with `window`, only keys fewer than `window` positions back. Returns bool `[rows, 1, T, T]`."""
+    rows, T = batch.input_ids.shape
+    out = torch.zeros(rows, 1, T, T, dtype=torch.bool)
+    doc, seg, pos = batch.document_ids, batch.segment_ids, batch.position_ids
+    for b in range(rows):
+        for q in range(T):
+            for k in range(q + 1):
+                if doc[b, q] != doc[b, k]:
+                    continue
+                if seg[b, q] == PAD:
+                    ok = seg[b, k] == PAD
+                elif seg[b, q] == PROMPT:
+                    ok = seg[b, k] == PROMPT
+                else:
+                    ok = seg[b, k] in (PROMPT, seg[b, q])  # never another response
+                if ok and (window is None or pos[b, q] - pos[b, k] < window):
+                    out[b, 0, q, k] = True
+    return out

@@ -14,6 +14,7 @@ from dpo_kernels.shared_prompt import (
     unshared_group_rows,
 )
 from dpo_kernels.shared_prompt.batch import PAD, PROMPT
+from tests.helpers import brute_force_mask
 
 # K = 2, 3, 5 and 8 in one batch: an empty response, identical responses, an empty prompt, a one-token prompt.
 GROUPS = [
@@ -36,23 +37,6 @@ def unshared_scores(groups):
             out += [(seq, t, row[t + 1]) for t in range(len(row) - 1) if t + 1 >= len(p)]
             seq += 1
     return sorted(out)
-
-
-def brute_force_mask(batch, window=None):
-    """The rule written out position by position: a response position sees its document's prompt and its own
-    earlier tokens, a prompt position the earlier prompt, padding earlier padding."""
-    rows, T = batch.input_ids.shape
-    out = torch.zeros(rows, 1, T, T, dtype=torch.bool)
-    doc, seg, pos = batch.document_ids, batch.segment_ids, batch.position_ids
-    for b in range(rows):
-        for q in range(T):
-            for k in range(q + 1):
-                if doc[b, q] != doc[b, k]:
-                    continue
-                ok = seg[b, k] == seg[b, q] or (seg[b, q] > PROMPT and seg[b, k] == PROMPT)
-                if ok and (window is None or pos[b, q] - pos[b, k] < window):
-                    out[b, 0, q, k] = True
-    return out
 
 
 def random_groups(sizes, seed):

@@ -15,6 +15,7 @@ from dpo_kernels.shared_prompt.batch import (
     truncate_pair,
 )
 from dpo_kernels.trainer.data import collate, tokenize_pair
+from tests.helpers import brute_force_mask
 from tests.tiny_models import build_tokenizer, preference_rows
 
 # Empty chosen, a one-token prompt, identical responses, an empty prompt, a long pair.
@@ -89,27 +90,6 @@ def test_packing_puts_pairs_in_rows_up_to_the_cap():
     with pytest.raises(ValueError, match="pack=True"):
         build_shared_batch(PAIRS, max_row_tokens=20)
     assert build_shared_batch(PAIRS, pad_to_multiple_of=8).input_ids.shape == (5, 16)
-
-
-def brute_force_mask(batch, window=None):
-    """The rule written out position by position from the pair layout."""
-    rows, T = batch.input_ids.shape
-    out = torch.zeros(rows, 1, T, T, dtype=torch.bool)
-    doc, seg, pos = batch.document_ids, batch.segment_ids, batch.position_ids
-    for b in range(rows):
-        for q in range(T):
-            for k in range(q + 1):
-                if doc[b, q] != doc[b, k]:
-                    continue
-                if seg[b, q] == PAD:
-                    ok = seg[b, k] == PAD
-                elif seg[b, q] == PROMPT:
-                    ok = seg[b, k] == PROMPT
-                else:
-                    ok = seg[b, k] in (PROMPT, seg[b, q])  # never the other response
-                if ok and (window is None or pos[b, q] - pos[b, k] < window):
-                    out[b, 0, q, k] = True
-    return out
 
 
 @pytest.mark.parametrize("pack", [False, True])
