@@ -6,8 +6,10 @@ dtype (`baseline`), plus `atol`. NaN never passes.
 """
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpo_kernels
 from dpo_kernels import reference
@@ -284,3 +286,39 @@ def brute_force_mask(batch, window=None):
                 if ok and (window is None or pos[b, q] - pos[b, k] < window):
                     out[b, 0, q, k] = True
     return out
+
+
+class OpCall(NamedTuple):
+    """One aten op as `OpLog` saw it: the op (an OpOverload), and `(shape, dtype)` of each tensor among its positional
+    arguments and of each tensor it returned."""
+    op: torch._ops.OpOverload
+    inputs: list[tuple[tuple[int, ...], torch.dtype]]
+    outputs: list[tuple[tuple[int, ...], torch.dtype]]
+
+    @property
+    def name(self) -> str:
+        """The op's name without namespace or overload: `"mm"` for `aten.mm.default`."""
+        return self.op.overloadpacket.__name__
+
+
+def _tensor_facts(values) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(t.shape), t.dtype) for t in values if isinstance(t, torch.Tensor)]
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten op run inside the block as an `OpCall`, in order, in `calls`; shapes and dtypes only, so
+    that the log holds no tensor alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[OpCall] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        self.calls.append(OpCall(func, _tensor_facts(args), _tensor_facts(results)))
+        return out
+
+    def count(self, name: str) -> int:
+        """How many calls ran the op `name` (any overload), e.g. `"_local_scalar_dense"`: a host sync."""
+        return sum(1 for call in self.calls if call.name == name)

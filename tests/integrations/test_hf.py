@@ -13,7 +13,7 @@ from dpo_kernels import hf, reference
 from dpo_kernels.fused_linear import engine
 from dpo_kernels.integrations.packing import next_token_labels, pack_rows
 from dpo_kernels.integrations.token_metrics import token_sums
-from tests.helpers import assert_within_rule
+from tests.helpers import OpLog, assert_within_rule
 from tests.tiny_models import build_llama
 
 VOCAB = 61
@@ -195,29 +195,15 @@ def test_token_sums_match_logits():
 def test_token_sums_make_no_float32_copy_of_the_head():
     """The mean logit needs `W.sum(0)` in fp32; an fp32 copy of a bf16 `[V, H]` head (2 GiB at Llama-3 8B) must
     not be made on the way, on any device: every op's outputs are checked through a dispatch mode."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Outputs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.seen.append((str(func), tuple(t.shape), t.dtype))
-            return out
-
     g = torch.Generator().manual_seed(0)
     vocab, hid = 301, 24
     hidden = torch.randn(10, hid, generator=g).bfloat16()
     weight, bias = torch.randn(vocab, hid, generator=g).bfloat16(), torch.randn(vocab, generator=g).bfloat16()
     labels = torch.randint(0, vocab, (10,), generator=g)
     row = torch.arange(10) // 5
-    with Outputs() as mode:
+    with OpLog() as log:
         sums = token_sums(hidden, weight, bias, labels, row, 1, full=False)
-    copies = [s for s in mode.seen if s[1] == (vocab, hid) and s[2] == torch.float32]
+    copies = [call for call in log.calls if ((vocab, hid), torch.float32) in call.outputs]
     assert not copies, copies
     logits = hidden.double() @ weight.double().T + bias.double()
     torch.testing.assert_close(sums.chosen_logit_sum.double(), logits.mean(-1)[:5].sum(), rtol=1e-4, atol=1e-3)

@@ -3,7 +3,6 @@ packed HF path reads its offsets once, and the dense attention mask is built onc
 reaches SDPA, so that no layer converts it again."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_kernels import hf, validation
 from dpo_kernels.integrations.packing import pack_rows
@@ -14,26 +13,10 @@ from dpo_kernels.shared_prompt import (
     sequence_logprobs_from_logits,
     shared_logits,
 )
+from tests.helpers import OpLog
 from tests.shared_prompt.test_shared_models import COMMON, PAIRS, VOCAB, build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class OpLog(TorchDispatchMode):
-    """Records every aten op with the shapes and dtypes of the tensors it returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        results = out if isinstance(out, (tuple, list)) else (out,)
-        self.calls.append((func, [(tuple(t.shape), t.dtype) for t in results if isinstance(t, torch.Tensor)]))
-        return out
-
-    def count(self, name):
-        return sum(1 for func, _ in self.calls if func.__name__.split(".")[0] == name)
 
 
 def test_the_sync_counter_sees_an_item():
@@ -88,8 +71,8 @@ def test_offsets_changed_in_place_are_read_again():
 def _square_masks(log, batch):
     """The ops of `log` that return a new (not in-place) floating `[rows, 1, T, T]` tensor: dense masks."""
     rows, T = batch.input_ids.shape
-    return [func for func, outs in log.calls if not func.__name__.split(".")[0].endswith("_")
-            and any(shape == (rows, 1, T, T) and dtype.is_floating_point for shape, dtype in outs)]
+    return [call.op for call in log.calls if not call.name.endswith("_")
+            and any(shape == (rows, 1, T, T) and dtype.is_floating_point for shape, dtype in call.outputs)]
 
 
 @pytest.mark.parametrize("arch, masks", [("llama", 1), ("qwen2", 2)])
