@@ -11,15 +11,9 @@ from tests.tiny_models import build_llama
 
 peft = pytest.importorskip("peft", reason="PEFT is optional (pip install -e '.[trl]')")
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 VOCAB = 53
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def adapted(*, tie=False, **config):

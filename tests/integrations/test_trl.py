@@ -5,19 +5,12 @@ and gradients must agree to rtol 1e-4; logged metrics too, with a 1e-6 absolute 
 cancelling terms (`logits/*` of a freshly initialised head are ~1e-4).
 """
 import copy
-import os
 import warnings
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
-datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
-
-from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
-from tests.helpers import (  # noqa: E402
+from tests.helpers import (
     assert_close,
     assert_same_trl_logs,
     assert_same_trl_step,
@@ -25,7 +18,10 @@ from tests.helpers import (  # noqa: E402
     trl_loss_and_grads,
     trl_train_logs,
 )
-from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
+from tests.integrations.requires_trl import FusedDPOTrainer, datasets, patch_dpo_trainer, trl
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Every paired loss TRL 1.16 offers, with a label_smoothing that each one either reads or (sigmoid, ...) must ignore.
 TRL_LOSSES = [
@@ -34,15 +30,6 @@ TRL_LOSSES = [
     (["apo_zero"], 0.0), (["apo_down"], 0.0), (["discopop"], 0.0), (["sigmoid_norm"], 0.0), (["sft"], 0.0),
     (["sigmoid", "sft"], 0.0), (["ipo", "sft", "hinge"], 0.0),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny GEMMs on a shared 2-core machine: two threads contend and run 10-50x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

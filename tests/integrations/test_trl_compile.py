@@ -1,19 +1,16 @@
 """The TRL drop-in with `torch_compile=True`: accelerate compiles the policy, the fused head runs as its custom op
 inside the compiled graph, and the step gives stock TRL's (uncompiled) loss, metrics and weights."""
-import os
 import warnings
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
-datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
+from dpo_kernels.fused_linear import ops
+from tests.helpers import assert_same_trl_logs, trl_train_logs
+from tests.integrations.requires_trl import FusedDPOTrainer, trl
+from tests.integrations.test_trl import assert_same_weights, make_trainer, tiny  # noqa: F401
 
-from dpo_kernels.fused_linear import ops  # noqa: E402
-from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
-from tests.helpers import assert_same_trl_logs, trl_train_logs  # noqa: E402
-from tests.integrations.test_trl import _one_thread, assert_same_weights, make_trainer, tiny  # noqa: E402, F401
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_compiled_policy_matches_stock_trainer(tiny, monkeypatch):  # noqa: F811

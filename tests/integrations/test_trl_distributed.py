@@ -14,14 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
-datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
-
-from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
-from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
+from tests.helpers import assert_close
+from tests.integrations.requires_trl import FusedDPOTrainer, datasets, trl
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows
 
 WORLD = 2
 ROWS = 7            # not a multiple of WORLD x batch size: the last process's last batch repeats rows

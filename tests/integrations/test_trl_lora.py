@@ -6,31 +6,20 @@ logits, so the same loss and logged metrics; its gradient G of `W'` gives the ad
 `s B^T G` for A, and every other parameter's gradient is the same.
 """
 import copy
-import os
 import warnings
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
-peft = pytest.importorskip("peft", reason="PEFT comes with the trl extra")
-datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
+from tests.helpers import assert_close, assert_same_trl_logs, trl_loss_and_grads
+from tests.integrations.requires_trl import FusedDPOTrainer, datasets, trl
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows
 
-from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
-from tests.helpers import assert_close, assert_same_trl_logs, trl_loss_and_grads  # noqa: E402
-from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
+peft = pytest.importorskip("peft", reason="PEFT comes with the trl extra")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 HEAD = "base_model.model.lm_head"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(**overrides):

@@ -1,19 +1,13 @@
 """FusedDPOTrainer and patch_dpo_trainer check their own settings when built, not at the first training step: a bad
 memory_budget raises, and loss settings the fused loss refuses make the trainer use TRL's computation (an error in
 strict mode). The first step prints and keeps which paths it took (`dpo_kernels.paths`)."""
-import os
 import warnings
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
-datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
-
-from dpo_kernels import paths  # noqa: E402
-from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
-from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
+from dpo_kernels import paths
+from tests.integrations.requires_trl import FusedDPOTrainer, datasets, patch_dpo_trainer, trl
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,26 +7,20 @@ are ~1e-5). A forward pre-hook on the backbone records the rows it ran, so each 
 shared (B rows, or one packed row, instead of 2B).
 """
 import copy
-import os
 import warnings
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
-datasets = pytest.importorskip("datasets", reason="TRL's trainer needs `datasets`")
-
-from dpo_kernels import paths  # noqa: E402
-from dpo_kernels.integrations.trl import FusedDPOTrainer, patch_dpo_trainer  # noqa: E402
-from tests.helpers import (  # noqa: E402
+from dpo_kernels import paths
+from tests.helpers import (
     assert_close,
     assert_same_trl_logs,
     assert_same_trl_step,
     trl_loss_and_grads,
     trl_train_logs,
 )
-from tests.tiny_models import build_llama, build_tokenizer, preference_rows  # noqa: E402
+from tests.integrations.requires_trl import FusedDPOTrainer, datasets, patch_dpo_trainer, trl
+from tests.tiny_models import build_llama, build_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
