@@ -4,6 +4,7 @@ The accuracy rule (docs/design.md, "Numerics and the accuracy rule"): a kernel's
 float64 truth `truth`; its max abs error may be at most `factor` (2) times the error of plain PyTorch in the same
 dtype (`baseline`), plus `atol`. NaN never passes.
 """
+import copy
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dpo_kernels
 from dpo_kernels import reference
 from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.hf import output_head
 from dpo_kernels.loss_op.loss_types import LOSSES
+from dpo_kernels.shared_prompt import (
+    sequence_logprobs_from_hidden,
+    sequence_logprobs_from_logits,
+    shared_attention_mask,
+    shared_backbone_hidden_states,
+    shared_logits,
+)
 from dpo_kernels.shared_prompt.batch import PAD, PROMPT
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -322,3 +331,94 @@ class OpLog(TorchDispatchMode):
     def count(self, name: str) -> int:
         """How many calls ran the op `name` (any overload), e.g. `"_local_scalar_dense"`: a host sync."""
         return sum(1 for call in self.calls if call.name == name)
+
+
+def right_padded_rows(rows):
+    """`rows`: `(tokens, prompt_length)` each, one unshared row `[prompt | response]`. Returns int64 `input_ids`,
+    `attention_mask` and `labels`, each `[len(rows), T]` right-padded to the longest row; labels are IGNORE_INDEX on
+    the prompt and the padding (the model's shift applies later)."""
+    T = max(len(tokens) for tokens, _ in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX)
+    for i, (tokens, prompt) in enumerate(rows):
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(tokens)] = 1
+        labels[i, prompt: len(tokens)] = torch.tensor(tokens[prompt:], dtype=torch.long)
+    return ids, mask, labels
+
+
+def unshared_rows_logps(model, rows, *, average=False):
+    """Per-row log-probs `[len(rows)]` of the unshared `rows` (`(tokens, prompt_length)` each, as
+    `right_padded_rows` takes them): batched and right-padded in the model's dtype (as a trainer runs them); one row
+    at a time without padding in float64 (the truth: transformers' float64 sliding-window masks add the dtype's
+    minimum twice at padding, giving -inf rows and NaN that spread through the padded keys)."""
+    ids, mask, labels = right_padded_rows(rows)
+    if next(model.parameters()).dtype != torch.float64:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return reference.sequence_logprobs(logits, labels, average=average)
+    out = []
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        logits = model(input_ids=ids[i: i + 1, :n], use_cache=False).logits
+        out.append(reference.sequence_logprobs(logits, labels[i: i + 1, :n], average=average))
+    return torch.cat(out)
+
+
+def unshared_rows_truth_and_baseline(model, rows, *, average=False):
+    """The unshared rows' log-probs from a float64 copy of `model` (the truth) and from `model` (the baseline)."""
+    with torch.no_grad():
+        baseline = unshared_rows_logps(model, rows, average=average)
+        truth = unshared_rows_logps(copy.deepcopy(model).double(), rows, average=average)
+    return truth, baseline
+
+
+def shared_logps(model, batch, path, *, average=False):
+    """Per-sequence log-probs of a shared-prompt `batch` through `model`: `path="logits"` from the full logits,
+    `"fused"` from the backbone's hidden states and the output head."""
+    if path == "logits":
+        return sequence_logprobs_from_logits(shared_logits(model, batch), batch, average=average)
+    weight, bias = output_head(model)
+    hidden = shared_backbone_hidden_states(model, batch)
+    return sequence_logprobs_from_hidden(hidden, weight, batch, bias=bias, average=average)
+
+
+def assert_shared_logps_within_rule(model, batch, truth, baseline, name):
+    """Both paths of `shared_logps` on the shared-prompt `batch`: float32 `[S]` log-probs within the accuracy rule
+    against the unshared rows' `truth` (float64) and `baseline`. Returns them by path."""
+    out = {}
+    with torch.no_grad():
+        for path in ("logits", "fused"):
+            out[path] = shared_logps(model, batch, path)
+            assert out[path].shape == truth.shape, (path, out[path].shape, truth.shape)
+            assert_close_to_truth(out[path], truth, baseline, torch.float32, f"{name} {path} path")
+    return out
+
+
+def assert_shared_grads_within_rule(grads, model, name=""):
+    """`grads(model, shared)` returns `(loss, {parameter name: gradient})` of one loss on the shared-prompt layout
+    (`shared=True`) or on the unshared rows. The shared layout's loss and gradients from `model` must be within the
+    accuracy rule against the unshared rows' from a float64 copy, the unshared rows' from `model` the baseline."""
+    truth_loss, truth = grads(copy.deepcopy(model).double(), False)
+    base_loss, base = grads(model, False)
+    loss, got = grads(model, True)
+    assert_close_to_truth(loss, truth_loss, base_loss, torch.float32, f"{name}loss")
+    for param in truth:
+        assert_close_to_truth(got[param], truth[param], base[param], torch.float32, f"{name}grad {param}")
+
+
+def assert_flex_attention_within_rule(model, batch, truth, baseline, window):
+    """`model` on flex attention: its log-probs on the shared-prompt `batch` are within the accuracy rule, and the
+    BlockMask(s) it builds (one, or a dict by layer kind) hold the rule of the batch's tensor masks: each `mask_mod`
+    equals `batch.attention_mask`, with `window` on sliding layers."""
+    with torch.no_grad():
+        logps = sequence_logprobs_from_logits(shared_logits(model, batch), batch)
+    assert_close_to_truth(logps, truth, baseline, torch.float32, f"{type(model).__name__} flex")
+    masks = shared_attention_mask(model, batch)
+    masks = masks if isinstance(masks, dict) else {"full_attention": masks}
+    rows, T = batch.input_ids.shape
+    b, q, k = torch.meshgrid(torch.arange(rows), torch.arange(T), torch.arange(T), indexing="ij")
+    for kind, block_mask in masks.items():
+        assert block_mask.shape == (rows, 1, T, T), (kind, block_mask.shape)
+        dense = block_mask.mask_mod(b, torch.zeros_like(b), q, k).unsqueeze(1)
+        assert torch.equal(dense, batch.attention_mask(window if kind == "sliding_attention" else None)), kind

@@ -1,28 +1,31 @@
 """HF models on the group batch: per-response log-probs and gradients equal the unshared rows `[prompt | response]`
 (fp32, within the accuracy rule against a float64 run of the unshared rows), for each supported architecture and
 attention, packed or not, K from 2 to 8 and mixed in one batch."""
-import copy
 import random
 
 import pytest
 import torch
 import transformers
 
-from dpo_kernels import hf, reference
-from dpo_kernels.hf import output_head
+from dpo_kernels import hf
 from dpo_kernels.shared_prompt import (
     SharedPromptUnsupported,
     build_group_batch,
     check_shared_prompt_support,
-    sequence_logprobs_from_hidden,
-    sequence_logprobs_from_logits,
     shared_attention_mask,
-    shared_backbone_hidden_states,
     shared_logits,
     truncate_group,
     unshared_group_rows,
 )
-from tests.helpers import assert_close_to_truth
+from tests.helpers import (
+    assert_close_to_truth,
+    assert_flex_attention_within_rule,
+    assert_shared_grads_within_rule,
+    assert_shared_logps_within_rule,
+    shared_logps,
+    unshared_rows_logps,
+    unshared_rows_truth_and_baseline,
+)
 from tests.shared_prompt.test_shared_models import ARCH_ATTENTION, VOCAB, WINDOW, build_model, uncompiled_flex  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -43,38 +46,8 @@ def response_rows(groups):
     return [(list(p) + list(r), len(p)) for p, responses in groups for r in responses]
 
 
-def unshared_logps(model, groups):
-    """The unshared rows' log-probs, group by group: batched and right-padded in the model's dtype (as a trainer runs
-    them); one row at a time without padding in float64 (the truth, as in test_shared_models)."""
-    rows = response_rows(groups)
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    labels = torch.full((len(rows), T), -100)
-    for i, (row, p) in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        labels[i, p: len(row)] = torch.tensor(row[p:], dtype=torch.long)
-    if next(model.parameters()).dtype != torch.float64:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return reference.sequence_logprobs(logits, labels)
-    out = []
-    for i, (row, _) in enumerate(rows):
-        logits = model(input_ids=ids[i: i + 1, : len(row)], use_cache=False).logits
-        out.append(reference.sequence_logprobs(logits, labels[i: i + 1, : len(row)]))
-    return torch.cat(out)
-
-
 def truth_and_baseline(model, groups):
-    with torch.no_grad():
-        return unshared_logps(copy.deepcopy(model).double(), groups), unshared_logps(model, groups)
-
-
-def shared_logps(model, batch, path):
-    if path == "logits":
-        return sequence_logprobs_from_logits(shared_logits(model, batch), batch)
-    weight, bias = output_head(model)
-    return sequence_logprobs_from_hidden(shared_backbone_hidden_states(model, batch), weight, batch, bias=bias)
+    return unshared_rows_truth_and_baseline(model, response_rows(groups))
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -83,12 +56,8 @@ def test_logps_equal_the_unshared_rows(arch, attention, pack):
     model = build_model(arch, attention)
     truth, baseline = truth_and_baseline(model, GROUPS)
     batch = build_group_batch(GROUPS, pack=pack)
-    with torch.no_grad():
-        for path in ("logits", "fused"):
-            logps = shared_logps(model, batch, path)
-            assert logps.shape == (batch.num_seqs,)
-            assert_close_to_truth(logps, truth, baseline, torch.float32, f"{arch} {attention} {path} path")
-    assert logps[2].item() == 0.0  # the empty response scores nothing
+    logps = assert_shared_logps_within_rule(model, batch, truth, baseline, f"{arch} {attention}")
+    assert logps["fused"][2].item() == 0.0  # the empty response scores nothing
 
 
 @pytest.mark.parametrize("K", [2, 4, 6, 8])
@@ -124,7 +93,10 @@ def _grads(model, groups, shared, path="logits"):
     """Parameter gradients of a weighted sum of the per-response log-probs (a stand-in for any group loss: the
     layout's part of the gradient is the same for every weight)."""
     model.zero_grad(set_to_none=True)
-    logps = shared_logps(model, build_group_batch(groups, pack=True), path) if shared else unshared_logps(model, groups)
+    if shared:
+        logps = shared_logps(model, build_group_batch(groups, pack=True), path)
+    else:
+        logps = unshared_rows_logps(model, response_rows(groups))
     weights = torch.linspace(-1.0, 1.5, logps.numel(), dtype=logps.dtype)
     loss = (weights * logps).sum()
     loss.backward()
@@ -134,32 +106,15 @@ def _grads(model, groups, shared, path="logits"):
 @pytest.mark.parametrize("path", ["logits", "fused"])
 @pytest.mark.parametrize("arch, attention", [("llama", "eager"), ("llama", "sdpa"), ("gemma3", "sdpa")])
 def test_gradients_equal_the_unshared_rows(arch, attention, path):
-    model = build_model(arch, attention)
-    truth_loss, truth = _grads(copy.deepcopy(model).double(), GROUPS, False)
-    base_loss, base = _grads(model, GROUPS, False)
-    loss, got = _grads(model, GROUPS, True, path)
-    assert_close_to_truth(loss, truth_loss, base_loss, torch.float32, "loss")
-    for name in truth:
-        assert_close_to_truth(got[name], truth[name], base[name], torch.float32, f"grad {name}")
+    assert_shared_grads_within_rule(lambda m, shared: _grads(m, GROUPS, shared, path), build_model(arch, attention))
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_flex_attention_block_mask(uncompiled_flex, arch):  # noqa: F811
-    model = build_model(arch, "flex_attention")
     truth, baseline = truth_and_baseline(build_model(arch, "eager"), GROUPS)
     batch = build_group_batch(GROUPS, pack=True)
-    with torch.no_grad():
-        logps = sequence_logprobs_from_logits(shared_logits(model, batch), batch)
-    assert_close_to_truth(logps, truth, baseline, torch.float32, f"{arch} flex")
-    masks = shared_attention_mask(model, batch)
-    masks = masks if isinstance(masks, dict) else {"full_attention": masks}
-    rows, T = batch.input_ids.shape
-    b, q, k = torch.meshgrid(torch.arange(rows), torch.arange(T), torch.arange(T), indexing="ij")
-    for kind, block_mask in masks.items():
-        window = WINDOW if kind == "sliding_attention" else None
-        dense = block_mask.mask_mod(b, torch.zeros_like(b), q, k).unsqueeze(1)
-        assert torch.equal(dense, batch.attention_mask(window)), kind
+    assert_flex_attention_within_rule(build_model(arch, "flex_attention"), batch, truth, baseline, WINDOW)
 
 
 def test_dense_masks_are_built_from_the_group_rule():

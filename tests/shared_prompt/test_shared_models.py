@@ -1,6 +1,5 @@
 """HF models on the shared-prompt batch: per-sequence log-probs and gradients equal the unshared rows' (fp32, within
 the accuracy rule against a float64 run of the unshared rows), for each supported architecture and attention."""
-import copy
 
 import pytest
 import torch
@@ -22,7 +21,18 @@ from dpo_kernels.shared_prompt import (
     truncate_pair,
 )
 from dpo_kernels.trainer.models import enable_checkpointing
-from tests.helpers import LOSS_PARAMS, REFERENCE_FREE, assert_close_to_truth
+from tests.helpers import (
+    LOSS_PARAMS,
+    REFERENCE_FREE,
+    assert_close_to_truth,
+    assert_flex_attention_within_rule,
+    assert_shared_grads_within_rule,
+    assert_shared_logps_within_rule,
+    right_padded_rows,
+    shared_logps,
+    unshared_rows_logps,
+    unshared_rows_truth_and_baseline,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -79,42 +89,19 @@ PAIRS = [
 ]
 
 
+def pair_rows(pairs):
+    """The package's unshared layout: rows 0..B-1 prompt + chosen, B..2B-1 prompt + rejected, as
+    `(tokens, prompt_length)`."""
+    return [(p + c, len(p)) for p, c, _ in pairs] + [(p + r, len(p)) for p, _, r in pairs]
+
+
 def unshared_rows(pairs):
-    """The package's unshared layout: rows 0..B-1 prompt + chosen, B..2B-1 prompt + rejected, right-padded."""
-    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
-    prompts = [len(p) for p, _, _ in pairs] * 2
-    T = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX)
-    for i, (s, p) in enumerate(zip(seqs, prompts, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        labels[i, p: len(s)] = torch.tensor(s[p:], dtype=torch.long)
-    return ids, mask, labels
-
-
-def unshared_logps(model, pairs, *, average=False):
-    """The unshared rows' log-probs: batched and right-padded in the model's dtype (as the trainer runs them); one
-    row at a time without padding in float64 (the truth: transformers' float64 sliding-window masks add the dtype's
-    minimum twice at padding, giving -inf rows and NaN that spread through the padded keys)."""
-    ids, mask, labels = unshared_rows(pairs)
-    if next(model.parameters()).dtype != torch.float64:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return reference.sequence_logprobs(logits, labels, average=average)
-    out = []
-    for i in range(ids.shape[0]):
-        n = int(mask[i].sum())
-        logits = model(input_ids=ids[i: i + 1, :n], use_cache=False).logits
-        out.append(reference.sequence_logprobs(logits, labels[i: i + 1, :n], average=average))
-    return torch.cat(out)
+    """`pair_rows` as right-padded `input_ids`, `attention_mask` and `labels`."""
+    return right_padded_rows(pair_rows(pairs))
 
 
 def truth_and_baseline(model, pairs, *, average=False):
-    with torch.no_grad():
-        baseline = unshared_logps(model, pairs, average=average)
-        truth = unshared_logps(copy.deepcopy(model).double(), pairs, average=average)
-    return truth, baseline
+    return unshared_rows_truth_and_baseline(model, pair_rows(pairs), average=average)
 
 
 # transformers runs Gemma 2 with eager attention only.
@@ -127,14 +114,7 @@ ARCH_ATTENTION = [(arch, attention) for arch in ARCHS for attention in ("eager",
 def test_logps_equal_the_unshared_rows(arch, attention, pack):
     model = build_model(arch, attention)
     truth, baseline = truth_and_baseline(model, PAIRS)
-    batch = build_shared_batch(PAIRS, pack=pack)
-    with torch.no_grad():
-        from_logits = sequence_logprobs_from_logits(shared_logits(model, batch), batch)
-        hidden = shared_backbone_hidden_states(model, batch)
-        weight, bias = output_head(model)
-        from_hidden = sequence_logprobs_from_hidden(hidden, weight, batch, bias=bias)
-    assert_close_to_truth(from_logits, truth, baseline, torch.float32, f"{arch} {attention} logits path")
-    assert_close_to_truth(from_hidden, truth, baseline, torch.float32, f"{arch} {attention} fused path")
+    assert_shared_logps_within_rule(model, build_shared_batch(PAIRS, pack=pack), truth, baseline, f"{arch} {attention}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -163,14 +143,9 @@ def _dpo_grads(model, pairs, shared, loss_type, path="logits"):
     B = len(pairs)
     model.zero_grad(set_to_none=True)
     if shared:
-        batch = build_shared_batch(pairs, pack=True)
-        if path == "logits":
-            logps = sequence_logprobs_from_logits(shared_logits(model, batch), batch)
-        else:
-            weight, bias = output_head(model)
-            logps = sequence_logprobs_from_hidden(shared_backbone_hidden_states(model, batch), weight, batch, bias=bias)
+        logps = shared_logps(model, build_shared_batch(pairs, pack=True), path)
     else:
-        logps = unshared_logps(model, pairs)
+        logps = unshared_rows_logps(model, pair_rows(pairs))
     ref = None if loss_type in REFERENCE_FREE else torch.linspace(-30.0, -10.0, 2 * B, dtype=logps.dtype)
     labels = unshared_rows(pairs)[2]
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
@@ -182,12 +157,8 @@ def _dpo_grads(model, pairs, shared, loss_type, path="logits"):
 
 
 def _check_grads(model, loss_type, path):
-    truth_loss, truth = _dpo_grads(copy.deepcopy(model).double(), PAIRS, False, loss_type)
-    base_loss, base = _dpo_grads(model, PAIRS, False, loss_type)
-    loss, got = _dpo_grads(model, PAIRS, True, loss_type, path)
-    assert_close_to_truth(loss, truth_loss, base_loss, torch.float32, f"{loss_type} loss")
-    for name in truth:
-        assert_close_to_truth(got[name], truth[name], base[name], torch.float32, f"{loss_type} grad {name}")
+    assert_shared_grads_within_rule(lambda m, shared: _dpo_grads(m, PAIRS, shared, loss_type, path), model,
+                                    f"{loss_type} ")
 
 
 @pytest.mark.parametrize("path", ["logits", "fused"])
@@ -248,22 +219,9 @@ def uncompiled_flex(monkeypatch):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_flex_attention_block_mask(uncompiled_flex, arch):
-    model = build_model(arch, "flex_attention")
     truth, baseline = truth_and_baseline(build_model(arch, "eager"), PAIRS)
     batch = build_shared_batch(PAIRS, pack=True)
-    with torch.no_grad():
-        logps = sequence_logprobs_from_logits(shared_logits(model, batch), batch)
-    assert_close_to_truth(logps, truth, baseline, torch.float32, f"{arch} flex")
-    # The BlockMask's mask_mod is the rule of the tensor masks, window included.
-    masks = shared_attention_mask(model, batch)
-    masks = masks if isinstance(masks, dict) else {"full_attention": masks}
-    rows, T = batch.input_ids.shape
-    b, q, k = torch.meshgrid(torch.arange(rows), torch.arange(T), torch.arange(T), indexing="ij")
-    for kind, block_mask in masks.items():
-        window = WINDOW if kind == "sliding_attention" else None
-        assert block_mask.shape == (rows, 1, T, T)
-        dense = block_mask.mask_mod(b, torch.zeros_like(b), q, k).unsqueeze(1)
-        assert torch.equal(dense, batch.attention_mask(window)), kind
+    assert_flex_attention_within_rule(build_model(arch, "flex_attention"), batch, truth, baseline, WINDOW)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
