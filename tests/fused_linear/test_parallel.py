@@ -333,10 +333,26 @@ def _run(name, vp, sp):
     fn(name, vp, sp)
 
 
-def _worker(rank, world, store_path, out_dir):
+def _gloo_worker(rank, world, store_path, timeout_s, body, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    results = body(rank)
+    with open(f"{out_dir}/{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(body, world, out, *, timeout_s):
+    """Runs `body(rank)` (a module-level function, as spawn pickles it) in `world` spawned gloo processes of one CPU
+    thread each, in one process group; returns each rank's result, a JSON value, by rank."""
+    mp.start_processes(_gloo_worker, args=(world, str(out / "store"), timeout_s, body, str(out)), nprocs=world,
+                       join=True, start_method="spawn")
+    return [json.loads((out / f"{r}.json").read_text()) for r in range(world)]
+
+
+def _run_phases(rank):
+    """Every case of the phases this rank takes part in: its failure's traceback, or None, by case name."""
     groups = {ranks: dist.new_group(list(ranks)) for ranks in ((0, 1), (2, 3), (0, 1, 2), (0, 2), (1, 3))}
     results = {}
     for phase in PHASES:
@@ -355,18 +371,12 @@ def _worker(rank, world, store_path, out_dir):
                 except Exception:
                     results[name] = traceback.format_exc()
         dist.barrier()
-    with open(f"{out_dir}/{rank}.json", "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel")
-    world = 4
-    mp.start_processes(_worker, args=(world, str(out / "store"), str(out)), nprocs=world, join=True,
-                       start_method="spawn")
-    per_rank = [json.loads((out / f"{r}.json").read_text()) for r in range(world)]
+    per_rank = run_on_gloo_ranks(_run_phases, 4, tmp_path_factory.mktemp("parallel"), timeout_s=120)
     merged = {}
     for r, res in enumerate(per_rank):
         for name, err in res.items():
@@ -475,10 +485,8 @@ def _check_case(name, group, alone, rank):
     assert torch.isfinite(out.loss), out.loss
 
 
-def _check_worker(rank, world, store_path, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+def _run_checks(rank):
+    """What each check raised on this rank, `[type name, message, traceback]`, or None, by check name."""
     group, alone = dist.new_group([0, 1]), dist.new_group([0])
     results = {}
     for name in CHECKS:
@@ -487,17 +495,12 @@ def _check_worker(rank, world, store_path, out_dir):
             results[name] = None
         except Exception as error:  # what each rank raised is the result under test
             results[name] = [type(error).__name__, str(error), traceback.format_exc()]
-    with open(f"{out_dir}/{rank}.json", "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def check_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rank_check")
-    mp.start_processes(_check_worker, args=(2, str(out / "store"), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
-    return [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
+    return run_on_gloo_ranks(_run_checks, 2, tmp_path_factory.mktemp("rank_check"), timeout_s=60)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
