@@ -22,6 +22,7 @@ from dpo_kernels.fused_linear.functional import (
     FusedLinearDPOFunction,
     GradsWanted,
     head_operands,
+    register_traced_entry,
     run_fused_linear_dpo,
 )
 from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions
@@ -239,3 +240,5 @@ def traced_fused_linear_dpo(hidden, weight, bias, labels, cu_seqlens, ref, loss_
         counts[B:], *((entropy[:B].detach(), entropy[B:].detach(), top1[:B], top1[B:]) if token_stats
                       else (None,) * 4))
 
+
+register_traced_entry(traced_fused_linear_dpo)
