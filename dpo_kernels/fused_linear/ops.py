@@ -12,7 +12,9 @@ keeps it under a handle, a one-element int64 CPU tensor it returns, whose storag
 for the backward, so the context lives exactly as long as the step's graph, as an autograd Function's would.
 
 `fused_linear_dpo` takes this path only while torch.compile traces it and no process group splits the head (a group
-cannot cross an op's schema); eager calls apply the Function directly, where the engine's trace records them.
+cannot cross an op's schema); eager calls apply the Function directly, where the engine's trace records them. This
+module registers that path with `functional` (`register_traced_entry`) when the package imports it, since it is built
+on `functional`'s Function and `functional` does not import it.
 """
 import weakref
 
