@@ -7,6 +7,7 @@ meta tensors for a plan, and `memory_model` and `cost_model` sum that trace; `lo
 adapter on the head inside the engine. Across processes, `parallel` (`ParallelOptions`) and `rank_check` (the
 ranks' consistency check).
 """
+from dpo_kernels.fused_linear import ops  # noqa: F401  (registers the path torch.compile traces)
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
 from dpo_kernels.fused_linear.lora import LoraHead
 from dpo_kernels.fused_linear.parallel import ParallelOptions

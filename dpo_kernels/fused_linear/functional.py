@@ -233,6 +233,24 @@ class _LogpsRun:
     lora_scaling: float | None = None  # the adapter's s, when the head carries one
 
 
+def _recompute_backward(ctx, coef):
+    """The gradients of `(hidden, weight, bias, lora_a, lora_b, run)` that ctx's inputs need, from the saved inputs
+    and `coef [tokens]` float32, each scored token's dloss/dlogp: the engine recomputes each chunk's logits."""
+    hidden, weight, bias, lora_a, lora_b = ctx.saved_tensors
+    run = ctx.run
+    hidden2d = _flat(hidden)
+    lora = _lora_of(lora_a, lora_b, run.lora_scaling)
+    grads = _grads_of(hidden2d, weight, *ctx.needs_input_grad[:5])
+    if grads is None:
+        return None, None, None, None, None, None
+    engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
+                                            pass_fn=run.par.pass_fn, lora=lora), coef)
+    grad_w, grad_b = grads.weight_bias(weight.dtype)
+    grad_a, grad_lora_b = (None, None) if grads.lora is None else grads.lora.results(lora)
+    grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
+    return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None
+
+
 class LinearSequenceLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, run: _LogpsRun):
@@ -244,20 +262,7 @@ class LinearSequenceLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, lora_a, lora_b = ctx.saved_tensors
-        run = ctx.run
-        hidden2d = _flat(hidden)
-        lora = _lora_of(lora_a, lora_b, run.lora_scaling)
-        grads = _grads_of(hidden2d, weight, *ctx.needs_input_grad[:5])
-        if grads is None:
-            return None, None, None, None, None, None
-        coef = _token_coefficients(grad_out, run.layout, run.average)
-        engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
-                                                pass_fn=run.par.pass_fn, lora=lora), coef)
-        grad_w, grad_b = grads.weight_bias(weight.dtype)
-        grad_a, grad_lora_b = (None, None) if grads.lora is None else grads.lora.results(lora)
-        grad_h = None if grads.hidden is None else grads.hidden.view(hidden.shape)
-        return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None
+        return _recompute_backward(ctx, _token_coefficients(grad_out, ctx.run.layout, ctx.run.average))
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=IGNORE_INDEX, shift=True, average=False,
@@ -375,19 +380,8 @@ class FusedLinearDPOFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         run = ctx.run
         if run.plan.recompute:
-            hidden, weight, bias, lora_a, lora_b = ctx.saved_tensors
-            hidden2d = _flat(hidden)
-            lora = _lora_of(lora_a, lora_b, run.lora_scaling)
-            grads = _grads_of(hidden2d, weight, *ctx.needs_input_grad[:5])
-            if grads is None:
-                return None, None, None, None, None, None
-            coef = _token_coefficients(ctx.seq_grad, run.layout, run.average) * grad_loss.float()
-            engine.recompute_grads(engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads,
-                                                    pass_fn=run.par.pass_fn, lora=lora), coef)
-            grad_w, grad_b = grads.weight_bias(weight.dtype)
-            grad_a, grad_lora_b = (None, None) if grads.lora is None else grads.lora.results(lora)
-            grad_h = None if grads.hidden is None else grads.hidden.view(ctx.shape)
-            return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None
+            return _recompute_backward(ctx, _token_coefficients(ctx.seq_grad, run.layout, run.average)
+                                       * grad_loss.float())
         if ctx.grads is None:
             raise RuntimeError("FusedLinearDPOFunction's backward ran twice: its gradients are formed in the forward "
                                "and consumed by the first backward (retain_graph is not supported)")
@@ -461,6 +455,17 @@ def _dpo_plan(layout, num_pairs, par, inputs, memory_budget, loss_type, weight_g
     return plan_dpo_step(pair_counts, vocab, itemsize, memory_budget, loss_type, weight_grad=weight_grad)
 
 
+_traced_entry = None
+
+
+def register_traced_entry(entry) -> None:
+    """Sets the path `fused_linear_dpo` takes while torch.compile traces it: `ops.traced_fused_linear_dpo`, which
+    `ops.py` registers when the package imports it. `ops.py` is built on this module's Function, so this module
+    reaches it through the registration rather than an import."""
+    global _traced_entry
+    _traced_entry = entry
+
+
 def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                      ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1,
                      loss_type="sigmoid", label_smoothing=0.0, average=False, ignore_index=IGNORE_INDEX, shift=True,
@@ -521,10 +526,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     ref = (ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
     if torch.compiler.is_compiling() and par.vocab_group is None and par.sequence_group is None and lora is None:
         # The compiler takes the call whole, as one custom op (`ops.py`): the plan reads the device.
-        from dpo_kernels.fused_linear import ops
-
-        return ops.traced_fused_linear_dpo(hidden, weight, bias, labels, cu_seqlens, ref, loss_settings, average,
-                                           ignore_index, shift, memory_budget, token_stats)
+        return _traced_entry(hidden, weight, bias, labels, cu_seqlens, ref, loss_settings, average, ignore_index,
+                             shift, memory_budget, token_stats)
     wanted = GradsWanted.current(hidden, weight, bias, lora)
     return run_fused_linear_dpo(par, hidden, weight, bias, labels, cu_seqlens, ref, loss_settings, average,
                                 ignore_index, shift, memory_budget, token_stats, wanted,

@@ -12,7 +12,9 @@ keeps it under a handle, a one-element int64 CPU tensor it returns, whose storag
 for the backward, so the context lives exactly as long as the step's graph, as an autograd Function's would.
 
 `fused_linear_dpo` takes this path only while torch.compile traces it and no process group splits the head (a group
-cannot cross an op's schema); eager calls apply the Function directly, where the engine's trace records them.
+cannot cross an op's schema); eager calls apply the Function directly, where the engine's trace records them. This
+module registers that path with `functional` (`register_traced_entry`) when the package imports it, since it is built
+on `functional`'s Function and `functional` does not import it.
 """
 import weakref
 
@@ -22,6 +24,7 @@ from dpo_kernels.fused_linear.functional import (
     FusedLinearDPOFunction,
     GradsWanted,
     head_operands,
+    register_traced_entry,
     run_fused_linear_dpo,
 )
 from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions
@@ -239,3 +242,5 @@ def traced_fused_linear_dpo(hidden, weight, bias, labels, cu_seqlens, ref, loss_
         counts[B:], *((entropy[:B].detach(), entropy[B:].detach(), top1[:B], top1[B:]) if token_stats
                       else (None,) * 4))
 
+
+register_traced_entry(traced_fused_linear_dpo)

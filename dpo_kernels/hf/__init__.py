@@ -12,35 +12,22 @@
 This package is a floor below the features that run models (`shared_prompt`, `integrations`, `trainer`, `bench`):
 it imports the kernels (`fused_linear`) and nothing of those features (docs/design.md, "Layout").
 """
+from dpo_kernels.hf import shared_prompt
 from dpo_kernels.hf.backbone import backbone_hidden_states, check_output_head
 from dpo_kernels.hf.head import FusedHead, fused_head, logit_multiplier, output_head
 from dpo_kernels.hf.logprobs import packed_position_ids, sequence_logprobs
-from dpo_kernels.hf.shared_prompt import (
-    SUPPORTED_ATTENTION,
-    SUPPORTED_MODELS,
-    SharedPromptUnsupported,
-    check_shared_prompt_support,
-    shared_attention_mask,
-    shared_backbone_hidden_states,
-    shared_logits,
-)
+from dpo_kernels.hf.shared_prompt import *  # noqa: F403  (its `__all__`, the one list of the model side's names)
 from dpo_kernels.hf.unwrap import unwrap_model
 
 __all__ = [
     "FusedHead",
-    "SUPPORTED_ATTENTION",
-    "SUPPORTED_MODELS",
-    "SharedPromptUnsupported",
     "backbone_hidden_states",
     "check_output_head",
-    "check_shared_prompt_support",
     "fused_head",
     "logit_multiplier",
     "output_head",
     "packed_position_ids",
     "sequence_logprobs",
-    "shared_attention_mask",
-    "shared_backbone_hidden_states",
-    "shared_logits",
     "unwrap_model",
+    *shared_prompt.__all__,
 ]

@@ -54,27 +54,22 @@ def _bwd_num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
-@triton.heuristics(
-    {
-        "BLOCK_V": lambda args: _fwd_block_v(args["V"]),
-        "num_warps": lambda args: _fwd_num_warps(_fwd_block_v(args["V"])),
-    }
-)
+def _vocab_tiling(block_v, num_warps):
+    """The kernel's `BLOCK_V = block_v(V)` and `num_warps = num_warps(BLOCK_V)`, derived from its argument V."""
+    return triton.heuristics({
+        "BLOCK_V": lambda args: block_v(args["V"]),
+        "num_warps": lambda args: num_warps(block_v(args["V"])),
+    })
+
+
+@_vocab_tiling(_fwd_block_v, _fwd_num_warps)
 @triton.jit
 def token_logprobs_fwd_kernel(
-    logits_ptr,
-    labels_ptr,
-    tok_ptr,
-    lse_ptr,
-    T_OUT,
-    V,
-    stride_lr,
-    stride_lt,
-    stride_yr,
-    stride_yt,
+    logits_ptr, labels_ptr, tok_ptr, lse_ptr,
+    T_OUT, V,
+    stride_lr, stride_lt, stride_yr, stride_yt,
     ignore_index,
-    SHIFT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     r = row // T_OUT
@@ -101,33 +96,14 @@ def token_logprobs_fwd_kernel(
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
 
 
-@triton.heuristics(
-    {
-        "BLOCK_V": lambda args: _bwd_block_v(args["V"]),
-        "num_warps": lambda args: _bwd_num_warps(_bwd_block_v(args["V"])),
-    }
-)
+@_vocab_tiling(_bwd_block_v, _bwd_num_warps)
 @triton.jit
 def token_logprobs_bwd_kernel(
-    logits_ptr,
-    labels_ptr,
-    lse_ptr,
-    grad_ptr,
-    dlogits_ptr,
-    T,
-    T_OUT,
-    V,
-    stride_lr,
-    stride_lt,
-    stride_yr,
-    stride_yt,
-    stride_gr,
-    stride_gt,
-    stride_dr,
-    stride_dt,
+    logits_ptr, labels_ptr, lse_ptr, grad_ptr, dlogits_ptr,
+    T, T_OUT, V,
+    stride_lr, stride_lt, stride_yr, stride_yt, stride_gr, stride_gt, stride_dr, stride_dt,
     ignore_index,
-    SHIFT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     r = row // T

@@ -43,8 +43,8 @@ def _group_loss_backward_fake(grad_loss, grad):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-def _call_op(policy_logps, ref_logps, group_sizes, scores, loss_type, beta, top_k, pair_loss, pair_weighting,
-             lengths, sft_weight, label_smoothing, average, loss_params):
+def _call_op(policy_logps, ref_logps, group_sizes, scores, *, loss_type, beta, top_k, pair_loss, pair_weighting,
+             lengths, sft_weight, label_smoothing, average, **loss_params):
     if not isinstance(average, bool):
         raise ValueError(f"average must be True or False, got {average!r}")
     spec = check_group_settings(loss_type, beta=beta, pair_loss=pair_loss, top_k=top_k,
@@ -120,32 +120,18 @@ def group_dpo_loss(
         `GroupDPOLossOutput(loss [], losses [G], rewards [R], ranking_accuracy [], top1_accuracy [],
         groups_left_out [] int64)` in float32 (float64 if a log-prob input is float64). Only `loss` has a gradient.
     """
-    out = _call_op(policy_logps, ref_logps, group_sizes, scores, loss_type, beta, top_k, pair_loss, pair_weighting,
-                   lengths, sft_weight, label_smoothing, average, loss_params)
+    out = _call_op(policy_logps, ref_logps, group_sizes, scores, loss_type=loss_type, beta=beta, top_k=top_k,
+                   pair_loss=pair_loss, pair_weighting=pair_weighting, lengths=lengths, sft_weight=sft_weight,
+                   label_smoothing=label_smoothing, average=average, **loss_params)
     return GroupDPOLossOutput(*out[:6])
 
 
-def group_dpo_loss_and_grads(
-    policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor | None,
-    group_sizes,
-    scores: torch.Tensor | None = None,
-    *,
-    loss_type: str = "plackett_luce",
-    beta: float = 0.1,
-    top_k: int | None = None,
-    pair_loss: str = "sigmoid",
-    pair_weighting: str | None = None,
-    lengths: torch.Tensor | None = None,
-    sft_weight: float = 0.0,
-    label_smoothing: float = 0.0,
-    average: bool = False,
-    **loss_params,
-):
+def group_dpo_loss_and_grads(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, group_sizes,
+                             scores: torch.Tensor | None = None, **settings):
     """`group_dpo_loss` without autograd, plus dloss/dlogp `[R]` for an upstream gradient of 1 (float32, float64 for
-    float64 inputs), for the fused linear engine, which forms its own backward. Returns `(GroupDPOLossOutput,
-    grad)`, all detached."""
+    float64 inputs), for the fused linear engine, which forms its own backward. Same arguments as `group_dpo_loss`:
+    `settings` are its keyword arguments, with its defaults. Returns `(GroupDPOLossOutput, grad)`, all detached."""
     detach = (lambda t: t.detach() if isinstance(t, torch.Tensor) else t)
-    out = _call_op(detach(policy_logps), detach(ref_logps), group_sizes, scores, loss_type, beta, top_k, pair_loss,
-                   pair_weighting, lengths, sft_weight, label_smoothing, average, loss_params)
+    out = _call_op(detach(policy_logps), detach(ref_logps), group_sizes, scores,
+                   **{**group_dpo_loss.__kwdefaults__, **settings})
     return GroupDPOLossOutput(*out[:6]), out[6]

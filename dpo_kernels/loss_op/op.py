@@ -66,8 +66,8 @@ def _require_cuda_kernel():
         )
 
 
-def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
-             beta, label_smoothing, average, loss_params):
+def _call_op(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, loss_type, label_smoothing,
+             chosen_lengths, rejected_lengths, average, **loss_params):
     # Every check runs before the launch; the hyper-parameters' part is cached (a training loop repeats them).
     average = check_average(average)
     dtype = validate_tensors(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
@@ -137,35 +137,25 @@ def dpo_loss(
     Rewards are `beta * (policy - ref)` for every loss type, and accuracy counts `chosen_rewards > rejected_rewards`,
     as TRL logs them.
     """
-    out = _call_op(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-                   rejected_lengths, loss_type, beta, label_smoothing, average, loss_params)
+    out = _call_op(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+                   loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
+                   rejected_lengths=rejected_lengths, average=average, **loss_params)
     # The op marks every output but `loss` non-differentiable (csrc/dpo_loss_autograd.cpp): no detach needed.
     loss, losses, chosen_rewards, rejected_rewards, accuracy, margin = out[:6]
     return DPOLossOutput(loss, chosen_rewards, rejected_rewards, accuracy, margin, losses)
 
 
-def dpo_loss_and_grads(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
-    *,
-    beta: float = 0.1,
-    loss_type="sigmoid",
-    label_smoothing=0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    average: bool = False,
-    **loss_params,
-):
+def dpo_loss_and_grads(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                       ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None,
+                       **settings):
     """`dpo_loss` without autograd, plus dloss/dlogp for an upstream gradient of 1.
 
-    Same arguments as `dpo_loss`. Returns `(DPOLossOutput, grad_chosen [B], grad_rejected [B])`, all detached; the
-    grads are float32 (float64 for float64 inputs). For the fused linear engine, which forms its own backward.
+    Same arguments as `dpo_loss`: `settings` are its keyword arguments, with its defaults. Returns
+    `(DPOLossOutput, grad_chosen [B], grad_rejected [B])`, all detached; the grads are float32 (float64 for float64
+    inputs). For the fused linear engine, which forms its own backward.
     """
     detach = (lambda t: t.detach() if isinstance(t, torch.Tensor) else t)
     out = _call_op(detach(policy_chosen_logps), detach(policy_rejected_logps), detach(ref_chosen_logps),
-                   detach(ref_rejected_logps), chosen_lengths, rejected_lengths, loss_type, beta, label_smoothing,
-                   average, loss_params)
+                   detach(ref_rejected_logps), **{**dpo_loss.__kwdefaults__, **settings})
     loss, losses, chosen_rewards, rejected_rewards, accuracy, margin, grad_chosen, grad_rejected = out
     return DPOLossOutput(loss, chosen_rewards, rejected_rewards, accuracy, margin, losses), grad_chosen, grad_rejected

@@ -21,14 +21,8 @@ package hands on too:
     logps = sequence_logprobs_from_hidden(shared_backbone_hidden_states(model, groups), weight, groups, bias=bias)
     # [R], group by group: groups.sizes splits it
 """
-from dpo_kernels.hf.shared_prompt import (
-    SUPPORTED_MODELS,
-    SharedPromptUnsupported,
-    check_shared_prompt_support,
-    shared_attention_mask,
-    shared_backbone_hidden_states,
-    shared_logits,
-)
+from dpo_kernels.hf import shared_prompt as model_side
+from dpo_kernels.hf.shared_prompt import *  # noqa: F403  (its `__all__`, the one list of the model side's names)
 from dpo_kernels.shared_prompt.batch import (
     SharedBatch,
     SharedPromptBatch,
@@ -44,22 +38,17 @@ from dpo_kernels.shared_prompt.logprobs import (
 )
 
 __all__ = [
-    "SUPPORTED_MODELS",
     "GroupBatch",
     "SharedBatch",
     "SharedPromptBatch",
-    "SharedPromptUnsupported",
     "build_group_batch",
     "build_shared_batch",
-    "check_shared_prompt_support",
     "gather_scored_logits",
     "pairs_from_examples",
     "sequence_logprobs_from_hidden",
     "sequence_logprobs_from_logits",
-    "shared_attention_mask",
-    "shared_backbone_hidden_states",
-    "shared_logits",
     "truncate_group",
     "truncate_pair",
     "unshared_group_rows",
+    *model_side.__all__,
 ]
