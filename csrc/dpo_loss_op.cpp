@@ -6,15 +6,9 @@
 namespace dpo_kernels {
 namespace {
 
+// An optional [B] input beside policy_chosen: its shape, device and dtype.
 at::Tensor optional_or_undefined(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->sizes() == like.sizes(), "dpo_loss: ", name, " has shape ", t->sizes(),
-              " but policy_chosen_logps has ", like.sizes());
-  TORCH_CHECK(t->device() == like.device(), "dpo_loss: ", name, " is on ", t->device(),
-              " but policy_chosen_logps is on ", like.device());
-  TORCH_CHECK(t->scalar_type() == like.scalar_type(), "dpo_loss: ", name, " has dtype ", t->scalar_type(),
-              " but policy_chosen_logps has ", like.scalar_type(), "; the Python wrapper casts them");
-  return t->contiguous();
+  return vector_like(t, like, like.scalar_type(), "dpo_loss", "policy_chosen_logps", name);
 }
 
 bool uses(at::IntArrayRef types, LossType type) {
@@ -106,11 +100,6 @@ DpoLossBuffers prepare_dpo_loss(const DpoLossInputs& in) {
 }
 
 template <typename T>
-static const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename T>
 DpoLossArgs<T> make_dpo_loss_args(DpoLossBuffers& b, const DpoLossInputs& in) {
   DpoLossArgs<T> a{};
   a.batch = b.policy_chosen.size(0);
@@ -164,14 +153,11 @@ DpoLossBackwardArgs prepare_dpo_loss_backward(const at::Tensor& grad_loss, const
                   (grad_chosen.scalar_type() == at::kFloat || grad_chosen.scalar_type() == at::kDouble),
               "dpo_loss_backward: the coefficients must both be float32 or float64, got ", grad_chosen.scalar_type(),
               " and ", grad_rejected.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == 1, "dpo_loss_backward: grad_loss must have one element, got shape ",
-              grad_loss.sizes());
+  DpoLossBackwardArgs a;
+  a.grad_loss = upstream_grad(grad_loss, grad_chosen.scalar_type(), "dpo_loss_backward");
   TORCH_CHECK(grad_loss.device() == grad_chosen.device() && grad_rejected.device() == grad_chosen.device(),
               "dpo_loss_backward: tensors on different devices: grad_loss on ", grad_loss.device(),
               ", grad_chosen on ", grad_chosen.device(), ", grad_rejected on ", grad_rejected.device());
-  DpoLossBackwardArgs a;
-  a.grad_loss = grad_loss.scalar_type() == grad_chosen.scalar_type() ? grad_loss.contiguous()
-                                                                      : grad_loss.to(grad_chosen.scalar_type());
   a.grad_chosen = grad_chosen.contiguous();
   a.grad_rejected = grad_rejected.contiguous();
   return a;

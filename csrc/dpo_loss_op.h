@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "dpo_loss_math.h"
+#include "loss_op_host.h"
 
 namespace dpo_kernels {
 
@@ -56,17 +57,10 @@ struct DpoLossBackwardArgs {
 DpoLossBackwardArgs prepare_dpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
                                               const at::Tensor& grad_rejected);
 
-// The two ops on one device: the host code above around the device's kernels, so that the CPU and CUDA bindings
-// differ only in `Device`, which gives
-//   kName, holds(tensor)          the device's name for errors, and whether a tensor is on it;
-//   Guard(device)                 held for the whole call: makes the inputs' device current;
+// The two ops on one device (loss_op_host.h): the host code above around the device's kernels, so that the CPU and
+// CUDA bindings differ only in `Device`, which gives, besides kName, holds and Guard,
 //   forward<T>(args, options)     the forward kernels over every pair (`options`: the inputs', for a workspace);
 //   backward<T>(args, out_chosen, out_rejected)  the backward kernel.
-template <typename Device>
-void check_on_device(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(Device::holds(t), op, " (", Device::kName, ") got a tensor on ", t.device());
-}
-
 template <typename Device>
 DpoLossResult dpo_loss_forward_on(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
                                   const std::optional<at::Tensor>& ref_chosen,
@@ -74,33 +68,29 @@ DpoLossResult dpo_loss_forward_on(const at::Tensor& policy_chosen, const at::Ten
                                   const std::optional<at::Tensor>& chosen_lengths,
                                   const std::optional<at::Tensor>& rejected_lengths, at::IntArrayRef loss_types,
                                   at::ArrayRef<double> params, bool average) {
-  check_on_device<Device>(policy_chosen, "dpo_loss_forward");
-  const typename Device::Guard guard(policy_chosen.device());
-  const DpoLossInputs in{policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                         loss_types, params, average};
-  DpoLossBuffers b = prepare_dpo_loss(in);
-  if (b.policy_chosen.scalar_type() == at::kDouble) {
-    Device::forward(make_dpo_loss_args<double>(b, in), b.policy_chosen.options());
-  } else {
-    Device::forward(make_dpo_loss_args<float>(b, in), b.policy_chosen.options());
-  }
-  return results(b);
+  return run_on_device<Device>(policy_chosen, "dpo_loss_forward", [&] {
+    const DpoLossInputs in{policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                           rejected_lengths, loss_types, params, average};
+    DpoLossBuffers b = prepare_dpo_loss(in);
+    dispatch_float_or_double(b.policy_chosen.scalar_type(), [&](auto zero) {
+      Device::forward(make_dpo_loss_args<decltype(zero)>(b, in), b.policy_chosen.options());
+    });
+    return results(b);
+  });
 }
 
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_on(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
                                                         const at::Tensor& grad_rejected) {
-  check_on_device<Device>(grad_chosen, "dpo_loss_backward");
-  const typename Device::Guard guard(grad_chosen.device());
-  const DpoLossBackwardArgs a = prepare_dpo_loss_backward(grad_loss, grad_chosen, grad_rejected);
-  at::Tensor out_chosen = at::empty(a.grad_chosen.sizes(), a.grad_chosen.options());
-  at::Tensor out_rejected = at::empty(a.grad_rejected.sizes(), a.grad_rejected.options());
-  if (a.grad_chosen.scalar_type() == at::kDouble) {
-    Device::template backward<double>(a, out_chosen, out_rejected);
-  } else {
-    Device::template backward<float>(a, out_chosen, out_rejected);
-  }
-  return {out_chosen, out_rejected};
+  return run_on_device<Device>(grad_chosen, "dpo_loss_backward", [&] {
+    const DpoLossBackwardArgs a = prepare_dpo_loss_backward(grad_loss, grad_chosen, grad_rejected);
+    at::Tensor out_chosen = at::empty(a.grad_chosen.sizes(), a.grad_chosen.options());
+    at::Tensor out_rejected = at::empty(a.grad_rejected.sizes(), a.grad_rejected.options());
+    dispatch_float_or_double(a.grad_chosen.scalar_type(), [&](auto zero) {
+      Device::template backward<decltype(zero)>(a, out_chosen, out_rejected);
+    });
+    return std::tuple<at::Tensor, at::Tensor>(out_chosen, out_rejected);
+  });
 }
 
 }  // namespace dpo_kernels

@@ -6,18 +6,9 @@
 namespace dpo_kernels {
 namespace {
 
-// A per-response input beside the policy log-probs: the same [R] shape and device, contiguous, in `dtype`.
-at::Tensor response_vector(const std::optional<at::Tensor>& t, const at::Tensor& policy, at::ScalarType dtype,
-                           const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->sizes() == policy.sizes(), "group_dpo_loss: ", name, " has shape ", t->sizes(),
-              " but policy_logps has ", policy.sizes());
-  TORCH_CHECK(t->device() == policy.device(), "group_dpo_loss: ", name, " is on ", t->device(),
-              " but policy_logps is on ", policy.device());
-  TORCH_CHECK(t->scalar_type() == dtype, "group_dpo_loss: ", name, " has dtype ", t->scalar_type(), " but needs ",
-              dtype, "; the Python wrapper casts it");
-  return t->contiguous();
-}
+// The names the errors give the op and its [R] policy log-probs, which the per-response inputs match.
+constexpr const char* kOp = "group_dpo_loss";
+constexpr const char* kPolicy = "policy_logps";
 
 // Only on the CPU, where reading the offsets costs no device synchronization; on a GPU the Python wrapper has
 // checked the sizes and the kernel turns a bad one into NaN.
@@ -64,9 +55,9 @@ GroupLossBuffers prepare_group_loss(const GroupLossInputs& in) {
   GroupLossBuffers b;
   b.policy = policy.contiguous();
   b.offsets = in.offsets.contiguous();
-  b.ref = response_vector(in.ref, policy, dtype, "ref_logps");
-  b.scores = response_vector(in.scores, policy, at::kDouble, "scores");
-  b.lengths = response_vector(in.lengths, policy, dtype, "lengths");
+  b.ref = vector_like(in.ref, policy, dtype, kOp, kPolicy, "ref_logps");
+  b.scores = vector_like(in.scores, policy, at::kDouble, kOp, kPolicy, "scores");
+  b.lengths = vector_like(in.lengths, policy, dtype, kOp, kPolicy, "lengths");
   TORCH_CHECK(!in.score_gap || b.scores.defined(), "group_dpo_loss: score-gap weighting needs scores");
   TORCH_CHECK(!(pairwise && reads_norm_lengths(static_cast<int>(in.pair_loss))) || b.lengths.defined(),
               "group_dpo_loss: ipo, sigmoid_norm and simpo are length-normalized: pass lengths");
@@ -85,11 +76,6 @@ GroupLossBuffers prepare_group_loss(const GroupLossInputs& in) {
   b.rewards = at::empty({policy.numel()}, options);
   b.grad = at::empty({policy.numel()}, options);
   return b;
-}
-
-template <typename T>
-static const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 template <typename T>
@@ -131,13 +117,10 @@ GroupLossBackwardArgs prepare_group_loss_backward(const at::Tensor& grad_loss, c
   TORCH_CHECK(grad.dim() == 1 && (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble),
               "group_loss_backward: the coefficients must be a float32 or float64 [R] vector, got shape ",
               grad.sizes(), " of ", grad.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == 1, "group_loss_backward: grad_loss must have one element, got shape ",
-              grad_loss.sizes());
+  GroupLossBackwardArgs a;
+  a.grad_loss = upstream_grad(grad_loss, grad.scalar_type(), "group_loss_backward");
   TORCH_CHECK(grad_loss.device() == grad.device(), "group_loss_backward: grad_loss is on ", grad_loss.device(),
               " but the coefficients are on ", grad.device());
-  GroupLossBackwardArgs a;
-  a.grad_loss = grad_loss.scalar_type() == grad.scalar_type() ? grad_loss.contiguous()
-                                                                : grad_loss.to(grad.scalar_type());
   a.grad = grad.contiguous();
   return a;
 }

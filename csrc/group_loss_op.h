@@ -7,8 +7,8 @@
 #include <optional>
 #include <tuple>
 
-#include "dpo_loss_op.h"
 #include "group_loss_math.h"
+#include "loss_op_host.h"
 
 namespace dpo_kernels {
 
@@ -51,39 +51,33 @@ struct GroupLossBackwardArgs {
 
 GroupLossBackwardArgs prepare_group_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad);
 
-// The two ops on one device; `Device` (group_loss_cpu.cpp, cuda/group_loss_cuda.cpp) gives kName, holds, Guard,
-// forward<T>(args) (every group, then the batch sums, then every group's scaling) and
+// The two ops on one device (loss_op_host.h); `Device` (group_loss_cpu.cpp, cuda/group_loss_cuda.cpp) gives,
+// besides kName, holds and Guard, forward<T>(args) (every group, then the batch sums, then every group's scaling) and
 // backward<T>(args, out).
 template <typename Device>
 GroupLossResult group_loss_forward_on(const at::Tensor& policy, const std::optional<at::Tensor>& ref,
                                       const at::Tensor& offsets, const std::optional<at::Tensor>& scores,
                                       const std::optional<at::Tensor>& lengths, int64_t group_loss, int64_t pair_loss,
                                       int64_t top_k, bool score_gap, at::ArrayRef<double> params, bool average) {
-  check_on_device<Device>(policy, "group_loss_forward");
-  const typename Device::Guard guard(policy.device());
-  const GroupLossInputs in{policy, ref, offsets, scores, lengths, group_loss, pair_loss, top_k, score_gap, params,
-                           average};
-  GroupLossBuffers b = prepare_group_loss(in);
-  if (b.policy.scalar_type() == at::kDouble) {
-    Device::forward(make_group_loss_args<double>(b, in));
-  } else {
-    Device::forward(make_group_loss_args<float>(b, in));
-  }
-  return group_results(b);
+  return run_on_device<Device>(policy, "group_loss_forward", [&] {
+    const GroupLossInputs in{policy, ref, offsets, scores, lengths, group_loss, pair_loss, top_k, score_gap, params,
+                             average};
+    GroupLossBuffers b = prepare_group_loss(in);
+    dispatch_float_or_double(b.policy.scalar_type(),
+                             [&](auto zero) { Device::forward(make_group_loss_args<decltype(zero)>(b, in)); });
+    return group_results(b);
+  });
 }
 
 template <typename Device>
 at::Tensor group_loss_backward_on(const at::Tensor& grad_loss, const at::Tensor& grad) {
-  check_on_device<Device>(grad, "group_loss_backward");
-  const typename Device::Guard guard(grad.device());
-  const GroupLossBackwardArgs a = prepare_group_loss_backward(grad_loss, grad);
-  at::Tensor out = at::empty(a.grad.sizes(), a.grad.options());
-  if (a.grad.scalar_type() == at::kDouble) {
-    Device::template backward<double>(a, out);
-  } else {
-    Device::template backward<float>(a, out);
-  }
-  return out;
+  return run_on_device<Device>(grad, "group_loss_backward", [&] {
+    const GroupLossBackwardArgs a = prepare_group_loss_backward(grad_loss, grad);
+    at::Tensor out = at::empty(a.grad.sizes(), a.grad.options());
+    dispatch_float_or_double(a.grad.scalar_type(),
+                             [&](auto zero) { Device::template backward<decltype(zero)>(a, out); });
+    return out;
+  });
 }
 
 }  // namespace dpo_kernels

@@ -1,10 +1,9 @@
 // The torch-facing CUDA binding, compiled only by the CUDA build: the ops of dpo_loss_op.h on the inputs' device,
 // their ATen preparation (aot's sorts, sft's sums) and the large-batch workspace on the current stream, then the
 // launches.
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_device.h"
 #include "cuda/dpo_loss_kernel.h"
 #include "dpo_loss_op.h"
 
@@ -12,11 +11,7 @@ namespace dpo_kernels {
 namespace {
 
 // The `Device` of dpo_loss_forward_on and dpo_loss_backward_on (dpo_loss_op.h).
-struct Cuda {
-  static constexpr const char* kName = "CUDA";
-  static bool holds(const at::Tensor& t) { return t.is_cuda(); }
-  using Guard = c10::cuda::CUDAGuard;
-
+struct Cuda : CudaDevice {
   template <typename T>
   static void forward(const DpoLossArgs<T>& args, const at::TensorOptions& options) {
     const size_t workspace_bytes = dpo_loss_forward_workspace_bytes(args.batch);
@@ -26,17 +21,15 @@ struct Cuda {
       workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, options.dtype(at::kByte));
     }
     void* workspace_ptr = workspace.defined() ? workspace.data_ptr() : nullptr;
-    const cudaError_t err = launch_dpo_loss_forward(args, workspace_ptr, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "dpo_loss_forward: kernel launch failed: ", cudaGetErrorString(err));
+    check_launch(launch_dpo_loss_forward(args, workspace_ptr, current_stream()), "dpo_loss_forward");
   }
 
   template <typename T>
   static void backward(const DpoLossBackwardArgs& a, at::Tensor& out_chosen, at::Tensor& out_rejected) {
-    const cudaError_t err = launch_dpo_loss_backward(
-        a.grad_loss.data_ptr<T>(), a.grad_chosen.data_ptr<T>(), a.grad_rejected.data_ptr<T>(),
-        out_chosen.data_ptr<T>(), out_rejected.data_ptr<T>(), a.grad_chosen.numel(),
-        c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "dpo_loss_backward: kernel launch failed: ", cudaGetErrorString(err));
+    check_launch(launch_dpo_loss_backward(a.grad_loss.data_ptr<T>(), a.grad_chosen.data_ptr<T>(),
+                                          a.grad_rejected.data_ptr<T>(), out_chosen.data_ptr<T>(),
+                                          out_rejected.data_ptr<T>(), a.grad_chosen.numel(), current_stream()),
+                 "dpo_loss_backward");
   }
 };
 
