@@ -82,11 +82,19 @@ def test_large_odd_vocab_few_tokens():
         check_against_truth(out, grads, truth, base, torch.float32)
 
 
-def test_without_bias_and_partial_requires_grad():
-    B, T, H, V = 2, 9, 24, 1000
-    hidden, weight, _, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=4)
-    truth, base = eager_truth_and_baseline(hidden, weight, None, labels, ref_c, ref_r, loss_type="sigmoid",
+def _sigmoid_case(seed, with_bias):
+    """A `[2B, T, H]` batch (B, T, H, V = 2, 9, 24, 1000) and its float64 truth and in-dtype baseline, sigmoid sums:
+    `(T, V, hidden, weight, bias or None, labels, ref_c, ref_r, truth, base)`."""
+    T, V = 9, 1000
+    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(2, T, 24, V, seed=seed)
+    bias = bias if with_bias else None
+    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid",
                                            average=False)
+    return T, V, hidden, weight, bias, labels, ref_c, ref_r, truth, base
+
+
+def test_without_bias_and_partial_requires_grad():
+    T, V, hidden, weight, _, labels, ref_c, ref_r, truth, base = _sigmoid_case(seed=4, with_bias=False)
     for mode in ("resident", "streaming", "low"):
         for which in ("hidden", "weight"):
             h, w = hidden.clone(), weight.clone()
@@ -119,10 +127,7 @@ def test_no_grad_forward_matches(monkeypatch):
 
 
 def test_upstream_gradient_scales():
-    B, T, H, V = 2, 9, 24, 1000
-    hidden, weight, bias, labels, _, ref_c, ref_r = make_batch(B, T, H, V, seed=6)
-    truth, base = eager_truth_and_baseline(hidden, weight, bias, labels, ref_c, ref_r, loss_type="sigmoid",
-                                           average=False)
+    T, V, hidden, weight, bias, labels, ref_c, ref_r, truth, base = _sigmoid_case(seed=6, with_bias=True)
     for mode in ("resident", "streaming", "low"):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
         out = dpo_kernels.fused_linear_dpo(h, w, labels, bias=b, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
