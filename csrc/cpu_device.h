@@ -1,4 +1,4 @@
-// The CPU side shared by the loss ops' CPU bindings (dpo_loss_cpu.cpp, group_loss_cpu.cpp): the `Device` basics of
+// The CPU side of the loss ops' CPU binding (loss_ops_cpu.cpp): the `Device` basics of
 // loss_op_host.h, the fixed-chunk reduction that keeps the batch sums independent of the number of threads, and the
 // backward's scaling.
 #pragma once

@@ -51,7 +51,7 @@ struct GroupLossBackwardArgs {
 
 GroupLossBackwardArgs prepare_group_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad);
 
-// The two ops on one device (loss_op_host.h); `Device` (group_loss_cpu.cpp, cuda/group_loss_cuda.cpp) gives,
+// The two ops on one device (loss_op_host.h); `Device` (loss_ops_cpu.cpp, cuda/loss_ops_cuda.cpp) gives,
 // besides kName, holds and Guard, forward<T>(args) (every group, then the batch sums, then every group's scaling) and
 // backward<T>(args, out).
 template <typename Device>

@@ -1,4 +1,4 @@
-// The CUDA side shared by the loss ops' CUDA bindings (dpo_loss_cuda.cpp, group_loss_cuda.cpp): the `Device` basics
+// The CUDA side of the loss ops' CUDA binding (loss_ops_cuda.cpp): the `Device` basics
 // of loss_op_host.h, the stream every launch goes on, and the launch check.
 #pragma once
 
