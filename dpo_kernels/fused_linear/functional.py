@@ -58,6 +58,12 @@ from dpo_kernels.validation import (
 )
 
 
+def _autocast_available(device_type: str) -> bool:
+    # torch.compile (torch 2.11) cannot trace `torch.amp.is_autocast_available`; a compiled call runs on a device
+    # that has autocast (CPU or CUDA), so the check is needed only in eager mode (e.g. for "meta" tensors).
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
 def head_operands(hidden, weight, bias=None):
     """`(hidden, weight, bias)` in the dtype the model's own lm_head would compute in.
 
@@ -69,7 +75,7 @@ def head_operands(hidden, weight, bias=None):
     if not isinstance(hidden, torch.Tensor):
         return hidden, weight, bias
     device = hidden.device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    if not (_autocast_available(device) and torch.is_autocast_enabled(device)):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device)
 
