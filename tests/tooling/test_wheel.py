@@ -60,8 +60,10 @@ RUN_INSTALLED = textwrap.dedent("""
 
 
 def _make(target, dist, timeout):
-    proc = subprocess.run(["make", target, f"PYTHON={sys.executable}", f"DIST={dist}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    # Under `make test` the parent make's flags would make this one print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    proc = subprocess.run(["make", "--no-print-directory", target, f"PYTHON={sys.executable}", f"DIST={dist}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
