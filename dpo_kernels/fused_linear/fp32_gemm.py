@@ -130,6 +130,8 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     if _probe(a.device, a.dtype)[0]:
+        if a.is_meta:  # a dry run: the same allocation, without torch 2.11's meta kernel of the overload
+            return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
@@ -141,8 +143,13 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumula
         acc.addmm_(a, b, beta=beta)
         return
     mm_ok, acc_ok = _probe(a.device, a.dtype)
-    if acc_ok:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
+    if acc_ok and a.is_meta:
+        return  # a dry run: in place, nothing is allocated (torch 2.11's meta kernel of the overload is broken)
+    if acc_ok and (accumulate or not mm_ok):
+        if not accumulate:
+            acc.zero_()
+        # Called exactly as the probe called it: no beta, which torch 2.11 mis-parses beside out_dtype (seen on meta).
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif mm_ok and accumulate:
         # A transient fp32 product: one extra [rows, cols] buffer and pass, still no rounding to half precision.
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
