@@ -229,18 +229,7 @@ def record_engine_call(entry: str, plan, hidden: torch.Tensor, weight: torch.Ten
         backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
         projected = plan.total * (2 if backward else 1)
     else:
-        projected = sum(_group_projections(g) for g in plan.groups)
+        projected = sum(g.projected_tokens for g in plan.groups)
     return record(PathRecord(entry, backend=backend, chunk=plan.chunk, modes=tuple(g.mode for g in plan.groups),
                              recompute=plan.recompute, tokens=plan.total, projected_tokens=projected,
                              shared_prompt=shared_prompt, fallbacks=fallbacks))
-
-
-def _group_projections(group) -> int:
-    """Token rows a pair group projects: a `stream twice` pair projects all but its last chunk again."""
-    from dpo_kernels.fused_linear.plan import STREAM_TWICE  # here: the engine imports this module
-
-    tokens = group.end - group.start
-    if group.mode != STREAM_TWICE or not group.chunks:
-        return tokens
-    last_start, last_end = group.chunks[-1]
-    return 2 * tokens - (last_end - last_start)

@@ -271,6 +271,15 @@ class PairGroup:
     def streaming(self) -> bool:
         return self.mode != RESIDENT
 
+    @property
+    def projected_tokens(self) -> int:
+        """Token rows the group projects: a `stream twice` pair projects all but its last chunk again."""
+        tokens = self.end - self.start
+        if self.mode != STREAM_TWICE or not self.chunks:
+            return tokens
+        last_start, last_end = self.chunks[-1]
+        return 2 * tokens - (last_end - last_start)
+
 
 @dataclass(frozen=True)
 class StepPlan:
