@@ -14,8 +14,9 @@ torch.compile traces a call.
 A fallback runs another path than the fast one: the PyTorch twin of the Triton kernels (tensors that are not on
 CUDA under `DPO_KERNELS_BACKEND=auto`, or a vocabulary-sharded head), TRL's own computation in the drop-in (an option
 the engine does not implement), unshared rows instead of the shared-prompt layout (a model or a batch it cannot
-run). `fallback()` warns where the path has always warned and returns the `Fallback` that joins the record. In
-strict mode it raises `StrictModeError` instead, naming the option, model or device that caused it. Strict mode is
+run), padded rows instead of the trainer's packed rows (a model that cannot keep packed sequences apart).
+`fallback()` warns where the path has always warned and returns the `Fallback` that joins the record. In strict
+mode it raises `StrictModeError` instead, naming the option, model or device that caused it. Strict mode is
 on under `DPO_KERNELS_STRICT=1` and inside `strict_mode(True)`, which the trainer's `--strict` and the drop-in's
 `strict=True` enter.
 """
@@ -33,6 +34,7 @@ from dpo_kernels.backend import torch_fallback_reason, use_triton
 
 __all__ = [
     "FUSED_TO_TRL",
+    "PACKED_TO_PADDED",
     "SHARED_TO_UNSHARED",
     "TRITON_TO_TORCH",
     "Fallback",
@@ -50,6 +52,7 @@ __all__ = [
 TRITON_TO_TORCH = "Triton -> PyTorch"
 FUSED_TO_TRL = "fused engine -> TRL's own computation"
 SHARED_TO_UNSHARED = "shared prompt -> unshared rows"
+PACKED_TO_PADDED = "packed rows -> padded rows"
 
 _last: contextvars.ContextVar[PathRecord | None] = contextvars.ContextVar("dpo_kernels_last_run", default=None)
 _collectors: contextvars.ContextVar[tuple] = contextvars.ContextVar("dpo_kernels_collectors", default=())
@@ -60,7 +63,7 @@ _strict: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_kernels_stri
 class Fallback:
     """One path that ran instead of the fast one."""
 
-    kind: str  # TRITON_TO_TORCH, FUSED_TO_TRL or SHARED_TO_UNSHARED
+    kind: str  # TRITON_TO_TORCH, FUSED_TO_TRL, SHARED_TO_UNSHARED or PACKED_TO_PADDED
     cause: str  # the option, model, device or batch that caused it
     reason: str  # the whole explanation, as warned
 

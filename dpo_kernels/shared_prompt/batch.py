@@ -215,14 +215,15 @@ def check_ids(ids, what):
             raise ValueError(f"{what} must hold non-negative integer token ids, got {t!r}")
 
 
-def _rows_of(lengths, pack, max_row_tokens, unit):
+def _rows_of(lengths, pack, max_row_tokens, unit, oversized_own_row=False):
     """Which prompts share each row: one per row, or consecutive ones up to `max_row_tokens` per row. `unit` names
-    a prompt with its responses in the error ("pair", "group")."""
+    a prompt with its responses in the error ("pair", "group"); with `oversized_own_row` a unit longer than the cap
+    gets a row of its own instead."""
     if not pack:
         return [[i] for i in range(len(lengths))]
     rows, current, used = [], [], 0
     for i, n in enumerate(lengths):
-        if max_row_tokens is not None and n > max_row_tokens:
+        if max_row_tokens is not None and n > max_row_tokens and not oversized_own_row:
             raise ValueError(f"{unit} {i} holds {n} tokens (the prompt and its responses), more than "
                              f"max_row_tokens={max_row_tokens}")
         if current and max_row_tokens is not None and used + n > max_row_tokens:
@@ -245,19 +246,20 @@ def check_layout_options(pad_id, pack, max_row_tokens, pad_to_multiple_of) -> No
 
 
 def lay_out(prompts: list[list[int]], responses: list[list[list[int]]], seqs: list[list[int]], *, pad_id: int,
-            pack: bool, max_row_tokens: int | None, pad_to_multiple_of: int, device, unit: str) -> dict:
+            pack: bool, max_row_tokens: int | None, pad_to_multiple_of: int, device, unit: str,
+            oversized_own_row: bool = False) -> dict:
     """The fields of a `SharedBatch` (as keyword arguments) for prompts already truncated and checked.
 
     Args:
         prompts: D prompts' token ids; document d is prompt d with its responses.
         responses: per prompt, its responses' token ids (response k gets segment k + 1).
         seqs: per prompt, the sequence number of each of its responses (together a permutation of 0..S-1).
-        pad_id, pack, max_row_tokens, pad_to_multiple_of, device: as `build_shared_batch`; `unit` names a prompt
-            with its responses in errors.
+        pad_id, pack, max_row_tokens, pad_to_multiple_of, device, oversized_own_row: as `build_shared_batch`;
+            `unit` names a prompt with its responses in errors.
     """
     num_seqs = sum(len(r) for r in responses)
     lengths = [len(p) + sum(len(ids) for ids in rs) for p, rs in zip(prompts, responses, strict=True)]
-    row_docs = _rows_of(lengths, pack, max_row_tokens, unit)
+    row_docs = _rows_of(lengths, pack, max_row_tokens, unit, oversized_own_row)
     T = max(1, max(sum(lengths[d] for d in row) for row in row_docs))
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
 
@@ -321,6 +323,7 @@ def build_shared_batch(
     max_row_tokens: int | None = None,
     pad_to_multiple_of: int = 1,
     device: torch.device | str | None = None,
+    oversized_own_row: bool = False,
 ) -> SharedPromptBatch:
     """Builds the shared-prompt batch of B tokenized pairs.
 
@@ -331,6 +334,7 @@ def build_shared_batch(
         max_length, max_prompt_length, bos_token_id: truncation, exactly as the unshared rows (`truncate_pair`).
         pack: several pairs per row (padding-free), each its own document in the mask; `max_row_tokens` caps a
             row (default: all pairs in one row). Without `pack`, one pair per row, right-padded.
+        oversized_own_row: a pair longer than `max_row_tokens` gets a row of its own (default: ValueError).
         pad_to_multiple_of: round T up (e.g. 128, FlexAttention's block size, or to reuse compiled shapes).
         device: where the tensors go (default CPU).
     Returns:
@@ -347,5 +351,5 @@ def build_shared_batch(
     B = len(pairs)
     layout = lay_out([p for p, _, _ in pairs], [[c, r] for _, c, r in pairs], [[i, B + i] for i in range(B)],
                      pad_id=pad_id, pack=pack, max_row_tokens=max_row_tokens, pad_to_multiple_of=pad_to_multiple_of,
-                     device=device, unit="pair")
+                     device=device, unit="pair", oversized_own_row=oversized_own_row)
     return SharedPromptBatch(**layout, num_pairs=B)

@@ -154,9 +154,17 @@ class TrainConfig:
                                          "rejected] per pair, the responses kept apart by the attention mask (the "
                                          "same numbers, fewer tokens when prompts are long); models it does not "
                                          "support train on unshared rows, with a warning")
-    strict: bool = _setting(False, "turn every fallback (shared prompt -> unshared rows, Triton -> PyTorch, which "
-                                   "CPU tensors take unless DPO_KERNELS_BACKEND=torch) into an error naming the model, "
-                                   "option or device that caused it; DPO_KERNELS_STRICT=1 does the same")
+    packing: bool = _setting(False, "padding-free: several sequences per row (several pairs with --share-prompt), "
+                                    "each its own document in the attention mask, up to --max-row-tokens (the same "
+                                    "numbers, fewer backbone positions when lengths are uneven); models without "
+                                    "that mask train on padded rows, with a warning")
+    max_row_tokens: int | None = _setting(None, "cap on a packed row's tokens (default: one row holds the whole "
+                                                "micro-batch); a sequence (or shared pair) longer than the cap gets a "
+                                                "row of its own", check=AT_LEAST_1)
+    strict: bool = _setting(False, "turn every fallback (shared prompt -> unshared rows, packed rows -> padded "
+                                   "rows, Triton -> PyTorch, which CPU tensors take unless DPO_KERNELS_BACKEND=torch) "
+                                   "into an error naming the model, option or device that caused it; "
+                                   "DPO_KERNELS_STRICT=1 does the same")
     distributed: str = _setting("none", "data parallelism across torchrun processes: ddp, or fsdp (FSDP2 "
                                         "fully_shard)", choices=DISTRIBUTED_MODES)
     device: str = _setting("auto", "auto picks CUDA when available", choices=DEVICES)
@@ -301,6 +309,8 @@ def check_config(c: TrainConfig, sources: Mapping[str, str] | None = None) -> No
         raise UserInputError("model is required (a local directory or a hub id in the local cache)")
     if not c.data:
         raise UserInputError("data is required (a .json/.jsonl/.parquet file or a saved datasets directory)")
+    if c.max_row_tokens is not None and not c.packing:
+        raise UserInputError(f"max_row_tokens ({c.max_row_tokens}) caps packed rows; set packing with it, or drop it")
     if c.reference_free and (c.ref_model or c.precompute_ref):
         raise UserInputError("reference_free excludes ref_model and precompute_ref")
     if c.model_dtype == "float16":

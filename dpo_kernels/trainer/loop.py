@@ -35,7 +35,7 @@ from dpo_kernels import paths
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.integrations import hf
 from dpo_kernels.trainer import checkpoint, distributed, models
-from dpo_kernels.trainer.batches import collate_pairs, shared_prompt_problem
+from dpo_kernels.trainer.batches import collate_pairs, packing_problem, shared_prompt_problem
 from dpo_kernels.trainer.config import (
     TrainConfig,
     check_config,
@@ -149,7 +149,8 @@ def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, 
     totals, count = [0.0] * len(METRIC_KEYS), 0
     for start in range(0, len(data), bs):
         indices = list(range(start, min(start + bs, len(data))))
-        batch = collate_pairs([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt)
+        batch = collate_pairs([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt,
+                              packing=c.packing, max_row_tokens=c.max_row_tokens)
         ref_c, ref_r = ref.logps("eval", indices, batch)
         out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)
         totals = [t + v * len(indices) for t, v in zip(totals, batch_metrics(out), strict=True)]
@@ -185,7 +186,8 @@ class Run:
         """Global micro-batch `micro`'s share of this process: (batch tensors, reference log-probs)."""
         indices = self.plan.indices(micro, self.ctx.rank)
         batch = collate_pairs([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
-                              share_prompt=self.c.share_prompt)
+                              share_prompt=self.c.share_prompt, packing=self.c.packing,
+                              max_row_tokens=self.c.max_row_tokens)
         return batch, *self.ref.logps("train", indices, batch)
 
     def gradient_sync(self, last: bool):
@@ -250,6 +252,13 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
         fallbacks = (paths.fallback(paths.SHARED_TO_UNSHARED, problem.model or "the model", message,
                                     warn=message if ctx.is_main else None, stacklevel=3),)
         c = dataclasses.replace(c, share_prompt=False)
+    problem = packing_problem(policy, ref.model) if c.packing else None
+    if problem is not None:
+        message = (f"packing keeps sequences apart with the shared-prompt layout's attention mask: {problem} "
+                   "Training on padded rows.")
+        fallbacks += (paths.fallback(paths.PACKED_TO_PADDED, problem.model or "the model", message,
+                                     warn=message if ctx.is_main else None, stacklevel=3),)
+        c = dataclasses.replace(c, packing=False, max_row_tokens=None)
     check_backend_fits(policy, c)
     dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype,
                      memory_budget=parse_memory_budget(c.memory_budget))

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpo_kernels.trainer import distributed
-from dpo_kernels.trainer.batches import collate_pairs, shared_prompt_problem
+from dpo_kernels.trainer.batches import collate_pairs, packing_problem, shared_prompt_problem
 from dpo_kernels.trainer.data import PreferenceData
 from dpo_kernels.trainer.forward import reference_logps
 from dpo_kernels.trainer.models import decoder_layer_types, load_model
@@ -166,9 +166,10 @@ class Reference:
         as one process cuts them, so the numbers do not depend on P), and one all-gather gives every process the
         whole table."""
         module = self._load()
-        # The reference pass shares the prompt too, where the model supports it (else unshared rows, silently:
-        # the policy's check warns once).
+        # The reference pass shares the prompt and packs too, where the model supports it (else unshared or padded
+        # rows, silently: the policy's check warns once).
         share = self.c.share_prompt and shared_prompt_problem(module.model) is None
+        pack = self.c.packing and packing_problem(module.model) is None
         bs = self.c.eval_batch_size or self.c.batch_size
         starts = range(0, len(data), bs)
         rounds = -(-len(starts) // self.ctx.world)
@@ -180,7 +181,8 @@ class Reference:
                 break
             # A sharded reference runs each forward on every process: one without a batch left repeats the last.
             start = starts[min(i, len(starts) - 1)]
-            batch = collate_pairs(data.examples[start:start + bs], self.pad_id, self.ctx.device, share_prompt=share)
+            batch = collate_pairs(data.examples[start:start + bs], self.pad_id, self.ctx.device, share_prompt=share,
+                                  packing=pack, max_row_tokens=self.c.max_row_tokens if pack else None)
             logps = self._forward(module, batch).cpu()
             if i < len(starts):
                 mine[i] = logps
