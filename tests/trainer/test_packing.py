@@ -1,6 +1,7 @@
 """`TrainConfig(packing=True)`: padding-free rows under a token cap train as the padded rows do.
 
-Every step's loss, metrics and gradient norm of a packed run (unshared and shared pairs, each loss backend, two
+Every step's loss, metrics and gradient norm, and the final evaluation's metrics, of a packed run (unshared and
+shared pairs, a live or a precomputed reference, each loss backend, two
 architectures: Llama with eager attention, Qwen2 with SDPA and a sliding window on one of its layers) stay within the
 accuracy rule of a float64 run on padded rows, with the fp32 padded run as the baseline; a float64 packed run equals
 the float64 padded run to rounding. The backbone runs on fewer positions, the cap is honoured (a sequence longer than
