@@ -14,11 +14,11 @@ with the reference log-probs precomputed (fixed numbers, one per response), as `
                         DPO on the given pairs, gathered from the per-response log-probs (the loss of a, exactly)
 
 The ideal ratio of a layout is a's backbone positions over its own, 2M(P + R) / (P + KR) for c and d (attention
-grows faster than linearly, so long rows can beat it; the head's scored tokens are the same in every layout but b's
-and c's count the shared prompt row once per response). Reported per layout: median step time, backbone positions
-(padding included), real tokens, the activation bytes autograd saves, the peak extra memory (CUDA only, as in the
-shared-prompt bench), the step's loss, and the measured ratio beside the ideal one. CPU: a tiny model; CUDA: a
-Llama-3.2-1B-shaped config in bf16 autocast, with SDPA and with FlexAttention.
+grows faster than linearly, so long rows can beat it; the head scores 2GMR tokens in a and b, GKR in c and d).
+Reported per layout: median step time, backbone positions (padding included), real tokens, the activation bytes
+autograd saves, the peak extra memory (CUDA only, as in the shared-prompt bench), the step's loss, and the measured
+ratio beside the ideal one. CPU: a tiny model; CUDA: a Llama-3.2-1B-shaped config in bf16 autocast, with SDPA and
+with FlexAttention.
 """
 from __future__ import annotations
 
@@ -154,15 +154,20 @@ def step_of(model, layout: str, groups: list, device, autocast_dtype) -> Step:
             return fused_linear_dpo(hidden, weight, scored, bias=bias, ref_chosen_logps=ref[chosen],
                                     ref_rejected_logps=ref[rejected]).loss
     else:
-        batch = build_group_batch(pairs.groups, device=device)
+        # c runs the groups as given; d the groups rebuilt from the pairs (the same ones unless a group repeats a
+        # response, which d holds once).
+        by_prompt = layout == "d group by prompt"
+        rows = pairs.groups if by_prompt else groups
+        batch = build_group_batch(rows, device=device)
         positions, tokens = batch.num_positions, int((batch.document_ids >= 0).sum())
-        settings = {"pairs": (chosen, rejected)} if layout == "d group by prompt" else _GROUP_LOSSES[layout]
+        rows_ref = reference_logps(rows).to(device)
+        settings = {"pairs": (chosen, rejected)} if by_prompt else _GROUP_LOSSES[layout]
 
         def forward():
             return shared_backbone_hidden_states(model, batch), batch
 
         def head(hidden, weight, bias, scored):
-            return _group_head_loss(hidden, weight, bias, scored, ref, **settings)
+            return _group_head_loss(hidden, weight, bias, scored, rows_ref, **settings)
 
     def loss():
         with autocast:
