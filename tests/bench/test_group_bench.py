@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_kernels import reference
-from dpo_kernels.bench import groups
+from dpo_kernels.bench import cli, groups
 from tests.helpers import assert_close_to_truth, unshared_rows_truth_and_baseline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,6 +40,16 @@ def test_rows_hold_every_layout_and_the_token_counts(tmp_path):
             assert by_layout[layout]["saved_bytes"] < a["saved_bytes"]
     text = open(paths["markdown"]).read()
     assert "| sdpa | 8 | 4:1 | 16 | 4 | 2 | d group by prompt |" in text
+
+
+def test_the_cli_writes_one_table_row_per_setting_and_layout(tmp_path, capsys):
+    argv = ["bench", "--ops", "group", "--tiny", "--device", "cpu", "--output-dir", str(tmp_path), "--warmup", "0",
+            "--iters", "1"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| sdpa |")]
+    assert len(rows) == len(groups.GROUP_SIZES) * len(groups.RATIOS) * len(groups.LAYOUTS)
+    assert (tmp_path / "groups.json").exists() and printed.count(str(tmp_path / "groups.md")) == 1
 
 
 # Two prompts given interleaved, responses of different lengths (padding in the unshared rows), a response shared by
