@@ -9,6 +9,7 @@ Modules, one job each:
     memory      the memory profiler: peak memory of one DPO step against sequence length
     comm        the bytes the fused engine all-reduces across processes
     shared_prompt  the shared-prompt full training step against unshared rows
+    groups      the ranked-group full training step against its pairs (unshared, shared-prompt, grouped by prompt)
     peers       the peer packages and their pinned versions (standard library only)
     profile     the step profiler: the pass per grid, device ms per kernel class beside the cost and memory models
     report      the JSON, Markdown and PNG writer, each stamped with device, versions and date

@@ -70,7 +70,7 @@ def run_bench(args) -> int:
     from dpo_kernels.bench import compare
 
     device = _device(args)
-    ops = [op for op in args.ops if op not in ("shared-prompt", "comm", "profile")]
+    ops = [op for op in args.ops if op not in ("shared-prompt", "group", "comm", "profile")]
     if "profile" in args.ops:
         from dpo_kernels.bench import profile
 
@@ -97,6 +97,16 @@ def run_bench(args) -> int:
         with open(paths["markdown"]) as f:
             print(f.read(), end="")
         print(f"[bench] shared-prompt: {paths['json']}, {paths['markdown']}")
+    if "group" in args.ops:
+        from dpo_kernels.bench import groups
+
+        out = args.output_dir or default_output_dir(device)
+        iterations = (args.warmup, args.iters) if args.iters else (2, 7)
+        tiny = {"groups": 1, "response": 4, "shape": groups.CPU_SHAPE} if args.tiny else {}
+        paths = groups.run(out, device, iterations=iterations, **tiny)
+        with open(paths["markdown"]) as f:
+            print(f.read(), end="")
+        print(f"[bench] group: {paths['json']}, {paths['markdown']}")
     if not ops:
         return 0
     bad = [op for op in ops if op not in OPS]
@@ -181,10 +191,12 @@ def add_subcommands(subparsers) -> None:
     bench.add_argument("--ops", type=_csv, default=["linear", "logits", "loss"],
                        help="comma-separated ops: linear, logits, loss (default: all); shared-prompt: the full "
                             "training step with and without the shared-prompt layout at prompt:response 1:1, 4:1, "
-                            "16:1; comm: the bytes the engine all-reduces per chunk and per step under "
-                            "vocabulary and sequence parallelism, measured against the O(C) bound; profile: the "
-                            "fp32 GEMM branch, SMs and L2, the logsoftmax pass alone per grid, and one fused step "
-                            "per reference size under torch.profiler beside the cost and memory models "
+                            "16:1; group: the full training step of K = 4 and 8 ranked responses per prompt as "
+                            "C(K,2) unshared pairs, shared-prompt pairs, one group row and pairs grouped by prompt, "
+                            "at prompt:response 1:1 and 4:1; comm: the bytes the engine all-reduces per chunk and "
+                            "per step under vocabulary and sequence parallelism, measured against the O(C) bound; "
+                            "profile: the fp32 GEMM branch, SMs and L2, the logsoftmax pass alone per grid, and one "
+                            "fused step per reference size under torch.profiler beside the cost and memory models "
                             "(profile.json, profile.md)")
     bench.add_argument("--reference-dtype", type=_reference_dtype, default=None,
                        help="fp64: measure every provider's error against eager on float64 copies of the inputs "
