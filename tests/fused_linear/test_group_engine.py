@@ -5,13 +5,19 @@ Truth: the float64 log-softmax of every scored row (`hidden.double() @ weight.do
 then `reference.group_dpo_loss`, with autograd for the gradients. Baseline: the same code in the inputs' dtype (fp32
 log-softmax for bf16 logits, as eager training code does). The accuracy rule is tests/helpers.py.
 """
+import traceback
+
 import pytest
 import torch
+import torch.distributed as dist
 
 import dpo_kernels
 from dpo_kernels import reference
+from dpo_kernels.fused_linear import parallel
+from dpo_kernels.fused_linear.parallel import ParallelOptions
 from dpo_kernels.fused_linear.plan import RESIDENT, STREAM_ONCE, STREAM_TWICE, TokenAttribution
 from dpo_kernels.shared_prompt import build_group_batch, unshared_group_rows
+from tests.fused_linear.test_parallel import run_on_gloo_ranks
 from tests.helpers import (
     DEVICES,
     DTYPE_ATOL,
@@ -139,6 +145,7 @@ def test_every_mode_matches_float64(mode, average, device):
     hidden, weight, bias, labels, ref, scores = (t.to(device) for t in make_groups(seed=1))
     out, grads = run_group(hidden, weight, bias, labels, SIZES, scores, ref_logps=ref, average=average,
                            memory_budget=GROUP_MODES[mode])
+    assert dpo_kernels.last_run().entry == "fused_linear_group_dpo"
     modes = dpo_kernels.last_run().modes
     if mode == "one chunk":
         assert modes == (RESIDENT,)
@@ -308,6 +315,31 @@ def test_groups_of_two_are_sigmoid_dpo(mode):
         assert_agree(g, p, tg, bg, torch.float32, f"grad_{name}")
 
 
+@pytest.mark.parametrize("mode", ["one chunk", "streaming"])
+def test_lora_head(mode):
+    """A LoRA adapter on the head (`LoraHead`, the weight frozen): the hidden-state and adapter gradients."""
+    hidden, weight, bias, labels, ref, scores = make_groups(seed=13)
+    g = torch.Generator().manual_seed(14)
+    a, b = torch.randn(4, H, generator=g) * 0.3, torch.randn(V, 4, generator=g) * 0.3
+    positions = label_positions(labels)
+
+    def plain(dtype):
+        h, la, lb = (t.to(dtype).requires_grad_() for t in (hidden, a, b))
+        logits = torch.nn.functional.linear(h.reshape(-1, H), weight.to(dtype), bias.to(dtype))
+        logits = logits + 0.5 * (h.reshape(-1, H) @ la.T) @ lb.T
+        tok = torch.log_softmax(logits, -1)[positions.rows, positions.targets]
+        logps = torch.zeros(R, dtype=dtype).index_add(0, positions.seqs, tok)
+        out = reference.group_dpo_loss(logps, ref.to(dtype), SIZES, scores)
+        return out, logps.detach(), torch.autograd.grad(out.loss, (h, la, lb))
+
+    h, la, lb = (t.clone().requires_grad_() for t in (hidden, a, b))
+    out = dpo_kernels.fused_linear_group_dpo(h, weight, labels, SIZES, scores, bias=bias, ref_logps=ref,
+                                             memory_budget=GROUP_MODES[mode], lora=dpo_kernels.LoraHead(la, lb, 0.5))
+    out.loss.backward()
+    check_group(out, (h.grad, la.grad, lb.grad), plain(torch.float64), plain(torch.float32), torch.float32,
+                grad_names=("hidden", "lora a", "lora b"))
+
+
 def test_modules():
     hidden, weight, bias, labels, ref, scores = make_groups(seed=10)
     settings = {"loss_type": "all_pairs", "pair_loss": "ipo", "beta": 0.2, "average": True}
@@ -350,3 +382,69 @@ def test_bad_inputs_raise_one_clear_error_before_any_kernel(monkeypatch, bad, me
     kwargs = {"group_sizes": SIZES, "scores": scores, "ref_logps": ref, **bad}
     with pytest.raises(ValueError, match=message):
         dpo_kernels.fused_linear_group_dpo(hidden, weight, labels, bias=bias, **kwargs)
+
+
+# Two gloo processes: the head split by vocabulary rows (50 + 47), or every row's positions split at CUT.
+SHARDS, CUT = (50, 47), 4
+PARALLEL_CASES = [f"{kind}-{mode}" for kind in ("vocab", "sequence") for mode in ("resident", "streaming", "low")]
+
+
+def _parallel_case(kind, mode, rank):
+    """One case on this rank, judged against the float64 truth of the whole batch: the loss and metrics, the
+    rank's part of the hidden-state gradient, and the whole head gradient (shards joined, or partials summed)."""
+    hidden, weight, bias, labels, ref, scores = make_groups(seed=12)
+    truth, base = truth_and_baseline(hidden, weight, bias, label_positions(labels), SIZES, scores, ref)
+    world = dist.group.WORLD
+    span = slice(None)
+    if kind == "vocab":
+        off = sum(SHARDS[:rank])
+        head = (weight[off : off + SHARDS[rank]], bias[off : off + SHARDS[rank]])
+        options, shift, rows = ParallelOptions(vocab_group=world), True, max(SHARDS)
+    else:
+        span = slice(0, CUT) if rank == 0 else slice(CUT, T)
+        aligned = torch.full_like(labels, IGNORE_INDEX)
+        aligned[:, :-1] = labels[:, 1:]  # shift=False: position t scores the label the shifted layout gives it
+        labels = aligned
+        head, options, shift, rows = (weight, bias), ParallelOptions(sequence_group=world), False, V
+    budget_ = {"resident": budget(2 * T, rows, torch.float32), "streaming": budget(4, rows, torch.float32),
+               "low": "low"}[mode]
+    out, (g_h, g_w, g_b) = run_group(hidden[:, span], head[0], head[1], labels[:, span], SIZES, scores,
+                                     ref_logps=ref, shift=shift, memory_budget=budget_, parallel_options=options)
+    if kind == "vocab":
+        g_w, g_b = (_joined_shards(g) for g in (g_w, g_b))
+    else:
+        g_w, g_b = (parallel.sum_over(g, world) for g in (g_w, g_b))
+    (t_out, t_logps, t_grads), (b_out, b_logps, b_grads) = truth, base
+    check_group(out, (g_h, g_w, g_b), (t_out, t_logps, (t_grads[0][:, span], *t_grads[1:])),
+                (b_out, b_logps, (b_grads[0][:, span], *b_grads[1:])), torch.float32)
+
+
+def _joined_shards(grad):
+    padded = grad.new_zeros((max(SHARDS),) + grad.shape[1:])
+    padded[: grad.shape[0]] = grad
+    gathered = [torch.empty_like(padded) for _ in SHARDS]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, SHARDS, strict=True)])
+
+
+def _parallel_cases(rank):
+    """Every case on this rank: its failure's traceback, or None, by name."""
+    results = {}
+    for name in PARALLEL_CASES:
+        try:
+            _parallel_case(*name.split("-"), rank)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def parallel_results(tmp_path_factory):
+    return run_on_gloo_ranks(_parallel_cases, 2, tmp_path_factory.mktemp("group_parallel"), timeout_s=120)
+
+
+@pytest.mark.parametrize("name", PARALLEL_CASES)
+def test_vocabulary_and_sequence_parallel(parallel_results, name):
+    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(parallel_results) if res.get(name, "did not run")]
+    assert not errors, "\n".join(errors)
