@@ -14,10 +14,13 @@ the docstring of `plan.py`), and hands it to the engine; `memory_model.estimate_
   dtype. With `token_stats=True` the pass that reads each token's logits also returns its
   entropy and top-1 hit, summed per sequence into the output (what TRL logs as `entropy` and
   `mean_token_accuracy`), at no extra GEMM.
+- `group.fused_linear_group_dpo`: the same fast path for groups of K ranked responses; the engine's unit of
+  completion is then a group instead of a pair (`units.py`), and the run path here serves both (`prepare_units`,
+  `run_units`, `FusedLinearDPOFunction`).
 
-Both take an optional `lora=LoraHead(a, b, scaling)`: a LoRA adapter on the head, run inside the engine (`lora.py`).
+Each takes an optional `lora=LoraHead(a, b, scaling)`: a LoRA adapter on the head, run inside the engine (`lora.py`).
 
-Both compute in the dtype the model's own lm_head would (`head_operands`): inside an autocast region the autocast
+Each computes in the dtype the model's own lm_head would (`head_operands`): inside an autocast region the autocast
 dtype, else the inputs' own; the engine itself then runs on those explicit dtypes with autocast off.
 """
 import dataclasses
