@@ -63,7 +63,8 @@ class GroupDPOOutput(NamedTuple):
     top1_accuracy:    `[]` over the groups with an ordered pair, the fraction whose best-scored responses hold the
                       highest reward.
     groups_left_out:  `[]` int64, the groups left out of the mean (all_pairs or best_vs_worst, every score tied).
-    ref_logps:        `[R]` float32 reference log-probs used, or None when reference-free.
+    ref_logps:        `[R]` reference log-probs used (as given, or float32 from `ref_hidden`), or None when
+                      reference-free.
     lengths:          `[R]` int64 number of scored (valid-label) tokens of each response.
 
     Filled only on request (`token_stats=True` of `fused_linear_group_dpo` / `FusedLinearGroupLoss`), else None:

@@ -15,7 +15,7 @@ import dpo_kernels
 from dpo_kernels import reference
 from dpo_kernels.fused_linear import parallel
 from dpo_kernels.fused_linear.parallel import ParallelOptions
-from dpo_kernels.fused_linear.plan import RESIDENT, STREAM_ONCE, STREAM_TWICE, TokenAttribution
+from dpo_kernels.fused_linear.plan import RESIDENT, STREAM_ONCE, STREAM_TWICE, TokenAttribution, plan_group_step
 from dpo_kernels.shared_prompt import build_group_batch, unshared_group_rows
 from tests.fused_linear.test_parallel import run_on_gloo_ranks
 from tests.helpers import (
@@ -161,6 +161,19 @@ def test_every_mode_matches_float64(mode, average, device):
     truth, base = truth_and_baseline(cpu[0], cpu[1], cpu[2], label_positions(labels.cpu()), SIZES, cpu[4], cpu[3],
                                      average=average)
     check_group(out, [g.cpu() for g in grads], truth, base, torch.float32)
+
+
+def test_group_plan():
+    """Whole groups fill resident chunks; a longer group streams first, twice with a weight gradient (group
+    coefficients are not tied), once without."""
+    counts, chunk_budget = [3, 10, 2, 4], budget(8, V, torch.float32)
+    plan = plan_group_step(counts, V, 4, chunk_budget)
+    assert [(list(g.units), g.mode) for g in plan.groups] == [([1], STREAM_TWICE), ([0], RESIDENT),
+                                                               ([2, 3], RESIDENT)]
+    assert not plan.tied and plan.total == 19
+    no_weight = plan_group_step(counts, V, 4, chunk_budget, weight_grad=False)
+    assert [g.mode for g in no_weight.groups] == [STREAM_ONCE, RESIDENT, RESIDENT]
+    assert plan_group_step(counts, V, 4, "low").recompute
 
 
 def test_long_group_without_weight_gradient_streams_once():
