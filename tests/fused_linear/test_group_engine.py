@@ -192,7 +192,7 @@ LOSS_SETTINGS = {
     "plackett_luce top_k=1 sft": {"top_k": 1, "sft_weight": 0.5},
     "all_pairs sigmoid score_gap": {"loss_type": "all_pairs", "pair_weighting": "score_gap"},
     "all_pairs ipo": {"loss_type": "all_pairs", "pair_loss": "ipo"},
-    "all_pairs hinge smoothed": {"loss_type": "all_pairs", "pair_loss": "robust", "label_smoothing": 0.1},
+    "all_pairs robust smoothed": {"loss_type": "all_pairs", "pair_loss": "robust", "label_smoothing": 0.1},
     "all_pairs simpo": {"loss_type": "all_pairs", "pair_loss": "simpo", "beta": 2.0},
     "best_vs_worst": {"loss_type": "best_vs_worst", "sft_weight": 0.3},
 }
