@@ -6,7 +6,10 @@ Public API:
     group_dpo_loss                      the same for groups of K ranked responses per prompt (Plackett-Luce,
                                         all pairs, best vs worst)
     linear_sequence_logprobs            sequence log-probs from hidden states without materializing logits
+    fused_linear_dpo                    the DPO loss from hidden states, gradients formed in the forward
+    fused_linear_group_dpo              the same for groups of K ranked responses (`GroupDPOOutput`)
     DPOLoss, FusedLinearDPOLoss         nn.Modules to drop into a training loop
+    GroupDPOLoss, FusedLinearGroupLoss  the same for groups
     ParallelOptions                     the process groups of a sharded head (vocabulary / sequence parallel)
     LoraHead                            a LoRA adapter on the lm_head, run inside the fused linear engine
     reference                           plain-PyTorch references of all of the above
@@ -14,13 +17,15 @@ Public API:
 """
 from dpo_kernels import paths, reference
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+from dpo_kernels.fused_linear.group import fused_linear_group_dpo
 from dpo_kernels.fused_linear.lora import LoraHead
 from dpo_kernels.fused_linear.parallel import ParallelOptions
 from dpo_kernels.logprobs.from_logits import sequence_logprobs, token_logprobs
 from dpo_kernels.loss_op.group import GroupDPOLossOutput, group_dpo_loss
 from dpo_kernels.loss_op.group_spec import GROUP_LOSS_TYPES
 from dpo_kernels.loss_op.op import LOSS_TYPES, DPOLossOutput, dpo_loss
-from dpo_kernels.losses import DPOLoss, DPOOutput, FusedLinearDPOLoss
+from dpo_kernels.losses import DPOLoss, DPOOutput, FusedLinearDPOLoss, FusedLinearGroupLoss, GroupDPOLoss
+from dpo_kernels.outputs import GroupDPOOutput
 from dpo_kernels.paths import last_run
 
 __version__ = "0.1.0"
@@ -29,9 +34,13 @@ __all__ = [
     "DPOLoss",
     "DPOOutput",
     "FusedLinearDPOLoss",
+    "FusedLinearGroupLoss",
+    "GroupDPOLoss",
+    "GroupDPOOutput",
     "LoraHead",
     "ParallelOptions",
     "fused_linear_dpo",
+    "fused_linear_group_dpo",
     "last_run",
     "linear_sequence_logprobs",
     "LOSS_TYPES",

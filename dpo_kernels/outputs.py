@@ -1,4 +1,6 @@
-"""The result type of the DPO modules (`DPOLoss`, `FusedLinearDPOLoss`) and of `fused_linear_dpo`."""
+"""The result types of the DPO modules and fused calls: `DPOOutput` for pairs (`DPOLoss`, `FusedLinearDPOLoss`,
+`fused_linear_dpo`), `GroupDPOOutput` for groups of K ranked responses (`GroupDPOLoss`, `FusedLinearGroupLoss`,
+`fused_linear_group_dpo`)."""
 from typing import NamedTuple
 
 import torch
@@ -46,3 +48,39 @@ class DPOOutput(NamedTuple):
     chosen_top1_count: torch.Tensor | None = None
     rejected_top1_count: torch.Tensor | None = None
 
+
+
+class GroupDPOOutput(NamedTuple):
+    """One group DPO step's loss and metrics (G groups, R responses in all, group by group). Only `loss` carries
+    gradient; every other field is detached. The loss and metrics are `group_dpo_loss`'s (its conventions).
+
+    loss:             `[]` float32, the mean of `losses` over the groups kept (0 when none is).
+    losses:           `[G]` float32, each group's loss; 0 for a group left out.
+    logps:            `[R]` float32 policy log-probs of the responses (sums, or means with `average`).
+    rewards:          `[R]` float32 `beta * (logps - ref_logps)` (ref 0 when reference-free).
+    ranking_accuracy: `[]` over the batch's ordered pairs (a strictly higher score), the fraction whose rewards are
+                      ordered the same way.
+    top1_accuracy:    `[]` over the groups with an ordered pair, the fraction whose best-scored responses hold the
+                      highest reward.
+    groups_left_out:  `[]` int64, the groups left out of the mean (all_pairs or best_vs_worst, every score tied).
+    ref_logps:        `[R]` reference log-probs used (as given, or float32 from `ref_hidden`), or None when
+                      reference-free.
+    lengths:          `[R]` int64 number of scored (valid-label) tokens of each response.
+
+    Filled only on request (`token_stats=True` of `fused_linear_group_dpo` / `FusedLinearGroupLoss`), else None:
+    entropy_sum:      `[R]` float32, over each response's scored tokens, the sum of the entropy (nats) of the
+                      policy's next-token distribution.
+    top1_count:       `[R]` int64 number of scored tokens whose label is the logits' first argmax.
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    logps: torch.Tensor
+    rewards: torch.Tensor
+    ranking_accuracy: torch.Tensor
+    top1_accuracy: torch.Tensor
+    groups_left_out: torch.Tensor
+    ref_logps: torch.Tensor | None
+    lengths: torch.Tensor
+    entropy_sum: torch.Tensor | None = None
+    top1_count: torch.Tensor | None = None

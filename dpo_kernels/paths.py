@@ -2,14 +2,15 @@
 
 Every public entry adds one `PathRecord` when it runs (docs/design.md, "Where code runs"):
 
-    fused_linear_dpo, linear_sequence_logprobs   the backend of the logsoftmax pass and the engine's plan
+    fused_linear_dpo, fused_linear_group_dpo,    the backend of the logsoftmax pass and the engine's plan
+    linear_sequence_logprobs
     token_logprobs, sequence_logprobs            the backend of the log-prob kernels
     the trainer, the TRL drop-in                 shared prompt or not, and their own fallbacks
 
-(`FusedLinearDPOLoss` and `DPOLoss` record through the first two.) `last_run()` is the newest record of the calling
-context (each thread has its own); `collect()` gathers every record made inside its block, in order. A record holds
-host values the call already has: recording adds no device synchronization, and nothing is recorded while
-torch.compile traces a call.
+(`FusedLinearDPOLoss`, `FusedLinearGroupLoss`, `DPOLoss` and `GroupDPOLoss` record through the first two.)
+`last_run()` is the newest record of the calling context (each thread has its own); `collect()` gathers every record
+made inside its block, in order. A record holds host values the call already has: recording adds no device
+synchronization, and nothing is recorded while torch.compile traces a call.
 
 A fallback runs another path than the fast one: the PyTorch twin of the Triton kernels (tensors that are not on
 CUDA under `DPO_KERNELS_BACKEND=auto`, or a vocabulary-sharded head), TRL's own computation in the drop-in (an option
@@ -81,16 +82,17 @@ class StrictModeError(RuntimeError):
 class PathRecord:
     """What one call ran. Fields that do not apply to its entry are None (or empty).
 
-    entry:             `fused_linear_dpo`, `linear_sequence_logprobs`, `token_logprobs`, `sequence_logprobs`,
-                       `trainer` or `trl`.
+    entry:             `fused_linear_dpo`, `fused_linear_group_dpo`, `linear_sequence_logprobs`, `token_logprobs`,
+                       `sequence_logprobs`, `trainer` or `trl`.
     backend:           "triton" or "torch": what ran the logsoftmax pass (engine) or the log-prob kernels (logits).
     chunk:             C, the most tokens one chunk projects (`plan.StepPlan.chunk`).
-    modes:             the mode of each pair group in run order (`resident`, `stream once`, `stream twice`);
-                       empty for a recompute plan.
+    modes:             the mode of each unit group (of pairs, or of groups of K responses) in run order
+                       (`resident`, `stream once`, `stream twice`); empty for a recompute plan.
     recompute:         the gradients, if any, come from recomputing every chunk in the backward.
     tokens:            N, the scored tokens.
     projected_tokens:  token rows projected through the head in the forward and the backward (`passes` = this / N).
-    shared_prompt:     the call scored the shared-prompt layout (one row per pair) rather than unshared rows.
+    shared_prompt:     the call scored the shared-prompt layout (one row per pair or group) rather than unshared
+                       rows.
     fallbacks:         every `Fallback` of the call, in the order met.
     """
 

@@ -64,7 +64,7 @@ class Device:
 H200 = Device("H200", flops=750e12, hbm=4.3e12, l2_bytes=50 << 20, num_sms=132)
 
 # Small kernels per call of the loss op besides the modeled ones: the op and the bookkeeping around it
-# (`PairLoss.complete`, `token_coefficients`).
+# (`SequenceLoss.complete`, `token_coefficients`).
 SMALL_KERNELS_PER_LOSS_CALL = 16
 # Host-device synchronizations before the first GEMM: the compaction's one read of the token counts.
 SYNCS_BEFORE_FIRST_GEMM = 1

@@ -14,6 +14,7 @@ from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass_torch
 from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions
 from dpo_kernels.fused_linear.plan import StepPlan, TokenLayout
 from dpo_kernels.fused_linear.trace import CUDA_OUT_DTYPE, Trace, opaque, record
+from dpo_kernels.fused_linear.units import PairUnits
 
 
 def launcher_pass(z, labels, *, scale=None, write_grad=False, stats=False):
@@ -53,10 +54,10 @@ def plan_pairs(plan: StepPlan) -> list:
     among its pairs (a recompute plan: one pair of all tokens)."""
     if not plan.groups:
         return [plan.total]
-    pairs = [0] * max(g.pairs.stop for g in plan.groups)
+    pairs = [0] * max(g.units.stop for g in plan.groups)
     for g in plan.groups:
-        share, extra = divmod(g.end - g.start, max(1, len(g.pairs)))
-        for k, i in enumerate(g.pairs):
+        share, extra = divmod(g.end - g.start, max(1, len(g.units)))
+        for k, i in enumerate(g.units):
             pairs[i] = share + (k < extra)
     return pairs
 
@@ -95,7 +96,8 @@ def dry_run(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, dtyp
         layout = _meta_layout(pairs, meta)
         loss_fn = functools.partial(dpo_loss_and_grads, loss_type=loss_type, chosen_lengths=layout.counts[:B],
                                     rejected_lengths=layout.counts[B:])
-        run = functional._DPORun(layout, plan, B, False, loss_fn, token_stats=False, grad_enabled=True,
+        run = functional._DPORun(layout, plan, PairUnits(B), False, functional.pairwise_loss(loss_fn, B),
+                                 token_stats=False, grad_enabled=True,
                                  par=_OneProcessLauncherPass(ParallelOptions(), shift=False),
                                  lora_scaling=1.0 if lora_rank else None)
         functional.FusedLinearDPOFunction.apply(hidden, weight, None, lora_a, lora_b, run).backward()

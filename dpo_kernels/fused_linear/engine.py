@@ -7,8 +7,9 @@ and, when gradients are wanted, leaves `D = scale * (onehot - softmax(Z))` in th
 - `forward_logps`: steps 1-2 only (2NHV): log-probs for eval, the reference model, and recompute forwards.
 - `recompute_grads`: every token's coefficient is known, so it goes straight into D's scale (6NHV).
 - `fused_dpo`: DPO forward that forms the gradients for an upstream gradient of 1 while it computes the loss
-  (6NHV), group by group in the plan's order and mode: `resident` groups of whole pairs, or one long pair streamed
-  `once` or `twice`.
+  (6NHV), group by group in the plan's order and mode: `resident` groups of whole units (pairs, or groups of K
+  responses: `units.py`), or one long unit streamed `once` or `twice`. `SequenceLoss` calls the loss over the
+  batch's `[R]` log-probs as units complete.
 
 Each takes a `ChunkLoop`: the operands, the token layout, the plan, and the buffers the loops fill (gradients and
 the optional per-token entropy and top-1 `TokenStats`, filled by the pass that first reads a token's logits).
@@ -350,32 +351,32 @@ def recompute_grads(loop: ChunkLoop, token_coef: torch.Tensor) -> None:
         _gradient_chunk(loop, s, e, token_coef[s:e])
 
 
-class PairLoss:
-    """Calls the DPO loss op on the whole batch as pairs complete; pairs not yet seen hold placeholder zeros.
+class SequenceLoss:
+    """Calls a loss over the batch's sequence log-probs as units (pairs or groups, `units.py`) complete; sequences
+    not yet seen hold placeholder zeros.
 
-    `loss_fn(chosen_logps [B], rejected_logps [B]) -> (DPOLossOutput, grad_chosen [B], grad_rejected [B])`.
-    A pair's coefficient depends only on its own log-probs and on batch facts known up front (lengths, reference
-    log-probs), except for losses that couple pairs through their log-probs (the plan never gives those more than
-    one group), so the placeholders do not change the coefficients of the completed pairs.
+    `loss_fn(logps [R] float32) -> (out, grad [R])`, `grad` being d loss / d logp for an upstream gradient of 1.
+    A unit's coefficients depend only on its own log-probs and on batch facts known up front (lengths, reference
+    log-probs, scores), except for pair losses that couple pairs through their log-probs (the plan never gives
+    those more than one group), so the placeholders do not change the coefficients of the completed units.
     """
 
-    def __init__(self, layout, num_pairs, average, loss_fn):
-        self.logps = torch.zeros(2 * num_pairs, dtype=torch.float32, device=layout.counts.device)
-        self.B, self.average, self.loss_fn, self.layout = num_pairs, average, loss_fn, layout
+    def __init__(self, layout, units, average, loss_fn):
+        self.logps = torch.zeros(units.num_seqs, dtype=torch.float32, device=layout.counts.device)
+        self.units, self.average, self.loss_fn, self.layout = units, average, loss_fn, layout
         self.out = None
 
-    def complete(self, tok, pairs, start, end):
-        """Records the pairs' log-probs from their tokens `tok[start:end]`; returns `[2B]` float32 d loss / d logp
-        per sequence (valid for the completed pairs)."""
+    def complete(self, tok, units, start, end):
+        """Records the log-probs of the units `units` (a range) from their tokens `tok[start:end]`; returns `[R]`
+        float32 d loss / d logp per sequence (valid for the completed units)."""
         # Built on the device: a host list copied over would wait for every kernel queued before it.
-        chosen = torch.arange(pairs.start, pairs.stop, device=self.logps.device)
-        seqs = torch.cat([chosen, chosen + self.B])
+        seqs = self.units.sequences(units, self.logps.device)
         self.logps[seqs] = _group_sums(tok, self.layout, seqs, start, end, self.average)
-        self.out, grad_c, grad_r = self.loss_fn(self.logps[: self.B], self.logps[self.B :])
-        return torch.cat([grad_c, grad_r]).float()
+        self.out, grad = self.loss_fn(self.logps)
+        return grad.float()
 
     def token_coefficients(self, g, start, end):
-        """d loss / d token log-prob of tokens `start:end` from the per-sequence `g [2B]`."""
+        """d loss / d token log-prob of tokens `start:end` from the per-sequence `g [R]`."""
         seq = self.layout.seq[start:end]
         return g[seq] / self.layout.counts[seq] if self.average else g[seq]
 
@@ -394,33 +395,34 @@ def _group_sums(tok, layout, seqs, start, end, average):
 
 
 @_explicit_dtypes
-def fused_dpo(loop: ChunkLoop, pair_loss: PairLoss):
-    """DPO forward over pair-ordered tokens, forming the gradients (into `loop.grads`, if any) for an upstream
-    gradient of 1. Returns `(DPOLossOutput, logps [2B] float32)`; `loop.stats` (if given) is filled."""
+def fused_dpo(loop: ChunkLoop, seq_loss: SequenceLoss):
+    """DPO forward over unit-ordered tokens (each unit's tokens contiguous), forming the gradients (into
+    `loop.grads`, if any) for an upstream gradient of 1. Returns `(the loss's output, logps [R] float32)`;
+    `loop.stats` (if given) is filled."""
     for group in loop.plan.groups:
         if group.mode == RESIDENT:
-            _resident_group(loop, group, pair_loss)
+            _resident_group(loop, group, seq_loss)
         elif group.mode == STREAM_ONCE:
-            _stream_once(loop, group, pair_loss)
+            _stream_once(loop, group, seq_loss)
         else:
-            _stream_twice(loop, group, pair_loss)
-    return pair_loss.out, pair_loss.logps
+            _stream_twice(loop, group, seq_loss)
+    return seq_loss.out, seq_loss.logps
 
 
-def _resident_group(loop, group, pair_loss):
-    """Whole pairs in one chunk: their coefficients are known after the pass, so D is used at once."""
+def _resident_group(loop, group, seq_loss):
+    """Whole units in one chunk: their coefficients are known after the pass, so D is used at once."""
     grads = loop.grads
     s, e = group.start, group.end
     if e == s:
-        pair_loss.complete(loop.tok, group.pairs, s, e)
+        seq_loss.complete(loop.tok, group.units, s, e)
         return
     h = loop.hidden_rows(s, e)
     d = _project(loop, h)
     _score(loop, d, s, e, write_grad=grads is not None)
-    g = pair_loss.complete(loop.tok, group.pairs, s, e)
+    g = seq_loss.complete(loop.tok, group.units, s, e)
     if grads is None:
         return
-    c = pair_loss.token_coefficients(g, s, e)
+    c = seq_loss.token_coefficients(g, s, e)
     if loop.lora is not None:
         _adapter_chunk_grads(loop, d, h, s, e, c)
     elif grads.hidden is not None:
@@ -458,22 +460,22 @@ def _rounded(u, dtype):
     return out
 
 
-def _stream_once(loop, group, pair_loss):
-    """One pair longer than a chunk, in one pass: D carries each row's known factor (the rejected rows' sign for
-    tied losses, 1/len in average mode); the pair's `D^T h` sums go straight into the (still empty) weight-gradient
-    accumulator, and `U = D @ W` into an fp32 `[n, H]` buffer, both scaled once the pair's coefficient is known.
+def _stream_once(loop, group, seq_loss):
+    """One unit longer than a chunk, in one pass: D carries each row's known factor (a tied pair's rejected rows'
+    sign, 1/len in average mode); the unit's `D^T h` sums go straight into the (still empty) weight-gradient
+    accumulator, and `U = D @ W` into an fp32 `[n, H]` buffer, both scaled once the unit's coefficients are known.
 
-    The plan takes this mode with a weight gradient (the adapter's included) only for tied losses while the
-    accumulators are unused.
+    The plan takes this mode with a weight gradient (the adapter's included) only for tied pairs while the
+    accumulators are unused: one coefficient then scales the whole accumulator. Without one, only U is scaled, row
+    by row with its sequence's coefficient.
     """
-    grads, layout, B = loop.grads, loop.layout, pair_loss.B
+    grads, layout, units = loop.grads, loop.layout, seq_loss.units
     s0, e0 = group.start, group.end
     seq = layout.seq[s0:e0]
-    rejected = seq >= B
     scale = torch.ones(e0 - s0, dtype=torch.float32, device=loop.hidden2d.device)
     if loop.plan.tied:
-        scale = torch.where(rejected, -scale, scale)
-    if pair_loss.average:
+        scale = torch.where(units.negated(seq), -scale, scale)
+    if seq_loss.average:
         scale = scale / layout.counts[seq].clamp_min(1)
     u = None
     if grads is not None and grads.hidden is not None:
@@ -493,16 +495,17 @@ def _stream_once(loop, group, pair_loss):
         if grads.width:
             grads.add_weight_gemm(d, grads.operand(h, None))
     del h
-    g = pair_loss.complete(loop.tok, group.pairs, s0, e0)
+    g = seq_loss.complete(loop.tok, group.units, s0, e0)
     if grads is None:
         return
-    i = group.pairs[0]
-    if grads.width:
-        grads.defer_scale(g[i])
-    if grads.lora is not None:
-        grads.lora.scale_(g[i])
+    if grads.width or grads.lora is not None:
+        lead = units.lead(group.units[0])
+        if grads.width:
+            grads.defer_scale(g[lead])
+        if grads.lora is not None:
+            grads.lora.scale_(g[lead])
     if u is not None:
-        row_g = g[i].expand(e0 - s0) if loop.plan.tied else torch.where(rejected, g[B + i], g[i])
+        row_g = g[units.lead(group.units[0])].expand(e0 - s0) if loop.plan.tied else g[seq]
         u.mul_(row_g.unsqueeze(1))
         trace.kernel("hidden-gradient scale", reads=(u,), writes=(u,))
         # Rounded chunk by chunk: a [C, H] temporary rather than a second [n, H] one.
@@ -510,14 +513,14 @@ def _stream_once(loop, group, pair_loss):
             _put_hidden_grad(grads.hidden, layout, s, e, _rounded(u[s - s0 : e - s0], loop.hidden2d.dtype))
 
 
-def _stream_twice(loop, group, pair_loss):
-    """One pair longer than a chunk whose weight-gradient sums cannot go straight into the accumulator: a forward
+def _stream_twice(loop, group, seq_loss):
+    """One unit longer than a chunk whose weight-gradient sums cannot go straight into the accumulator: a forward
     pass through `group.chunks` gives its log-probs and coefficients, then a gradient pass adds into the
     accumulator (no second `[V, H]` buffer), in reverse from the last chunk, whose logits are still in the buffer.
     Token statistics come from the forward pass."""
     s0, e0 = group.start, group.end
     _forward_chunks(loop, group.chunks)
-    g = pair_loss.complete(loop.tok, group.pairs, s0, e0)
-    coef = pair_loss.token_coefficients(g, s0, e0)
+    g = seq_loss.complete(loop.tok, group.units, s0, e0)
+    coef = seq_loss.token_coefficients(g, s0, e0)
     for k, (s, e) in enumerate(reversed(group.chunks)):
         _gradient_chunk(loop, s, e, coef[s - s0 : e - s0], projected=k == 0)

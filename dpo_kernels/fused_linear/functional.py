@@ -14,10 +14,13 @@ the docstring of `plan.py`), and hands it to the engine; `memory_model.estimate_
   dtype. With `token_stats=True` the pass that reads each token's logits also returns its
   entropy and top-1 hit, summed per sequence into the output (what TRL logs as `entropy` and
   `mean_token_accuracy`), at no extra GEMM.
+- `group.fused_linear_group_dpo`: the same fast path for groups of K ranked responses; the engine's unit of
+  completion is then a group instead of a pair (`units.py`), and the run path here serves both (`prepare_units`,
+  `run_units`, `FusedLinearDPOFunction`).
 
-Both take an optional `lora=LoraHead(a, b, scaling)`: a LoRA adapter on the head, run inside the engine (`lora.py`).
+Each takes an optional `lora=LoraHead(a, b, scaling)`: a LoRA adapter on the head, run inside the engine (`lora.py`).
 
-Both compute in the dtype the model's own lm_head would (`head_operands`): inside an autocast region the autocast
+Each computes in the dtype the model's own lm_head would (`head_operands`): inside an autocast region the autocast
 dtype, else the inputs' own; the engine itself then runs on those explicit dtypes with autocast off.
 """
 import dataclasses
@@ -43,6 +46,7 @@ from dpo_kernels.fused_linear.plan import (
     positions_of_labels,
 )
 from dpo_kernels.fused_linear.rank_check import Summary
+from dpo_kernels.fused_linear.units import GroupUnits, PairUnits
 from dpo_kernels.loss_op.loss_types import is_tied
 from dpo_kernels.loss_op.op import dpo_loss_and_grads
 from dpo_kernels.loss_op.spec import check_loss_settings, check_reference_logps
@@ -328,19 +332,22 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
 
 @dataclass(frozen=True)
 class _DPORun:
-    """Everything about one fused DPO call that is not a differentiable input.
+    """Everything about one fused DPO call (pairs or groups) that is not a differentiable input.
 
+    `units`: how the engine's units of completion map to sequences (`units.PairUnits` or `units.GroupUnits`);
+    `loss_fn(logps [R] float32) -> (out, grad [R])`: the loss over every sequence's log-prob and its d loss / d logp
+    for an upstream gradient of 1 (`pairwise_loss` adapts the pairwise op).
     `grad_enabled` is read outside the Function, whose forward always runs without grad mode: under no_grad
     (evaluation with parameters that require grad) the forward must not form gradients nobody will ask for.
-    `result` receives the forward's non-differentiable results by name (`DPOLossOutput` as `out`, `logps [2B]`,
-    and with token stats `entropy [2B]`, `top1 [2B]`); only the loss leaves the Function as its output.
+    `result` receives the forward's non-differentiable results by name (the loss's output as `out`, `logps [R]`,
+    and with token stats `entropy [R]`, `top1 [R]`); only the loss leaves the Function as its output.
     `par`: the call's process groups (per-sequence sums are completed over the sequence group).
     `lora_scaling`: the adapter's s when the head carries one (its `a` and `b` are the Function's inputs).
     """
 
     layout: TokenLayout
     plan: StepPlan
-    num_pairs: int
+    units: PairUnits | GroupUnits
     average: bool
     loss_fn: object
     token_stats: bool
@@ -350,35 +357,50 @@ class _DPORun:
     result: dict = field(default_factory=dict, compare=False)
 
 
+def pairwise_loss(loss_fn, num_pairs: int):
+    """A loss over the `[2B]` sequence log-probs (chosen first) from the pairwise op's form
+    `loss_fn(chosen [B], rejected [B]) -> (DPOLossOutput, grad_chosen [B], grad_rejected [B])`."""
+    return functools.partial(_over_pairs, loss_fn, num_pairs)
+
+
+def _over_pairs(loss_fn, num_pairs, logps):
+    out, grad_c, grad_r = loss_fn(logps[:num_pairs], logps[num_pairs:])
+    return out, torch.cat([grad_c, grad_r])
+
+
 class FusedLinearDPOFunction(torch.autograd.Function):
+    """The fused DPO loss of pairs or groups (`_DPORun.units`): the forward runs the plan and forms the gradients
+    for an upstream gradient of 1 (or, on the recompute plan, keeps the inputs); the backward scales them."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, run: _DPORun):
         needs = [need and run.grad_enabled for need in ctx.needs_input_grad[:5]]
         hidden2d = _flat(hidden)
-        B, par = run.num_pairs, run.par
+        R, par = run.units.num_seqs, run.par
         lora = _lora_of(lora_a, lora_b, run.lora_scaling)
         ctx.run, ctx.shape = run, hidden.shape
         stats = engine.TokenStats(run.layout.rows.numel(), hidden.device) if run.token_stats else None
         if run.plan.recompute:
             loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, stats=stats, pass_fn=par.pass_fn,
                                     lora=lora)
-            logps = par.sum_sequences(engine.forward_logps(loop, 2 * B, run.average))
+            logps = par.sum_sequences(engine.forward_logps(loop, R, run.average))
             del loop
-            out, grad_c, grad_r = run.loss_fn(logps[:B], logps[B:])
+            out, seq_grad = run.loss_fn(logps)
             ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b)
-            ctx.seq_grad = torch.cat([grad_c, grad_r]).float()
+            ctx.seq_grad = seq_grad.float()
         else:
             grads = _grads_of(hidden2d, weight, *needs)
             loop = engine.ChunkLoop(hidden2d, weight, bias, run.layout, run.plan, grads, stats, pass_fn=par.pass_fn,
                                     lora=lora)
-            out, logps = engine.fused_dpo(loop, engine.PairLoss(run.layout, B, run.average, run.loss_fn))
+            out, logps = engine.fused_dpo(loop, engine.SequenceLoss(run.layout, run.units, run.average,
+                                                                    run.loss_fn))
             del loop
             # Converted in the backward: the upstream gradient then folds into the one pass that turns the fp32
             # weight-gradient accumulator into the weight's dtype.
             ctx.grads, ctx.weight_dtype, ctx.lora = grads, weight.dtype, lora
         run.result.update(out=out, logps=logps)
         if stats is not None:
-            entropy, top1 = stats.per_sequence(run.layout, 2 * B)
+            entropy, top1 = stats.per_sequence(run.layout, R)
             run.result["entropy"], run.result["top1"] = par.sum_sequences(entropy), par.sum_sequences(top1)
         return out.loss.float()
 
@@ -440,25 +462,33 @@ def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, r
                          f"{num_seqs}")
     ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias = ref
     _check_reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_seqs // 2, hidden)
-    if ref_hidden is not None:
-        ref_hidden, ref_weight, ref_bias = head_operands(ref_hidden, *((weight, bias) if ref_weight is None
-                                                                       else (ref_weight, ref_bias)))
-        check_ndim(ref_hidden, hidden.dim(), "ref_hidden", "the layout of hidden")
-        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
-            raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
-                             f"{tuple(hidden.shape[:-1])}")
-        _check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
-    return _DPOInputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, positions, lora)
+    return _DPOInputs(hidden, weight, bias, *reference_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
+                      positions, lora)
 
 
-def _dpo_plan(layout, num_pairs, par, inputs, memory_budget, loss_type, weight_grad) -> StepPlan:
+def reference_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+    """`(ref_hidden, ref_weight, ref_bias)` in the dtype they compute in and checked against `hidden`; the head
+    defaults to the policy's (`weight`, `bias`). All None without `ref_hidden`."""
+    if ref_hidden is None:
+        return None, None, None
+    ref_hidden, ref_weight, ref_bias = head_operands(ref_hidden, *((weight, bias) if ref_weight is None
+                                                                   else (ref_weight, ref_bias)))
+    check_ndim(ref_hidden, hidden.dim(), "ref_hidden", "the layout of hidden")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} does not match hidden "
+                         f"{tuple(hidden.shape[:-1])}")
+    _check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    return ref_hidden, ref_weight, ref_bias
+
+
+def _unit_plan(layout, units, par, inputs, memory_budget, tied, plan_units) -> StepPlan:
+    """The call's plan: `plan_units(scored tokens per unit, vocab, itemsize, memory_budget)`, or under sequence
+    parallelism the rank's own tokens in even chunks."""
     vocab, itemsize = par.plan_vocab(inputs.weight), inputs.hidden.element_size()
     if par.recompute:
-        # The rank's own tokens in even chunks: the counts are global, and no pair is whole on one rank.
-        return StepPlan(chunk_tokens(vocab, itemsize, memory_budget), layout.rows.numel(), recompute=True,
-                        tied=is_tied(loss_type))
-    pair_counts = [layout.counts_host[i] + layout.counts_host[num_pairs + i] for i in range(num_pairs)]
-    return plan_dpo_step(pair_counts, vocab, itemsize, memory_budget, loss_type, weight_grad=weight_grad)
+        # The rank's own tokens in even chunks: the counts are global, and no unit is whole on one rank.
+        return StepPlan(chunk_tokens(vocab, itemsize, memory_budget), layout.rows.numel(), recompute=True, tied=tied)
+    return plan_units(units.token_counts(layout.counts_host), vocab, itemsize, memory_budget)
 
 
 _traced_entry = None
@@ -583,29 +613,63 @@ def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_
     """A fused DPO call whose ranks agree: the layout, the plan, the reference log-probs, then the engine."""
     loss_type, beta, label_smoothing, loss_params = loss_settings
     B = inputs.num_pairs
-    inputs.positions.check_vocab(par.vocab(inputs.weight))
-    if inputs.ref_hidden is not None:
-        par.check_reference_head(inputs.weight, inputs.ref_weight)
-        inputs.positions.check_vocab(par.vocab(inputs.ref_weight))
-    layout = par.global_counts(inputs.positions.layout(paired=True))
-    # The positions in natural order are not needed past the layout: the engine's buffers do not share memory with
-    # them (the memory model counts the engine alone).
-    inputs = dataclasses.replace(inputs, positions=None)
-    counts = layout.counts
-    plan = _dpo_plan(layout, B, par, inputs, memory_budget, loss_type, wanted.weight)
-    paths.record_engine_call("fused_linear_dpo", plan, inputs.hidden, inputs.weight, inputs.bias,
-                             shared_prompt=layout.rows_repeat, sharded_pass=par.shard is not None)
-    if inputs.ref_hidden is not None:
-        ref = par.sum_sequences(_reference_logps(inputs, layout, average, memory_budget, par))
-        ref_chosen_logps, ref_rejected_logps = ref[:B], ref[B:]
+    plan_units = functools.partial(plan_dpo_step, loss_type=loss_type, weight_grad=wanted.weight)
+    prepared = prepare_units(inputs, PairUnits(B), par, average, memory_budget, is_tied(loss_type), plan_units,
+                             "fused_linear_dpo")
+    del inputs  # its positions in natural order go with it (see `prepare_units`)
+    counts = prepared.layout.counts
+    if prepared.ref_logps is not None:
+        ref_chosen_logps, ref_rejected_logps = prepared.ref_logps[:B], prepared.ref_logps[B:]
     loss_fn = functools.partial(dpo_loss_and_grads, ref_chosen_logps=ref_chosen_logps,
                                 ref_rejected_logps=ref_rejected_logps, beta=beta, loss_type=loss_type,
                                 label_smoothing=label_smoothing, chosen_lengths=counts[:B],
                                 rejected_lengths=counts[B:], average=bool(average), **loss_params)
-    lora_a, lora_b, scaling = _lora_inputs(inputs.lora)
-    run = _DPORun(layout, plan, B, bool(average), loss_fn, bool(token_stats), wanted.enabled, par, scaling)
-    loss = apply(par.hidden_input(inputs.hidden), inputs.weight, inputs.bias, lora_a, lora_b, run)
+    loss, run = run_units(prepared, pairwise_loss(loss_fn, B), average, token_stats, wanted, apply)
     return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
+
+
+@dataclass(frozen=True)
+class PreparedUnits:
+    """A fused call's operands (positions dropped), layout, plan and reference log-probs (`[R]`, computed from
+    `ref_hidden`; None without it), before its loss is built."""
+
+    inputs: _DPOInputs
+    par: HeadParallel
+    units: PairUnits | GroupUnits
+    layout: TokenLayout
+    plan: StepPlan
+    ref_logps: torch.Tensor | None
+
+
+def prepare_units(inputs, units, par, average, memory_budget, tied, plan_units, entry) -> PreparedUnits:
+    """A fused call whose ranks agree, up to its loss: the vocabulary checks, the layout in the units' order, the
+    plan (`_unit_plan`), the path record under `entry`, then the reference log-probs from `ref_hidden`. The caller
+    drops its own reference to `inputs`, so that the positions in natural order are freed with it."""
+    inputs.positions.check_vocab(par.vocab(inputs.weight))
+    if inputs.ref_hidden is not None:
+        par.check_reference_head(inputs.weight, inputs.ref_weight)
+        inputs.positions.check_vocab(par.vocab(inputs.ref_weight))
+    layout = par.global_counts(inputs.positions.layout(paired=units.paired))
+    # The positions in natural order are not needed past the layout: the engine's buffers do not share memory with
+    # them (the memory model counts the engine alone).
+    inputs = dataclasses.replace(inputs, positions=None)
+    plan = _unit_plan(layout, units, par, inputs, memory_budget, tied, plan_units)
+    paths.record_engine_call(entry, plan, inputs.hidden, inputs.weight, inputs.bias,
+                             shared_prompt=layout.rows_repeat, sharded_pass=par.shard is not None)
+    ref_logps = None
+    if inputs.ref_hidden is not None:
+        ref_logps = par.sum_sequences(_reference_logps(inputs, layout, average, memory_budget, par))
+    return PreparedUnits(inputs, par, units, layout, plan, ref_logps)
+
+
+def run_units(prepared, loss_fn, average, token_stats, wanted, apply) -> tuple:
+    """Runs the engine on a prepared call with `loss_fn` over its `[R]` log-probs (see `_DPORun`). Returns
+    `(loss, run)`: the differentiable loss, and the run whose `result` holds the other outputs."""
+    inputs, par = prepared.inputs, prepared.par
+    lora_a, lora_b, scaling = _lora_inputs(inputs.lora)
+    run = _DPORun(prepared.layout, prepared.plan, prepared.units, bool(average), loss_fn, bool(token_stats),
+                  wanted.enabled, par, scaling)
+    return apply(par.hidden_input(inputs.hidden), inputs.weight, inputs.bias, lora_a, lora_b, run), run
 
 
 @torch.no_grad()
@@ -621,7 +685,7 @@ def _reference_logps(inputs, layout, average, memory_budget, par):
 
 
 def _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps) -> DPOOutput:
-    B, result, counts = run.num_pairs, run.result, run.layout.counts
+    B, result, counts = run.units.num_pairs, run.result, run.layout.counts
     out, logps = result["out"], result["logps"]
     entropy, top1 = result.get("entropy"), result.get("top1")
     return DPOOutput(

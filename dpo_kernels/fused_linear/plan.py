@@ -3,10 +3,10 @@
 Whatever the caller scores (padded or packed labels, a `TokenAttribution`) becomes one `ScoredPositions` at the
 API's edge: only the positions that score a valid label, sequence by sequence; its `layout` orders them for the
 engine, sequence by sequence (`paired=False`) or pair by pair (`paired=True`: chosen i, rejected B+i, chosen i+1,
-...). A `StepPlan` is then
-built once from the scored-token counts alone (`plan_dpo_step`, `plan_logps`): the engine executes it and the
-memory model (`memory_model.estimate_peak_bytes`) and the cost model (`cost_model.plan_cost`) count the bytes and
-FLOPs of the same object, so the mode decisions exist only here. See docs/design.md, "The fused linear engine".
+...). A `StepPlan` is then built once from the scored-token counts alone (`plan_dpo_step`, `plan_group_step`,
+`plan_logps`): the engine executes it and the memory model (`memory_model.estimate_peak_bytes`) and the cost model
+(`cost_model.plan_cost`) count the bytes and FLOPs of the same object, so the mode decisions exist only here. See
+docs/design.md, "The fused linear engine".
 
 Chunk size C (`memory_budget`, checked by `parse_memory_budget`):
     None     the logits buffer `[C, V]` in the input dtype may take 2 GiB, and C <= 8192 tokens
@@ -15,7 +15,10 @@ Chunk size C (`memory_budget`, checked by `parse_memory_budget`):
     "low"    a 512 MiB buffer (C = 2048 at V = 128256 in bf16), and the DPO loss takes the recompute path.
 C of 128 tokens or more is rounded down to a multiple of 128 (whole GEMM tiles).
 
-Modes of a DPO step:
+Modes of a DPO step. The engine's unit of completion is a set of sequences whose loss coefficients are known once
+all of their tokens are scored: a pair (sequences i and B+i, in the paired layout) or a group of K responses (its K
+consecutive sequences, whose tokens are contiguous in the natural layout). Below, "pair" stands for either; group
+losses are neither tied nor coupled.
     recompute   the forward keeps nothing and the backward recomputes each chunk's logits (8NHV, no `[V, H]`
                 accumulator while streaming): `memory_budget="low"`, and losses that couple pairs through their
                 log-probs (aot, aot_unpaired) unless the whole batch fits in one chunk.
@@ -252,18 +255,18 @@ RESIDENT, STREAM_ONCE, STREAM_TWICE = "resident", "stream once", "stream twice"
 
 
 @dataclass(frozen=True)
-class PairGroup:
-    """Consecutive tokens `start:end` of whole pairs, and how the engine runs them.
+class UnitGroup:
+    """Consecutive tokens `start:end` of whole units (pairs, or groups of K responses), and how the engine runs them.
 
-    `resident`: pairs whose tokens fit one chunk. `stream once`: one pair longer than a chunk, streamed through
-    `chunks` in one pass. `stream twice`: such a pair run as a forward pass through `chunks` (the short remainder
+    `resident`: units whose tokens fit one chunk. `stream once`: one unit longer than a chunk, streamed through
+    `chunks` in one pass. `stream twice`: such a unit run as a forward pass through `chunks` (the short remainder
     first), then a gradient pass through them in reverse, starting from the last chunk, whose logits are still in
     the buffer. See the module docstring for when each applies.
     """
 
     start: int
     end: int
-    pairs: range
+    units: range
     chunks: tuple
     mode: str
 
@@ -273,7 +276,7 @@ class PairGroup:
 
     @property
     def projected_tokens(self) -> int:
-        """Token rows the group projects: a `stream twice` pair projects all but its last chunk again."""
+        """Token rows the group projects: a `stream twice` unit projects all but its last chunk again."""
         tokens = self.end - self.start
         if self.mode != STREAM_TWICE or not self.chunks:
             return tokens
@@ -288,8 +291,9 @@ class StepPlan:
     chunk:      C, the most tokens one chunk projects.
     total:      N, the scored tokens.
     recompute:  chunks of the flat token list (`chunks`); the gradients, if any, are formed by recomputing them.
-    tied:       the loss's chosen and rejected coefficients of a pair are negatives of each other.
-    groups:     the pair groups in run order (DPO steps that form gradients in the forward); empty otherwise.
+    tied:       the loss's chosen and rejected coefficients of a pair are negatives of each other (never for
+                groups of K responses).
+    groups:     the unit groups in run order (DPO steps that form gradients in the forward); empty otherwise.
     """
 
     chunk: int
@@ -318,13 +322,13 @@ class StepPlan:
         return len(self.groups) == 1 and not self.groups[0].streaming
 
 
-def group_pairs(pair_counts, chunk: int) -> list:
-    """Greedy, in batch order: whole pairs fill a resident chunk up to `chunk` tokens; a longer pair gets a group
-    of its own, streamed through chunks. Returns `(start, end, pairs, streaming)` per group, in token order."""
+def group_units(unit_counts, chunk: int) -> list:
+    """Greedy, in batch order: whole units fill a resident chunk up to `chunk` tokens; a longer unit gets a group
+    of its own, streamed through chunks. Returns `(start, end, units, streaming)` per group, in token order."""
     groups, start, first, size = [], 0, 0, 0
-    for i, n in enumerate(pair_counts):
+    for i, n in enumerate(unit_counts):
         if n > chunk:
-            if first < i:  # the pairs before it, even without tokens: every pair is in one group
+            if first < i:  # the units before it, even without tokens: every unit is in one group
                 groups.append((start, start + size, range(first, i), False))
                 start += size
             groups.append((start, start + n, range(i, i + 1), True))
@@ -334,13 +338,13 @@ def group_pairs(pair_counts, chunk: int) -> list:
             groups.append((start, start + size, range(first, i), False))
             start, first, size = start + size, i, 0
         size += n
-    if size or first < len(pair_counts):
-        groups.append((start, start + size, range(first, len(pair_counts)), False))
+    if size or first < len(unit_counts):
+        groups.append((start, start + size, range(first, len(unit_counts)), False))
     return groups
 
 
 def longest_streaming_first(groups: list) -> list:
-    """The groups in run order: the longest streaming pair first (the first longest on a tie), then the others in
+    """The groups in run order: the longest streaming unit first (the first longest on a tie), then the others in
     batch order."""
     streaming = [g for g in groups if g[3]]
     if not streaming:
@@ -356,26 +360,42 @@ def plan_dpo_step(pair_counts, vocab: int, itemsize: int, memory_budget, loss_ty
     `weight_grad`: the weight (or bias) gradient is formed in this call; without it no streaming pair runs twice.
     With the default budget, a step that would run a pair twice takes a larger buffer (see the module docstring).
     """
+    return plan_units_step(pair_counts, vocab, itemsize, memory_budget, tied=is_tied(loss_type),
+                           couples=couples_logps(loss_type), weight_grad=weight_grad)
+
+
+def plan_group_step(group_counts, vocab: int, itemsize: int, memory_budget, *, weight_grad: bool = True) -> StepPlan:
+    """The plan of one `fused_linear_group_dpo` call from its scored tokens per group (its K responses together, in
+    batch order). A group's loss reads only its own log-probs and its coefficients are not tied, so a long group
+    streams once only without a weight gradient."""
+    return plan_units_step(group_counts, vocab, itemsize, memory_budget, tied=False, couples=False,
+                           weight_grad=weight_grad)
+
+
+def plan_units_step(unit_counts, vocab: int, itemsize: int, memory_budget, *, tied: bool, couples: bool,
+                    weight_grad: bool = True) -> StepPlan:
+    """The plan of a loss over units (pairs or groups) from their scored tokens, in batch order. `tied`: a pair's
+    chosen and rejected coefficients are negatives of each other; `couples`: the loss couples units through their
+    log-probs (recompute unless the batch is one chunk)."""
     memory_budget = parse_memory_budget(memory_budget)
     chunk = chunk_tokens(vocab, itemsize, memory_budget)
-    total = int(sum(pair_counts))
-    tied = is_tied(loss_type)
-    if memory_budget == "low" or (couples_logps(loss_type) and total > chunk):
+    total = int(sum(unit_counts))
+    if memory_budget == "low" or (couples and total > chunk):
         return StepPlan(chunk, total, recompute=True, tied=tied)
-    groups = _pair_groups(pair_counts, chunk, tied, weight_grad)
+    groups = _unit_groups(unit_counts, chunk, tied, weight_grad)
     twice = [g.end - g.start for g in groups if g.mode == STREAM_TWICE]
     if memory_budget is None and twice:
         limit = _whole_tiles(TWICE_BUFFER_BYTES // (vocab * itemsize))
         grown = max(twice) if max(twice) <= limit else limit
         if grown > chunk:
-            chunk, groups = grown, _pair_groups(pair_counts, grown, tied, weight_grad)
+            chunk, groups = grown, _unit_groups(unit_counts, grown, tied, weight_grad)
     return StepPlan(chunk, total, recompute=False, tied=tied, groups=tuple(groups))
 
 
-def _pair_groups(pair_counts, chunk, tied, weight_grad) -> list:
-    """The pair groups in run order with their modes and chunks."""
+def _unit_groups(unit_counts, chunk, tied, weight_grad) -> list:
+    """The unit groups in run order with their modes and chunks."""
     groups, accumulating = [], False
-    for start, end, pairs, streaming in longest_streaming_first(group_pairs(pair_counts, chunk)):
+    for start, end, units, streaming in longest_streaming_first(group_units(unit_counts, chunk)):
         if not streaming:
             mode, chunks = RESIDENT, ((start, end),)
         elif weight_grad and (accumulating or not tied):
@@ -385,7 +405,7 @@ def _pair_groups(pair_counts, chunk, tied, weight_grad) -> list:
         else:
             mode = STREAM_ONCE
             chunks = tuple((start + s, start + e) for s, e in even_chunks(end - start, chunk))
-        groups.append(PairGroup(start, end, pairs, chunks, mode))
+        groups.append(UnitGroup(start, end, units, chunks, mode))
         accumulating = accumulating or end > start
     return groups
 

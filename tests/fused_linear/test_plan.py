@@ -8,7 +8,7 @@ from dpo_kernels.fused_linear.plan import (
     STREAM_TWICE,
     chunk_tokens,
     compact_tokens,
-    group_pairs,
+    group_units,
     longest_streaming_first,
     parse_memory_budget,
     plan_dpo_step,
@@ -116,23 +116,23 @@ def test_chunk_size_rule():
 
 
 def test_greedy_groups_of_whole_pairs_and_long_pairs_alone():
-    groups = group_pairs([3, 4, 2, 9, 5, 0, 1], chunk=8)
+    groups = group_units([3, 4, 2, 9, 5, 0, 1], chunk=8)
     assert [(s, e, list(p), streaming) for s, e, p, streaming in groups] == [
         (0, 7, [0, 1], False),  # 3 + 4; adding 2 would exceed 8
         (7, 9, [2], False),  # closed by the long pair
         (9, 18, [3], True),
         (18, 24, [4, 5, 6], False),  # 5 + 0 + 1
     ]
-    assert group_pairs([0, 0], chunk=8) == [(0, 0, range(0, 2), False)]
+    assert group_units([0, 0], chunk=8) == [(0, 0, range(0, 2), False)]
     # Every pair is in exactly one group, an empty one before a long pair included.
-    assert group_pairs([0, 10], chunk=8) == [(0, 0, range(0, 1), False), (0, 10, range(1, 2), True)]
+    assert group_units([0, 10], chunk=8) == [(0, 0, range(0, 1), False), (0, 10, range(1, 2), True)]
 
 
 def test_longest_streaming_pair_runs_first():
-    groups = group_pairs([2, 10, 3, 12, 12], chunk=8)
+    groups = group_units([2, 10, 3, 12, 12], chunk=8)
     order = longest_streaming_first(groups)
     assert [list(g[2]) for g in order] == [[3], [0], [1], [2], [4]]  # the first of the two longest
-    resident_only = group_pairs([2, 3], chunk=8)
+    resident_only = group_units([2, 3], chunk=8)
     assert longest_streaming_first(resident_only) == resident_only
 
 
@@ -140,7 +140,7 @@ def test_longest_streaming_pair_runs_first():
 
 
 def modes(plan):
-    return [(list(g.pairs), g.mode) for g in plan.groups]
+    return [(list(g.units), g.mode) for g in plan.groups]
 
 
 def test_step_plan_modes():
