@@ -8,6 +8,7 @@ Public API:
     linear_sequence_logprobs            sequence log-probs from hidden states without materializing logits
     fused_linear_dpo                    the DPO loss from hidden states, gradients formed in the forward
     fused_linear_group_dpo              the same for groups of K ranked responses (`GroupDPOOutput`)
+    fused_linear_dpo_by_prompt          pairwise DPO on pairs grouped by prompt, each distinct response once
     DPOLoss, FusedLinearDPOLoss         nn.Modules to drop into a training loop
     GroupDPOLoss, FusedLinearGroupLoss  the same for groups
     ParallelOptions                     the process groups of a sharded head (vocabulary / sequence parallel)
@@ -16,6 +17,7 @@ Public API:
     last_run, paths                     which path the newest call took (backend, plan, fallbacks); strict mode
 """
 from dpo_kernels import paths, reference
+from dpo_kernels.fused_linear.by_prompt import fused_linear_dpo_by_prompt
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
 from dpo_kernels.fused_linear.group import fused_linear_group_dpo
 from dpo_kernels.fused_linear.lora import LoraHead
@@ -40,6 +42,7 @@ __all__ = [
     "LoraHead",
     "ParallelOptions",
     "fused_linear_dpo",
+    "fused_linear_dpo_by_prompt",
     "fused_linear_group_dpo",
     "last_run",
     "linear_sequence_logprobs",

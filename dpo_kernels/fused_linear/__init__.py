@@ -9,9 +9,17 @@ adapter on the head inside the engine. Across processes, `parallel` (`ParallelOp
 ranks' consistency check).
 """
 from dpo_kernels.fused_linear import ops  # noqa: F401  (registers the path torch.compile traces)
+from dpo_kernels.fused_linear.by_prompt import fused_linear_dpo_by_prompt
 from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
 from dpo_kernels.fused_linear.group import fused_linear_group_dpo
 from dpo_kernels.fused_linear.lora import LoraHead
 from dpo_kernels.fused_linear.parallel import ParallelOptions
 
-__all__ = ["LoraHead", "ParallelOptions", "fused_linear_dpo", "fused_linear_group_dpo", "linear_sequence_logprobs"]
+__all__ = [
+    "LoraHead",
+    "ParallelOptions",
+    "fused_linear_dpo",
+    "fused_linear_dpo_by_prompt",
+    "fused_linear_group_dpo",
+    "linear_sequence_logprobs",
+]
