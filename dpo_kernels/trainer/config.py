@@ -25,6 +25,7 @@ import torch
 
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.loss_op import loss_types as loss_table
+from dpo_kernels.loss_op.group_spec import GROUP_LOSS_TYPES, MAX_GROUP_SIZE, PAIR_LOSS_TYPES, check_group_settings
 from dpo_kernels.loss_op.spec import check_loss_settings
 from dpo_kernels.trainer.backends import BACKENDS
 from dpo_kernels.trainer.distributed import DEVICES
@@ -120,8 +121,23 @@ class TrainConfig:
                                     check=Check(lambda v: not math.isnan(v), "a number"), resume="config")
     # --- the DPO loss (dpo_kernels.dpo_loss; hyper-parameters and their ranges: dpo_kernels.loss_op.loss_types) ---
     beta: float = _loss_param("beta", loss_table.HYPER_PARAMS["beta"].default)
-    loss_type: str = _setting("sigmoid", "loss name or comma list (see the loss types below)", metavar="NAME",
+    loss_type: str = _setting("sigmoid", "loss name or comma list (see the loss types below); or one group loss, "
+                                         "plackett_luce, all_pairs or best_vs_worst, for rows of K ranked responses "
+                                         "(pair rows then train as groups of two)", metavar="NAME",
                               resume="config")
+    pair_loss: str = _setting("sigmoid", "group losses all_pairs and best_vs_worst: the pairwise loss applied to "
+                                         "each ordered pair", choices=PAIR_LOSS_TYPES, metavar="NAME",
+                              resume="config")
+    top_k: int | None = _setting(None, "plackett_luce: score the first N places only (1 = the best against all "
+                                       "the others); default the full ranking",
+                                 check=Check(lambda v: 1 <= v < MAX_GROUP_SIZE, f"in [1, {MAX_GROUP_SIZE - 1}]"),
+                                 metavar="N", resume="config")
+    pair_weighting: str | None = _setting(None, "all_pairs: score_gap weighs each pair by its score gap",
+                                          check=Check(lambda v: v == "score_gap", "score_gap"), metavar="score_gap",
+                                          resume="config")
+    sft_weight: float | None = _setting(None, "group losses: weight of the NLL of each group's best response (the "
+                                              "pairwise losses add 'sft' to --loss-type instead)",
+                                        check=Check(math.isfinite, "finite"), resume="config")
     loss_weights: list[float] | None = _loss_param("loss_weights", metavar="W1,W2")
     label_smoothing: float = _loss_param("label_smoothing", loss_table.HYPER_PARAMS["label_smoothing"].default)
     gamma: float | None = _loss_param("gamma")
@@ -253,7 +269,15 @@ def loss_types(c: TrainConfig) -> list[str]:
     return [t.strip() for t in c.loss_type.split(",") if t.strip()]
 
 
+def is_group_loss(c: TrainConfig) -> bool:
+    """Whether the run trains a group loss (`dpo_kernels.group_dpo_loss`) rather than a pairwise one."""
+    return any(t in GROUP_LOSS_TYPES for t in loss_types(c))
+
+
 def is_reference_free(c: TrainConfig) -> bool:
+    if is_group_loss(c):
+        ranking_free = c.loss_type != "plackett_luce" and loss_table.is_reference_free([c.pair_loss])
+        return c.reference_free or ranking_free
     return c.reference_free or loss_table.is_reference_free(loss_types(c))
 
 
@@ -268,6 +292,19 @@ def loss_kwargs(c: TrainConfig) -> dict:
         value = getattr(c, name)
         if value is not None:
             kwargs[name] = list(value) if isinstance(value, list) else value
+    kwargs.update(c.loss_params)
+    return kwargs
+
+
+def group_loss_kwargs(c: TrainConfig) -> dict:
+    """Keyword arguments of dpo_kernels.group_dpo_loss: the group loss type, its own settings, and the pair loss's
+    hyper-parameters the config sets, then `loss_params`."""
+    kwargs = {"loss_type": c.loss_type.strip(), "beta": c.beta, "label_smoothing": c.label_smoothing,
+              "pair_loss": c.pair_loss, "top_k": c.top_k, "pair_weighting": c.pair_weighting,
+              "sft_weight": 0.0 if c.sft_weight is None else c.sft_weight}
+    for name in ("gamma", "tau", "dpop_lambda"):
+        if getattr(c, name) is not None:
+            kwargs[name] = getattr(c, name)
     kwargs.update(c.loss_params)
     return kwargs
 
@@ -333,9 +370,31 @@ def _check_lr_scheduler(name: str) -> None:
 
 
 def _check_loss_settings(c: TrainConfig) -> None:
+    if is_group_loss(c):
+        _check_group_loss_settings(c)
+        return
+    group_only = [name for name in ("top_k", "pair_weighting", "sft_weight") if getattr(c, name) is not None]
+    if group_only:
+        raise UserInputError(f"{', '.join(group_only)} apply to the group loss types ({', '.join(GROUP_LOSS_TYPES)}),"
+                             f" not loss_type {c.loss_type!r}")
     kwargs = loss_kwargs(c)
     check_loss_settings(kwargs.pop("loss_type"), beta=kwargs.pop("beta"),
                         label_smoothing=kwargs.pop("label_smoothing"), loss_params=kwargs)
+
+
+def _check_group_loss_settings(c: TrainConfig) -> None:
+    types = loss_types(c)
+    if len(types) > 1:
+        raise UserInputError(f"loss_type {c.loss_type!r}: a group loss ({', '.join(GROUP_LOSS_TYPES)}) runs alone, "
+                             "not in a comma list (its sft term is --sft-weight)")
+    if c.loss_weights is not None:
+        raise UserInputError("loss_weights apply to a comma list of pairwise losses; a group loss's sft term is "
+                             "--sft-weight")
+    kwargs = group_loss_kwargs(c)
+    check_group_settings(kwargs.pop("loss_type"), beta=kwargs.pop("beta"), pair_loss=kwargs.pop("pair_loss"),
+                         top_k=kwargs.pop("top_k"), pair_weighting=kwargs.pop("pair_weighting"),
+                         sft_weight=kwargs.pop("sft_weight"), label_smoothing=kwargs.pop("label_smoothing"),
+                         loss_params=kwargs)
 
 
 def check_saved_config(saved: Mapping, source) -> None:

@@ -40,14 +40,21 @@ from dpo_kernels.trainer.config import (
     TrainConfig,
     check_config,
     check_saved_config,
+    group_loss_kwargs,
+    is_group_loss,
     is_reference_free,
     loss_kwargs,
+    loss_types,
     precision_settings,
     resumed_config,
 )
 from dpo_kernels.trainer.data import PreferenceData, load_preference_data
 from dpo_kernels.trainer.errors import InputFileError, UserInputError
 from dpo_kernels.trainer.forward import DPOForward
+from dpo_kernels.trainer.group_batches import collate_groups
+from dpo_kernels.trainer.group_data import as_groups
+from dpo_kernels.trainer.group_forward import GroupDPOForward
+from dpo_kernels.trainer.group_metrics import GroupMetrics
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
 from dpo_kernels.trainer.models import decoder_layer_types, enable_checkpointing, load_model, load_tokenizer
 from dpo_kernels.trainer.ref_logps import Reference
@@ -140,22 +147,42 @@ def batch_metrics(out) -> list[float]:
     return torch.stack([v.double() for v in values]).tolist()
 
 
+class PairMetrics:
+    """A pair run's metrics: `values(out, batch)` of one forward, `record(values, pairs)` of their mean (the
+    interface of `group_metrics.GroupMetrics`)."""
+
+    def values(self, out, batch: dict) -> list[float]:
+        return batch_metrics(out)
+
+    def record(self, values: list[float], pairs: int) -> dict:
+        return dict(zip(METRIC_KEYS, values, strict=True))
+
+
+def collate(examples, pad_id: int, device, *, share_prompt: bool, group: bool) -> dict:
+    """The batch of pairs (`collate_pairs`) or of groups (`collate_groups`)."""
+    if group:
+        return collate_groups(examples, pad_id, device, share_prompt=share_prompt)
+    return collate_pairs(examples, pad_id, device, share_prompt=share_prompt)
+
+
 @torch.no_grad()
-def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, pad_id: int) -> dict:
-    """Mean of each metric over all held-out pairs (every process evaluates all of them, in the same order, so
-    FSDP's collectives line up; only rank 0 writes)."""
+def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, pad_id: int, metrics) -> dict:
+    """Mean of each metric over all held-out pairs or groups (every process evaluates all of them, in the same
+    order, so FSDP's collectives line up; only rank 0 writes)."""
     bs = c.eval_batch_size or c.batch_size
     module.eval()
-    totals, count = [0.0] * len(METRIC_KEYS), 0
+    totals, count = None, 0
     for start in range(0, len(data), bs):
         indices = list(range(start, min(start + bs, len(data))))
-        batch = collate_pairs([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt)
-        ref_c, ref_r = ref.logps("eval", indices, batch)
-        out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)
-        totals = [t + v * len(indices) for t, v in zip(totals, batch_metrics(out), strict=True)]
+        batch = collate([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt,
+                        group=data.kind == "group")
+        out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], *ref.logps("eval", indices, batch),
+                     *([batch["group"]] if "group" in batch else []))
+        values = [v * len(indices) for v in metrics.values(out, batch)]
+        totals = values if totals is None else [t + v for t, v in zip(totals, values, strict=True)]
         count += len(indices)
     module.train()
-    return {f"eval/{k}": v / count for k, v in zip(METRIC_KEYS, totals, strict=True)}
+    return {f"eval/{k}": v for k, v in metrics.record([t / count for t in totals], count).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- set-up
@@ -180,13 +207,20 @@ class Run:
     resumed: bool
     path: paths.PathRecord | None = None  # the run's own record: shared prompt or not, its fallbacks
     saved_step: int | None = None
+    metrics: Any = dataclasses.field(default_factory=PairMetrics)  # PairMetrics or group_metrics.GroupMetrics
+
+    @property
+    def group(self) -> bool:
+        return self.train_data.kind == "group"
 
     def micro_batch(self, micro: int):
-        """Global micro-batch `micro`'s share of this process: (batch tensors, reference log-probs)."""
+        """Global micro-batch `micro`'s share of this process: (batch tensors, the loss module's arguments after
+        the batch's: reference log-probs, and a group batch's `GroupInfo`)."""
         indices = self.plan.indices(micro, self.ctx.rank)
-        batch = collate_pairs([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
-                              share_prompt=self.c.share_prompt)
-        return batch, *self.ref.logps("train", indices, batch)
+        batch = collate([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
+                        share_prompt=self.c.share_prompt, group=self.group)
+        refs = self.ref.logps("train", indices, batch)
+        return batch, (*refs, batch["group"]) if self.group else refs
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces gradients only on the last micro-batch of a step."""
@@ -195,7 +229,7 @@ class Run:
     def evaluate(self) -> dict:
         # DDP's forward bookkeeping expects a backward; evaluation runs the module inside (FSDP needs its own).
         module = distributed.unwrap(self.model) if self.c.distributed == "ddp" else self.model
-        return evaluate(module, self.eval_data, self.ref, self.c, self.ctx, self.pad)
+        return evaluate(module, self.eval_data, self.ref, self.c, self.ctx, self.pad, self.metrics)
 
     def save(self) -> Path:
         """The checkpoint of the current step, written unless this run already wrote it."""
@@ -224,12 +258,17 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
     pad = models.pad_id(tokenizer)
     data_kwargs = {"max_length": c.max_length, "max_prompt_length": c.max_prompt_length,
                    "skip_bad_rows": c.skip_bad_rows}
-    train_data = load_preference_data(c.data, tokenizer, **data_kwargs)
-    eval_data = load_preference_data(c.eval_data, tokenizer, **data_kwargs) if c.eval_data else None
+    train_data = fit_data_to_loss(load_preference_data(c.data, tokenizer, **data_kwargs), c)
+    eval_data = fit_data_to_loss(load_preference_data(c.eval_data, tokenizer, **data_kwargs), c) \
+        if c.eval_data else None
     plan = make_plan(c, train_data, ctx.world)
+    group = train_data.kind == "group"
+    if group:
+        # Groups run in the shared layout wherever the model supports it (below: else unshared rows, one warning).
+        c = dataclasses.replace(c, share_prompt=True)
 
     dtype, autocast_dtype = precision_settings(c, ctx.device.type)
-    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c))
+    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c), group=group)
     if c.precompute_ref and not ref.free:
         ref.precompute("train", train_data)
         if eval_data is not None:
@@ -251,8 +290,8 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
                                     warn=message if ctx.is_main else None, stacklevel=3),)
         c = dataclasses.replace(c, share_prompt=False)
     check_backend_fits(policy, c)
-    dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype,
-                     memory_budget=parse_memory_budget(c.memory_budget))
+    forward, kwargs = (GroupDPOForward, group_loss_kwargs(c)) if group else (DPOForward, loss_kwargs(c))
+    dpo = forward(policy, c.loss_backend, kwargs, autocast_dtype, memory_budget=parse_memory_budget(c.memory_budget))
     if c.compile:
         dpo.compile()
     model = distributed.wrap(dpo, ctx, decoder_layer_types(policy))
@@ -275,8 +314,22 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
             warnings.warn(f"resuming from {resume_dir} with settings that differ from its run: " + "; ".join(notes),
                           stacklevel=3)
     path = paths.record(paths.PathRecord("trainer", shared_prompt=c.share_prompt, fallbacks=fallbacks))
+    metrics = GroupMetrics(max(e.size for d in (train_data, eval_data) if d for e in d.examples)) if group \
+        else PairMetrics()
     return Run(c, ctx, out_dir, tokenizer, pad, train_data, eval_data, plan, ref, dpo, model, optimizer, scheduler,
-               state, resumed=resume_dir is not None, path=path)
+               state, resumed=resume_dir is not None, path=path, metrics=metrics)
+
+
+def fit_data_to_loss(data: PreferenceData, c: TrainConfig) -> PreferenceData:
+    """Pair rows train under a group loss as groups of two (chosen first); group rows need a group loss."""
+    if is_group_loss(c):
+        return as_groups(data)
+    if data.kind == "group":
+        pair = loss_types(c)[0] if len(loss_types(c)) == 1 else "sigmoid"
+        raise UserInputError(f"{data.source} holds groups of ranked responses, which the pairwise loss_type "
+                             f"{c.loss_type!r} cannot train; use a group loss, e.g. --loss-type all_pairs "
+                             f"--pair-loss {pair} (or plackett_luce)")
+    return data
 
 
 def check_backend_fits(policy, c: TrainConfig) -> None:
@@ -324,16 +377,17 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
     eval_metrics, path_records = {}, None
     while s.step < stop_at:
         t0 = time.perf_counter()
-        sums, tokens, backbone, finite = [0.0] * len(METRIC_KEYS), 0, 0, True
+        sums, tokens, backbone, finite = None, 0, 0, True
         with paths.collect() as step_records:
             for a in range(c.grad_accum):
-                batch, ref_c, ref_r = run.micro_batch(s.step * c.grad_accum + a)
+                batch, args = run.micro_batch(s.step * c.grad_accum + a)
                 with run.gradient_sync(last=a == c.grad_accum - 1):
-                    out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],           # forward
-                                    ref_c, ref_r)
+                    out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"], *args)  # forward
                     (out.loss / c.grad_accum).backward()                                                 # backward
-                values = batch_metrics(out)
+                values = run.metrics.values(out, batch)
                 finite = finite and math.isfinite(values[0])
+                if sums is None:
+                    sums = [0.0] * len(values)
                 sums = [t + v / c.grad_accum for t, v in zip(sums, values, strict=True)]
                 tokens += int(batch["num_tokens"])
                 backbone += batch["input_ids"].numel()  # positions the policy ran on, padding included
@@ -368,8 +422,7 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
             if ctx.is_main and not c.progress:
                 print(step_line(record, plan.total_steps), flush=True)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                        margin=f"{record['rewards/margins']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        bar.set_postfix(progress_fields(record))
         if broken is not None or s.nonfinite_run >= c.max_nonfinite_steps:
             bar.close()
             raise NonFiniteLossError(divergence_message(run, broken, lr))
@@ -404,13 +457,25 @@ def step_record(run: Run, sums: list[float], tokens: int, backbone: int, finite:
     processes together; the shared-prompt layout shows its saving there."""
     metrics = run.ctx.mean(sums + [float(tokens), float(backbone)])
     record = {"step": run.state.step, "epoch": run.state.step * run.c.grad_accum / run.plan.micro_per_epoch,
-              **dict(zip(METRIC_KEYS, metrics[:-2], strict=True)), "grad_norm": grad_norm, "lr": lr,
+              **run.metrics.record(metrics[:-2], run.plan.batch_size * run.ctx.world * run.c.grad_accum),
+              "grad_norm": grad_norm, "lr": lr,
               "tokens_per_sec": metrics[-2] * run.ctx.world / max(elapsed, 1e-9),
               "tokens/backbone": round(metrics[-1] * run.ctx.world),
               "skipped_steps": run.state.skipped_steps}
     if not finite:
         record["loss"] = float("nan")
     return record
+
+
+def progress_fields(record: dict) -> dict:
+    """The progress bar's fields: loss, accuracy (a group run's ranking accuracy), margin (pairs) and tokens/s."""
+    fields = {"loss": f"{record['loss']:.4f}"}
+    if "rewards/ranking_accuracy" in record:
+        fields["rank_acc"] = f"{record['rewards/ranking_accuracy']:.2f}"
+    else:
+        fields.update(acc=f"{record['rewards/accuracies']:.2f}", margin=f"{record['rewards/margins']:.3f}")
+    fields["tok_s"] = f"{record['tokens_per_sec']:.0f}"
+    return fields
 
 
 # -------------------------------------------------------------------------------------------------- stopping early

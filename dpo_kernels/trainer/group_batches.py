@@ -1,0 +1,41 @@
+"""The trainer's group batches: one `[prompt | response 1 | ... | response K]` row per group (`build_group_batch`)
+where the model runs the shared layout, else one unshared row `[prompt | response]` per response
+(`unshared_group_rows`).
+
+Both give the dict the trainer's step reads, as `trainer.batches.collate_pairs` does: `input_ids`, `attention_mask`
+(None in the shared layout, whose `labels` is the `GroupBatch`), `labels`, `num_tokens` (the groups' real tokens as
+the unshared rows hold them, so tokens/s compares across layouts), and `group`, the `GroupInfo` the loss reads.
+`input_ids.numel()` is the positions the backbone runs on (`tokens/backbone`). Responses are numbered group by
+group in both layouts, the order of the `[R]` log-probs.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from dpo_kernels.shared_prompt.groups import build_group_batch, unshared_group_rows
+
+
+class GroupInfo(NamedTuple):
+    """What the group loss reads beside the log-probs: `sizes`, each group's K as host ints, and `scores` `[R]`
+    float64 (higher is better), group by group."""
+
+    sizes: tuple[int, ...]
+    scores: torch.Tensor
+
+
+def collate_groups(examples, pad_id: int, device: torch.device, *, share_prompt: bool) -> dict:
+    """The batch of the trainer's tokenized groups (`trainer.group_data.GroupExample`, truncated already) on
+    `device`, in the shared layout when `share_prompt`, else as unshared rows."""
+    groups = [(e.prompt_ids, e.response_ids) for e in examples]
+    scores = torch.tensor([s for e in examples for s in e.scores], dtype=torch.float64, device=device)
+    info = GroupInfo(tuple(e.size for e in examples), scores)
+    real = sum(len(e.prompt_ids) * e.size + sum(map(len, e.response_ids)) for e in examples)
+    if share_prompt:
+        batch = build_group_batch(groups, pad_id=pad_id, device=device)
+        return {"input_ids": batch.input_ids, "attention_mask": None, "labels": batch,
+                "num_tokens": torch.tensor(real, device=device), "group": info}
+    input_ids, attention_mask, labels = unshared_group_rows(groups, pad_id=pad_id, device=device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "num_tokens": torch.tensor(real, device=device), "group": info}

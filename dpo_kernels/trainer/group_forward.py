@@ -1,0 +1,83 @@
+"""One group-DPO forward of a policy on a group batch (`trainer.group_batches`), through the three loss backends.
+
+    fused-linear  backbone hidden states + lm_head weight -> per-response log-probs (`fused_linear_group_loss`)
+                  -> dpo_kernels.group_dpo_loss; no [R, T, V] logits
+    logits        model(...).logits -> dpo_kernels.sequence_logprobs -> dpo_kernels.group_dpo_loss
+    reference     model(...).logits -> dpo_kernels.reference.sequence_logprobs -> dpo_kernels.reference.group_dpo_loss
+
+The batch is a `GroupBatch` (the shared layout, `labels` carries it) or unshared rows `[R, T]`; either way the `[R]`
+log-probs come group by group. Autocast and the DDP/FSDP wrapping are `trainer.forward.DPOForward`'s.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import dpo_kernels
+from dpo_kernels import hf
+from dpo_kernels.constants import IGNORE_INDEX
+from dpo_kernels.fused_linear.plan import scored_counts
+from dpo_kernels.loss_op.group_spec import GroupDPOLossOutput
+from dpo_kernels.shared_prompt.batch import SharedBatch
+from dpo_kernels.trainer.backends import BACKENDS
+from dpo_kernels.trainer.forward import _autocast, _hidden_states, _logits
+from dpo_kernels.trainer.group_batches import GroupInfo
+
+
+def fused_linear_group_loss(hidden, weight, scored, *, bias, lora, ref_logps, group: GroupInfo, lengths,
+                            memory_budget, loss_kwargs: dict) -> GroupDPOLossOutput:
+    """The group loss of hidden states through the lm_head, without `[R, T, V]` logits: the fused engine's
+    per-response log-probs `[R]` (differentiable), then the group loss op.
+
+    Args:
+        hidden: `[rows, T, H]` the backbone's hidden states; `scored`: the labels `[R, T]` (HuggingFace shift) or
+            the group batch's attribution.
+        weight, bias, lora: the head (`hf.fused_head`).
+        ref_logps: `[R]` fp32 or None (reference-free); `lengths`: `[R]` scored tokens per response.
+    """
+    logps = dpo_kernels.linear_sequence_logprobs(hidden, weight, scored, bias=bias, lora=lora,
+                                                 memory_budget=memory_budget)
+    return dpo_kernels.group_dpo_loss(logps, ref_logps, group.sizes, group.scores, lengths=lengths, **loss_kwargs)
+
+
+def response_lengths(labels) -> torch.Tensor:
+    """`[R]` int64 scored tokens per response of a group batch or of unshared rows (HuggingFace shift)."""
+    if isinstance(labels, SharedBatch):
+        return labels.counts
+    return scored_counts(labels, IGNORE_INDEX, shift=True)
+
+
+class GroupDPOForward(nn.Module):
+    """Wraps a causal LM; `forward(batch tensors, ref log-probs [R], GroupInfo)` returns the group loss and its
+    metrics (`GroupDPOLossOutput`)."""
+
+    def __init__(self, model: nn.Module, backend: str, loss_kwargs: dict, autocast_dtype: torch.dtype | None = None,
+                 memory_budget: int | str | None = None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"loss backend must be one of {BACKENDS}, got {backend!r}")
+        self.model = model
+        self.backend = backend
+        self.loss_kwargs = dict(loss_kwargs)
+        self.autocast_dtype = autocast_dtype
+        self.memory_budget = memory_budget
+
+    def forward(self, input_ids, attention_mask, labels, ref_logps, group: GroupInfo) -> GroupDPOLossOutput:
+        """The loss of the batch (`[R, T]` rows, or a `GroupBatch` as `labels` with its `input_ids` and no
+        attention_mask); only `loss` carries gradient."""
+        lengths = response_lengths(labels)
+        if self.backend == "fused-linear":
+            with _autocast(input_ids, self.autocast_dtype):
+                hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
+                weight, bias, lora = hf.fused_head(self.model)
+                return fused_linear_group_loss(hidden, weight, scored, bias=bias, lora=lora, ref_logps=ref_logps,
+                                               group=group, lengths=lengths, memory_budget=self.memory_budget,
+                                               loss_kwargs=self.loss_kwargs)
+        logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
+        if self.backend == "logits":
+            logps = dpo_kernels.sequence_logprobs(logits, labels)
+            return dpo_kernels.group_dpo_loss(logps, ref_logps, group.sizes, group.scores, lengths=lengths,
+                                              **self.loss_kwargs)
+        logps = dpo_kernels.reference.sequence_logprobs(logits, labels)
+        return dpo_kernels.reference.group_dpo_loss(logps, ref_logps, group.sizes, group.scores, lengths=lengths,
+                                                    **self.loss_kwargs)
