@@ -73,7 +73,8 @@ class TrainConfig:
     model: str = _setting("", "policy to train: a local HF model directory or a hub id already in the local cache",
                           resume="config")
     data: str = _setting("", "training pairs: .json / .jsonl / .parquet file or a datasets.save_to_disk directory; "
-                             "rows {prompt, chosen, rejected} as strings or as lists of chat messages")
+                             "rows {prompt, chosen, rejected} as strings or as lists of chat messages, or groups "
+                             "{prompt, responses, scores} / {prompt, ranking} (best first) for a group --loss-type")
     output_dir: str = _setting("dpo-output", "where checkpoint-STEP/, metrics.jsonl and curves.png go (must be "
                                              "writable)")
     eval_data: str | None = _setting(None, "held-out pairs, same formats; evaluated every --eval-every steps and "
@@ -96,8 +97,8 @@ class TrainConfig:
                               check=Check(lambda v: v >= 1 or v == -1, ">= 1, or -1 to run `epochs` epochs"),
                               resume="config")
     epochs: int = _setting(1, "passes over the data when --max-steps is -1", check=AT_LEAST_1, resume="config")
-    batch_size: int = _setting(4, "preference pairs per micro-batch per process (2 x batch_size rows: chosen, "
-                                  "then rejected)", check=AT_LEAST_1, resume="config")
+    batch_size: int = _setting(4, "preference pairs (or groups) per micro-batch per process (2 x batch_size rows: "
+                                  "chosen, then rejected)", check=AT_LEAST_1, resume="config")
     grad_accum: int = _setting(1, "micro-batches accumulated per optimizer step", check=AT_LEAST_1, resume="config")
     eval_batch_size: int | None = _setting(None, "pairs per evaluation batch (default: --batch-size)",
                                            check=AT_LEAST_1)
@@ -169,7 +170,8 @@ class TrainConfig:
     share_prompt: bool = _setting(False, "run each pair's prompt through the model once: one row [prompt | chosen | "
                                          "rejected] per pair, the responses kept apart by the attention mask (the "
                                          "same numbers, fewer tokens when prompts are long); models it does not "
-                                         "support train on unshared rows, with a warning")
+                                         "support train on unshared rows, with a warning. Groups always take this "
+                                         "layout where the model supports it")
     strict: bool = _setting(False, "turn every fallback (shared prompt -> unshared rows, Triton -> PyTorch, which "
                                    "CPU tensors take unless DPO_KERNELS_BACKEND=torch) into an error naming the model, "
                                    "option or device that caused it; DPO_KERNELS_STRICT=1 does the same")
