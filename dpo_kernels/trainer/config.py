@@ -146,6 +146,10 @@ class TrainConfig:
     dpop_lambda: float | None = _loss_param("dpop_lambda")
     loss_params: dict[str, float] = _setting({}, "any other keyword of dpo_kernels.dpo_loss, repeatable",
                                              flag="--loss-param", metavar="KEY=VALUE", resume="config")
+    group_by_prompt: bool = _setting(False, "pair rows: the pairs that share a prompt run as one group, each distinct "
+                                            "response once and the prompt once, with the same pairwise loss on "
+                                            "the same pairs; --batch-size then counts prompts, each with all of "
+                                            "its pairs", resume="config")
     # --- tokenization ---
     max_length: int = _setting(1024, "maximum prompt + response tokens per row (responses are cut to fit)",
                                check=Check(lambda v: v >= 2, ">= 2"), resume="config")
@@ -385,6 +389,9 @@ def _check_loss_settings(c: TrainConfig) -> None:
 
 
 def _check_group_loss_settings(c: TrainConfig) -> None:
+    if c.group_by_prompt:
+        raise UserInputError(f"group_by_prompt groups pair rows for a pairwise loss; loss_type {c.loss_type!r} "
+                             "trains group rows (and pair rows, as groups of two) without it")
     types = loss_types(c)
     if len(types) > 1:
         raise UserInputError(f"loss_type {c.loss_type!r}: a group loss ({', '.join(GROUP_LOSS_TYPES)}) runs alone, "

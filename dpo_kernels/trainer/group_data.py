@@ -153,3 +153,51 @@ def as_groups(data):
         return data
     examples = [pair_as_group(e) for e in data.examples]
     return replace(data, examples=examples, kind="group", fingerprint=group_digest(examples))
+
+
+# ---------------------------------------------------------------------------------------------- --group-by-prompt
+@dataclass(frozen=True)
+class PromptGroup:
+    """Pairs that share a prompt, run as one group: `prompt_ids`, each distinct response once (`response_ids`, EOS
+    included), and each pair as `(chosen, rejected)` indices into them, in file order."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[tuple[int, ...], ...]
+    pairs: tuple[tuple[int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.response_ids)
+
+
+def _prompt_group(prompt, pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> PromptGroup:
+    responses, index = [], {}
+    for ids in (ids for pair in pairs for ids in pair):
+        if ids not in index:
+            index[ids] = len(responses)
+            responses.append(ids)
+    if len(responses) < MIN_GROUP_SIZE:
+        # Every pair holds one response twice: keep the copy, as the pairs' rows would.
+        responses.append(responses[0])
+        return PromptGroup(prompt, tuple(responses), tuple((0, 1) for _ in pairs))
+    return PromptGroup(prompt, tuple(responses), tuple((index[c], index[r]) for c, r in pairs))
+
+
+def group_by_prompt(data):
+    """`data` (a `PreferenceData` of pairs) with the pairs that share a prompt (the same prompt token ids) as one
+    `PromptGroup`, in the order of each prompt's first pair. A prompt whose pairs hold more than `MAX_GROUP_SIZE`
+    distinct responses makes several groups, one after another, each filled in file order."""
+    by_prompt: dict[tuple[int, ...], list[list]] = {}
+    for e in data.examples:
+        p = e.prompt_len
+        prompt, pair = tuple(e.chosen_ids[:p]), (tuple(e.chosen_ids[p:]), tuple(e.rejected_ids[p:]))
+        chunks = by_prompt.setdefault(prompt, [[]])
+        distinct = {ids for c, r in chunks[-1] for ids in (c, r)} | set(pair)
+        if len(distinct) > MAX_GROUP_SIZE:
+            chunks.append([])
+        chunks[-1].append(pair)
+    examples = [_prompt_group(prompt, pairs) for prompt, chunks in by_prompt.items() for pairs in chunks]
+    digest = hashlib.sha256(b"prompt groups")
+    for e in examples:
+        digest.update(repr((e.prompt_ids, e.response_ids, e.pairs)).encode())
+    return replace(data, examples=examples, kind="prompt_group", fingerprint=digest.hexdigest())

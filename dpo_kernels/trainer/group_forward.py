@@ -7,6 +7,9 @@
 
 The batch is a `GroupBatch` (the shared layout, `labels` carries it) or unshared rows `[R, T]`; either way the `[R]`
 log-probs come group by group. Autocast and the DDP/FSDP wrapping are `trainer.forward.DPOForward`'s.
+
+`PromptGroupDPOForward` (`--group-by-prompt`) runs the same per-response log-probs and applies the pairwise loss to
+the pairs given, gathered from them: the loss of the pairs as unshared rows, with one prompt forward per group.
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ from dpo_kernels import hf
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.plan import scored_counts
 from dpo_kernels.loss_op.group_spec import GroupDPOLossOutput
+from dpo_kernels.outputs import DPOOutput
 from dpo_kernels.shared_prompt.batch import SharedBatch
 from dpo_kernels.trainer.backends import BACKENDS
 from dpo_kernels.trainer.forward import _autocast, _hidden_states, _logits
-from dpo_kernels.trainer.group_batches import GroupInfo
+from dpo_kernels.trainer.group_batches import GroupInfo, PairIndex
 
 
 def fused_linear_group_loss(hidden, weight, scored, *, bias, lora, ref_logps, group: GroupInfo, lengths,
@@ -81,3 +85,39 @@ class GroupDPOForward(nn.Module):
         logps = dpo_kernels.reference.sequence_logprobs(logits, labels)
         return dpo_kernels.reference.group_dpo_loss(logps, ref_logps, group.sizes, group.scores, lengths=lengths,
                                                     **self.loss_kwargs)
+
+
+class PromptGroupDPOForward(GroupDPOForward):
+    """Wraps a causal LM for `--group-by-prompt` batches; `forward(batch tensors, ref log-probs [R], PairIndex)`
+    returns the pairwise loss of the batch's pairs (`DPOOutput`, as `trainer.forward.DPOForward`)."""
+
+    def response_logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """`[R]` fp32 log-probs of the batch's responses, group by group, through the backend's op."""
+        if self.backend == "fused-linear":
+            with _autocast(input_ids, self.autocast_dtype):
+                hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
+                weight, bias, lora = hf.fused_head(self.model)
+                return dpo_kernels.linear_sequence_logprobs(hidden, weight, scored, bias=bias, lora=lora,
+                                                            memory_budget=self.memory_budget)
+        logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
+        logps_fn = dpo_kernels.sequence_logprobs if self.backend == "logits" else \
+            dpo_kernels.reference.sequence_logprobs
+        return logps_fn(logits, labels)
+
+    def forward(self, input_ids, attention_mask, labels, ref_logps, pairs: PairIndex) -> DPOOutput:
+        """The pairwise loss of `pairs` (`[P]` chosen and rejected indices into the `[R]` log-probs)."""
+        lengths = response_lengths(labels)
+        logps = self.response_logps(input_ids, attention_mask, labels)
+        c, r = pairs.chosen, pairs.rejected
+        ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[c], ref_logps[r])
+        loss_fn = dpo_kernels.reference.dpo_loss if self.backend == "reference" else dpo_kernels.dpo_loss
+        out = loss_fn(logps[c], logps[r], ref_c, ref_r, chosen_lengths=lengths[c], rejected_lengths=lengths[r],
+                      **self.loss_kwargs)
+        metrics = logps.detach().float()
+        return DPOOutput(
+            loss=out.loss, chosen_logps=metrics[c], rejected_logps=metrics[r],
+            chosen_rewards=out.chosen_rewards.detach(), rejected_rewards=out.rejected_rewards.detach(),
+            reward_accuracy=out.reward_accuracy.detach(), reward_margin=out.reward_margin.detach(),
+            losses=out.losses.detach(), ref_chosen_logps=ref_c, rejected_lengths=lengths[r],
+            ref_rejected_logps=ref_r, chosen_lengths=lengths[c],
+        )

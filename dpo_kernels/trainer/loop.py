@@ -51,9 +51,9 @@ from dpo_kernels.trainer.config import (
 from dpo_kernels.trainer.data import PreferenceData, load_preference_data
 from dpo_kernels.trainer.errors import InputFileError, UserInputError
 from dpo_kernels.trainer.forward import DPOForward
-from dpo_kernels.trainer.group_batches import collate_groups
-from dpo_kernels.trainer.group_data import as_groups
-from dpo_kernels.trainer.group_forward import GroupDPOForward
+from dpo_kernels.trainer.group_batches import collate_any_groups
+from dpo_kernels.trainer.group_data import as_groups, group_by_prompt
+from dpo_kernels.trainer.group_forward import GroupDPOForward, PromptGroupDPOForward
 from dpo_kernels.trainer.group_metrics import GroupMetrics
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
 from dpo_kernels.trainer.models import decoder_layer_types, enable_checkpointing, load_model, load_tokenizer
@@ -158,11 +158,18 @@ class PairMetrics:
         return dict(zip(METRIC_KEYS, values, strict=True))
 
 
-def collate(examples, pad_id: int, device, *, share_prompt: bool, group: bool) -> dict:
-    """The batch of pairs (`collate_pairs`) or of groups (`collate_groups`)."""
-    if group:
-        return collate_groups(examples, pad_id, device, share_prompt=share_prompt)
-    return collate_pairs(examples, pad_id, device, share_prompt=share_prompt)
+def collate(examples, pad_id: int, device, *, share_prompt: bool, kind: str) -> dict:
+    """The batch of pairs (`collate_pairs`), or of groups of either kind (`collate_any_groups`)."""
+    if kind == "pair":
+        return collate_pairs(examples, pad_id, device, share_prompt=share_prompt)
+    return collate_any_groups(examples, pad_id, device, share_prompt=share_prompt)
+
+
+def module_args(batch: dict, refs: tuple) -> tuple:
+    """The loss module's arguments after the batch tensors: the reference log-probs, then a group batch's
+    `GroupInfo` or a `--group-by-prompt` batch's `PairIndex`."""
+    extra = batch.get("group", batch.get("pairs"))
+    return refs if extra is None else (*refs, extra)
 
 
 @torch.no_grad()
@@ -175,9 +182,9 @@ def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, 
     for start in range(0, len(data), bs):
         indices = list(range(start, min(start + bs, len(data))))
         batch = collate([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt,
-                        group=data.kind == "group")
-        out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], *ref.logps("eval", indices, batch),
-                     *([batch["group"]] if "group" in batch else []))
+                        kind=data.kind)
+        out = module(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                     *module_args(batch, ref.logps("eval", indices, batch)))
         values = [v * len(indices) for v in metrics.values(out, batch)]
         totals = values if totals is None else [t + v for t, v in zip(totals, values, strict=True)]
         count += len(indices)
@@ -209,18 +216,13 @@ class Run:
     saved_step: int | None = None
     metrics: Any = dataclasses.field(default_factory=PairMetrics)  # PairMetrics or group_metrics.GroupMetrics
 
-    @property
-    def group(self) -> bool:
-        return self.train_data.kind == "group"
-
     def micro_batch(self, micro: int):
         """Global micro-batch `micro`'s share of this process: (batch tensors, the loss module's arguments after
         the batch's: reference log-probs, and a group batch's `GroupInfo`)."""
         indices = self.plan.indices(micro, self.ctx.rank)
         batch = collate([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
-                        share_prompt=self.c.share_prompt, group=self.group)
-        refs = self.ref.logps("train", indices, batch)
-        return batch, (*refs, batch["group"]) if self.group else refs
+                        share_prompt=self.c.share_prompt, kind=self.train_data.kind)
+        return batch, module_args(batch, self.ref.logps("train", indices, batch))
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces gradients only on the last micro-batch of a step."""
@@ -262,13 +264,14 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
     eval_data = fit_data_to_loss(load_preference_data(c.eval_data, tokenizer, **data_kwargs), c) \
         if c.eval_data else None
     plan = make_plan(c, train_data, ctx.world)
-    group = train_data.kind == "group"
-    if group:
+    kind = train_data.kind
+    if kind != "pair":
         # Groups run in the shared layout wherever the model supports it (below: else unshared rows, one warning).
         c = dataclasses.replace(c, share_prompt=True)
 
     dtype, autocast_dtype = precision_settings(c, ctx.device.type)
-    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c), group=group)
+    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c),
+                    group=kind != "pair")
     if c.precompute_ref and not ref.free:
         ref.precompute("train", train_data)
         if eval_data is not None:
@@ -290,7 +293,8 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
                                     warn=message if ctx.is_main else None, stacklevel=3),)
         c = dataclasses.replace(c, share_prompt=False)
     check_backend_fits(policy, c)
-    forward, kwargs = (GroupDPOForward, group_loss_kwargs(c)) if group else (DPOForward, loss_kwargs(c))
+    forward, kwargs = {"pair": (DPOForward, loss_kwargs(c)), "group": (GroupDPOForward, group_loss_kwargs(c)),
+                       "prompt_group": (PromptGroupDPOForward, loss_kwargs(c))}[kind]
     dpo = forward(policy, c.loss_backend, kwargs, autocast_dtype, memory_budget=parse_memory_budget(c.memory_budget))
     if c.compile:
         dpo.compile()
@@ -314,16 +318,19 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
             warnings.warn(f"resuming from {resume_dir} with settings that differ from its run: " + "; ".join(notes),
                           stacklevel=3)
     path = paths.record(paths.PathRecord("trainer", shared_prompt=c.share_prompt, fallbacks=fallbacks))
-    metrics = GroupMetrics(max(e.size for d in (train_data, eval_data) if d for e in d.examples)) if group \
-        else PairMetrics()
+    metrics = GroupMetrics(max(e.size for d in (train_data, eval_data) if d for e in d.examples)) \
+        if kind == "group" else PairMetrics()
     return Run(c, ctx, out_dir, tokenizer, pad, train_data, eval_data, plan, ref, dpo, model, optimizer, scheduler,
                state, resumed=resume_dir is not None, path=path, metrics=metrics)
 
 
 def fit_data_to_loss(data: PreferenceData, c: TrainConfig) -> PreferenceData:
-    """Pair rows train under a group loss as groups of two (chosen first); group rows need a group loss."""
+    """Pair rows train under a group loss as groups of two (chosen first), or with `group_by_prompt` as one group
+    per prompt; group rows need a group loss."""
     if is_group_loss(c):
         return as_groups(data)
+    if c.group_by_prompt and data.kind == "pair":
+        return group_by_prompt(data)
     if data.kind == "group":
         pair = loss_types(c)[0] if len(loss_types(c)) == 1 else "sigmoid"
         raise UserInputError(f"{data.source} holds groups of ranked responses, which the pairwise loss_type "

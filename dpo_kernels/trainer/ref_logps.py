@@ -26,7 +26,7 @@ from dpo_kernels.trainer import distributed
 from dpo_kernels.trainer.batches import collate_pairs, shared_prompt_problem
 from dpo_kernels.trainer.data import PreferenceData
 from dpo_kernels.trainer.forward import reference_logps
-from dpo_kernels.trainer.group_batches import collate_groups
+from dpo_kernels.trainer.group_batches import collate_any_groups
 from dpo_kernels.trainer.models import decoder_layer_types, load_model
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
@@ -147,10 +147,10 @@ class Reference:
     """Reference log-probs for a batch: from a frozen model, from the precomputed cache, or zeros (reference-free).
 
     `config` is the run's TrainConfig; `free` says the run is reference-free (no model, no cache); `group` that the
-    data are groups (`trainer.group_data`), which run in the shared layout where the model supports it. Under
-    `--distributed fsdp` the reference model is sharded over the processes (`distributed.shard_frozen`), so every
-    process runs its forwards together: each runs one per micro-batch, and all of them evaluate and precompute in
-    the same order.
+    data are groups (`trainer.group_data`, `--group-by-prompt` ones too), which run in the shared layout where the
+    model supports it. Under `--distributed fsdp` the reference model is sharded over the processes
+    (`distributed.shard_frozen`), so every process runs its forwards together: each runs one per micro-batch, and
+    all of them evaluate and precompute in the same order.
     """
 
     def __init__(self, config, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int, *, free: bool,
@@ -206,7 +206,7 @@ class Reference:
 
     def _collate(self, examples, share: bool) -> dict:
         if self.group:
-            return collate_groups(examples, self.pad_id, self.ctx.device, share_prompt=share)
+            return collate_any_groups(examples, self.pad_id, self.ctx.device, share_prompt=share)
         return collate_pairs(examples, self.pad_id, self.ctx.device, share_prompt=share)
 
     def _compute(self, data: PreferenceData):

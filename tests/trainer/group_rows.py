@@ -25,3 +25,17 @@ def group_rows(n: int, *, seed: int = 0, sizes=(2, 3, 4, 5)) -> list[dict]:
 def as_ranking_rows(pair_rows: list[dict]) -> list[dict]:
     """Pair rows as group rows of two, best first."""
     return [{"prompt": r["prompt"], "ranking": [r["chosen"], r["rejected"]]} for r in pair_rows]
+
+
+def repeated_prompt_rows(prompts: int, *, seed: int = 0) -> list[dict]:
+    """Pair rows where each of `prompts` prompts has 1 to 4 pairs that share responses (a response is chosen in one
+    pair and rejected in another, as preference sets built from ratings are), prompts interleaved in file order."""
+    rng = random.Random(seed)
+    rows = []
+    for i, pair in enumerate(preference_rows(prompts, seed=seed)):
+        responses = [f" the thing is {c} ." for c in rng.sample(COLORS, 4)]
+        for _ in range(1 + i % 4):
+            chosen, rejected = rng.sample(responses, 2)
+            rows.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected})
+    rng.shuffle(rows)
+    return rows
