@@ -130,14 +130,15 @@ class TrainConfig:
                                          "each ordered pair", choices=PAIR_LOSS_TYPES, metavar="NAME",
                               resume="config")
     top_k: int | None = _setting(None, "plackett_luce: score the first N places only (1 = the best against all "
-                                       "the others); default the full ranking",
+                                       "the others) (default: the full ranking, K - 1 places)",
                                  check=Check(lambda v: 1 <= v < MAX_GROUP_SIZE, f"in [1, {MAX_GROUP_SIZE - 1}]"),
                                  metavar="N", resume="config")
-    pair_weighting: str | None = _setting(None, "all_pairs: score_gap weighs each pair by its score gap",
+    pair_weighting: str | None = _setting(None, "all_pairs: score_gap weighs each pair by its score gap "
+                                                "(default: every pair weighs 1)",
                                           check=Check(lambda v: v == "score_gap", "score_gap"), metavar="score_gap",
                                           resume="config")
     sft_weight: float | None = _setting(None, "group losses: weight of the NLL of each group's best response (the "
-                                              "pairwise losses add 'sft' to --loss-type instead)",
+                                              "pairwise losses add 'sft' to --loss-type instead) (default: 0)",
                                         check=Check(math.isfinite, "finite"), resume="config")
     loss_weights: list[float] | None = _loss_param("loss_weights", metavar="W1,W2")
     label_smoothing: float = _loss_param("label_smoothing", loss_table.HYPER_PARAMS["label_smoothing"].default)

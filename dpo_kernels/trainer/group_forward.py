@@ -66,6 +66,20 @@ class GroupDPOForward(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.memory_budget = memory_budget
 
+    def response_logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """`[R]` fp32 log-probs of the batch's responses, group by group, through the backend's op
+        (differentiable)."""
+        if self.backend == "fused-linear":
+            with _autocast(input_ids, self.autocast_dtype):
+                hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
+                weight, bias, lora = hf.fused_head(self.model)
+                return dpo_kernels.linear_sequence_logprobs(hidden, weight, scored, bias=bias, lora=lora,
+                                                            memory_budget=self.memory_budget)
+        logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
+        logps_fn = dpo_kernels.sequence_logprobs if self.backend == "logits" else \
+            dpo_kernels.reference.sequence_logprobs
+        return logps_fn(logits, labels)
+
     def forward(self, input_ids, attention_mask, labels, ref_logps, group: GroupInfo) -> GroupDPOLossOutput:
         """The loss of the batch (`[R, T]` rows, or a `GroupBatch` as `labels` with its `input_ids` and no
         attention_mask); only `loss` carries gradient."""
@@ -77,32 +91,14 @@ class GroupDPOForward(nn.Module):
                 return fused_linear_group_loss(hidden, weight, scored, bias=bias, lora=lora, ref_logps=ref_logps,
                                                group=group, lengths=lengths, memory_budget=self.memory_budget,
                                                loss_kwargs=self.loss_kwargs)
-        logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
-        if self.backend == "logits":
-            logps = dpo_kernels.sequence_logprobs(logits, labels)
-            return dpo_kernels.group_dpo_loss(logps, ref_logps, group.sizes, group.scores, lengths=lengths,
-                                              **self.loss_kwargs)
-        logps = dpo_kernels.reference.sequence_logprobs(logits, labels)
-        return dpo_kernels.reference.group_dpo_loss(logps, ref_logps, group.sizes, group.scores, lengths=lengths,
-                                                    **self.loss_kwargs)
+        logps = self.response_logps(input_ids, attention_mask, labels)
+        loss_fn = dpo_kernels.group_dpo_loss if self.backend == "logits" else dpo_kernels.reference.group_dpo_loss
+        return loss_fn(logps, ref_logps, group.sizes, group.scores, lengths=lengths, **self.loss_kwargs)
 
 
 class PromptGroupDPOForward(GroupDPOForward):
     """Wraps a causal LM for `--group-by-prompt` batches; `forward(batch tensors, ref log-probs [R], PairIndex)`
     returns the pairwise loss of the batch's pairs (`DPOOutput`, as `trainer.forward.DPOForward`)."""
-
-    def response_logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """`[R]` fp32 log-probs of the batch's responses, group by group, through the backend's op."""
-        if self.backend == "fused-linear":
-            with _autocast(input_ids, self.autocast_dtype):
-                hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
-                weight, bias, lora = hf.fused_head(self.model)
-                return dpo_kernels.linear_sequence_logprobs(hidden, weight, scored, bias=bias, lora=lora,
-                                                            memory_budget=self.memory_budget)
-        logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
-        logps_fn = dpo_kernels.sequence_logprobs if self.backend == "logits" else \
-            dpo_kernels.reference.sequence_logprobs
-        return logps_fn(logits, labels)
 
     def forward(self, input_ids, attention_mask, labels, ref_logps, pairs: PairIndex) -> DPOOutput:
         """The pairwise loss of `pairs` (`[P]` chosen and rejected indices into the `[R]` log-probs)."""
