@@ -218,7 +218,7 @@ class Run:
 
     def micro_batch(self, micro: int):
         """Global micro-batch `micro`'s share of this process: (batch tensors, the loss module's arguments after
-        the batch's: reference log-probs, and a group batch's `GroupInfo`)."""
+        the batch's, `module_args`)."""
         indices = self.plan.indices(micro, self.ctx.rank)
         batch = collate([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
                         share_prompt=self.c.share_prompt, kind=self.train_data.kind)
