@@ -125,9 +125,10 @@ def tokenize_group(tokenizer, row, *, max_length: int, max_prompt_length: int | 
         response_ids.append(response)
     kept = truncate_group(full_ids[0][:cut], response_ids, max_length=max_length,
                           max_prompt_length=max_prompt_length, bos_token_id=tokenizer.bos_token_id)
-    if kept is None:
+    # The responses share the prompt's room: truncation drops all of them (an empty one aside) or none, and a group
+    # that lost any is skipped, so the scores stay aligned with the responses kept.
+    if kept is None or len(kept[1]) != len(response_ids):
         return None
-    # A response is dropped only with all the others (they share the prompt's room), so the scores stay aligned.
     prompt_ids, response_ids = kept
     return GroupExample(tuple(prompt_ids), tuple(tuple(r) for r in response_ids), tuple(scores))
 
