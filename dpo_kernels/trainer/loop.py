@@ -69,6 +69,7 @@ class TrainResult:
     eval_metrics: dict                     # the last evaluation ({} without eval_data)
     skipped_steps: int = 0                 # steps skipped because the loss was not finite
     dropped_rows: int = 0                  # rows dropped by skip_bad_rows
+    skipped_groups: int = 0                # groups whose prompt left no room for a response (truncation)
     plot_path: str | None = None
     path_records: list = dataclasses.field(default_factory=list)  # dpo_kernels.paths: the run's, its first step's
 
@@ -453,7 +454,8 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
     ctx.barrier()
     return TrainResult(output_dir=str(run.out_dir), global_step=s.step, final_checkpoint=str(final_checkpoint),
                        history=log.history, eval_metrics=eval_metrics, skipped_steps=s.skipped_steps,
-                       dropped_rows=run.train_data.dropped, plot_path=plot_path,
+                       dropped_rows=run.train_data.dropped, skipped_groups=run.train_data.skipped,
+                       plot_path=plot_path,
                        path_records=path_records or [run.path])
 
 

@@ -142,8 +142,11 @@ def test_group_rows_with_a_pairwise_loss_suggest_all_pairs(tmp_path):
     from tests.tiny_models import tiny_setup, train_config
 
     tiny = tiny_setup(tmp_path / "tiny", rows=4)
-    data = write_jsonl(tmp_path / "groups.jsonl", group_rows(4))
+    long_prompt = {"prompt": " ".join(["the sky"] * 20), "ranking": [" blue .", " red ."]}
+    data = write_jsonl(tmp_path / "groups.jsonl", group_rows(4) + [long_prompt])
     with pytest.raises(UserInputError, match="--loss-type all_pairs --pair-loss ipo"):
         train(train_config(tiny, tmp_path / "out", data=str(data), loss_type="ipo"))
-    assert math.isfinite(train(train_config(tiny, tmp_path / "ok", data=str(data), loss_type="all_pairs",
-                                            pair_loss="ipo", max_steps=1)).history[0]["loss"])
+    with pytest.warns(UserWarning, match="skipped 1 group"):
+        result = train(train_config(tiny, tmp_path / "ok", data=str(data), loss_type="all_pairs", pair_loss="ipo",
+                                    max_steps=1, max_length=24, max_prompt_length=32))
+    assert math.isfinite(result.history[0]["loss"]) and result.skipped_groups == 1

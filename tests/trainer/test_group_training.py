@@ -52,6 +52,8 @@ def test_k2_groups_train_bit_for_bit_like_the_shared_pairs(tiny, tmp_path, pair_
     for p, g in zip(steps(pairs), steps(groups), strict=True):
         assert (p["loss"], p["grad_norm"], p["lr"]) == (g["loss"], g["grad_norm"], g["lr"]), (p, g)
         assert p["rewards/accuracies"] == g["rewards/ranking_accuracy"] == g["rewards/top1_accuracy"]
+        assert g["rewards/rank_1"] == pytest.approx(p["rewards/chosen"], rel=1e-6, abs=1e-9)
+        assert g["rewards/rank_2"] == pytest.approx(p["rewards/rejected"], rel=1e-6, abs=1e-9)
         assert p["tokens/backbone"] == g["tokens/backbone"]
     a, b = weights(pairs), weights(groups)
     assert all(torch.equal(a[k], b[k]) for k in a)
