@@ -7,11 +7,11 @@ with the reference log-probs precomputed (fixed numbers, one per response), as `
     a  pairs            the M = C(K, 2) pairs of each group as unshared rows, chosen rows then rejected rows:
                         [2GM, P + R], sigmoid DPO (what TRL users train on such lists today)
     b  shared pairs     the same pairs in the shared-prompt layout: [GM, P + 2R], sigmoid DPO
-    c  group            one row per group: [G, P + KR], `group_dpo_loss` all_pairs with sigmoid pairs (the mean over
-                        a group's pairs, then over groups: at one K per batch, the same objective as a and b), and
-                        plackett_luce on the same row
+    c  group            one row per group: [G, P + KR], `fused_linear_group_dpo` all_pairs with sigmoid pairs
+                        (the mean over a group's pairs, then over groups: at one K per batch, the same objective as
+                        a and b), and plackett_luce on the same row
     d  group by prompt  the pairs of a regrouped by prompt, each distinct response once: the row of c, and sigmoid
-                        DPO on the given pairs, gathered from the per-response log-probs (the loss of a, exactly)
+                        DPO on the given pairs (`fused_linear_dpo_by_prompt`: the loss of a, exactly)
 
 The ideal ratio of a layout is a's backbone positions over its own, 2M(P + R) / (P + KR) for c and d (attention
 grows faster than linearly, so long rows can beat it; the head scores 2GMR tokens in a and b, GKR in c and d).
@@ -37,10 +37,10 @@ from dpo_kernels.bench.shared_prompt import (
     unshared_batch,
 )
 from dpo_kernels.bench.timing import release_memory, time_step
-from dpo_kernels.fused_linear.functional import fused_linear_dpo, linear_sequence_logprobs
+from dpo_kernels.fused_linear.by_prompt import fused_linear_dpo_by_prompt
+from dpo_kernels.fused_linear.functional import fused_linear_dpo
+from dpo_kernels.fused_linear.group import fused_linear_group_dpo
 from dpo_kernels.hf import backbone_hidden_states, output_head, shared_backbone_hidden_states
-from dpo_kernels.loss_op.group import group_dpo_loss
-from dpo_kernels.loss_op.op import dpo_loss
 from dpo_kernels.shared_prompt.batch import build_shared_batch
 from dpo_kernels.shared_prompt.groups import GroupBatch, build_group_batch
 
@@ -109,13 +109,14 @@ def reference_logps(groups: list, seed: int = 1) -> torch.Tensor:
 
 
 def _group_head_loss(hidden, weight, bias, batch: GroupBatch, ref_logps, *, loss_type="all_pairs", pairs=None):
-    """The head's loss on a group batch: per-response log-probs `[R]`, then `group_dpo_loss` (`loss_type`, sigmoid
-    pairs), or with `pairs = (chosen [B], rejected [B])` sigmoid DPO on those pairs of responses."""
-    logps = linear_sequence_logprobs(hidden, weight, batch.attribution, bias=bias)
+    """The head's loss on a group batch, on the fused engine: `fused_linear_group_dpo` (`loss_type`, sigmoid pairs),
+    or with `pairs` (host `(chosen, rejected)` response indices) `fused_linear_dpo_by_prompt`, sigmoid DPO on those
+    pairs of responses."""
     if pairs is not None:
-        chosen, rejected = pairs
-        return dpo_loss(logps[chosen], logps[rejected], ref_logps[chosen], ref_logps[rejected]).loss
-    return group_dpo_loss(logps, ref_logps, batch.sizes, loss_type=loss_type, pair_loss="sigmoid").loss
+        return fused_linear_dpo_by_prompt(hidden, weight, batch.attribution, batch.sizes, pairs, bias=bias,
+                                          ref_logps=ref_logps).loss
+    return fused_linear_group_dpo(hidden, weight, batch.attribution, batch.sizes, bias=bias, ref_logps=ref_logps,
+                                  loss_type=loss_type, pair_loss="sigmoid").loss
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def step_of(model, layout: str, groups: list, device, autocast_dtype) -> Step:
         batch = build_group_batch(rows, device=device)
         positions, tokens = batch.num_positions, int((batch.document_ids >= 0).sum())
         rows_ref = reference_logps(rows).to(device)
-        settings = {"pairs": (chosen, rejected)} if by_prompt else _GROUP_LOSSES[layout]
+        host_pairs = list(zip(pairs.chosen.tolist(), pairs.rejected.tolist(), strict=True))
+        settings = {"pairs": host_pairs} if by_prompt else _GROUP_LOSSES[layout]
 
         def forward():
             return shared_backbone_hidden_states(model, batch), batch

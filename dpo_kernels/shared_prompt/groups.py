@@ -123,6 +123,7 @@ def build_group_batch(
     max_row_tokens: int | None = None,
     pad_to_multiple_of: int = 1,
     device: torch.device | str | None = None,
+    oversized_own_row: bool = False,
 ) -> GroupBatch:
     """Builds the shared-prompt batch of tokenized groups, one prompt with K responses each (K may differ).
 
@@ -135,6 +136,7 @@ def build_group_batch(
             row (default: all groups in one row). Without `pack`, one group per row, right-padded.
         pad_to_multiple_of: round T up (e.g. 128, FlexAttention's block size, or to reuse compiled shapes).
         device: where the tensors go (default CPU).
+        oversized_own_row: a group longer than `max_row_tokens` gets a row of its own (default: ValueError).
     Returns:
         a `GroupBatch`; its `attribution` scores R = sum K sequences, group by group. Raises ValueError when no
         group is left after truncation.
@@ -152,7 +154,7 @@ def build_group_batch(
     layout = lay_out([p for p, _ in kept], [rs for _, rs in kept],
                      [list(range(starts[g], starts[g + 1])) for g in range(len(kept))], pad_id=pad_id, pack=pack,
                      max_row_tokens=max_row_tokens, pad_to_multiple_of=pad_to_multiple_of, device=device,
-                     unit="group")
+                     unit="group", oversized_own_row=oversized_own_row)
     return GroupBatch(**layout, group_sizes=torch.tensor(sizes, dtype=torch.long, device=device), sizes=tuple(sizes),
                       kept_groups=tuple(index), skipped_groups=len(groups) - len(kept))
 

@@ -25,6 +25,7 @@ import torch
 
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.loss_op import loss_types as loss_table
+from dpo_kernels.loss_op.group_spec import GROUP_LOSS_TYPES, MAX_GROUP_SIZE, PAIR_LOSS_TYPES, check_group_settings
 from dpo_kernels.loss_op.spec import check_loss_settings
 from dpo_kernels.trainer.backends import BACKENDS
 from dpo_kernels.trainer.distributed import DEVICES
@@ -72,7 +73,8 @@ class TrainConfig:
     model: str = _setting("", "policy to train: a local HF model directory or a hub id already in the local cache",
                           resume="config")
     data: str = _setting("", "training pairs: .json / .jsonl / .parquet file or a datasets.save_to_disk directory; "
-                             "rows {prompt, chosen, rejected} as strings or as lists of chat messages")
+                             "rows {prompt, chosen, rejected} as strings or as lists of chat messages, or groups "
+                             "{prompt, responses, scores} / {prompt, ranking} (best first) for a group --loss-type")
     output_dir: str = _setting("dpo-output", "where checkpoint-STEP/, metrics.jsonl and curves.png go (must be "
                                              "writable)")
     eval_data: str | None = _setting(None, "held-out pairs, same formats; evaluated every --eval-every steps and "
@@ -95,8 +97,8 @@ class TrainConfig:
                               check=Check(lambda v: v >= 1 or v == -1, ">= 1, or -1 to run `epochs` epochs"),
                               resume="config")
     epochs: int = _setting(1, "passes over the data when --max-steps is -1", check=AT_LEAST_1, resume="config")
-    batch_size: int = _setting(4, "preference pairs per micro-batch per process (2 x batch_size rows: chosen, "
-                                  "then rejected)", check=AT_LEAST_1, resume="config")
+    batch_size: int = _setting(4, "preference pairs (or groups) per micro-batch per process (2 x batch_size rows: "
+                                  "chosen, then rejected)", check=AT_LEAST_1, resume="config")
     grad_accum: int = _setting(1, "micro-batches accumulated per optimizer step", check=AT_LEAST_1, resume="config")
     eval_batch_size: int | None = _setting(None, "pairs per evaluation batch (default: --batch-size)",
                                            check=AT_LEAST_1)
@@ -120,8 +122,24 @@ class TrainConfig:
                                     check=Check(lambda v: not math.isnan(v), "a number"), resume="config")
     # --- the DPO loss (dpo_kernels.dpo_loss; hyper-parameters and their ranges: dpo_kernels.loss_op.loss_types) ---
     beta: float = _loss_param("beta", loss_table.HYPER_PARAMS["beta"].default)
-    loss_type: str = _setting("sigmoid", "loss name or comma list (see the loss types below)", metavar="NAME",
+    loss_type: str = _setting("sigmoid", "loss name or comma list (see the loss types below); or one group loss, "
+                                         "plackett_luce, all_pairs or best_vs_worst, for rows of K ranked responses "
+                                         "(pair rows then train as groups of two)", metavar="NAME",
                               resume="config")
+    pair_loss: str = _setting("sigmoid", "group losses all_pairs and best_vs_worst: the pairwise loss applied to "
+                                         "each ordered pair", choices=PAIR_LOSS_TYPES, metavar="NAME",
+                              resume="config")
+    top_k: int | None = _setting(None, "plackett_luce: score the first N places only (1 = the best against all "
+                                       "the others) (default: the full ranking, K - 1 places)",
+                                 check=Check(lambda v: 1 <= v < MAX_GROUP_SIZE, f"in [1, {MAX_GROUP_SIZE - 1}]"),
+                                 metavar="N", resume="config")
+    pair_weighting: str | None = _setting(None, "all_pairs: score_gap weighs each pair by its score gap "
+                                                "(default: every pair weighs 1)",
+                                          check=Check(lambda v: v == "score_gap", "score_gap"), metavar="score_gap",
+                                          resume="config")
+    sft_weight: float | None = _setting(None, "group losses: weight of the NLL of each group's best response (the "
+                                              "pairwise losses add 'sft' to --loss-type instead) (default: 0)",
+                                        check=Check(math.isfinite, "finite"), resume="config")
     loss_weights: list[float] | None = _loss_param("loss_weights", metavar="W1,W2")
     label_smoothing: float = _loss_param("label_smoothing", loss_table.HYPER_PARAMS["label_smoothing"].default)
     gamma: float | None = _loss_param("gamma")
@@ -129,6 +147,10 @@ class TrainConfig:
     dpop_lambda: float | None = _loss_param("dpop_lambda")
     loss_params: dict[str, float] = _setting({}, "any other keyword of dpo_kernels.dpo_loss, repeatable",
                                              flag="--loss-param", metavar="KEY=VALUE", resume="config")
+    group_by_prompt: bool = _setting(False, "pair rows: the pairs that share a prompt run as one group, each distinct "
+                                            "response once and the prompt once, with the same pairwise loss on "
+                                            "the same pairs; --batch-size then counts prompts, each with all of "
+                                            "its pairs", resume="config")
     # --- tokenization ---
     max_length: int = _setting(1024, "maximum prompt + response tokens per row (responses are cut to fit)",
                                check=Check(lambda v: v >= 2, ">= 2"), resume="config")
@@ -153,14 +175,15 @@ class TrainConfig:
     share_prompt: bool = _setting(False, "run each pair's prompt through the model once: one row [prompt | chosen | "
                                          "rejected] per pair, the responses kept apart by the attention mask (the "
                                          "same numbers, fewer tokens when prompts are long); models it does not "
-                                         "support train on unshared rows, with a warning")
-    packing: bool = _setting(False, "padding-free: several sequences per row (several pairs with --share-prompt), "
-                                    "each its own document in the attention mask, up to --max-row-tokens (the same "
-                                    "numbers, fewer backbone positions when lengths are uneven); models without "
-                                    "that mask train on padded rows, with a warning")
+                                         "support train on unshared rows, with a warning. Groups always take this "
+                                         "layout where the model supports it")
+    packing: bool = _setting(False, "padding-free: several sequences per row (several pairs with --share-prompt, "
+                                    "several groups), each its own document in the attention mask, up to "
+                                    "--max-row-tokens (the same numbers, fewer backbone positions when lengths are "
+                                    "uneven); models without that mask train on padded rows, with a warning")
     max_row_tokens: int | None = _setting(None, "cap on a packed row's tokens (default: one row holds the whole "
-                                                "micro-batch); a sequence (or shared pair) longer than the cap gets a "
-                                                "row of its own", check=AT_LEAST_1)
+                                                "micro-batch); a sequence (or shared pair, or group) longer than the "
+                                                "cap gets a row of its own", check=AT_LEAST_1)
     strict: bool = _setting(False, "turn every fallback (shared prompt -> unshared rows, packed rows -> padded "
                                    "rows, Triton -> PyTorch, which CPU tensors take unless DPO_KERNELS_BACKEND=torch) "
                                    "into an error naming the model, option or device that caused it; "
@@ -261,7 +284,15 @@ def loss_types(c: TrainConfig) -> list[str]:
     return [t.strip() for t in c.loss_type.split(",") if t.strip()]
 
 
+def is_group_loss(c: TrainConfig) -> bool:
+    """Whether the run trains a group loss (`dpo_kernels.group_dpo_loss`) rather than a pairwise one."""
+    return any(t in GROUP_LOSS_TYPES for t in loss_types(c))
+
+
 def is_reference_free(c: TrainConfig) -> bool:
+    if is_group_loss(c):
+        ranking_free = c.loss_type != "plackett_luce" and loss_table.is_reference_free([c.pair_loss])
+        return c.reference_free or ranking_free
     return c.reference_free or loss_table.is_reference_free(loss_types(c))
 
 
@@ -276,6 +307,19 @@ def loss_kwargs(c: TrainConfig) -> dict:
         value = getattr(c, name)
         if value is not None:
             kwargs[name] = list(value) if isinstance(value, list) else value
+    kwargs.update(c.loss_params)
+    return kwargs
+
+
+def group_loss_kwargs(c: TrainConfig) -> dict:
+    """Keyword arguments of dpo_kernels.group_dpo_loss: the group loss type, its own settings, and the pair loss's
+    hyper-parameters the config sets, then `loss_params`."""
+    kwargs = {"loss_type": c.loss_type.strip(), "beta": c.beta, "label_smoothing": c.label_smoothing,
+              "pair_loss": c.pair_loss, "top_k": c.top_k, "pair_weighting": c.pair_weighting,
+              "sft_weight": 0.0 if c.sft_weight is None else c.sft_weight}
+    for name in ("gamma", "tau", "dpop_lambda"):
+        if getattr(c, name) is not None:
+            kwargs[name] = getattr(c, name)
     kwargs.update(c.loss_params)
     return kwargs
 
@@ -343,9 +387,34 @@ def _check_lr_scheduler(name: str) -> None:
 
 
 def _check_loss_settings(c: TrainConfig) -> None:
+    if is_group_loss(c):
+        _check_group_loss_settings(c)
+        return
+    group_only = [name for name in ("top_k", "pair_weighting", "sft_weight") if getattr(c, name) is not None]
+    if group_only:
+        raise UserInputError(f"{', '.join(group_only)} apply to the group loss types ({', '.join(GROUP_LOSS_TYPES)}),"
+                             f" not loss_type {c.loss_type!r}")
     kwargs = loss_kwargs(c)
     check_loss_settings(kwargs.pop("loss_type"), beta=kwargs.pop("beta"),
                         label_smoothing=kwargs.pop("label_smoothing"), loss_params=kwargs)
+
+
+def _check_group_loss_settings(c: TrainConfig) -> None:
+    if c.group_by_prompt:
+        raise UserInputError(f"group_by_prompt groups pair rows for a pairwise loss; loss_type {c.loss_type!r} "
+                             "trains group rows (and pair rows, as groups of two) without it")
+    types = loss_types(c)
+    if len(types) > 1:
+        raise UserInputError(f"loss_type {c.loss_type!r}: a group loss ({', '.join(GROUP_LOSS_TYPES)}) runs alone, "
+                             "not in a comma list (its sft term is --sft-weight)")
+    if c.loss_weights is not None:
+        raise UserInputError("loss_weights apply to a comma list of pairwise losses; a group loss's sft term is "
+                             "--sft-weight")
+    kwargs = group_loss_kwargs(c)
+    check_group_settings(kwargs.pop("loss_type"), beta=kwargs.pop("beta"), pair_loss=kwargs.pop("pair_loss"),
+                         top_k=kwargs.pop("top_k"), pair_weighting=kwargs.pop("pair_weighting"),
+                         sft_weight=kwargs.pop("sft_weight"), label_smoothing=kwargs.pop("label_smoothing"),
+                         loss_params=kwargs)
 
 
 def check_saved_config(saved: Mapping, source) -> None:

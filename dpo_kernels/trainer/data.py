@@ -1,9 +1,10 @@
 """Preference data for the trainer: load rows, tokenize them, batch them (chosen rows first, then rejected).
 
-Rows are `{prompt, chosen, rejected}`, either all strings (standard form) or all lists of `{role, content}`
-messages (conversational form, rendered with the tokenizer's chat template). Files: `.json` (a list of rows),
-`.jsonl`, `.parquet`, or a directory written by `datasets.Dataset.save_to_disk`. A bad row is reported by the file's
-1-based line (JSON lines) or the 0-based row index (other formats), or skipped and counted with `skip_bad_rows`.
+Rows are `{prompt, chosen, rejected}` (or groups of K ranked responses: `trainer.group_data`), either all strings
+(standard form) or all lists of `{role, content}` messages (conversational form, rendered with the tokenizer's chat
+template). Files: `.json` (a list of rows), `.jsonl`, `.parquet`, or a directory written by
+`datasets.Dataset.save_to_disk`. A bad row is reported by the file's 1-based line (JSON lines) or the 0-based row
+index (other formats), or skipped and counted with `skip_bad_rows`.
 
 Where the prompt ends: the prompt and prompt+response are tokenized separately and the response starts at the
 longest common prefix of the two id lists (for chosen and rejected alike: the shorter of the two), so that a BPE
@@ -39,10 +40,12 @@ class Example:
 
 @dataclass
 class PreferenceData:
-    examples: list[Example]
+    examples: list          # `Example`s (kind "pair") or `group_data.GroupExample`s (kind "group")
     source: str
     dropped: int            # rows dropped because they were malformed (only with skip_bad_rows)
-    fingerprint: str        # sha256 of every token id: keys the reference log-prob cache
+    fingerprint: str        # sha256 of every token id (and score): keys the reference log-prob cache
+    kind: str = "pair"      # "pair" or "group"
+    skipped: int = 0        # groups that truncation left with fewer than two responses
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -263,41 +266,77 @@ def tokenize_pair(tokenizer, row, *, max_length: int, max_prompt_length: int | N
     )
 
 
+def file_kind(path, rows) -> str:
+    """"group" when the rows have the group form (`group_data.is_group_row`), else "pair"; raises InputFileError
+    naming a line of each kind when the file mixes them."""
+    from dpo_kernels.trainer.group_data import is_group_row
+
+    group = next((where for where, row in rows if is_group_row(row)), None)
+    if group is None:
+        return "pair"
+    pair = next((where for where, row in rows if isinstance(row, dict) and not is_group_row(row)
+                 and any(f in row for f in ("chosen", "rejected"))), None)
+    if pair is not None:
+        raise InputFileError(path, f"holds pair rows ({pair}) and group rows ({group}); a file holds one kind")
+    return "group"
+
+
 def load_preference_data(path, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
                          skip_bad_rows: bool = False) -> PreferenceData:
-    """Loads and tokenizes a preference dataset.
+    """Loads and tokenizes a preference dataset of pair rows or of group rows (`trainer.group_data`).
 
     Raises InputFileError for a missing or unreadable file, and BadRowError naming the file and where in it (the
     1-based line of a JSON-lines file, else the 0-based row) for a malformed row, a line that is not JSON or not
     UTF-8, unless `skip_bad_rows`: then such rows are dropped, counted in `PreferenceData.dropped` and reported in
-    one warning.
+    one warning. Groups that truncation leaves with fewer than two responses are skipped, counted in
+    `PreferenceData.skipped` and reported in one warning.
     """
+    # group_data builds on this module's row checks, so it is imported here, not at the top.
+    from dpo_kernels.trainer.group_data import group_digest, group_row_problem, tokenize_group
+
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
     rows = read_rows(path)
-    examples, bad = [], []
-    digest = hashlib.sha256()
+    kind = file_kind(path, rows)
+    problem_of, tokenize = (row_problem, tokenize_pair) if kind == "pair" else (group_row_problem, tokenize_group)
+    examples, bad, skipped = [], [], []
     for where, row in rows:
         try:
-            problem = row_problem(row)
+            problem = row.problem if isinstance(row, _Unreadable) else problem_of(row)
             if problem:
                 raise BadRowError(problem)
-            example = tokenize_pair(tokenizer, row, max_length=max_length, max_prompt_length=max_prompt_length)
+            example = tokenize(tokenizer, row, max_length=max_length, max_prompt_length=max_prompt_length)
         except BadRowError as e:
             if not skip_bad_rows:
                 raise BadRowError(f"{e.reason} (pass --skip-bad-rows to drop such rows)", path, where) from None
             bad.append(f"{where}: {e.reason}")
             continue
+        if example is None:
+            skipped.append(where)
+            continue
         examples.append(example)
-        digest.update(repr((example.prompt_len, example.chosen_ids, example.rejected_ids)).encode())
     if bad:
         shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
         warnings.warn(f"{path}: dropped {len(bad)} bad row(s) of {len(rows)} ({shown})", stacklevel=2)
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} group(s) whose prompt leaves no room for a response within "
+                      f"max_length={max_length} ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})",
+                      stacklevel=2)
     if not examples:
-        raise InputFileError(path, f"no usable rows ({len(rows)} read, {len(bad)} dropped)")
-    return PreferenceData(examples=examples, source=str(path), dropped=len(bad), fingerprint=digest.hexdigest())
+        raise InputFileError(path, f"no usable rows ({len(rows)} read, {len(bad)} dropped, {len(skipped)} skipped)")
+    fingerprint = pair_digest(examples) if kind == "pair" else group_digest(examples)
+    return PreferenceData(examples=examples, source=str(path), dropped=len(bad), fingerprint=fingerprint, kind=kind,
+                          skipped=len(skipped))
+
+
+def pair_digest(examples: list[Example]) -> str:
+    """sha256 of every token id of `examples`."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(repr((e.prompt_len, e.chosen_ids, e.rejected_ids)).encode())
+    return digest.hexdigest()
 
 
 # -------------------------------------------------------------------------------------------------------- batching

@@ -23,7 +23,7 @@ from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.plan import scored_counts
 from dpo_kernels.losses import DPOLoss, FusedLinearDPOLoss
 from dpo_kernels.outputs import DPOOutput
-from dpo_kernels.shared_prompt.batch import SharedPromptBatch
+from dpo_kernels.shared_prompt.batch import SharedBatch
 from dpo_kernels.shared_prompt.logprobs import gather_scored_logits
 from dpo_kernels.trainer.backends import BACKENDS
 
@@ -34,17 +34,18 @@ def _autocast(input_ids, autocast_dtype):
 
 
 def _logits(model, input_ids, attention_mask, labels, autocast_dtype):
-    """`(logits [2B, T, V], labels [2B, T])`; a shared-prompt batch's scored logits are gathered into that layout."""
+    """`(logits [2B, T, V], labels [2B, T])` (`[R, ...]` for groups); a shared-prompt or group batch's scored logits
+    are gathered into that layout."""
     with _autocast(input_ids, autocast_dtype):
-        if isinstance(labels, SharedPromptBatch):
+        if isinstance(labels, SharedBatch):
             return gather_scored_logits(hf.shared_logits(model, labels), labels)
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, labels
 
 
 def _hidden_states(model, input_ids, attention_mask, labels):
-    """The backbone's hidden states and what the fused head scores: the labels, or a shared-prompt batch's
+    """The backbone's hidden states and what the fused head scores: the labels, or a shared-prompt (or group) batch's
     attribution (its hidden states stay in the shared `[rows, T, H]` layout)."""
-    if isinstance(labels, SharedPromptBatch):
+    if isinstance(labels, SharedBatch):
         return hf.shared_backbone_hidden_states(model, labels), labels.attribution
     return hf.backbone_hidden_states(model, input_ids, attention_mask), labels
 
@@ -108,8 +109,8 @@ def _reference_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, loss_k
 @torch.no_grad()
 def reference_logps(model: nn.Module, backend: str, input_ids, attention_mask, labels,
                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """No-grad per-row log-probs `[2B]` fp32 of `model` (the reference model), with the backend's log-prob op; a
-    `SharedPromptBatch` as `labels` shares the prompt here too."""
+    """No-grad per-row log-probs `[2B]` (`[R]` for groups) fp32 of `model` (the reference model), with the backend's
+    log-prob op; a `SharedPromptBatch` or `GroupBatch` as `labels` shares the prompt here too."""
     if backend == "fused-linear":
         with _autocast(input_ids, autocast_dtype):
             hidden, labels = _hidden_states(model, input_ids, attention_mask, labels)

@@ -40,14 +40,21 @@ from dpo_kernels.trainer.config import (
     TrainConfig,
     check_config,
     check_saved_config,
+    group_loss_kwargs,
+    is_group_loss,
     is_reference_free,
     loss_kwargs,
+    loss_types,
     precision_settings,
     resumed_config,
 )
 from dpo_kernels.trainer.data import PreferenceData, load_preference_data
 from dpo_kernels.trainer.errors import InputFileError, UserInputError
 from dpo_kernels.trainer.forward import DPOForward
+from dpo_kernels.trainer.group_batches import collate_any_groups
+from dpo_kernels.trainer.group_data import as_groups, group_by_prompt
+from dpo_kernels.trainer.group_forward import GroupDPOForward, PromptGroupDPOForward
+from dpo_kernels.trainer.group_metrics import GroupMetrics
 from dpo_kernels.trainer.metrics_log import PLOT_FILE, MetricsLog, plot_curves, step_line
 from dpo_kernels.trainer.models import decoder_layer_types, enable_checkpointing, load_model, load_tokenizer
 from dpo_kernels.trainer.ref_logps import Reference
@@ -62,6 +69,7 @@ class TrainResult:
     eval_metrics: dict                     # the last evaluation ({} without eval_data)
     skipped_steps: int = 0                 # steps skipped because the loss was not finite
     dropped_rows: int = 0                  # rows dropped by skip_bad_rows
+    skipped_groups: int = 0                # groups whose prompt left no room for a response (truncation)
     plot_path: str | None = None
     path_records: list = dataclasses.field(default_factory=list)  # dpo_kernels.paths: the run's, its first step's
 
@@ -140,23 +148,52 @@ def batch_metrics(out) -> list[float]:
     return torch.stack([v.double() for v in values]).tolist()
 
 
+class PairMetrics:
+    """A pair run's metrics: `values(out, batch)` of one forward, `record(values, pairs)` of their mean (the
+    interface of `group_metrics.GroupMetrics`)."""
+
+    def values(self, out, batch: dict) -> list[float]:
+        return batch_metrics(out)
+
+    def record(self, values: list[float], pairs: int) -> dict:
+        return dict(zip(METRIC_KEYS, values, strict=True))
+
+
+def collate(examples, pad_id: int, device, *, share_prompt: bool, kind: str, packing: bool,
+            max_row_tokens: int | None) -> dict:
+    """The batch of pairs (`collate_pairs`), or of groups of either kind (`collate_any_groups`)."""
+    if kind == "pair":
+        return collate_pairs(examples, pad_id, device, share_prompt=share_prompt, packing=packing,
+                             max_row_tokens=max_row_tokens)
+    return collate_any_groups(examples, pad_id, device, share_prompt=share_prompt, packing=packing,
+                              max_row_tokens=max_row_tokens)
+
+
+def module_args(batch: dict, refs: tuple) -> tuple:
+    """The loss module's arguments after the batch tensors: the reference log-probs, then a group batch's
+    `GroupInfo` or a `--group-by-prompt` batch's `PairIndex`."""
+    extra = batch.get("group", batch.get("pairs"))
+    return refs if extra is None else (*refs, extra)
+
+
 @torch.no_grad()
-def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, pad_id: int) -> dict:
-    """Mean of each metric over all held-out pairs (every process evaluates all of them, in the same order, so
-    FSDP's collectives line up; only rank 0 writes)."""
+def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, pad_id: int, metrics) -> dict:
+    """Mean of each metric over all held-out pairs or groups (every process evaluates all of them, in the same
+    order, so FSDP's collectives line up; only rank 0 writes)."""
     bs = c.eval_batch_size or c.batch_size
     module.eval()
-    totals, count = [0.0] * len(METRIC_KEYS), 0
+    totals, count = None, 0
     for start in range(0, len(data), bs):
         indices = list(range(start, min(start + bs, len(data))))
-        batch = collate_pairs([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt,
-                              packing=c.packing, max_row_tokens=c.max_row_tokens)
-        ref_c, ref_r = ref.logps("eval", indices, batch)
-        out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], ref_c, ref_r)
-        totals = [t + v * len(indices) for t, v in zip(totals, batch_metrics(out), strict=True)]
+        batch = collate([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt,
+                        kind=data.kind, packing=c.packing, max_row_tokens=c.max_row_tokens)
+        out = module(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                     *module_args(batch, ref.logps("eval", indices, batch)))
+        values = [v * len(indices) for v in metrics.values(out, batch)]
+        totals = values if totals is None else [t + v for t, v in zip(totals, values, strict=True)]
         count += len(indices)
     module.train()
-    return {f"eval/{k}": v / count for k, v in zip(METRIC_KEYS, totals, strict=True)}
+    return {f"eval/{k}": v for k, v in metrics.record([t / count for t in totals], count).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- set-up
@@ -181,14 +218,16 @@ class Run:
     resumed: bool
     path: paths.PathRecord | None = None  # the run's own record: shared prompt or not, its fallbacks
     saved_step: int | None = None
+    metrics: Any = dataclasses.field(default_factory=PairMetrics)  # PairMetrics or group_metrics.GroupMetrics
 
     def micro_batch(self, micro: int):
-        """Global micro-batch `micro`'s share of this process: (batch tensors, reference log-probs)."""
+        """Global micro-batch `micro`'s share of this process: (batch tensors, the loss module's arguments after
+        the batch's, `module_args`)."""
         indices = self.plan.indices(micro, self.ctx.rank)
-        batch = collate_pairs([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
-                              share_prompt=self.c.share_prompt, packing=self.c.packing,
-                              max_row_tokens=self.c.max_row_tokens)
-        return batch, *self.ref.logps("train", indices, batch)
+        batch = collate([self.train_data.examples[i] for i in indices], self.pad, self.ctx.device,
+                        share_prompt=self.c.share_prompt, kind=self.train_data.kind, packing=self.c.packing,
+                        max_row_tokens=self.c.max_row_tokens)
+        return batch, module_args(batch, self.ref.logps("train", indices, batch))
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces gradients only on the last micro-batch of a step."""
@@ -197,7 +236,7 @@ class Run:
     def evaluate(self) -> dict:
         # DDP's forward bookkeeping expects a backward; evaluation runs the module inside (FSDP needs its own).
         module = distributed.unwrap(self.model) if self.c.distributed == "ddp" else self.model
-        return evaluate(module, self.eval_data, self.ref, self.c, self.ctx, self.pad)
+        return evaluate(module, self.eval_data, self.ref, self.c, self.ctx, self.pad, self.metrics)
 
     def save(self) -> Path:
         """The checkpoint of the current step, written unless this run already wrote it."""
@@ -226,12 +265,18 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
     pad = models.pad_id(tokenizer)
     data_kwargs = {"max_length": c.max_length, "max_prompt_length": c.max_prompt_length,
                    "skip_bad_rows": c.skip_bad_rows}
-    train_data = load_preference_data(c.data, tokenizer, **data_kwargs)
-    eval_data = load_preference_data(c.eval_data, tokenizer, **data_kwargs) if c.eval_data else None
+    train_data = fit_data_to_loss(load_preference_data(c.data, tokenizer, **data_kwargs), c)
+    eval_data = fit_data_to_loss(load_preference_data(c.eval_data, tokenizer, **data_kwargs), c) \
+        if c.eval_data else None
     plan = make_plan(c, train_data, ctx.world)
+    kind = train_data.kind
+    if kind != "pair":
+        # Groups run in the shared layout wherever the model supports it (below: else unshared rows, one warning).
+        c = dataclasses.replace(c, share_prompt=True)
 
     dtype, autocast_dtype = precision_settings(c, ctx.device.type)
-    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c))
+    ref = Reference(c, ctx, out_dir, dtype, autocast_dtype, pad, free=is_reference_free(c),
+                    group=kind != "pair")
     if c.precompute_ref and not ref.free:
         ref.precompute("train", train_data)
         if eval_data is not None:
@@ -260,8 +305,9 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
                                      warn=message if ctx.is_main else None, stacklevel=3),)
         c = dataclasses.replace(c, packing=False, max_row_tokens=None)
     check_backend_fits(policy, c)
-    dpo = DPOForward(policy, c.loss_backend, loss_kwargs(c), autocast_dtype,
-                     memory_budget=parse_memory_budget(c.memory_budget))
+    forward, kwargs = {"pair": (DPOForward, loss_kwargs(c)), "group": (GroupDPOForward, group_loss_kwargs(c)),
+                       "prompt_group": (PromptGroupDPOForward, loss_kwargs(c))}[kind]
+    dpo = forward(policy, c.loss_backend, kwargs, autocast_dtype, memory_budget=parse_memory_budget(c.memory_budget))
     if c.compile:
         dpo.compile()
     model = distributed.wrap(dpo, ctx, decoder_layer_types(policy))
@@ -284,8 +330,25 @@ def build_run(c: TrainConfig, ctx, out_dir: Path, run_id: str) -> Run:
             warnings.warn(f"resuming from {resume_dir} with settings that differ from its run: " + "; ".join(notes),
                           stacklevel=3)
     path = paths.record(paths.PathRecord("trainer", shared_prompt=c.share_prompt, fallbacks=fallbacks))
+    metrics = GroupMetrics(max(e.size for d in (train_data, eval_data) if d for e in d.examples)) \
+        if kind == "group" else PairMetrics()
     return Run(c, ctx, out_dir, tokenizer, pad, train_data, eval_data, plan, ref, dpo, model, optimizer, scheduler,
-               state, resumed=resume_dir is not None, path=path)
+               state, resumed=resume_dir is not None, path=path, metrics=metrics)
+
+
+def fit_data_to_loss(data: PreferenceData, c: TrainConfig) -> PreferenceData:
+    """Pair rows train under a group loss as groups of two (chosen first), or with `group_by_prompt` as one group
+    per prompt; group rows need a group loss."""
+    if is_group_loss(c):
+        return as_groups(data)
+    if c.group_by_prompt and data.kind == "pair":
+        return group_by_prompt(data)
+    if data.kind == "group":
+        pair = loss_types(c)[0] if len(loss_types(c)) == 1 else "sigmoid"
+        raise UserInputError(f"{data.source} holds groups of ranked responses, which the pairwise loss_type "
+                             f"{c.loss_type!r} cannot train; use a group loss, e.g. --loss-type all_pairs "
+                             f"--pair-loss {pair} (or plackett_luce)")
+    return data
 
 
 def check_backend_fits(policy, c: TrainConfig) -> None:
@@ -333,16 +396,17 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
     eval_metrics, path_records = {}, None
     while s.step < stop_at:
         t0 = time.perf_counter()
-        sums, tokens, backbone, finite = [0.0] * len(METRIC_KEYS), 0, 0, True
+        sums, tokens, backbone, finite = None, 0, 0, True
         with paths.collect() as step_records:
             for a in range(c.grad_accum):
-                batch, ref_c, ref_r = run.micro_batch(s.step * c.grad_accum + a)
+                batch, args = run.micro_batch(s.step * c.grad_accum + a)
                 with run.gradient_sync(last=a == c.grad_accum - 1):
-                    out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],           # forward
-                                    ref_c, ref_r)
+                    out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"], *args)  # forward
                     (out.loss / c.grad_accum).backward()                                                 # backward
-                values = batch_metrics(out)
+                values = run.metrics.values(out, batch)
                 finite = finite and math.isfinite(values[0])
+                if sums is None:
+                    sums = [0.0] * len(values)
                 sums = [t + v / c.grad_accum for t, v in zip(sums, values, strict=True)]
                 tokens += int(batch["num_tokens"])
                 backbone += batch["input_ids"].numel()  # positions the policy ran on, padding included
@@ -377,8 +441,7 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
             if ctx.is_main and not c.progress:
                 print(step_line(record, plan.total_steps), flush=True)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                        margin=f"{record['rewards/margins']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        bar.set_postfix(progress_fields(record))
         if broken is not None or s.nonfinite_run >= c.max_nonfinite_steps:
             bar.close()
             raise NonFiniteLossError(divergence_message(run, broken, lr))
@@ -402,7 +465,8 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
     ctx.barrier()
     return TrainResult(output_dir=str(run.out_dir), global_step=s.step, final_checkpoint=str(final_checkpoint),
                        history=log.history, eval_metrics=eval_metrics, skipped_steps=s.skipped_steps,
-                       dropped_rows=run.train_data.dropped, plot_path=plot_path,
+                       dropped_rows=run.train_data.dropped, skipped_groups=run.train_data.skipped,
+                       plot_path=plot_path,
                        path_records=path_records or [run.path])
 
 
@@ -413,13 +477,25 @@ def step_record(run: Run, sums: list[float], tokens: int, backbone: int, finite:
     processes together; the shared-prompt layout shows its saving there."""
     metrics = run.ctx.mean(sums + [float(tokens), float(backbone)])
     record = {"step": run.state.step, "epoch": run.state.step * run.c.grad_accum / run.plan.micro_per_epoch,
-              **dict(zip(METRIC_KEYS, metrics[:-2], strict=True)), "grad_norm": grad_norm, "lr": lr,
+              **run.metrics.record(metrics[:-2], run.plan.batch_size * run.ctx.world * run.c.grad_accum),
+              "grad_norm": grad_norm, "lr": lr,
               "tokens_per_sec": metrics[-2] * run.ctx.world / max(elapsed, 1e-9),
               "tokens/backbone": round(metrics[-1] * run.ctx.world),
               "skipped_steps": run.state.skipped_steps}
     if not finite:
         record["loss"] = float("nan")
     return record
+
+
+def progress_fields(record: dict) -> dict:
+    """The progress bar's fields: loss, accuracy (a group run's ranking accuracy), margin (pairs) and tokens/s."""
+    fields = {"loss": f"{record['loss']:.4f}"}
+    if "rewards/ranking_accuracy" in record:
+        fields["rank_acc"] = f"{record['rewards/ranking_accuracy']:.2f}"
+    else:
+        fields.update(acc=f"{record['rewards/accuracies']:.2f}", margin=f"{record['rewards/margins']:.3f}")
+    fields["tok_s"] = f"{record['tokens_per_sec']:.0f}"
+    return fields
 
 
 # -------------------------------------------------------------------------------------------------- stopping early

@@ -92,13 +92,18 @@ def step_line(r: dict, total_steps: int) -> str:
         v = r.get(key)
         return "nan" if v is None else format(v, fmt)
 
-    return (f"step {r['step']}/{total_steps} | loss {f('loss', '.4f')} | acc {f('rewards/accuracies', '.2f')} | "
-            f"margin {f('rewards/margins', '.4f')} | grad {f('grad_norm', '.3f')} | lr {f('lr', '.2e')} | "
-            f"{f('tokens_per_sec', '.0f')} tok/s")
+    if "rewards/ranking_accuracy" in r:
+        quality = (f"rank acc {f('rewards/ranking_accuracy', '.2f')} | top1 {f('rewards/top1_accuracy', '.2f')} | "
+                   f"tau {f('rewards/kendall_tau', '.3f')}")
+    else:
+        quality = f"acc {f('rewards/accuracies', '.2f')} | margin {f('rewards/margins', '.4f')}"
+    return (f"step {r['step']}/{total_steps} | loss {f('loss', '.4f')} | {quality} | grad {f('grad_norm', '.3f')} | "
+            f"lr {f('lr', '.2e')} | {f('tokens_per_sec', '.0f')} tok/s")
 
 
 def plot_curves(metrics_path, png_path) -> Path | None:
-    """Loss, reward accuracy and margin against step (train and eval) from metrics.jsonl, saved as a PNG."""
+    """Loss, reward accuracy and margin against step (train and eval) from metrics.jsonl, saved as a PNG; a group
+    run's plot shows its ranking accuracy and Kendall's tau instead of the accuracy and margin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +111,8 @@ def plot_curves(metrics_path, png_path) -> Path | None:
 
     records = read_records(metrics_path)
     panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
+    if any("rewards/ranking_accuracy" in r for r in records):
+        panels[1:] = [("rewards/ranking_accuracy", "ranking accuracy"), ("rewards/kendall_tau", "Kendall's tau")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for prefix, style in (("", "-"), ("eval/", "o-")):

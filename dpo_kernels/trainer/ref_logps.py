@@ -1,7 +1,8 @@
 """Reference log-probs for the trainer: from a frozen model, from a disk cache (`--precompute-ref`), or none.
 
-`Reference` is what the loop asks for each batch's `(ref_chosen, ref_rejected)`. With `--precompute-ref`, one no-grad
-pass of the reference model over a dataset gives each pair's `(ref_chosen, ref_rejected)` log-probs;
+`Reference` is what the loop asks for each batch's `(ref_chosen, ref_rejected)`, or for a group batch its `[R]`
+per-response log-probs (the cache then holds `[R]` in data order, with each group's size). With `--precompute-ref`,
+one no-grad pass of the reference model over a dataset gives each pair's `(ref_chosen, ref_rejected)` log-probs;
 they are stored as safetensors under a key that hashes the reference model's identity (its config and weight
 files' names, sizes and mtimes — cheap for multi-GB checkpoints), the dataset's token fingerprint and the numeric
 settings, so that a later run with the same model and data reuses them and any change recomputes them.
@@ -9,6 +10,7 @@ settings, so that a later run with the same model and data reuses them and any c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import uuid
@@ -24,6 +26,7 @@ from dpo_kernels.trainer import distributed
 from dpo_kernels.trainer.batches import collate_pairs, packing_problem, shared_prompt_problem
 from dpo_kernels.trainer.data import PreferenceData
 from dpo_kernels.trainer.forward import reference_logps
+from dpo_kernels.trainer.group_batches import collate_any_groups
 from dpo_kernels.trainer.models import decoder_layer_types, load_model
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
@@ -94,6 +97,36 @@ def save_cached(path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
             tmp.unlink()
 
 
+def load_cached_groups(path, sizes: list[int]) -> torch.Tensor | None:
+    """`logps [R]` fp32 of groups of `sizes` from `path`, or None when absent, unreadable or of other groups."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        warnings.warn(f"{path}: unreadable reference log-prob cache ({e}); recomputing it", stacklevel=2)
+        return None
+    logps, cached_sizes = tensors.get("logps"), tensors.get("group_sizes")
+    if logps is None or cached_sizes is None or cached_sizes.tolist() != list(sizes) or logps.numel() != sum(sizes):
+        return None
+    return logps.float()
+
+
+def save_cached_groups(path, logps: torch.Tensor, sizes: list[int]) -> None:
+    """Atomic write of a group dataset's `[R]` log-probs and its group sizes, as `save_cached`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({"logps": logps.detach().float().cpu().contiguous(),
+                   "group_sizes": torch.tensor(sizes, dtype=torch.int64)}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 class ReferenceForward(nn.Module):
     """The frozen reference model, whose `forward` gives the per-row log-probs `[2B]` fp32 of a batch.
 
@@ -113,21 +146,23 @@ class ReferenceForward(nn.Module):
 class Reference:
     """Reference log-probs for a batch: from a frozen model, from the precomputed cache, or zeros (reference-free).
 
-    `config` is the run's TrainConfig; `free` says the run is reference-free (no model, no cache). Under
-    `--distributed fsdp` the reference model is sharded over the processes (`distributed.shard_frozen`), so every
-    process runs its forwards together: each runs one per micro-batch, and all of them evaluate and precompute in
-    the same order.
+    `config` is the run's TrainConfig; `free` says the run is reference-free (no model, no cache); `group` that the
+    data are groups (`trainer.group_data`, `--group-by-prompt` ones too), which run in the shared layout where the
+    model supports it. Under `--distributed fsdp` the reference model is sharded over the processes
+    (`distributed.shard_frozen`), so every process runs its forwards together: each runs one per micro-batch, and
+    all of them evaluate and precompute in the same order.
     """
 
-    def __init__(self, config, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int, *, free: bool):
+    def __init__(self, config, ctx, out_dir: Path, dtype, autocast_dtype, pad_id: int, *, free: bool,
+                 group: bool = False):
         self.c, self.ctx, self.pad_id = config, ctx, pad_id
-        self.free = free
+        self.free, self.group = free, group
         self.model_id = config.ref_model or config.model
         self.dtype, self.autocast_dtype = dtype, autocast_dtype
         self.cache_dir = Path(config.ref_cache_dir) if config.ref_cache_dir else Path(out_dir) / "ref-cache"
         self.module = None   # ReferenceForward (sharded under fsdp) around `model`
         self.model = None    # the Hugging Face model
-        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tables: dict[str, tuple[torch.Tensor, ...]] = {}  # (chosen, rejected), or groups' (logps, offsets)
         self.cache_files: dict[str, str] = {}
         if not self.free and not config.precompute_ref:
             self.module = self._load()
@@ -152,23 +187,39 @@ class Reference:
                     "pad": self.pad_id}
         path = cache_path(self.cache_dir, cache_key(self.model_id, data.fingerprint, settings))
         self.cache_files[name] = str(path)
-        cached = load_cached(path, len(data))
+        sizes = [e.size for e in data.examples] if self.group else None
+        cached = load_cached_groups(path, sizes) if self.group else load_cached(path, len(data))
         # The processes compute together (a sharded reference's forwards are collective): all or none.
         if not self.ctx.all_true(cached is not None):
             cached = self._compute(data)
             if self.ctx.is_main:
-                save_cached(path, *cached)
+                if self.group:
+                    save_cached_groups(path, cached, sizes)
+                else:
+                    save_cached(path, *cached)
             self.ctx.barrier()
-        self.tables[name] = cached
+        if self.group:
+            offsets = torch.tensor([0, *itertools.accumulate(sizes)])
+            self.tables[name] = (cached, offsets)
+        else:
+            self.tables[name] = cached
 
-    def _compute(self, data: PreferenceData) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(chosen [N], rejected [N])` fp32 of `data`: process r scores batches r, r + P, r + 2P, ... (batches cut
-        as one process cuts them, so the numbers do not depend on P), and one all-gather gives every process the
-        whole table."""
+    def _collate(self, examples, share: bool, pack: bool) -> dict:
+        cap = self.c.max_row_tokens if pack else None
+        if self.group:
+            return collate_any_groups(examples, self.pad_id, self.ctx.device, share_prompt=share, packing=pack,
+                                      max_row_tokens=cap)
+        return collate_pairs(examples, self.pad_id, self.ctx.device, share_prompt=share, packing=pack,
+                             max_row_tokens=cap)
+
+    def _compute(self, data: PreferenceData):
+        """`(chosen [N], rejected [N])` fp32 of `data` (groups: `logps [R]`, group by group): process r scores
+        batches r, r + P, r + 2P, ... (batches cut as one process cuts them, so the numbers do not depend on P), and
+        one all-gather gives every process the whole table."""
         module = self._load()
         # The reference pass shares the prompt and packs too, where the model supports it (else unshared or padded
         # rows, silently: the policy's check warns once).
-        share = self.c.share_prompt and shared_prompt_problem(module.model) is None
+        share = (self.group or self.c.share_prompt) and shared_prompt_problem(module.model) is None
         pack = self.c.packing and packing_problem(module.model) is None
         bs = self.c.eval_batch_size or self.c.batch_size
         starts = range(0, len(data), bs)
@@ -181,18 +232,22 @@ class Reference:
                 break
             # A sharded reference runs each forward on every process: one without a batch left repeats the last.
             start = starts[min(i, len(starts) - 1)]
-            batch = collate_pairs(data.examples[start:start + bs], self.pad_id, self.ctx.device, share_prompt=share,
-                                  packing=pack, max_row_tokens=self.c.max_row_tokens if pack else None)
+            batch = self._collate(data.examples[start:start + bs], share, pack)
             logps = self._forward(module, batch).cpu()
             if i < len(starts):
                 mine[i] = logps
         del module
         parts = {i: logps for part in self.ctx.gather_objects(mine) for i, logps in part.items()}
         logps = [parts[i] for i in range(len(starts))]
+        if self.group:
+            return torch.cat(logps)
         return (torch.cat([x[:x.shape[0] // 2] for x in logps]), torch.cat([x[x.shape[0] // 2:] for x in logps]))
 
     def logps(self, name: str, indices: list[int], batch: dict):
-        """`(ref_chosen [B], ref_rejected [B])` fp32, or `(None, None)` when reference-free."""
+        """`(ref_chosen [B], ref_rejected [B])` fp32, or `(None, None)` when reference-free; for groups
+        `(ref_logps [R],)` group by group, or `(None,)`."""
+        if self.group:
+            return (self._group_logps(name, indices, batch),)
         if self.free:
             return None, None
         if self.module is None:
@@ -202,3 +257,12 @@ class Reference:
         logps = self._forward(self.module, batch)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
+
+    def _group_logps(self, name: str, indices: list[int], batch: dict) -> torch.Tensor | None:
+        if self.free:
+            return None
+        if self.module is None:
+            logps, offsets = self.tables[name]
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
+            return logps[rows].to(self.ctx.device)
+        return self._forward(self.module, batch)

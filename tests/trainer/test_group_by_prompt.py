@@ -1,0 +1,94 @@
+"""`--group-by-prompt`: pair rows that share a prompt run as one group (each distinct response once); the loss is
+the pairwise loss of the same pairs, so one step over the whole data equals the unshared pairs' step within the
+accuracy rule, on fewer backbone tokens."""
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_kernels.trainer import train
+from dpo_kernels.trainer.data import load_preference_data
+from dpo_kernels.trainer.errors import UserInputError
+from dpo_kernels.trainer.group_data import group_by_prompt
+from tests.helpers import assert_within_rule
+from tests.tiny_models import build_tokenizer, tiny_setup, train_config, write_jsonl
+from tests.trainer.group_rows import COLORS, group_rows, repeated_prompt_rows
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = 6  # 1 + 2 + 3 + 4 + 1 + 2 = 13 pairs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    setup = tiny_setup(root, rows=4)
+    setup["data"] = str(write_jsonl(root / "pairs.jsonl", repeated_prompt_rows(PROMPTS)))
+    return setup
+
+
+def load(path, tok):
+    return load_preference_data(path, tok, max_length=32, max_prompt_length=24)
+
+
+def test_pairs_sharing_a_prompt_become_one_group_with_each_response_once(tiny):
+    pairs = load(tiny["data"], tiny["tokenizer"])
+    groups = group_by_prompt(pairs)
+    assert groups.kind == "prompt_group" and len(groups) == PROMPTS
+    assert sum(len(g.pairs) for g in groups.examples) == len(pairs) == 13
+    rebuilt = sorted((g.prompt_ids + g.response_ids[c], g.prompt_ids + g.response_ids[r])
+                     for g in groups.examples for c, r in g.pairs)
+    assert rebuilt == sorted((e.chosen_ids, e.rejected_ids) for e in pairs.examples)
+    for g in groups.examples:
+        assert len(set(g.response_ids)) == g.size <= 4
+    # Prompts in the order of their first pair.
+    firsts = list(dict.fromkeys(e.chosen_ids[:e.prompt_len] for e in pairs.examples))
+    assert [g.prompt_ids for g in groups.examples] == firsts
+
+
+def test_a_prompt_with_more_than_sixteen_responses_makes_several_groups(tmp_path):
+    tok = build_tokenizer()
+    words = [f" the sky is {a} and {b} ." for a in COLORS for b in COLORS]  # 36 distinct responses
+    rows = [{"prompt": "what is the color of the sky ?", "chosen": words[i], "rejected": words[i + 1]}
+            for i in range(0, 24, 2)]  # 12 pairs, 24 distinct responses
+    groups = group_by_prompt(load(write_jsonl(tmp_path / "many.jsonl", rows), tok))
+    assert [g.size for g in groups.examples] == [16, 8]
+    assert [len(g.pairs) for g in groups.examples] == [8, 4]
+
+
+@pytest.mark.parametrize("packing", [{}, {"packing": True, "max_row_tokens": 40}], ids=["rows", "packed"])
+@pytest.mark.parametrize("backend", ["fused-linear", "logits"])
+@pytest.mark.parametrize("loss", [{"loss_type": "sigmoid,sft", "loss_weights": [1.0, 0.5]}, {"loss_type": "ipo"}])
+def test_one_step_over_all_pairs_equals_the_unshared_pairs(tiny, tmp_path, backend, loss, packing):
+    run = partial(train_config, tiny, max_steps=1, **loss)
+    truth = train(run(tmp_path / "truth", batch_size=13, loss_backend="reference", precision="fp64")).history[0]
+    base = train(run(tmp_path / "base", batch_size=13, loss_backend="reference")).history[0]
+    grouped = train(run(tmp_path / "grouped", batch_size=PROMPTS, loss_backend=backend, group_by_prompt=True,
+                        **packing)).history[0]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "grad_norm"):
+        got, want, baseline = (torch.tensor(r[key], dtype=torch.float64) for r in (grouped, truth, base))
+        assert_within_rule(got, want, baseline, atol=1e-5, name=f"{backend} {key}")
+    assert grouped["tokens/backbone"] < truth["tokens/backbone"] / 2
+
+
+def test_group_by_prompt_trains_resumes_and_evaluates(tiny, tmp_path):
+    kw = dict(batch_size=2, max_steps=3, group_by_prompt=True, eval_data=tiny["data"], precompute_ref=True,
+              ref_cache_dir=str(tmp_path / "cache"))
+    full = train(train_config(tiny, tmp_path / "full", **kw))
+    train(train_config(tiny, tmp_path / "split", stop_after_steps=1, **kw))
+    second = train(train_config(tiny, tmp_path / "split", resume="latest", **kw))
+    losses = [r["loss"] for r in full.history if "loss" in r]
+    assert len(losses) == 3 and [r["loss"] for r in second.history if "loss" in r] == losses[1:]
+    assert {"eval/loss", "eval/rewards/accuracies"} <= set(full.eval_metrics)
+    # The eval file is the train file: one table serves both.
+    assert len(list(Path(tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_group_by_prompt_needs_pair_rows_and_a_pairwise_loss(tiny, tmp_path):
+    with pytest.raises(UserInputError, match="group_by_prompt groups pair rows for a pairwise loss"):
+        train(train_config(tiny, tmp_path / "a", group_by_prompt=True, loss_type="plackett_luce"))
+    data = write_jsonl(tmp_path / "groups.jsonl", group_rows(4))
+    with pytest.raises(UserInputError, match="--loss-type all_pairs --pair-loss sigmoid"):
+        train(train_config(tiny, tmp_path / "b", data=str(data), group_by_prompt=True))
