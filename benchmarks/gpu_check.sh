@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh --call 2   # ~4 min: build (seconds on the still-warm machine), the rest of the CUDA
 #                                           # tests, the memory profile to T = 65536, the logits path at
 #                                           # [4·4096, 128256], the loss op at B = 8…65536, the shared-prompt step,
+#                                           # the ranked-group step (K = 4, 8 against their pairs),
 #                                           # then the peers from the carried wheels (carry .whl).
 #                                           # Device timeout_s: 300.
 #   bash benchmarks/gpu_check.sh --rerun bench-linear,cuda-tests-sample
@@ -58,7 +59,7 @@ REPO=$(pwd)
 
 # stage, its cap in call 1 and in call 2, in seconds ("-": not in that call). Each column adds up to CALL_BUDGETS.
 STAGES=(
-  "build                75  60"
+  "build                75  40"
   "environment          15   -"
   "profile              90   -"
   "bench-linear         45   -"
@@ -68,7 +69,8 @@ STAGES=(
   "memory                -  20"
   "bench-logits          -  15"
   "bench-loss            -  15"
-  "shared-prompt         -  20"
+  "shared-prompt         -  10"
+  "group                 -  30"
   "compile               -  15"
   "wheels                -  10"
   "bench-linear-peers    -  25"
@@ -490,6 +492,12 @@ stage_bench_loss() {
 
 stage_shared_prompt() {
   "${CLI[@]}" bench --ops shared-prompt --output-dir "$1" "${BENCH[@]}"
+}
+
+stage_group() {
+  # Fewer timed steps than the CPU default: eight shapes, five layouts, two attentions in 30 s (SDPA first; the
+  # report is rewritten after each attention, so a cut keeps SDPA's rows).
+  "${CLI[@]}" bench --ops group --output-dir "$1" --warmup 1 --iters 3 "${BENCH[@]}"
 }
 
 stage_compile() {

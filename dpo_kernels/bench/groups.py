@@ -229,9 +229,11 @@ def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, 
                                  "measured_ratio": (base["ms"] / m["ms"]) if base["ms"] and m["ms"] else None})
         del model
         release_memory(device)
-    stamp = report.stamp(device)
-    payload = {"stamp": stamp, "model": shape.__dict__, "dtype": dtype, "autocast": autocast_dtype, "rows": rows}
-    return report.write_report(out_dir, "groups", payload, markdown_lines(payload))
+        # Written after each attention: a run cut short by a time limit (the GPU slot's) keeps what it measured.
+        payload = {"stamp": report.stamp(device), "model": shape.__dict__, "dtype": dtype, "autocast": autocast_dtype,
+                   "rows": rows}
+        paths = report.write_report(out_dir, "groups", payload, markdown_lines(payload))
+    return paths
 
 
 def _mib(value) -> str:
