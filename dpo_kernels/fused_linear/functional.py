@@ -96,7 +96,7 @@ def lora_operands(lora: LoraHead | None) -> LoraHead | None:
     if lora is None:
         return None
     a, b, _ = head_operands(lora.a, lora.b)
-    return lora._replace(a=a, b=b)
+    return lora.with_factors(a, b)
 
 
 def _check_lora_setting(lora, par):

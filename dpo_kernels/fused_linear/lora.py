@@ -33,6 +33,12 @@ class LoraHead(NamedTuple):
     b: torch.Tensor
     scaling: float
 
+    def with_factors(self, a: torch.Tensor, b: torch.Tensor) -> "LoraHead":
+        """The adapter with factors `a [r, H]` and `b [V, r]` and the same scaling, built by the constructor, not
+        `_replace`, which torch 2.11's dynamo returns empty inside a compiled model's forward (docs/design.md,
+        "Where code runs", Compilation)."""
+        return LoraHead(a, b, self.scaling)
+
     def delta_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[..., V]` the adapter's term of the logits of `hidden [..., H]`, materialized: for checks and small
         batches only."""

@@ -110,7 +110,7 @@ def fused_head(model: nn.Module) -> FusedHead:
     if bias is not None and scale != 1.0:
         bias = bias * scale
     if lora is not None and lora.a.dtype != weight.dtype:
-        lora = lora._replace(a=lora.a.to(weight.dtype), b=lora.b.to(weight.dtype))
+        lora = lora.with_factors(lora.a.to(weight.dtype), lora.b.to(weight.dtype))
     return FusedHead(weight, bias, lora)
 
 

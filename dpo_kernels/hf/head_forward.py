@@ -39,7 +39,7 @@ def install_head_forward(model: nn.Module) -> None:
         weight, bias, lora = fused_head(self)
         with _gathered(weight, bias):
             if lora is not None:
-                lora = lora._replace(a=_full(lora.a), b=_full(lora.b))
+                lora = lora.with_factors(_full(lora.a), _full(lora.b))
             return dpo_kernels_head_fn(hidden, _full(weight), _full(bias), lora)
 
     model.forward = types.MethodType(forward, model)

@@ -79,8 +79,16 @@ def token_sums(hidden, weight, bias, next_labels, row, num_chosen_rows: int, *, 
 
 
 def with_engine_stats(sums: TokenSums, out) -> TokenSums:
-    """`sums` with the entropy and top-1 sums taken from a `DPOOutput` computed with `token_stats=True`."""
-    return sums._replace(
+    """`sums` with the entropy and top-1 sums taken from a `DPOOutput` computed with `token_stats=True`.
+
+    Built by the constructor, not `sums._replace`, which torch 2.11's dynamo returns empty inside the compiled
+    model's forward this runs in (docs/design.md, "Where code runs", Compilation).
+    """
+    return TokenSums(
+        chosen_tokens=sums.chosen_tokens,
+        rejected_tokens=sums.rejected_tokens,
+        chosen_logit_sum=sums.chosen_logit_sum,
+        rejected_logit_sum=sums.rejected_logit_sum,
         entropy_sum=(out.chosen_entropy_sum.sum() + out.rejected_entropy_sum.sum()).float(),
         chosen_top1=out.chosen_top1_count.sum().float(),
     )

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dpo_kernels import paths
+from dpo_kernels.backend import torch_fallback_reason
 from dpo_kernels.fused_linear.plan import parse_memory_budget
 from dpo_kernels.loss_op import loss_types as loss_table
 from dpo_kernels.loss_op.group_spec import GROUP_LOSS_TYPES, MAX_GROUP_SIZE, PAIR_LOSS_TYPES, check_group_settings
@@ -340,7 +342,8 @@ def precision_settings(c: TrainConfig, device: str) -> tuple[torch.dtype, torch.
 
 
 def check_config(c: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
-    """Raises UserInputError for a config that cannot run, before anything is loaded.
+    """Raises UserInputError for a config that cannot run, and StrictModeError for a fallback that strict mode
+    refuses and every step would take, before anything is loaded.
 
     `sources` maps a setting to the file its value came from, which the message then names.
     """
@@ -374,8 +377,21 @@ def check_config(c: TrainConfig, sources: Mapping[str, str] | None = None) -> No
     try:
         parse_memory_budget(c.memory_budget)
         _check_loss_settings(c)
+        _check_strict_backend(c)
     except ValueError as e:
         raise UserInputError(str(e)) from None
+
+
+def _check_strict_backend(c: TrainConfig) -> None:
+    """Strict mode refuses the Triton -> PyTorch fallback, which every step of the kernels' backends takes on a CPU
+    device under DPO_KERNELS_BACKEND=auto: refused here, the run stops before the models load rather than at its
+    first step. The reference backend runs plain PyTorch, no fallback."""
+    if not (c.strict or paths.strict_enabled()) or c.loss_backend == "reference" or device_type(c) != "cpu":
+        return
+    reason = torch_fallback_reason(torch.empty(0))  # a CPU tensor
+    if reason is not None:
+        reason += "; set DPO_KERNELS_BACKEND=torch to train on the cpu device in strict mode"
+        raise paths.StrictModeError(paths.Fallback(paths.TRITON_TO_TORCH, "cpu tensors", reason))
 
 
 def _check_lr_scheduler(name: str) -> None:

@@ -49,7 +49,8 @@ def test_unsupported_model_trains_on_unshared_rows_with_a_warning(tiny, tmp_path
     assert record["tokens/backbone"] == expected_backbone_tokens(tiny, 4)[0]
 
 
-def test_the_fallback_is_in_the_runs_path_record_and_strict_mode_refuses_it(tiny, tmp_path, monkeypatch):
+def test_the_fallback_is_in_the_runs_path_record_and_strict_mode_refuses_it(tiny, tmp_path, monkeypatch,
+                                                                             force_backend):
     monkeypatch.delitem(shared_hf.SUPPORTED_MODELS, "LlamaForCausalLM")
     with pytest.warns(UserWarning, match="LlamaForCausalLM"):
         result = train(config(tiny, tmp_path / "fallback", share_prompt=True, max_steps=1))
@@ -57,6 +58,7 @@ def test_the_fallback_is_in_the_runs_path_record_and_strict_mode_refuses_it(tiny
     assert (run.entry, run.shared_prompt) == ("trainer", False)
     assert [(f.kind, f.cause) for f in run.fallbacks] == [(paths.SHARED_TO_UNSHARED, "LlamaForCausalLM")]
     assert all(r.shared_prompt is False for r in result.path_records[1:])
+    force_backend("torch")  # strict mode refuses CPU tensors' Triton -> PyTorch fallback before the model's
     with pytest.raises(paths.StrictModeError, match="caused by LlamaForCausalLM"):
         train(config(tiny, tmp_path / "strict", share_prompt=True, strict=True))
     assert not (tmp_path / "strict" / "metrics.jsonl").exists()

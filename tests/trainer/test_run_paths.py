@@ -1,10 +1,12 @@
 """The trainer's path record (`dpo_kernels.paths`): the first step prints which paths it took, once, and returns
-their records; `--strict` turns the Triton -> PyTorch fallback of CPU tensors into a one-line error."""
+their records; `--strict` turns the Triton -> PyTorch fallback of CPU tensors into a one-line error before the
+models load."""
 import pytest
 
 from dpo_kernels import paths
 from dpo_kernels.cli import main
 from dpo_kernels.trainer import train
+from dpo_kernels.trainer.config import check_config
 from tests.tiny_models import train_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -39,3 +41,28 @@ def test_strict_flag_makes_the_cpu_fallback_a_one_line_error(tiny, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dpo-kernels train: error: strict mode refuses the fallback "
                                                "Triton -> PyTorch caused by cpu tensors"), err
+    assert "DPO_KERNELS_BACKEND=torch" in err[0]
+    assert not (tmp_path / "run").exists(), "the run claimed its output directory before refusing"
+
+
+@pytest.mark.parametrize("strict_by", ["setting", "environment"])
+def test_strict_refuses_the_cpu_fallback_in_check_config(tiny, tmp_path, force_backend, monkeypatch, strict_by):
+    force_backend("auto")
+    if strict_by == "environment":
+        monkeypatch.setenv("DPO_KERNELS_STRICT", "1")
+    config = train_config(tiny, tmp_path / "run", device="cpu", strict=strict_by == "setting")
+    with pytest.raises(paths.StrictModeError, match="Triton -> PyTorch caused by cpu tensors"):
+        check_config(config)
+    for backend in ("fused-linear", "logits"):
+        with pytest.raises(paths.StrictModeError):
+            check_config(train_config(tiny, tmp_path / "run", device="cpu", strict=True, loss_backend=backend))
+    force_backend("torch")
+    check_config(config)
+
+
+def test_strict_trains_the_reference_backend_on_cpu(tiny, tmp_path, force_backend):
+    force_backend("auto")
+    result = train(train_config(tiny, tmp_path / "run", device="cpu", max_steps=1, strict=True,
+                                loss_backend="reference"))
+    assert result.global_step == 1
+    assert not any(r.fallbacks for r in result.path_records)
