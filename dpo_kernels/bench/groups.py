@@ -246,7 +246,8 @@ def markdown_lines(payload: dict) -> list:
              f"Llama config H={s['hidden']} L={s['layers']} heads={s['heads']}/{s['kv_heads']} V={s['vocab']}; "
              f"{report.stamp_line(payload['stamp'])}", "",
              "a: C(K,2) pairs as unshared rows; b: the pairs in the shared-prompt layout; c: one row per group "
-             "(group_dpo_loss); d: the pairs grouped by prompt (one row per group, sigmoid DPO on the pairs). "
+             "(fused_linear_group_dpo); d: the pairs grouped by prompt (one row per group, sigmoid DPO on the pairs, "
+             "fused_linear_dpo_by_prompt). "
              "Ideal ratio: backbone tokens of a / of the layout; measured: step time of a / of the layout.", "",
              "| attention | K | P:R | P | R | G | layout | ms | backbone tokens | real tokens | saved MiB | peak MiB | "
              "loss | measured ratio | ideal ratio |",
