@@ -73,6 +73,25 @@ def test_one_step_over_all_pairs_equals_the_unshared_pairs(tiny, tmp_path, backe
     assert grouped["tokens/backbone"] < truth["tokens/backbone"] / 2
 
 
+def test_a_step_is_the_mean_over_its_pairs_however_its_prompts_are_split(tiny, tmp_path):
+    # Prompts hold 1 to 4 pairs, so the micro-batches of a step, and the evaluation batches, hold different numbers
+    # of pairs: each must count as its pairs, as one micro-batch of all the step's prompts does.
+    run = partial(train_config, tiny, max_steps=2, group_by_prompt=True, eval_data=tiny["data"])
+    whole = train(run(tmp_path / "whole", batch_size=PROMPTS // 2, eval_batch_size=PROMPTS))
+    split = train(run(tmp_path / "split", batch_size=1, grad_accum=PROMPTS // 2, eval_batch_size=1))
+    truth = train(run(tmp_path / "truth", batch_size=PROMPTS // 2, loss_backend="reference", precision="fp64"))
+    for step, (w, s, t) in enumerate(zip(steps_of(whole), steps_of(split), steps_of(truth), strict=True), start=1):
+        for key in ("loss", "grad_norm", "rewards/accuracies", "logps/chosen"):
+            got, want, baseline = (torch.tensor(r[key], dtype=torch.float64) for r in (s, t, w))
+            assert_within_rule(got, want, baseline, atol=1e-5, name=f"step {step} {key}")
+    for key, value in whole.eval_metrics.items():
+        assert split.eval_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def steps_of(result) -> list[dict]:
+    return [r for r in result.history if "loss" in r]
+
+
 def test_group_by_prompt_trains_resumes_and_evaluates(tiny, tmp_path):
     kw = dict(batch_size=2, max_steps=3, group_by_prompt=True, eval_data=tiny["data"], precompute_ref=True,
               ref_cache_dir=str(tmp_path / "cache"))
