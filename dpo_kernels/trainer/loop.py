@@ -129,7 +129,8 @@ def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:
     plan = Plan(len(data), c.batch_size, world, c.grad_accum, c.seed)
     per_step = c.batch_size * world * c.grad_accum
     if plan.steps_per_epoch() < 1:
-        raise UserInputError(f"{c.data} has {len(data)} usable pairs, fewer than one optimizer step needs "
+        what = {"pair": "pairs", "group": "groups", "prompt_group": "prompts (pairs grouped by prompt)"}[data.kind]
+        raise UserInputError(f"{c.data} has {len(data)} usable {what}, fewer than one optimizer step needs "
                              f"(batch_size {c.batch_size} x processes {world} x grad_accum {c.grad_accum} = "
                              f"{per_step})")
     plan.total_steps = c.max_steps if c.max_steps > 0 else c.epochs * plan.steps_per_epoch()

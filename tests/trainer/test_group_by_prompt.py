@@ -105,6 +105,11 @@ def test_group_by_prompt_trains_resumes_and_evaluates(tiny, tmp_path):
     assert len(list(Path(tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
+def test_too_few_prompts_for_a_step_are_counted_as_prompts(tiny, tmp_path):
+    with pytest.raises(UserInputError, match=f"has {PROMPTS} usable prompts"):
+        train(train_config(tiny, tmp_path / "out", batch_size=13, group_by_prompt=True))
+
+
 def test_group_by_prompt_needs_pair_rows_and_a_pairwise_loss(tiny, tmp_path):
     with pytest.raises(UserInputError, match="group_by_prompt groups pair rows for a pairwise loss"):
         train(train_config(tiny, tmp_path / "a", group_by_prompt=True, loss_type="plackett_luce"))
