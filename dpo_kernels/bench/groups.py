@@ -33,6 +33,8 @@ from dpo_kernels.bench.shared_prompt import (
     LLAMA_1B_SHAPE,
     ModelShape,
     build_model,
+    config_line,
+    mib,
     saved_activation_bytes,
     unshared_batch,
 )
@@ -236,15 +238,9 @@ def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, 
     return paths
 
 
-def _mib(value) -> str:
-    return "–" if value is None else f"{value / 2**20:.1f}"
-
-
 def markdown_lines(payload: dict) -> list:
-    s = payload["model"]
     lines = ["### Ranked groups vs their pairs (backbone + head loss + backward, reference precomputed)", "",
-             f"Llama config H={s['hidden']} L={s['layers']} heads={s['heads']}/{s['kv_heads']} V={s['vocab']}; "
-             f"{report.stamp_line(payload['stamp'])}", "",
+             config_line(payload), "",
              "a: C(K,2) pairs as unshared rows; b: the pairs in the shared-prompt layout; c: one row per group "
              "(fused_linear_group_dpo); d: the pairs grouped by prompt (one row per group, sigmoid DPO on the pairs, "
              "fused_linear_dpo_by_prompt). "
@@ -257,6 +253,6 @@ def markdown_lines(payload: dict) -> list:
         loss = "OOM" if r["loss"] is None else f"{r['loss']:.4f}"
         lines.append(f"| {r['attention']} | {r['K']} | {r['ratio']} | {r['prompt']} | {r['response']} | "
                      f"{r['groups']} | {r['layout']} | {report.fmt(r['ms'])} | {r['positions']} | {r['tokens']} | "
-                     f"{_mib(r['saved_bytes'])} | {_mib(r['peak_bytes'])} | {loss} | {measured} | "
+                     f"{mib(r['saved_bytes'])} | {mib(r['peak_bytes'])} | {loss} | {measured} | "
                      f"{r['ideal_ratio']:.2f} |")
     return lines

@@ -170,15 +170,21 @@ def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, 
     return report.write_report(out_dir, "shared_prompt", payload, markdown_lines(payload))
 
 
-def _mib(value) -> str:
+def mib(value) -> str:
+    """Bytes as MiB for a table cell ("–" when not measured)."""
     return "–" if value is None else f"{value / 2**20:.1f}"
 
 
-def markdown_lines(payload: dict) -> list:
+def config_line(payload: dict) -> str:
+    """The table's second line: the model's shape and the report's stamp."""
     s = payload["model"]
+    return (f"Llama config H={s['hidden']} L={s['layers']} heads={s['heads']}/{s['kv_heads']} V={s['vocab']}; "
+            f"{report.stamp_line(payload['stamp'])}")
+
+
+def markdown_lines(payload: dict) -> list:
     lines = ["### Shared-prompt step vs unshared rows (backbone + fused head + backward, reference precomputed)", "",
-             f"Llama config H={s['hidden']} L={s['layers']} heads={s['heads']}/{s['kv_heads']} V={s['vocab']}; "
-             f"{report.stamp_line(payload['stamp'])}", "",
+             config_line(payload), "",
              "| attention | P:R | P | R | B | unshared ms | shared ms | unshared tokens | shared tokens | "
              "unshared saved MiB | shared saved MiB | unshared peak MiB | shared peak MiB | measured ratio | "
              "ideal 2(P+R)/(P+2R) |",
@@ -186,7 +192,7 @@ def markdown_lines(payload: dict) -> list:
     for r in payload["rows"]:
         lines.append(f"| {r['attention']} | {r['ratio']} | {r['prompt']} | {r['response']} | {r['pairs']} | "
                      f"{report.fmt(r['unshared_ms'])} | {report.fmt(r['shared_ms'])} | {r['unshared_tokens']} | "
-                     f"{r['shared_tokens']} | {_mib(r['unshared_saved_bytes'])} | {_mib(r['shared_saved_bytes'])} | "
-                     f"{_mib(r['unshared_peak_bytes'])} | {_mib(r['shared_peak_bytes'])} | "
+                     f"{r['shared_tokens']} | {mib(r['unshared_saved_bytes'])} | {mib(r['shared_saved_bytes'])} | "
+                     f"{mib(r['unshared_peak_bytes'])} | {mib(r['shared_peak_bytes'])} | "
                      f"{r['measured_ratio']:.2f} | {r['ideal_ratio']:.2f} |")
     return lines

@@ -209,6 +209,16 @@ def scored_positions(hidden, labels, cu_seqlens=None, ignore_index=IGNORE_INDEX,
     return positions_of_labels(labels, cu_seqlens, num_seqs, ignore_index, shift)
 
 
+def checked_positions(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, lora) -> ScoredPositions:
+    """The `ScoredPositions` of a call's labels (`scored_positions`), once the policy's head and adapter are checked
+    against `hidden`."""
+    positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
+    _check_head(hidden, weight, bias)
+    if lora is not None:
+        check_lora(lora, hidden, weight)
+    return positions
+
+
 def _device_of(hidden):
     return hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
 
@@ -310,10 +320,7 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     lora = lora_operands(lora)
 
     def prepare():
-        positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
-        _check_head(hidden, weight, bias)
-        if lora is not None:
-            check_lora(lora, hidden, weight)
+        positions = checked_positions(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, lora)
         return Summary(hidden, weight, bias, positions, settings=0), positions
 
     settings = ("logps", ignore_index, shift, average, memory_budget)
@@ -452,10 +459,7 @@ def _dpo_inputs(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, r
     `ref`: `(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)`."""
     loss_type, beta, label_smoothing, loss_params = loss_settings
     check_loss_settings(loss_type, beta=beta, label_smoothing=label_smoothing, loss_params=loss_params)
-    positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
-    _check_head(hidden, weight, bias)
-    if lora is not None:
-        check_lora(lora, hidden, weight)
+    positions = checked_positions(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, lora)
     num_seqs = positions.num_seqs
     if num_seqs == 0 or num_seqs % 2:
         raise ValueError(f"the batch needs an even, non-zero number of sequences (B chosen then B rejected), got "
@@ -552,12 +556,8 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
         per sequence.
     """
     par = HeadParallel(options_of(parallel_options, vocab_parallel_group, sequence_parallel_group), shift)
-    weight, bias = par.local_head(weight, bias)
-    if ref_weight is not None:
-        ref_weight, ref_bias = par.local_head(ref_weight, ref_bias)
-    hidden, weight, bias = head_operands(hidden, weight, bias)
-    _check_lora_setting(lora, par)
-    lora = lora_operands(lora)
+    hidden, weight, bias, ref_weight, ref_bias, lora = local_operands(par, hidden, weight, bias, ref_weight, ref_bias,
+                                                                      lora)
     loss_settings = (loss_type, beta, label_smoothing, loss_params)
     ref = (ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
     if torch.compiler.is_compiling() and par.vocab_group is None and par.sequence_group is None and lora is None:
@@ -568,6 +568,35 @@ def fused_linear_dpo(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_
     return run_fused_linear_dpo(par, hidden, weight, bias, labels, cu_seqlens, ref, loss_settings, average,
                                 ignore_index, shift, memory_budget, token_stats, wanted,
                                 FusedLinearDPOFunction.apply, lora)
+
+
+def local_operands(par, hidden, weight, bias, ref_weight, ref_bias, lora) -> tuple:
+    """`(hidden, weight, bias, ref_weight, ref_bias, lora)` as a fused call computes with them: the heads as this
+    rank's shards (`HeadParallel.local_head`), the policy's operands in the dtype they compute in (`head_operands`),
+    and the adapter checked against the parallel setting (`lora_operands`; None without one)."""
+    weight, bias = par.local_head(weight, bias)
+    if ref_weight is not None:
+        ref_weight, ref_bias = par.local_head(ref_weight, ref_bias)
+    hidden, weight, bias = head_operands(hidden, weight, bias)
+    _check_lora_setting(lora, par)
+    return hidden, weight, bias, ref_weight, ref_bias, lora_operands(lora)
+
+
+def check_reference_source(ref_logps, ref_hidden, ref_weight, ref_bias) -> None:
+    """A unit call's reference is its precomputed `ref_logps [R]`, or `ref_hidden` with an optional head, or none;
+    ValueError for any other combination."""
+    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight / ref_bias were given without ref_hidden")
+    if ref_hidden is not None and ref_logps is not None:
+        raise ValueError("pass either precomputed ref_logps or ref_hidden, not both")
+
+
+def unit_inputs(hidden, weight, bias, positions, ref_hidden, ref_weight, ref_bias, lora) -> tuple:
+    """`(Summary, _DPOInputs)` of a checked unit call, its reference head checked too (`reference_head`): what its
+    `prepare` gives `HeadParallel.agree`."""
+    inputs = _DPOInputs(hidden, weight, bias, *reference_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
+                        positions, lora)
+    return Summary(hidden, weight, bias, positions, 0, inputs.ref_hidden), inputs
 
 
 @dataclass(frozen=True)

@@ -17,21 +17,17 @@ from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.functional import (
     FusedLinearDPOFunction,
     GradsWanted,
-    _check_head,
-    _check_lora_setting,
     _device_of,
-    _DPOInputs,
-    head_operands,
-    lora_operands,
+    check_reference_source,
+    checked_positions,
+    local_operands,
     prepare_units,
-    reference_head,
     run_units,
-    scored_positions,
+    unit_inputs,
 )
-from dpo_kernels.fused_linear.lora import LoraHead, check_lora
+from dpo_kernels.fused_linear.lora import LoraHead
 from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions, options_of
 from dpo_kernels.fused_linear.plan import plan_group_step
-from dpo_kernels.fused_linear.rank_check import Summary
 from dpo_kernels.fused_linear.units import GroupUnits
 from dpo_kernels.loss_op.group import group_dpo_loss_and_grads
 from dpo_kernels.loss_op.group_spec import check_group_settings, check_group_sizes
@@ -110,33 +106,22 @@ def fused_linear_group_dpo(hidden, weight, labels, group_sizes, scores=None, *, 
         `GroupDPOOutput`; only `loss` is differentiable (w.r.t. hidden, weight, bias and the adapter's `a`, `b`).
     """
     par = HeadParallel(options_of(parallel_options, None, None), shift)
-    weight, bias = par.local_head(weight, bias)
-    if ref_weight is not None:
-        ref_weight, ref_bias = par.local_head(ref_weight, ref_bias)
-    hidden, weight, bias = head_operands(hidden, weight, bias)
-    _check_lora_setting(lora, par)
-    lora = lora_operands(lora)
+    hidden, weight, bias, ref_weight, ref_bias, lora = local_operands(par, hidden, weight, bias, ref_weight, ref_bias,
+                                                                      lora)
     settings = dict(loss_type=loss_type, beta=beta, top_k=top_k, pair_loss=pair_loss, pair_weighting=pair_weighting,
                     sft_weight=sft_weight, label_smoothing=label_smoothing, average=check_average(average),
                     **loss_params)
     check_group_settings(loss_type, beta=beta, pair_loss=pair_loss, top_k=top_k, pair_weighting=pair_weighting,
                          sft_weight=sft_weight, label_smoothing=label_smoothing, loss_params=loss_params)
-    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
-        raise ValueError("ref_weight / ref_bias were given without ref_hidden")
-    if ref_hidden is not None and ref_logps is not None:
-        raise ValueError("pass either precomputed ref_logps or ref_hidden, not both")
+    check_reference_source(ref_logps, ref_hidden, ref_weight, ref_bias)
     wanted = GradsWanted.current(hidden, weight, bias, lora)
 
     def prepare():
-        positions = scored_positions(hidden, labels, cu_seqlens, ignore_index, shift)
-        _check_head(hidden, weight, bias)
-        if lora is not None:
-            check_lora(lora, hidden, weight)
+        positions = checked_positions(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, lora)
         sizes = checked_group_sizes(group_sizes, positions.num_seqs, "labels")
         check_group_vectors(scores, ref_logps, positions.num_seqs, hidden.device, "hidden")
-        inputs = _DPOInputs(hidden, weight, bias, *reference_head(hidden, weight, bias, ref_hidden, ref_weight,
-                                                                  ref_bias), positions, lora)
-        return Summary(hidden, weight, bias, positions, 0, inputs.ref_hidden), (inputs, sizes)
+        summary, inputs = unit_inputs(hidden, weight, bias, positions, ref_hidden, ref_weight, ref_bias, lora)
+        return summary, (inputs, sizes)
 
     agreed = ("group", sorted(settings.items()), ignore_index, shift, memory_budget, token_stats,
               ref_logps is not None, scores is not None, wanted.weight, wanted.enabled)

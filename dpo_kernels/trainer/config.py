@@ -426,6 +426,11 @@ def _check_group_loss_settings(c: TrainConfig) -> None:
     if c.loss_weights is not None:
         raise UserInputError("loss_weights apply to a comma list of pairwise losses; a group loss's sft term is "
                              "--sft-weight")
+    unused = [f"{name} {getattr(c, name)!r}" for name in ("pair_loss", "label_smoothing")
+              if getattr(c, name) != FIELDS[name].default]
+    if types[0] == "plackett_luce" and unused:
+        raise UserInputError(f"loss_type 'plackett_luce' reads no pair loss, so {' and '.join(unused)} would change "
+                             "nothing; a pair loss runs under --loss-type all_pairs or best_vs_worst")
     kwargs = group_loss_kwargs(c)
     check_group_settings(kwargs.pop("loss_type"), beta=kwargs.pop("beta"), pair_loss=kwargs.pop("pair_loss"),
                          top_k=kwargs.pop("top_k"), pair_weighting=kwargs.pop("pair_weighting"),

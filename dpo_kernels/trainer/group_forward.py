@@ -51,15 +51,19 @@ class GroupDPOForward(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.memory_budget = memory_budget
 
+    def on_fused_head(self, fn, input_ids, attention_mask, labels, *args, **kwargs):
+        """`fn(hidden, weight, scored, *args, bias=, lora=, memory_budget=, **kwargs)`, a fused-linear entry, on the
+        backbone's hidden states and the model's head (`hf.fused_head`), under the run's autocast."""
+        with _autocast(input_ids, self.autocast_dtype):
+            hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
+            weight, bias, lora = hf.fused_head(self.model)
+            return fn(hidden, weight, scored, *args, bias=bias, lora=lora, memory_budget=self.memory_budget, **kwargs)
+
     def response_logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
         """`[R]` fp32 log-probs of the batch's responses, group by group, through the backend's op
         (differentiable)."""
         if self.backend == "fused-linear":
-            with _autocast(input_ids, self.autocast_dtype):
-                hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
-                weight, bias, lora = hf.fused_head(self.model)
-                return dpo_kernels.linear_sequence_logprobs(hidden, weight, scored, bias=bias, lora=lora,
-                                                            memory_budget=self.memory_budget)
+            return self.on_fused_head(dpo_kernels.linear_sequence_logprobs, input_ids, attention_mask, labels)
         logits, labels = _logits(self.model, input_ids, attention_mask, labels, self.autocast_dtype)
         logps_fn = dpo_kernels.sequence_logprobs if self.backend == "logits" else \
             dpo_kernels.reference.sequence_logprobs
@@ -70,12 +74,8 @@ class GroupDPOForward(nn.Module):
         """The loss of the batch (`[R, T]` rows, or a `GroupBatch` as `labels` with its `input_ids` and no
         attention_mask); only `loss` carries gradient."""
         if self.backend == "fused-linear":
-            with _autocast(input_ids, self.autocast_dtype):
-                hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
-                weight, bias, lora = hf.fused_head(self.model)
-                return dpo_kernels.fused_linear_group_dpo(hidden, weight, scored, group.sizes, group.scores,
-                                                          bias=bias, lora=lora, ref_logps=ref_logps,
-                                                          memory_budget=self.memory_budget, **self.loss_kwargs)
+            return self.on_fused_head(dpo_kernels.fused_linear_group_dpo, input_ids, attention_mask, labels,
+                                      group.sizes, group.scores, ref_logps=ref_logps, **self.loss_kwargs)
         lengths = response_lengths(labels)
         logps = self.response_logps(input_ids, attention_mask, labels)
         loss_fn = dpo_kernels.group_dpo_loss if self.backend == "logits" else dpo_kernels.reference.group_dpo_loss
@@ -89,12 +89,8 @@ class PromptGroupDPOForward(GroupDPOForward):
     def forward(self, input_ids, attention_mask, labels, ref_logps, pairs: PairIndex) -> DPOOutput:
         """The pairwise loss of `pairs` (`[P]` chosen and rejected indices into the `[R]` log-probs)."""
         if self.backend == "fused-linear":
-            with _autocast(input_ids, self.autocast_dtype):
-                hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
-                weight, bias, lora = hf.fused_head(self.model)
-                return dpo_kernels.fused_linear_dpo_by_prompt(hidden, weight, scored, pairs.sizes, pairs.pairs,
-                                                              bias=bias, lora=lora, ref_logps=ref_logps,
-                                                              memory_budget=self.memory_budget, **self.loss_kwargs)
+            return self.on_fused_head(dpo_kernels.fused_linear_dpo_by_prompt, input_ids, attention_mask, labels,
+                                      pairs.sizes, pairs.pairs, ref_logps=ref_logps, **self.loss_kwargs)
         lengths = response_lengths(labels)
         logps = self.response_logps(input_ids, attention_mask, labels)
         c, r = pairs.chosen, pairs.rejected

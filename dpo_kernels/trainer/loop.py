@@ -129,7 +129,8 @@ def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:
     plan = Plan(len(data), c.batch_size, world, c.grad_accum, c.seed)
     per_step = c.batch_size * world * c.grad_accum
     if plan.steps_per_epoch() < 1:
-        raise UserInputError(f"{c.data} has {len(data)} usable pairs, fewer than one optimizer step needs "
+        what = {"pair": "pairs", "group": "groups", "prompt_group": "prompts (pairs grouped by prompt)"}[data.kind]
+        raise UserInputError(f"{c.data} has {len(data)} usable {what}, fewer than one optimizer step needs "
                              f"(batch_size {c.batch_size} x processes {world} x grad_accum {c.grad_accum} = "
                              f"{per_step})")
     plan.total_steps = c.max_steps if c.max_steps > 0 else c.epochs * plan.steps_per_epoch()
@@ -169,6 +170,12 @@ def collate(examples, pad_id: int, device, *, share_prompt: bool, kind: str, pac
                               max_row_tokens=max_row_tokens)
 
 
+def batch_items(batch: dict, examples: int) -> int:
+    """What the batch's metrics average over: its pairs (a `--group-by-prompt` batch's pairs, whose prompts hold
+    different numbers of them), else its `examples` (pairs or groups)."""
+    return len(batch["pairs"].pairs) if "pairs" in batch else examples
+
+
 def module_args(batch: dict, refs: tuple) -> tuple:
     """The loss module's arguments after the batch tensors: the reference log-probs, then a group batch's
     `GroupInfo` or a `--group-by-prompt` batch's `PairIndex`."""
@@ -189,9 +196,10 @@ def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, 
                         kind=data.kind, packing=c.packing, max_row_tokens=c.max_row_tokens)
         out = module(batch["input_ids"], batch["attention_mask"], batch["labels"],
                      *module_args(batch, ref.logps("eval", indices, batch)))
-        values = [v * len(indices) for v in metrics.values(out, batch)]
+        items = batch_items(batch, len(indices))
+        values = [v * items for v in metrics.values(out, batch)]
         totals = values if totals is None else [t + v for t, v in zip(totals, values, strict=True)]
-        count += len(indices)
+        count += items
     module.train()
     return {f"eval/{k}": v for k, v in metrics.record([t / count for t in totals], count).items()}
 
@@ -228,6 +236,22 @@ class Run:
                         share_prompt=self.c.share_prompt, kind=self.train_data.kind, packing=self.c.packing,
                         max_row_tokens=self.c.max_row_tokens)
         return batch, module_args(batch, self.ref.logps("train", indices, batch))
+
+    def loss_divisor(self, micro: int) -> float:
+        """What this process's micro-batch `micro` divides its loss (and its metrics) by, so that the step's
+        gradient, once DDP or FSDP averages the processes' gradients, is the mean over the step's items: the
+        micro-batches per step where each holds as many pairs or groups, else (`--group-by-prompt`, prompts with
+        different numbers of pairs) the step's pairs over this micro-batch's pairs times the processes."""
+        if self.train_data.kind != "prompt_group":
+            return self.c.grad_accum
+        examples = self.train_data.examples
+
+        def pairs(m: int, rank: int) -> int:
+            return sum(len(examples[i].pairs) for i in self.plan.indices(m, rank))
+
+        first = micro - micro % self.c.grad_accum
+        step = sum(pairs(m, r) for m in range(first, first + self.c.grad_accum) for r in range(self.ctx.world))
+        return step / (pairs(micro, self.ctx.rank) * self.ctx.world)
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces gradients only on the last micro-batch of a step."""
@@ -400,14 +424,15 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
         with paths.collect() as step_records:
             for a in range(c.grad_accum):
                 batch, args = run.micro_batch(s.step * c.grad_accum + a)
+                divisor = run.loss_divisor(s.step * c.grad_accum + a)
                 with run.gradient_sync(last=a == c.grad_accum - 1):
                     out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"], *args)  # forward
-                    (out.loss / c.grad_accum).backward()                                                 # backward
+                    (out.loss / divisor).backward()                                                      # backward
                 values = run.metrics.values(out, batch)
                 finite = finite and math.isfinite(values[0])
                 if sums is None:
                     sums = [0.0] * len(values)
-                sums = [t + v / c.grad_accum for t, v in zip(sums, values, strict=True)]
+                sums = [t + v / divisor for t, v in zip(sums, values, strict=True)]
                 tokens += int(batch["num_tokens"])
                 backbone += batch["input_ids"].numel()  # positions the policy ran on, padding included
         if path_records is None:

@@ -66,16 +66,37 @@ def cache_path(cache_dir, key: str) -> Path:
     return Path(cache_dir) / f"ref-logps-{key}.safetensors"
 
 
-def load_cached(path, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(chosen [N], rejected [N])` fp32 from `path`, or None when absent, unreadable or of another size (an
-    unreadable file, truncated by a crash or a full disk, is recomputed with a warning)."""
+def _read_cache(path) -> dict | None:
+    """The tensors of the cache file `path`, or None when it is absent or unreadable (a file truncated by a crash
+    or a full disk is recomputed, with a warning)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (OSError, SafetensorError) as e:
-        warnings.warn(f"{path}: unreadable reference log-prob cache ({e}); recomputing it", stacklevel=2)
+        warnings.warn(f"{path}: unreadable reference log-prob cache ({e}); recomputing it", stacklevel=3)
+        return None
+
+
+def _write_cache(path, tensors: dict) -> None:
+    """Atomic write (temporary file, then rename) so a concurrent or killed run never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_cached(path, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(chosen [N], rejected [N])` fp32 from `path`, or None when absent, unreadable or of another size (an
+    unreadable file, truncated by a crash or a full disk, is recomputed with a warning)."""
+    tensors = _read_cache(path)
+    if tensors is None:
         return None
     chosen, rejected = tensors.get("chosen"), tensors.get("rejected")
     if chosen is None or rejected is None or chosen.numel() != num_pairs or rejected.numel() != num_pairs:
@@ -84,28 +105,15 @@ def load_cached(path, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 def save_cached(path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-    """Atomic write (temporary file, then rename) so a concurrent or killed run never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({"chosen": chosen.detach().float().cpu().contiguous(),
-                   "rejected": rejected.detach().float().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Atomic write of a pair dataset's `[N]` chosen and rejected log-probs (`_write_cache`)."""
+    _write_cache(path, {"chosen": chosen.detach().float().cpu().contiguous(),
+                        "rejected": rejected.detach().float().cpu().contiguous()})
 
 
 def load_cached_groups(path, sizes: list[int]) -> torch.Tensor | None:
     """`logps [R]` fp32 of groups of `sizes` from `path`, or None when absent, unreadable or of other groups."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        warnings.warn(f"{path}: unreadable reference log-prob cache ({e}); recomputing it", stacklevel=2)
+    tensors = _read_cache(path)
+    if tensors is None:
         return None
     logps, cached_sizes = tensors.get("logps"), tensors.get("group_sizes")
     if logps is None or cached_sizes is None or cached_sizes.tolist() != list(sizes) or logps.numel() != sum(sizes):
@@ -114,17 +122,9 @@ def load_cached_groups(path, sizes: list[int]) -> torch.Tensor | None:
 
 
 def save_cached_groups(path, logps: torch.Tensor, sizes: list[int]) -> None:
-    """Atomic write of a group dataset's `[R]` log-probs and its group sizes, as `save_cached`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({"logps": logps.detach().float().cpu().contiguous(),
-                   "group_sizes": torch.tensor(sizes, dtype=torch.int64)}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Atomic write of a group dataset's `[R]` log-probs and its group sizes (`_write_cache`)."""
+    _write_cache(path, {"logps": logps.detach().float().cpu().contiguous(),
+                        "group_sizes": torch.tensor(sizes, dtype=torch.int64)})
 
 
 class ReferenceForward(nn.Module):

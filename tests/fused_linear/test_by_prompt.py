@@ -102,12 +102,13 @@ def test_equals_the_pairs_as_unshared_rows():
     pairs_out.loss.backward()
     truth, base = (plain_pairs(hidden, weight, bias, label_positions(labels), PAIRS, ref, dt, average=True)
                    for dt in (torch.float64, torch.float32))
-    for name in ("loss", "losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
-        if name.endswith("logps"):
-            assert torch.allclose(getattr(out, name), getattr(pairs_out, name), rtol=1e-5, atol=1e-5), name
-            continue
+    for name in ("loss", "losses", "chosen_rewards", "rejected_rewards"):
         assert_agree(getattr(out, name), getattr(pairs_out, name), getattr(truth[0], name), getattr(base[0], name),
                      torch.float32, name)
+    t_logps, b_logps = (plain_logps(hidden.to(dt), weight.to(dt), bias.to(dt), label_positions(labels), True, dt)[0]
+                        for dt in (torch.float64, torch.float32))
+    for name, seqs in (("chosen_logps", c), ("rejected_logps", r)):
+        assert_agree(getattr(out, name), getattr(pairs_out, name), t_logps[seqs], b_logps[seqs], torch.float32, name)
     for name, mine, theirs, t, bg in zip(("weight", "bias"), grads[1:], (w.grad, b.grad), truth[1][1:],
                                          base[1][1:], strict=True):
         assert_agree(mine, theirs, t, bg, torch.float32, f"grad_{name}")
@@ -134,8 +135,16 @@ def test_shared_prompt_group_rows_score_the_same_pairs():
         ids[i, : len(row)] = torch.tensor(row)
         labels[i, s : len(row)] = torch.tensor(row[s:])
     unshared = dpo_kernels.fused_linear_dpo_by_prompt(embed[ids], weight, labels, [3, 2], pairs)
-    assert torch.allclose(shared.loss, unshared.loss, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(shared.chosen_logps, unshared.chosen_logps, rtol=1e-5, atol=1e-4)
+    positions = label_positions(labels)
+    c, r = (torch.tensor([p[i] for p in pairs]) for i in (0, 1))
+    truth, base = (plain_pairs(embed[ids], weight, None, positions, pairs, None, dt)[0]
+                   for dt in (torch.float64, torch.float32))
+    assert_agree(shared.loss, unshared.loss, truth.loss, base.loss, torch.float32, "loss")
+    t_logps, b_logps = (plain_logps(embed[ids].to(dt), weight.to(dt), None, positions, False, dt)[0]
+                        for dt in (torch.float64, torch.float32))
+    for name, seqs in (("chosen_logps", c), ("rejected_logps", r)):
+        assert_agree(getattr(shared, name), getattr(unshared, name), t_logps[seqs], b_logps[seqs], torch.float32,
+                     name)
     assert dpo_kernels.last_run().modes == (RESIDENT,)
 
 

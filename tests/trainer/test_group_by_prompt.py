@@ -12,7 +12,7 @@ from dpo_kernels.trainer.data import load_preference_data
 from dpo_kernels.trainer.errors import UserInputError
 from dpo_kernels.trainer.group_data import group_by_prompt
 from tests.helpers import assert_within_rule
-from tests.tiny_models import build_tokenizer, tiny_setup, train_config, write_jsonl
+from tests.tiny_models import build_tokenizer, preference_rows, tiny_setup, train_config, write_jsonl
 from tests.trainer.group_rows import COLORS, group_rows, repeated_prompt_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,6 +73,47 @@ def test_one_step_over_all_pairs_equals_the_unshared_pairs(tiny, tmp_path, backe
     assert grouped["tokens/backbone"] < truth["tokens/backbone"] / 2
 
 
+@pytest.mark.parametrize("backend", ["fused-linear", "logits"])
+def test_pairs_whose_chosen_and_rejected_are_the_same_text(tiny, tmp_path, backend):
+    # Prompt 0: only such pairs (its group holds the response and a copy); prompt 1: one beside distinct pairs.
+    prompts = [r["prompt"] for r in preference_rows(2, seed=9)]
+    same, other = " the thing is blue .", " the thing is red ."
+    rows = [{"prompt": prompts[0], "chosen": same, "rejected": same}] * 2 + [
+        {"prompt": prompts[1], "chosen": same, "rejected": same},
+        {"prompt": prompts[1], "chosen": same, "rejected": other},
+        {"prompt": prompts[1], "chosen": other, "rejected": same}]
+    data = str(write_jsonl(tmp_path / "same.jsonl", rows))
+    groups = group_by_prompt(load(data, tiny["tokenizer"]))
+    assert [(g.size, g.pairs) for g in groups.examples] == [(2, ((0, 1), (0, 1))), (2, ((0, 0), (0, 1), (1, 0)))]
+    run = partial(train_config, tiny, data=data, max_steps=2, loss_type="sigmoid,sft", loss_weights=[1.0, 0.5])
+    truth = train(run(tmp_path / "truth", batch_size=5, loss_backend="reference", precision="fp64")).history
+    base = train(run(tmp_path / "base", batch_size=5, loss_backend="reference")).history
+    grouped = train(run(tmp_path / "grouped", batch_size=2, loss_backend=backend, group_by_prompt=True)).history
+    for step, (g, t, b) in enumerate(zip(grouped, truth, base, strict=True), start=1):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
+            got, want, baseline = (torch.tensor(r[key], dtype=torch.float64) for r in (g, t, b))
+            assert_within_rule(got, want, baseline, atol=1e-5, name=f"{backend} step {step} {key}")
+
+
+def test_a_step_is_the_mean_over_its_pairs_however_its_prompts_are_split(tiny, tmp_path):
+    # Prompts hold 1 to 4 pairs, so the micro-batches of a step, and the evaluation batches, hold different numbers
+    # of pairs: each must count as its pairs, as one micro-batch of all the step's prompts does.
+    run = partial(train_config, tiny, max_steps=2, group_by_prompt=True, eval_data=tiny["data"])
+    whole = train(run(tmp_path / "whole", batch_size=PROMPTS // 2, eval_batch_size=PROMPTS))
+    split = train(run(tmp_path / "split", batch_size=1, grad_accum=PROMPTS // 2, eval_batch_size=1))
+    truth = train(run(tmp_path / "truth", batch_size=PROMPTS // 2, loss_backend="reference", precision="fp64"))
+    for step, (w, s, t) in enumerate(zip(steps_of(whole), steps_of(split), steps_of(truth), strict=True), start=1):
+        for key in ("loss", "grad_norm", "rewards/accuracies", "logps/chosen"):
+            got, want, baseline = (torch.tensor(r[key], dtype=torch.float64) for r in (s, t, w))
+            assert_within_rule(got, want, baseline, atol=1e-5, name=f"step {step} {key}")
+    for key, value in whole.eval_metrics.items():
+        assert split.eval_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def steps_of(result) -> list[dict]:
+    return [r for r in result.history if "loss" in r]
+
+
 def test_group_by_prompt_trains_resumes_and_evaluates(tiny, tmp_path):
     kw = dict(batch_size=2, max_steps=3, group_by_prompt=True, eval_data=tiny["data"], precompute_ref=True,
               ref_cache_dir=str(tmp_path / "cache"))
@@ -84,6 +125,11 @@ def test_group_by_prompt_trains_resumes_and_evaluates(tiny, tmp_path):
     assert {"eval/loss", "eval/rewards/accuracies"} <= set(full.eval_metrics)
     # The eval file is the train file: one table serves both.
     assert len(list(Path(tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_too_few_prompts_for_a_step_are_counted_as_prompts(tiny, tmp_path):
+    with pytest.raises(UserInputError, match=f"has {PROMPTS} usable prompts"):
+        train(train_config(tiny, tmp_path / "out", batch_size=13, group_by_prompt=True))
 
 
 def test_group_by_prompt_needs_pair_rows_and_a_pairwise_loss(tiny, tmp_path):

@@ -124,6 +124,8 @@ def config(**kw):
     ({"loss_type": "all_pairs", "pair_loss": "aot"}, "pair_loss must be one of"),
     ({"loss_type": "all_pairs", "pair_weighting": "gap"}, "pair_weighting must be score_gap"),
     ({"loss_type": "plackett_luce", "top_k": 16}, "top_k must be in [1, 15]"),
+    ({"loss_type": "plackett_luce", "pair_loss": "ipo"}, "reads no pair loss, so pair_loss 'ipo' would change"),
+    ({"loss_type": "plackett_luce", "label_smoothing": 0.1}, "so label_smoothing 0.1 would change nothing"),
 ])
 def test_group_settings_are_checked_before_loading(kw, message):
     with pytest.raises(UserInputError) as e:

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import dpo_kernels
 from dpo_kernels.loss_op.group_spec import GroupDPOLossOutput
 from dpo_kernels.trainer.group_batches import GroupInfo
 from dpo_kernels.trainer.group_metrics import GroupMetrics, kendall_tau_b, rank_order
@@ -57,9 +58,39 @@ def test_rank_order_is_by_descending_score_ties_in_given_order():
     assert rank_order(torch.tensor([1.0, 3.0, 1.0, 3.0, 2.0])).tolist() == [1, 3, 4, 0, 2]
 
 
-def fake_output(rewards, sizes, left_out=0):
-    return GroupDPOLossOutput(torch.tensor(0.5), torch.zeros(len(sizes)), torch.tensor(rewards), torch.tensor(0.25),
-                              torch.tensor(0.75), torch.tensor(left_out))
+def fake_output(rewards, sizes, left_out=0, ranking_accuracy=0.25, top1_accuracy=0.75):
+    return GroupDPOLossOutput(torch.tensor(0.5), torch.zeros(len(sizes)), torch.tensor(rewards),
+                              torch.tensor(ranking_accuracy), torch.tensor(top1_accuracy), torch.tensor(left_out))
+
+
+def combined_record(metrics, batches):
+    """The record of `batches` (`(rewards, sizes, scores)` each) weighted by their groups, as evaluation combines
+    them; each batch's output is the group op's (reward = log-prob at beta 1, reference-free)."""
+    total, groups = None, 0
+    for rewards, sizes, scores in batches:
+        scores = torch.tensor(scores, dtype=torch.float64)
+        out = dpo_kernels.group_dpo_loss(torch.tensor(rewards), None, sizes, scores, beta=1.0)
+        values = metrics.values(out, {"group": GroupInfo(sizes, scores)})
+        weighted = [v * len(sizes) for v in values]
+        total = weighted if total is None else [a + b for a, b in zip(total, weighted, strict=True)]
+        groups += len(sizes)
+    return metrics.record([v / groups for v in total], groups)
+
+
+def test_accuracies_count_every_ordered_pair_however_the_groups_are_batched():
+    # Group A: 1 ordered pair, ordered right, top-1 right. Group B: 6 ordered pairs, 2 ordered right (0 > 2,
+    # 1 > 2), top-1 wrong. Group C: scores tied, no ordered pair.
+    a = ([0.5, -0.5], (2,), [1.0, 0.0])
+    b = ([0.0, 0.1, -0.2, 0.3], (4,), [3.0, 2.0, 1.0, 0.0])
+    c = ([0.2, 0.1], (2,), [1.0, 1.0])
+    whole = ([*a[0], *b[0], *c[0]], (2, 4, 2), [*a[2], *b[2], *c[2]])
+    metrics = GroupMetrics(max_size=4)
+    for batches in ([whole], [a, b, c], [a, (b[0] + c[0], (4, 2), b[2] + c[2])]):
+        record = combined_record(metrics, batches)
+        assert record["rewards/ranking_accuracy"] == pytest.approx(3 / 7, rel=1e-12)
+        assert record["rewards/top1_accuracy"] == pytest.approx(1 / 2, rel=1e-12)
+    tied = combined_record(metrics, [c])
+    assert tied["rewards/ranking_accuracy"] == 0.0 and tied["rewards/top1_accuracy"] == 0.0
 
 
 def test_record_is_exact_over_batches_of_different_sizes():
@@ -69,7 +100,9 @@ def test_record_is_exact_over_batches_of_different_sizes():
     metrics = GroupMetrics(max_size=4)
     total, groups = None, 0
     for rewards, sizes, scores, left_out in batches:
-        values = metrics.values(fake_output(rewards, sizes, left_out),
+        # The accuracies as the op gives them: 2 of 4 ordered pairs, 1 of 2 top-1 in batch 1; no ordered pair in 2.
+        accuracies = (0.5, 0.5) if len(sizes) == 2 else (0.0, 0.0)
+        values = metrics.values(fake_output(rewards, sizes, left_out, *accuracies),
                                 {"group": GroupInfo(sizes, torch.tensor(scores, dtype=torch.float64))})
         weighted = [v * len(sizes) for v in values]
         total = weighted if total is None else [a + b for a, b in zip(total, weighted, strict=True)]
@@ -83,7 +116,8 @@ def test_record_is_exact_over_batches_of_different_sizes():
     assert record["rewards/rank_4"] == pytest.approx(0.0)
     assert record["rewards/kendall_tau"] == pytest.approx((brute_force_tau_b([0.1, 0.3, 0.2], [2, 1, 0]) - 1.0) / 2)
     assert record["groups_left_out"] == 1
-    assert record["loss"] == pytest.approx(0.5) and record["rewards/top1_accuracy"] == pytest.approx(0.75)
+    assert record["loss"] == pytest.approx(0.5)
+    assert record["rewards/ranking_accuracy"] == 0.5 and record["rewards/top1_accuracy"] == 0.5
 
 
 def test_a_rank_no_group_has_and_an_undefined_tau_are_nan():
