@@ -25,6 +25,8 @@ import torch
 
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.trainer.errors import InputFileError, UserInputError
+from dpo_kernels.trainer.group_data import group_digest, group_row_problem, is_group_row, tokenize_group
+from dpo_kernels.trainer.row_text import common_prefix, messages_problem, not_unicode
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -164,29 +166,6 @@ def _json_lines(data: bytes) -> list[tuple[str, object]]:
     return rows
 
 
-def _not_unicode(text: str, name: str) -> str | None:
-    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer accepts.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"'{name}' holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), not Unicode text"
-    return None
-
-
-def _check_messages(value, name: str) -> str | None:
-    if not isinstance(value, list) or not value:
-        return f"'{name}' must be a non-empty list of messages"
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"'{name}' has a message that is not {{'role': str, 'content': str}}"
-        if not m["content"].strip():
-            return f"'{name}' has a message with empty content"
-        problem = _not_unicode(m["role"], name) or _not_unicode(m["content"], name)
-        if problem:
-            return problem
-    return None
-
-
 def row_problem(row) -> str | None:
     """What is wrong with a raw row (None when it is usable)."""
     if isinstance(row, _Unreadable):
@@ -200,10 +179,10 @@ def row_problem(row) -> str | None:
         empty = [f for f in FIELDS if not row[f].strip()]
         if empty:
             return f"empty text in {empty}"
-        return next(filter(None, (_not_unicode(row[f], f) for f in FIELDS)), None)
+        return next(filter(None, (not_unicode(row[f], f) for f in FIELDS)), None)
     if all(isinstance(row[f], list) for f in FIELDS):
         for f in FIELDS:
-            problem = _check_messages(row[f], f)
+            problem = messages_problem(row[f], f)
             if problem:
                 return problem
         return None
@@ -212,14 +191,6 @@ def row_problem(row) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizing
-def _common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _render(tokenizer, row) -> tuple[str, str, str]:
     """(prompt, prompt+chosen, prompt+rejected) as text."""
     if isinstance(row["prompt"], str):
@@ -240,7 +211,7 @@ def tokenize_pair(tokenizer, row, *, max_length: int, max_prompt_length: int | N
     special = isinstance(row["prompt"], str)
     enc = tokenizer([prompt, full_chosen, full_rejected], add_special_tokens=special)["input_ids"]
     prompt_ids, chosen_ids, rejected_ids = enc
-    cut = min(_common_prefix(prompt_ids, chosen_ids), _common_prefix(prompt_ids, rejected_ids))
+    cut = min(common_prefix(prompt_ids, chosen_ids), common_prefix(prompt_ids, rejected_ids))
     prompt_ids = list(chosen_ids[:cut])
     responses = []
     eos = tokenizer.eos_token_id
@@ -269,7 +240,6 @@ def tokenize_pair(tokenizer, row, *, max_length: int, max_prompt_length: int | N
 def file_kind(path, rows) -> str:
     """"group" when the rows have the group form (`group_data.is_group_row`), else "pair"; raises InputFileError
     naming a line of each kind when the file mixes them."""
-    from dpo_kernels.trainer.group_data import is_group_row
 
     group = next((where for where, row in rows if is_group_row(row)), None)
     if group is None:
@@ -291,8 +261,6 @@ def load_preference_data(path, tokenizer, *, max_length: int, max_prompt_length:
     one warning. Groups that truncation leaves with fewer than two responses are skipped, counted in
     `PreferenceData.skipped` and reported in one warning.
     """
-    # group_data builds on this module's row checks, so it is imported here, not at the top.
-    from dpo_kernels.trainer.group_data import group_digest, group_row_problem, tokenize_group
 
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")

@@ -20,8 +20,8 @@ import numbers
 from dataclasses import dataclass, replace
 
 from dpo_kernels.shared_prompt.groups import MAX_GROUP_SIZE, MIN_GROUP_SIZE, truncate_group
-from dpo_kernels.trainer.data import _check_messages, _common_prefix, _not_unicode
 from dpo_kernels.trainer.errors import UserInputError
+from dpo_kernels.trainer.row_text import common_prefix, messages_problem, not_unicode
 
 GROUP_FIELDS = ("responses", "ranking")
 
@@ -47,8 +47,8 @@ def is_group_row(row) -> bool:
 
 def _text_problem(value, name: str) -> str | None:
     if isinstance(value, str):
-        return f"empty text in {name}" if not value.strip() else _not_unicode(value, name)
-    return _check_messages(value, name)
+        return f"empty text in {name}" if not value.strip() else not_unicode(value, name)
+    return messages_problem(value, name)
 
 
 def _scores_problem(scores, count: int) -> str | None:
@@ -115,7 +115,7 @@ def tokenize_group(tokenizer, row, *, max_length: int, max_prompt_length: int | 
     # Chat templates put their own BOS in the text; plain text gets the tokenizer's special tokens.
     enc = tokenizer([prompt, *fulls], add_special_tokens=isinstance(row["prompt"], str))["input_ids"]
     prompt_ids, full_ids = enc[0], enc[1:]
-    cut = min(_common_prefix(prompt_ids, ids) for ids in full_ids)
+    cut = min(common_prefix(prompt_ids, ids) for ids in full_ids)
     eos = tokenizer.eos_token_id
     response_ids = []
     for ids in full_ids:
