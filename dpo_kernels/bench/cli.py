@@ -66,6 +66,17 @@ def _check_providers(names, ops) -> None:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(known)}")
 
 
+def _full_step(op: str, run, tiny: dict, args, device) -> None:
+    """Runs a full-training-step bench (`run(out_dir, device, iterations=, **sizes)`), at its `tiny` sizes under
+    --tiny, and prints its table."""
+    iterations = (args.warmup, args.iters) if args.iters else (2, 7)
+    paths = run(args.output_dir or default_output_dir(device), device, iterations=iterations,
+                **(tiny if args.tiny else {}))
+    with open(paths["markdown"]) as f:
+        print(f.read(), end="")
+    print(f"[bench] {op}: {paths['json']}, {paths['markdown']}")
+
+
 def run_bench(args) -> int:
     from dpo_kernels.bench import compare
 
@@ -90,23 +101,12 @@ def run_bench(args) -> int:
     if "shared-prompt" in args.ops:
         from dpo_kernels.bench import shared_prompt
 
-        out = args.output_dir or default_output_dir(device)
-        iterations = (args.warmup, args.iters) if args.iters else (2, 7)
-        tiny = {"pairs": 1, "response": 8, "shape": shared_prompt.CPU_SHAPE} if args.tiny else {}
-        paths = shared_prompt.run(out, device, iterations=iterations, **tiny)
-        with open(paths["markdown"]) as f:
-            print(f.read(), end="")
-        print(f"[bench] shared-prompt: {paths['json']}, {paths['markdown']}")
+        _full_step("shared-prompt", shared_prompt.run, {"pairs": 1, "response": 8, "shape": shared_prompt.CPU_SHAPE},
+                   args, device)
     if "group" in args.ops:
         from dpo_kernels.bench import groups
 
-        out = args.output_dir or default_output_dir(device)
-        iterations = (args.warmup, args.iters) if args.iters else (2, 7)
-        tiny = {"groups": 1, "response": 4, "shape": groups.CPU_SHAPE} if args.tiny else {}
-        paths = groups.run(out, device, iterations=iterations, **tiny)
-        with open(paths["markdown"]) as f:
-            print(f.read(), end="")
-        print(f"[bench] group: {paths['json']}, {paths['markdown']}")
+        _full_step("group", groups.run, {"groups": 1, "response": 4, "shape": groups.CPU_SHAPE}, args, device)
     if not ops:
         return 0
     bad = [op for op in ops if op not in OPS]

@@ -26,6 +26,7 @@ from dpo_kernels.fused_linear.functional import (
     check_reference_source,
     checked_positions,
     local_operands,
+    pairs_output,
     prepare_units,
     run_units,
     unit_inputs,
@@ -182,24 +183,4 @@ def fused_linear_dpo_by_prompt(hidden, weight, labels, group_sizes, pairs, *, bi
                                 average=average, **loss_params)
     loss, run = run_units(prepared, functools.partial(_over_indexed_pairs, loss_fn, index), average, token_stats,
                           wanted, FusedLinearDPOFunction.apply)
-    out, logps = run.result["out"], run.result["logps"]
-    entropy, top1 = run.result.get("entropy"), run.result.get("top1")
-    c, r = index.chosen, index.rejected
-    return DPOOutput(
-        loss=loss,
-        chosen_logps=logps[c],
-        rejected_logps=logps[r],
-        chosen_rewards=out.chosen_rewards,
-        rejected_rewards=out.rejected_rewards,
-        reward_accuracy=out.reward_accuracy,
-        reward_margin=out.reward_margin,
-        losses=out.losses,
-        ref_chosen_logps=None if ref_chosen is None else ref_chosen.detach(),
-        ref_rejected_logps=None if ref_rejected is None else ref_rejected.detach(),
-        chosen_lengths=counts[c],
-        rejected_lengths=counts[r],
-        chosen_entropy_sum=None if entropy is None else entropy[c],
-        rejected_entropy_sum=None if entropy is None else entropy[r],
-        chosen_top1_count=None if top1 is None else top1[c],
-        rejected_top1_count=None if top1 is None else top1[r],
-    )
+    return pairs_output(loss, run, ref_chosen, ref_rejected, index.chosen, index.rejected)

@@ -654,7 +654,7 @@ def _run_dpo(inputs, par, ref_chosen_logps, ref_rejected_logps, average, memory_
                                 label_smoothing=label_smoothing, chosen_lengths=counts[:B],
                                 rejected_lengths=counts[B:], average=bool(average), **loss_params)
     loss, run = run_units(prepared, pairwise_loss(loss_fn, B), average, token_stats, wanted, apply)
-    return _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps)
+    return pairs_output(loss, run, ref_chosen_logps, ref_rejected_logps, slice(None, B), slice(B, None))
 
 
 @dataclass(frozen=True)
@@ -713,14 +713,16 @@ def _reference_logps(inputs, layout, average, memory_budget, par):
     return engine.forward_logps(loop, layout.counts.numel(), average)
 
 
-def _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps) -> DPOOutput:
-    B, result, counts = run.units.num_pairs, run.result, run.layout.counts
+def pairs_output(loss, run, ref_chosen_logps, ref_rejected_logps, chosen, rejected) -> DPOOutput:
+    """The `DPOOutput` of a fused run whose pairs' sequences are `chosen` and `rejected` (slices or `[P]` index
+    tensors into the run's `[R]` sequences); the reference log-probs are the pairs' own."""
+    result, counts = run.result, run.layout.counts
     out, logps = result["out"], result["logps"]
     entropy, top1 = result.get("entropy"), result.get("top1")
     return DPOOutput(
         loss=loss,
-        chosen_logps=logps[:B],
-        rejected_logps=logps[B:],
+        chosen_logps=logps[chosen],
+        rejected_logps=logps[rejected],
         chosen_rewards=out.chosen_rewards,
         rejected_rewards=out.rejected_rewards,
         reward_accuracy=out.reward_accuracy,
@@ -728,10 +730,10 @@ def _dpo_output(loss, run, ref_chosen_logps, ref_rejected_logps) -> DPOOutput:
         losses=out.losses,
         ref_chosen_logps=None if ref_chosen_logps is None else ref_chosen_logps.detach(),
         ref_rejected_logps=None if ref_rejected_logps is None else ref_rejected_logps.detach(),
-        chosen_lengths=counts[:B],
-        rejected_lengths=counts[B:],
-        chosen_entropy_sum=None if entropy is None else entropy[:B],
-        rejected_entropy_sum=None if entropy is None else entropy[B:],
-        chosen_top1_count=None if top1 is None else top1[:B],
-        rejected_top1_count=None if top1 is None else top1[B:],
+        chosen_lengths=counts[chosen],
+        rejected_lengths=counts[rejected],
+        chosen_entropy_sum=None if entropy is None else entropy[chosen],
+        rejected_entropy_sum=None if entropy is None else entropy[rejected],
+        chosen_top1_count=None if top1 is None else top1[chosen],
+        rejected_top1_count=None if top1 is None else top1[rejected],
     )

@@ -50,8 +50,9 @@ def _hidden_states(model, input_ids, attention_mask, labels):
     return hf.backbone_hidden_states(model, input_ids, attention_mask), labels
 
 
-class DPOForward(nn.Module):
-    """Wraps a causal LM; `forward(batch tensors, ref log-probs)` returns the loss and the DPO metrics."""
+class PolicyForward(nn.Module):
+    """What every loss forward of the trainer holds: the causal LM, the loss backend, the loss's settings, the
+    autocast dtype and the fused head's memory budget (`DPOForward` for pairs, `trainer.group_forward` for groups)."""
 
     def __init__(self, model: nn.Module, backend: str, loss_kwargs: dict, autocast_dtype: torch.dtype | None = None,
                  memory_budget: int | str | None = None):
@@ -62,6 +63,23 @@ class DPOForward(nn.Module):
         self.backend = backend
         self.loss_kwargs = dict(loss_kwargs)
         self.autocast_dtype = autocast_dtype
+        self.memory_budget = memory_budget
+
+    def on_fused_head(self, fn, input_ids, attention_mask, labels, *args, **kwargs):
+        """`fn(hidden, weight, scored, *args, bias=, lora=, memory_budget=, **kwargs)`, a fused-linear entry, on the
+        backbone's hidden states and the model's head (`hf.fused_head`), under the run's autocast."""
+        with _autocast(input_ids, self.autocast_dtype):
+            hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
+            weight, bias, lora = hf.fused_head(self.model)
+            return fn(hidden, weight, scored, *args, bias=bias, lora=lora, memory_budget=self.memory_budget, **kwargs)
+
+
+class DPOForward(PolicyForward):
+    """Wraps a causal LM; `forward(batch tensors, ref log-probs)` returns the loss and the DPO metrics."""
+
+    def __init__(self, model: nn.Module, backend: str, loss_kwargs: dict, autocast_dtype: torch.dtype | None = None,
+                 memory_budget: int | str | None = None):
+        super().__init__(model, backend, loss_kwargs, autocast_dtype, memory_budget)
         self.fused = FusedLinearDPOLoss(memory_budget=memory_budget, **self.loss_kwargs) \
             if backend == "fused-linear" else None
         self.logits_loss = DPOLoss(**self.loss_kwargs) if backend == "logits" else None

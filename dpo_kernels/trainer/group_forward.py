@@ -15,17 +15,14 @@ as unshared rows, with one prompt forward per group.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import dpo_kernels
-from dpo_kernels import hf
 from dpo_kernels.constants import IGNORE_INDEX
 from dpo_kernels.fused_linear.plan import scored_counts
 from dpo_kernels.loss_op.group_spec import GroupDPOLossOutput
 from dpo_kernels.outputs import DPOOutput, GroupDPOOutput
 from dpo_kernels.shared_prompt.batch import SharedBatch
-from dpo_kernels.trainer.backends import BACKENDS
-from dpo_kernels.trainer.forward import _autocast, _hidden_states, _logits
+from dpo_kernels.trainer.forward import PolicyForward, _logits
 from dpo_kernels.trainer.group_batches import GroupInfo, PairIndex
 
 
@@ -36,28 +33,9 @@ def response_lengths(labels) -> torch.Tensor:
     return scored_counts(labels, IGNORE_INDEX, shift=True)
 
 
-class GroupDPOForward(nn.Module):
+class GroupDPOForward(PolicyForward):
     """Wraps a causal LM; `forward(batch tensors, ref log-probs [R], GroupInfo)` returns the group loss and its
     metrics (`GroupDPOLossOutput`)."""
-
-    def __init__(self, model: nn.Module, backend: str, loss_kwargs: dict, autocast_dtype: torch.dtype | None = None,
-                 memory_budget: int | str | None = None):
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"loss backend must be one of {BACKENDS}, got {backend!r}")
-        self.model = model
-        self.backend = backend
-        self.loss_kwargs = dict(loss_kwargs)
-        self.autocast_dtype = autocast_dtype
-        self.memory_budget = memory_budget
-
-    def on_fused_head(self, fn, input_ids, attention_mask, labels, *args, **kwargs):
-        """`fn(hidden, weight, scored, *args, bias=, lora=, memory_budget=, **kwargs)`, a fused-linear entry, on the
-        backbone's hidden states and the model's head (`hf.fused_head`), under the run's autocast."""
-        with _autocast(input_ids, self.autocast_dtype):
-            hidden, scored = _hidden_states(self.model, input_ids, attention_mask, labels)
-            weight, bias, lora = hf.fused_head(self.model)
-            return fn(hidden, weight, scored, *args, bias=bias, lora=lora, memory_budget=self.memory_budget, **kwargs)
 
     def response_logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
         """`[R]` fp32 log-probs of the batch's responses, group by group, through the backend's op
