@@ -25,6 +25,7 @@ MACHINE_SENSITIVE = (
     "tests/fused_linear/test_logsoftmax_pass.py", "tests/fused_linear/test_token_stats.py",
     "tests/logprobs/test_from_logits.py", "tests/loss_op/test_loss_values.py", "tests/test_losses.py",
     "tests/shared_prompt/test_shared_fused.py", "tests/shared_prompt/test_shared_models.py",
+    "tests/fused_linear/test_group_engine.py", "tests/loss_op/test_group_learning.py",
 )
 
 
