@@ -378,5 +378,7 @@ def global_counts(layout, group):
     loss reads and the divisor of `average`. Slots stay local (a token's place among the rank's own tokens)."""
     counts = sum_over(layout.counts, group)
     counts_host = counts.tolist()
-    return layout._replace(counts=counts, counts_host=counts_host,
-                           max_count=max(layout.max_count, max(counts_host, default=0)))
+    # The constructor, not `layout._replace`, which torch 2.11's dynamo returns empty (docs/design.md, "Where code
+    # runs"): this path runs eagerly today, and stays right if a compiled caller ever reaches it.
+    return type(layout)(layout.rows, layout.targets, layout.seq, layout.slot, counts, counts_host,
+                        max(layout.max_count, max(counts_host, default=0)), layout.rows_repeat)
