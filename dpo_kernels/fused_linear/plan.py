@@ -172,6 +172,9 @@ def positions_of_labels(labels, cu_seqlens, num_seqs, ignore_index, shift) -> Sc
     if cu_seqlens is None:
         seq, pos = positions.unbind(1)
         rows, targets = seq * labels.shape[1] + pos, scored[seq, pos]
+        # A storage of its own: as a column of `positions` it would keep both columns alive for as long as a
+        # natural-order layout (which takes these tensors as they are) lives, beyond what the memory model counts.
+        seq = seq.contiguous()
     else:
         rows = positions[:, 0]
         targets, seq = scored[rows], seq_of_pos[rows]
