@@ -9,7 +9,9 @@ backward's scaling of what cannot fold. Each kernel takes `max(FLOPs / peak, byt
 below), plus a launch latency for each kernel that is not a GEMM or a pass, a fixed number of small launches per
 call of the loss op, and a fixed time per host-device synchronization before the first GEMM; the sum is compared
 with the floor `6 N H V / peak`, the three GEMMs of N tokens at full speed and nothing else. `estimate_step_cost`
-builds the plan from scored-token counts, as `memory_model.estimate_peak_bytes` does.
+builds the plan from scored-token counts, as `memory_model.estimate_peak_bytes` does; `estimate_group_step_cost`
+from the scored tokens per response and the group sizes of a `fused_linear_group_dpo` step (`trace_cost` sums
+either trace).
 
 The pass is charged what its compiled code does rather than the copy rate (`pass_seconds`): its HBM bytes (each row
 read once and its gradient written once, plus the second sweep's reads that miss L2: the rows in flight of its
@@ -33,12 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_kernels.fused_linear.dry_run import dry_run
+from dpo_kernels.fused_linear.dry_run import dry_run, dry_run_group
 from dpo_kernels.fused_linear.logsoftmax_pass import _block_v
 from dpo_kernels.fused_linear.memory_model import DTYPE_OF_ITEMSIZE
 from dpo_kernels.fused_linear.pass_grid import L2_SHARE, DeviceLimits, ProgramResources, pass_grid
-from dpo_kernels.fused_linear.plan import StepPlan, plan_dpo_step
+from dpo_kernels.fused_linear.plan import StepPlan, plan_dpo_step, plan_group_step
 from dpo_kernels.fused_linear.trace import Call, Elementwise, Gemm, Pass
+from dpo_kernels.fused_linear.units import GroupUnits
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Device:
 
 H200 = Device("H200", flops=750e12, hbm=4.3e12, l2_bytes=50 << 20, num_sms=132)
 
+# The loss ops whose calls the trace counts: the pairwise op and the group op.
+LOSS_OPS = ("dpo_kernels::dpo_loss_forward", "dpo_kernels::group_loss_forward")
 # Small kernels per call of the loss op besides the modeled ones: the op and the bookkeeping around it
 # (`SequenceLoss.complete`, `token_coefficients`).
 SMALL_KERNELS_PER_LOSS_CALL = 16
@@ -171,8 +176,13 @@ def plan_cost(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, it
     """The kernels of one forward + backward that runs `plan`, from the engine's trace of it (see the module
     docstring); `pair_lengths` default to `dry_run.plan_pairs(plan)`. `lora_rank`: r of a LoRA adapter on the
     head (its rank-r GEMMs join the kernels; the weight is frozen, so its gradient GEMM leaves them)."""
-    events = dry_run(plan, hidden_rows, hidden_size, vocab, DTYPE_OF_ITEMSIZE[itemsize], loss_type,
-                     pair_lengths, lora_rank=lora_rank).events
+    trace = dry_run(plan, hidden_rows, hidden_size, vocab, DTYPE_OF_ITEMSIZE[itemsize], loss_type, pair_lengths,
+                    lora_rank=lora_rank)
+    return trace_cost(trace.events, plan.total, hidden_size, vocab, device)
+
+
+def trace_cost(events, total: int, hidden_size: int, vocab: int, device: Device = H200) -> StepCost:
+    """The kernels of a dry run's `events` (pairs or groups) and the floor of its `total` scored tokens."""
     kernels, loss_calls = [], 0
     for e in events:
         if isinstance(e, Gemm):
@@ -181,10 +191,10 @@ def plan_cost(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, it
             kernels.append(Kernel("logsoftmax pass", 0.0, _pass_bytes(e, device), pass_=e))
         elif isinstance(e, Elementwise):
             kernels.append(Kernel(e.name, 0.0, float(e.nbytes), launch=True))
-        elif isinstance(e, Call) and e.op == "dpo_kernels::dpo_loss_forward":
+        elif isinstance(e, Call) and e.op in LOSS_OPS:
             loss_calls += 1
     return StepCost(tuple(kernels), SYNCS_BEFORE_FIRST_GEMM, loss_calls * SMALL_KERNELS_PER_LOSS_CALL,
-                    6.0 * plan.total * hidden_size * vocab)
+                    6.0 * total * hidden_size * vocab)
 
 
 def estimate_step_cost(hidden_rows, pair_lengths, hidden_size, vocab, dtype=torch.bfloat16, memory_budget=None,
@@ -195,3 +205,17 @@ def estimate_step_cost(hidden_rows, pair_lengths, hidden_size, vocab, dtype=torc
     plan = plan_dpo_step(list(pair_lengths), vocab, itemsize, memory_budget, loss_type)
     return plan_cost(plan, hidden_rows, hidden_size, vocab, itemsize, device, loss_type, list(pair_lengths),
                      lora_rank)
+
+
+def estimate_group_step_cost(hidden_rows, response_lengths, group_sizes, hidden_size, vocab, dtype=torch.bfloat16,
+                             memory_budget=None, loss_type="plackett_luce", device: Device = H200, lora_rank=0,
+                             weight_grad=True) -> StepCost:
+    """The kernels of the plan `fused_linear_group_dpo` builds for these scored tokens per response and group
+    sizes (arguments as `memory_model.estimate_group_peak_bytes`). The floor stays 6NHV: without `weight_grad`
+    the step forms no weight gradient and its ratio to that floor is below the full step's."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    group_counts = GroupUnits.of_sizes(group_sizes).token_counts(list(response_lengths))
+    plan = plan_group_step(group_counts, vocab, itemsize, memory_budget, weight_grad=weight_grad)
+    trace = dry_run_group(plan, hidden_rows, hidden_size, vocab, DTYPE_OF_ITEMSIZE[itemsize], response_lengths,
+                          group_sizes, loss_type, lora_rank=lora_rank, weight_grad=weight_grad)
+    return trace_cost(trace.events, plan.total, hidden_size, vocab, device)

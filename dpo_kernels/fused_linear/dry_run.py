@@ -1,9 +1,10 @@
-"""The engine's run on meta tensors: what the memory and cost models sum (`dry_run`).
+"""The engine's run on meta tensors: what the memory and cost models sum (`dry_run`, `dry_run_group`).
 
-`dry_run` runs the real engine code (`functional.FusedLinearDPOFunction`, forward and backward) on meta tensors
-inside `trace.record()`, so the models cannot describe another engine than the one that runs. Two pieces behave as
-on the device modeled: the logsoftmax pass allocates only what its Triton launcher allocates (`launcher_pass`), and
-the fp32-result GEMMs take the branch the modeled device supports (`fp32_gemm.assume_support`).
+`dry_run` (pairs) and `dry_run_group` (groups of K responses) run the real engine code
+(`functional.FusedLinearDPOFunction`, forward and backward) on meta tensors inside `trace.record()`, so the models
+cannot describe another engine than the one that runs. Two pieces behave as on the device modeled: the logsoftmax
+pass allocates only what its Triton launcher allocates (`launcher_pass`), and the fp32-result GEMMs take the branch
+the modeled device supports (`fp32_gemm.assume_support`).
 """
 import functools
 
@@ -14,7 +15,7 @@ from dpo_kernels.fused_linear.logsoftmax_pass import logsoftmax_pass_torch
 from dpo_kernels.fused_linear.parallel import HeadParallel, ParallelOptions
 from dpo_kernels.fused_linear.plan import StepPlan, TokenLayout
 from dpo_kernels.fused_linear.trace import CUDA_OUT_DTYPE, Trace, opaque, record
-from dpo_kernels.fused_linear.units import PairUnits
+from dpo_kernels.fused_linear.units import GroupUnits, PairUnits
 
 
 def launcher_pass(z, labels, *, scale=None, write_grad=False, stats=False):
@@ -38,15 +39,19 @@ def launcher_pass(z, labels, *, scale=None, write_grad=False, stats=False):
     return (logp, entropy, top1) if stats else logp
 
 
-def _meta_layout(pair_lengths, device) -> TokenLayout:
-    """A paired layout of `sum(pair_lengths)` tokens (each pair split evenly between its two responses); meta
-    tensors carry shapes only."""
-    B = len(pair_lengths)
-    counts_host = [n - n // 2 for n in pair_lengths] + [n // 2 for n in pair_lengths]
-    total = sum(pair_lengths)
+def pair_sequence_counts(pair_lengths) -> list:
+    """Scored tokens per sequence `[2B]` (chosen first) of pairs of `pair_lengths` tokens, each pair split evenly
+    between its two responses (the chosen one takes the odd token)."""
+    return [n - n // 2 for n in pair_lengths] + [n // 2 for n in pair_lengths]
+
+
+def _meta_layout(seq_counts, device) -> TokenLayout:
+    """A layout of `sum(seq_counts)` tokens, `seq_counts[i]` of them scored for sequence i; meta tensors carry
+    shapes only."""
+    total = sum(seq_counts)
     idx = [torch.empty(total, dtype=torch.long, device=device) for _ in range(4)]
-    counts = torch.empty(2 * B, dtype=torch.long, device=device)
-    return TokenLayout(*idx, counts, counts_host, max(counts_host, default=0))
+    counts = torch.empty(len(seq_counts), dtype=torch.long, device=device)
+    return TokenLayout(*idx, counts, list(seq_counts), max(seq_counts, default=0))
 
 
 def plan_pairs(plan: StepPlan) -> list:
@@ -70,34 +75,72 @@ class _OneProcessLauncherPass(HeadParallel):
 
 def dry_run(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype,
             loss_type: str = "sigmoid", pair_lengths=None, fp32_gemm_support=CUDA_OUT_DTYPE,
-            lora_rank: int = 0) -> Trace:
+            lora_rank: int = 0, weight_grad: bool = True) -> Trace:
     """The trace of one `fused_linear_dpo` forward + backward that runs `plan`, on meta tensors.
 
     hidden_rows: rows of the flattened hidden states (`[hidden_rows, hidden_size]`, requiring gradients, as the
     `[vocab, hidden_size]` weight; no bias); dtype: theirs. pair_lengths: scored tokens per pair (default
-    `plan_pairs(plan)`). fp32_gemm_support: `(mm with out_dtype, addmm into fp32)` of the device modeled.
-    lora_rank: r of a LoRA adapter on the head (`lora.LoraHead`, `[r, hidden_size]` and `[vocab, r]` requiring
-    gradients), 0 for none; with one the weight is frozen, as PEFT keeps it. Inputs are not counted; the returned
+    `plan_pairs(plan)`), split evenly between chosen and rejected (`pair_sequence_counts`). fp32_gemm_support:
+    `(mm with out_dtype, addmm into fp32)` of the device modeled. lora_rank: r of a LoRA adapter on the head
+    (`lora.LoraHead`, `[r, hidden_size]` and `[vocab, r]` requiring gradients), 0 for none; with one the weight is
+    frozen, as PEFT keeps it. weight_grad: False freezes the head (weight or adapter) too, so that only the hidden
+    states get a gradient; the plan should be built with the same flag. Inputs are not counted; the returned
     gradients are.
     """
     from dpo_kernels.fused_linear import functional
     from dpo_kernels.loss_op.op import dpo_loss_and_grads
 
-    meta = torch.device("meta")
     pairs = list(plan_pairs(plan) if pair_lengths is None else pair_lengths)
     B = len(pairs)
+
+    def pairwise(counts):
+        return functional.pairwise_loss(functools.partial(dpo_loss_and_grads, loss_type=loss_type,
+                                                          chosen_lengths=counts[:B], rejected_lengths=counts[B:]), B)
+
+    return _traced_step(plan, PairUnits(B), pair_sequence_counts(pairs), pairwise, hidden_rows, hidden_size, vocab,
+                        dtype, fp32_gemm_support, lora_rank, weight_grad)
+
+
+def dry_run_group(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype,
+                  response_lengths, group_sizes, loss_type: str = "plackett_luce",
+                  fp32_gemm_support=CUDA_OUT_DTYPE, lora_rank: int = 0, weight_grad: bool = True) -> Trace:
+    """The trace of one `fused_linear_group_dpo` forward + backward that runs `plan` (`plan.plan_group_step`), on
+    meta tensors: reference-free, without scores (each group ordered best first), `loss_type` with the group
+    loss's other defaults.
+
+    response_lengths: scored tokens per response `[R]`, group by group; group_sizes: responses per group `[G]`,
+    summing to R. The other arguments as `dry_run`.
+    """
+    from dpo_kernels.loss_op.group import group_dpo_loss_and_grads
+
+    sizes = tuple(group_sizes)
+
+    def group_loss(counts):
+        return functools.partial(group_dpo_loss_and_grads, ref_logps=None, group_sizes=sizes, scores=None,
+                                 lengths=counts, loss_type=loss_type, average=False)
+
+    return _traced_step(plan, GroupUnits.of_sizes(sizes), list(response_lengths), group_loss, hidden_rows,
+                        hidden_size, vocab, dtype, fp32_gemm_support, lora_rank, weight_grad)
+
+
+def _traced_step(plan, units, seq_counts, loss_of, hidden_rows, hidden_size, vocab, dtype, fp32_gemm_support,
+                 lora_rank, weight_grad) -> Trace:
+    """The trace of `FusedLinearDPOFunction`'s forward + backward over `units` with `seq_counts` scored tokens per
+    sequence, on meta tensors; `loss_of(counts [R]) -> loss_fn` builds the loss over the `[R]` log-probs from the
+    layout's counts, as the API does."""
+    from dpo_kernels.fused_linear import functional
+
+    meta = torch.device("meta")
     hidden = torch.empty(hidden_rows, hidden_size, dtype=dtype, device=meta, requires_grad=True)
-    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=meta, requires_grad=not lora_rank)
+    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=meta, requires_grad=weight_grad and not lora_rank)
     lora_a = lora_b = None
     if lora_rank:
-        lora_a = torch.empty(lora_rank, hidden_size, dtype=dtype, device=meta, requires_grad=True)
-        lora_b = torch.empty(vocab, lora_rank, dtype=dtype, device=meta, requires_grad=True)
+        lora_a = torch.empty(lora_rank, hidden_size, dtype=dtype, device=meta, requires_grad=weight_grad)
+        lora_b = torch.empty(vocab, lora_rank, dtype=dtype, device=meta, requires_grad=weight_grad)
     with fp32_gemm.assume_support(meta, dtype, fp32_gemm_support), record() as trace:
-        layout = _meta_layout(pairs, meta)
-        loss_fn = functools.partial(dpo_loss_and_grads, loss_type=loss_type, chosen_lengths=layout.counts[:B],
-                                    rejected_lengths=layout.counts[B:])
-        run = functional._DPORun(layout, plan, PairUnits(B), False, functional.pairwise_loss(loss_fn, B),
-                                 token_stats=False, grad_enabled=True,
+        layout = _meta_layout(seq_counts, meta)
+        loss_fn = loss_of(layout.counts)
+        run = functional._DPORun(layout, plan, units, False, loss_fn, token_stats=False, grad_enabled=True,
                                  par=_OneProcessLauncherPass(ParallelOptions(), shift=False),
                                  lora_scaling=1.0 if lora_rank else None)
         functional.FusedLinearDPOFunction.apply(hidden, weight, None, lora_a, lora_b, run).backward()

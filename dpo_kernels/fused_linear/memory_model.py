@@ -4,7 +4,9 @@
 code and mode functions, without memory or arithmetic) and returns the highest sum of live bytes of the tensors it
 allocates, the returned gradients included; inputs and the weights' existing storage are not counted (what
 `torch.cuda.max_memory_allocated()` minus the memory allocated before the step measures). `estimate_peak_bytes`
-builds that plan from scored-token counts, as `fused_linear_dpo` does from its labels. Assumptions: CUDA with
+builds that plan from scored-token counts, as `fused_linear_dpo` does from its labels; `estimate_group_peak_bytes`
+does the same for `fused_linear_group_dpo` from the scored tokens per response and the group sizes
+(`dry_run.dry_run_group`, one unit per group). Assumptions: CUDA with
 torch's fp32-result GEMMs (`out_dtype`, see `fp32_gemm.py`; given a `device`, the branch its probe takes there, and
 given `fp32_gemm_support`, that branch), the Triton pass (in place, no `[C, V]` temporaries), hidden states and
 weight requiring gradients, no bias, each pair's tokens split evenly between its two responses, and autograd taking
@@ -28,10 +30,11 @@ then gradients), peaks lower. 1 x 32768: one pair streamed through C = 8192, wit
 """
 import torch
 
-from dpo_kernels.fused_linear.dry_run import dry_run
+from dpo_kernels.fused_linear.dry_run import dry_run, dry_run_group
 from dpo_kernels.fused_linear.fp32_gemm import fp32_gemm_support as probed_support
-from dpo_kernels.fused_linear.plan import StepPlan, plan_dpo_step
+from dpo_kernels.fused_linear.plan import StepPlan, plan_dpo_step, plan_group_step
 from dpo_kernels.fused_linear.trace import CUDA_OUT_DTYPE
+from dpo_kernels.fused_linear.units import GroupUnits
 
 # The dtype a dry run gives tensors of each operand itemsize: only the bytes matter.
 DTYPE_OF_ITEMSIZE = {4: torch.float32, 2: torch.bfloat16}
@@ -51,12 +54,39 @@ def estimate_peak_bytes(hidden_rows, pair_lengths, hidden_size, vocab, dtype=tor
         device: the device the step runs on, when known (a CUDA device is probed on first use).
         lora_rank: r of a LoRA adapter on the head (0: none); with one the weight is frozen (`dry_run.dry_run`).
     """
-    if fp32_gemm_support is None:
-        fp32_gemm_support = CUDA_OUT_DTYPE if device is None else probed_support(device, dtype)
+    fp32_gemm_support = _gemm_support(fp32_gemm_support, device, dtype)
     itemsize = torch.tensor([], dtype=dtype).element_size()
     plan = plan_dpo_step(list(pair_lengths), vocab, itemsize, memory_budget, loss_type)
     return dry_run(plan, hidden_rows, hidden_size, vocab, dtype, loss_type, list(pair_lengths),
                    fp32_gemm_support, lora_rank).peak_bytes()
+
+
+def estimate_group_peak_bytes(hidden_rows, response_lengths, group_sizes, hidden_size, vocab, dtype=torch.bfloat16,
+                              memory_budget=None, loss_type="plackett_luce", fp32_gemm_support=None, device=None,
+                              lora_rank=0, weight_grad=True) -> int:
+    """Peak extra bytes of one `fused_linear_group_dpo` forward + backward, reference-free and without scores
+    (`dry_run.dry_run_group`), as `estimate_peak_bytes` for pairs.
+
+    Args:
+        response_lengths: scored tokens of each response `[R]`, group by group.
+        group_sizes: responses per group `[G]`, summing to R.
+        weight_grad: the head (weight, or with `lora_rank` the adapter) gets a gradient; False: only the hidden
+            states do, and a group longer than a chunk streams once instead of twice (`plan.plan_group_step`).
+        The other arguments as `estimate_peak_bytes`.
+    """
+    fp32_gemm_support = _gemm_support(fp32_gemm_support, device, dtype)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    group_counts = GroupUnits.of_sizes(group_sizes).token_counts(list(response_lengths))
+    plan = plan_group_step(group_counts, vocab, itemsize, memory_budget, weight_grad=weight_grad)
+    return dry_run_group(plan, hidden_rows, hidden_size, vocab, dtype, response_lengths, group_sizes, loss_type,
+                         fp32_gemm_support, lora_rank, weight_grad).peak_bytes()
+
+
+def _gemm_support(fp32_gemm_support, device, dtype) -> tuple:
+    """The fp32-result GEMM branch modeled: the one given, else `device`'s probe, else CUDA's."""
+    if fp32_gemm_support is not None:
+        return fp32_gemm_support
+    return CUDA_OUT_DTYPE if device is None else probed_support(device, dtype)
 
 
 def plan_peak_bytes(plan: StepPlan, hidden_rows: int, hidden_size: int, vocab: int, itemsize: int,
