@@ -26,6 +26,7 @@ MACHINE_SENSITIVE = (
     "tests/logprobs/test_from_logits.py", "tests/loss_op/test_loss_values.py", "tests/test_losses.py",
     "tests/shared_prompt/test_shared_fused.py", "tests/shared_prompt/test_shared_models.py",
     "tests/fused_linear/test_group_engine.py", "tests/loss_op/test_group_learning.py",
+    "tests/fused_linear/test_memory_model_group.py",
 )
 
 
