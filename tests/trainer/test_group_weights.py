@@ -10,22 +10,12 @@ from dpo_kernels.trainer import train
 from dpo_kernels.trainer.loop import Plan
 from tests.helpers import assert_within_rule
 from tests.tiny_models import tiny_setup, train_config, write_jsonl
-from tests.trainer.group_rows import group_rows
+from tests.trainer.group_rows import tied_group_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 GROUPS, BATCH, ACCUM = 12, 2, 3  # two steps of six groups, split into three micro-batches of two
 TIED = {0, 1, 2, 5, 8, 9}        # the groups whose scores all tie
-
-
-def tied_rows() -> list[dict]:
-    """`group_rows(GROUPS)` with the groups in TIED given one score for all of their responses, the others at
-    least two different scores."""
-    rows = group_rows(GROUPS)
-    for i, row in enumerate(rows):
-        k = len(row["scores"])
-        row["scores"] = [2] * k if i in TIED else list(range(k))
-    return rows
 
 
 def kept_per_micro_batch(seed: int) -> list[int]:
@@ -44,7 +34,7 @@ def seed_with_uneven_micro_batches() -> int:
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     setup = tiny_setup(root, rows=4)
-    setup["data"] = str(write_jsonl(root / "tied.jsonl", tied_rows()))
+    setup["data"] = str(write_jsonl(root / "tied.jsonl", tied_group_rows(GROUPS, TIED)))
     return setup
 
 
@@ -71,7 +61,7 @@ def test_a_step_is_the_mean_over_its_kept_groups_however_they_are_split(tiny, tm
 
 
 def test_a_step_that_keeps_no_group_has_a_zero_loss_and_gradient(tiny, tmp_path):
-    rows = [row for i, row in enumerate(tied_rows()) if i in TIED]
+    rows = [row for i, row in enumerate(tied_group_rows(GROUPS, TIED)) if i in TIED]
     data = str(write_jsonl(tmp_path / "all-tied.jsonl", rows))
     result = train(train_config(tiny, tmp_path / "out", data=data, loss_type="best_vs_worst", batch_size=1,
                                 grad_accum=3, max_steps=2, eval_data=data, eval_batch_size=4))
