@@ -111,6 +111,8 @@ class Plan:
     grad_accum: int
     seed: int
     total_steps: int = 0
+    # The last permutation drawn, by (seed, epoch): `Run.loss_divisor` reads every micro-batch of a step.
+    _drawn: tuple = dataclasses.field(default=(None, None), repr=False, compare=False)
 
     @property
     def micro_per_epoch(self) -> int:
@@ -119,11 +121,18 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return self.micro_per_epoch // self.grad_accum
 
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """`[num_pairs]` int64: the order of epoch `epoch`."""
+        key, perm = self._drawn
+        if key != (self.seed, epoch):
+            perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._drawn = ((self.seed, epoch), perm)
+        return perm
+
     def indices(self, micro: int, rank: int) -> list[int]:
         epoch, j = divmod(micro, self.micro_per_epoch)
-        perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
         start = (j * self.world + rank) * self.batch_size
-        return perm[start:start + self.batch_size].tolist()
+        return self.permutation(epoch)[start:start + self.batch_size].tolist()
 
 
 def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:

@@ -29,11 +29,8 @@ _config = partial(train_config, max_steps=STEPS, device="cpu")
 def mixed_seed() -> int:
     """A seed under which every step holds tied and kept groups, so that some process's micro-batch keeps no group
     while another's keeps one."""
-    plan = Plan(GROUPS, BATCH, WORLD, ACCUM, 0)
-
     def kept(seed: int, m: int, r: int) -> bool:
-        plan.seed = seed
-        return plan.indices(m, r)[0] not in TIED
+        return Plan(GROUPS, BATCH, WORLD, ACCUM, seed).indices(m, r)[0] not in TIED
 
     return next(s for s in range(200) if all(
         len({kept(s, m, r) for m in range(step * ACCUM, (step + 1) * ACCUM) for r in range(WORLD)}) == 2
