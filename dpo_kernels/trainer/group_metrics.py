@@ -1,6 +1,8 @@
 """The metrics of a group run, as `metrics.jsonl` records them (train, and `eval/` ones).
 
-    loss                       the group loss (mean over the groups kept), averaged as a pair run's
+    loss                       the group loss: the mean over the step's (or the evaluation's) kept groups, every
+                               group for plackett_luce, those with two different scores for all_pairs and
+                               best_vs_worst, however they are batched (0 when none is kept)
     rewards/ranking_accuracy   over the ordered pairs (a strictly higher score), the fraction whose rewards are
                                ordered the same way (`GroupDPOLossOutput.ranking_accuracy`); 0 without any
     rewards/top1_accuracy      over the groups with an ordered pair, the fraction whose best-scored responses
@@ -11,11 +13,11 @@
                                order, as the loss orders them), over the groups that have a k-th response
     groups_left_out            groups left out of the loss mean (every score tied under all_pairs/best_vs_worst)
 
-A batch's values are the loss, averaged as a pair run's (over micro-batches and processes), and sums and counts
-divided by the batch's groups, so that averaging them over equal-size batches, or weighting them by each batch's
-groups, keeps every `sum / count` exact. The two accuracies are such ratios too: batches hold different numbers of
-ordered pairs (and of groups with one), so a mean of the batches' fractions would depend on how the groups are
-batched (eval_batch_size, processes, grad_accum).
+A batch's values are the loss, the mean over the batch's kept groups, which the trainer weighs by those groups
+(`trainer.loop.loss_items`), and sums and counts divided by the batch's groups, so that averaging them over
+equal-size batches, or weighting them by each batch's groups, keeps every `sum / count` exact. The two accuracies
+are such ratios too: batches hold different numbers of ordered pairs (and of groups with one), so a mean of the
+batches' fractions would depend on how the groups are batched (eval_batch_size, processes, grad_accum).
 """
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ def rank_order(scores: torch.Tensor) -> torch.Tensor:
 class GroupMetrics:
     """Turns group forwards into metric values and the values into a record; `max_size` is the largest K of the
     run's data (one `rewards/rank_k` key per rank up to it)."""
+
+    loss_means = len(MEAN_KEYS)  # the leading values that are means over the loss's kept groups
 
     def __init__(self, max_size: int):
         self.max_size = max_size

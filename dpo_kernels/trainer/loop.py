@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import operator
 import os
 import random
 import signal
@@ -110,6 +111,8 @@ class Plan:
     grad_accum: int
     seed: int
     total_steps: int = 0
+    # The last permutation drawn, by (seed, epoch): `Run.loss_divisor` reads every micro-batch of a step.
+    _drawn: tuple = dataclasses.field(default=(None, None), repr=False, compare=False)
 
     @property
     def micro_per_epoch(self) -> int:
@@ -118,11 +121,18 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return self.micro_per_epoch // self.grad_accum
 
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """`[num_pairs]` int64: the order of epoch `epoch`."""
+        key, perm = self._drawn
+        if key != (self.seed, epoch):
+            perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._drawn = ((self.seed, epoch), perm)
+        return perm
+
     def indices(self, micro: int, rank: int) -> list[int]:
         epoch, j = divmod(micro, self.micro_per_epoch)
-        perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
         start = (j * self.world + rank) * self.batch_size
-        return perm[start:start + self.batch_size].tolist()
+        return self.permutation(epoch)[start:start + self.batch_size].tolist()
 
 
 def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:
@@ -138,6 +148,8 @@ def make_plan(c: TrainConfig, data: PreferenceData, world: int) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
+# Group losses that leave a group whose scores all tie out of their mean (it has no ordered pair).
+TIE_DROPPING_LOSSES = ("all_pairs", "best_vs_worst")
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
 
@@ -151,7 +163,9 @@ def batch_metrics(out) -> list[float]:
 
 class PairMetrics:
     """A pair run's metrics: `values(out, batch)` of one forward, `record(values, pairs)` of their mean (the
-    interface of `group_metrics.GroupMetrics`)."""
+    interface of `group_metrics.GroupMetrics`). Every value is a mean over the loss's items (`loss_items`)."""
+
+    loss_means = len(METRIC_KEYS)
 
     def values(self, out, batch: dict) -> list[float]:
         return batch_metrics(out)
@@ -170,10 +184,22 @@ def collate(examples, pad_id: int, device, *, share_prompt: bool, kind: str, pac
                               max_row_tokens=max_row_tokens)
 
 
-def batch_items(batch: dict, examples: int) -> int:
-    """What the batch's metrics average over: its pairs (a `--group-by-prompt` batch's pairs, whose prompts hold
-    different numbers of them), else its `examples` (pairs or groups)."""
-    return len(batch["pairs"].pairs) if "pairs" in batch else examples
+def loss_items(examples, kind: str, loss_type: str) -> int:
+    """What the loss of a batch of `examples` averages over, counted from their scores on the host: a
+    `--group-by-prompt` batch's pairs (its prompts hold different numbers of them), the groups `all_pairs` and
+    `best_vs_worst` keep (those with two different scores: a group whose scores all tie is left out of the mean),
+    else the examples (pairs, or plackett_luce's groups, every one kept)."""
+    if kind == "prompt_group":
+        return sum(len(e.pairs) for e in examples)
+    if kind == "group" and loss_type in TIE_DROPPING_LOSSES:
+        return sum(len(set(e.scores)) > 1 for e in examples)
+    return len(examples)
+
+
+def weighed(values: list[float], loss_means: int, op, loss_items: float, examples: float) -> list[float]:
+    """`op(value, loss_items)` for the first `loss_means` of `values` (a metrics object's `values()`: means over the
+    loss's items), `op(value, examples)` for the others (means over the batch's examples)."""
+    return [op(v, loss_items if k < loss_means else examples) for k, v in enumerate(values)]
 
 
 def module_args(batch: dict, refs: tuple) -> tuple:
@@ -189,19 +215,23 @@ def evaluate(module, data: PreferenceData, ref: Reference, c: TrainConfig, ctx, 
     order, so FSDP's collectives line up; only rank 0 writes)."""
     bs = c.eval_batch_size or c.batch_size
     module.eval()
-    totals, count = None, 0
+    totals, items, count = None, 0, 0
     for start in range(0, len(data), bs):
         indices = list(range(start, min(start + bs, len(data))))
-        batch = collate([data.examples[i] for i in indices], pad_id, ctx.device, share_prompt=c.share_prompt,
-                        kind=data.kind, packing=c.packing, max_row_tokens=c.max_row_tokens)
+        examples = [data.examples[i] for i in indices]
+        batch = collate(examples, pad_id, ctx.device, share_prompt=c.share_prompt, kind=data.kind,
+                        packing=c.packing, max_row_tokens=c.max_row_tokens)
         out = module(batch["input_ids"], batch["attention_mask"], batch["labels"],
                      *module_args(batch, ref.logps("eval", indices, batch)))
-        items = batch_items(batch, len(indices))
-        values = [v * items for v in metrics.values(out, batch)]
+        kept = loss_items(examples, data.kind, c.loss_type.strip())
+        values = weighed(metrics.values(out, batch), metrics.loss_means, operator.mul, kept, len(examples))
         totals = values if totals is None else [t + v for t, v in zip(totals, values, strict=True)]
-        count += items
+        items += kept
+        count += len(examples)
     module.train()
-    return {f"eval/{k}": v for k, v in metrics.record([t / count for t in totals], count).items()}
+    # Without any loss item (every group tied) the loss totals are 0, and so is the loss, as the op's over none.
+    means = weighed(totals, metrics.loss_means, operator.truediv, max(items, 1), count)
+    return {f"eval/{k}": v for k, v in metrics.record(means, count).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- set-up
@@ -238,20 +268,26 @@ class Run:
         return batch, module_args(batch, self.ref.logps("train", indices, batch))
 
     def loss_divisor(self, micro: int) -> float:
-        """What this process's micro-batch `micro` divides its loss (and its metrics) by, so that the step's
-        gradient, once DDP or FSDP averages the processes' gradients, is the mean over the step's items: the
-        micro-batches per step where each holds as many pairs or groups, else (`--group-by-prompt`, prompts with
-        different numbers of pairs) the step's pairs over this micro-batch's pairs times the processes."""
-        if self.train_data.kind != "prompt_group":
+        """What this process's micro-batch `micro` divides its loss (and its metrics' loss means) by, so that the
+        step's gradient, once DDP or FSDP averages the processes' gradients, is the mean over the step's loss items
+        (`loss_items`): the micro-batches per step where each holds as many, else (`--group-by-prompt`, and groups
+        that all_pairs or best_vs_worst may leave out) the step's items over this micro-batch's items times the
+        processes. A micro-batch without any item has a loss of 0, which its infinite divisor keeps at 0 without a
+        0 / 0 (its backward still runs: DDP and FSDP reduce gradients in every process's backward)."""
+        kind, loss_type = self.train_data.kind, self.c.loss_type.strip()
+        if kind == "pair" or (kind == "group" and loss_type not in TIE_DROPPING_LOSSES):
             return self.c.grad_accum
         examples = self.train_data.examples
 
-        def pairs(m: int, rank: int) -> int:
-            return sum(len(examples[i].pairs) for i in self.plan.indices(m, rank))
+        def items(m: int, rank: int) -> int:
+            return loss_items([examples[i] for i in self.plan.indices(m, rank)], kind, loss_type)
 
+        own = items(micro, self.ctx.rank)
+        if own == 0:
+            return math.inf
         first = micro - micro % self.c.grad_accum
-        step = sum(pairs(m, r) for m in range(first, first + self.c.grad_accum) for r in range(self.ctx.world))
-        return step / (pairs(micro, self.ctx.rank) * self.ctx.world)
+        step = sum(items(m, r) for m in range(first, first + self.c.grad_accum) for r in range(self.ctx.world))
+        return step / (own * self.ctx.world)
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces gradients only on the last micro-batch of a step."""
@@ -432,7 +468,9 @@ def run_loop(run: Run, stop: StopRequest) -> TrainResult:
                 finite = finite and math.isfinite(values[0])
                 if sums is None:
                     sums = [0.0] * len(values)
-                sums = [t + v / divisor for t, v in zip(sums, values, strict=True)]
+                # A group batch's per-group sums and counts weigh as its groups: micro-batches hold as many.
+                values = weighed(values, run.metrics.loss_means, operator.truediv, divisor, c.grad_accum)
+                sums = [t + v for t, v in zip(sums, values, strict=True)]
                 tokens += int(batch["num_tokens"])
                 backbone += batch["input_ids"].numel()  # positions the policy ran on, padding included
         if path_records is None:

@@ -22,6 +22,16 @@ def group_rows(n: int, *, seed: int = 0, sizes=(2, 3, 4, 5)) -> list[dict]:
     return rows
 
 
+def tied_group_rows(n: int, tied: set[int]) -> list[dict]:
+    """`group_rows(n)` where the groups numbered in `tied` give every response one score (all_pairs and
+    best_vs_worst leave them out) and the others the scores 0 .. K-1."""
+    rows = group_rows(n)
+    for i, row in enumerate(rows):
+        k = len(row["scores"])
+        row["scores"] = [2] * k if i in tied else list(range(k))
+    return rows
+
+
 def as_ranking_rows(pair_rows: list[dict]) -> list[dict]:
     """Pair rows as group rows of two, best first."""
     return [{"prompt": r["prompt"], "ranking": [r["chosen"], r["rejected"]]} for r in pair_rows]
