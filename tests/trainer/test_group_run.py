@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_kernels.hf import shared_prompt as shared_hf
+from dpo_kernels.trainer import group_forward, train
 from dpo_kernels.trainer import loop as trainer
-from dpo_kernels.trainer import train
 from dpo_kernels.trainer.metrics_log import step_line
 from tests.helpers import assert_within_rule
 from tests.tiny_models import tiny_setup, train_config, write_jsonl
@@ -135,3 +135,27 @@ def test_a_reference_free_pair_loss_loads_no_reference(tiny, tmp_path, monkeypat
                                 max_steps=1)))[0]
     # Reference-free rewards are beta * the policy's log-probs: negative from the first step.
     assert math.isfinite(record["loss"]) and record["rewards/rank_1"] < 0
+
+
+@pytest.mark.parametrize("backend", ["fused-linear", "logits"])
+def test_compiled_group_step_matches_the_float64_reference(tiny, tmp_path, monkeypatch, backend):
+    """`--compile` on a group run: the policy compiles (the fused group call runs eagerly behind a graph break) and
+    the first step stays within the accuracy rule of float64, as the eager run does. "aot_eager", as
+    test_compile_flag.py compiles."""
+    compiled = []
+    original = group_forward.GroupDPOForward.compile
+
+    def record(self):
+        compiled.append(self)
+        return original(self, backend="aot_eager")
+
+    monkeypatch.setattr(group_forward.GroupDPOForward, "compile", record, raising=False)
+    kw = dict(max_steps=1, loss_type="all_pairs", pair_loss="sigmoid")
+    settings = {"compiled": {"compile": True, "precision": "fp32", "loss_backend": backend},
+                "truth": {"loss_backend": "reference", "precision": "fp64"},
+                "baseline": {"loss_backend": "reference", "precision": "fp32"}}
+    runs = {name: steps(train(config(tiny, tmp_path / name, **kw, **extra)))[0] for name, extra in settings.items()}
+    assert len(compiled) == 1
+    for key in ("loss", "rewards/rank_1", "rewards/rank_2", "grad_norm"):
+        got, truth, base = (torch.tensor(runs[n][key], dtype=torch.float64) for n in ("compiled", "truth", "baseline"))
+        assert_within_rule(got, truth, base, atol=1e-5, name=f"compiled {key}")
