@@ -104,9 +104,9 @@ def run_bench(args) -> int:
         _full_step("shared-prompt", shared_prompt.run, {"pairs": 1, "response": 8, "shape": shared_prompt.CPU_SHAPE},
                    args, device)
     if "group" in args.ops:
-        from dpo_kernels.bench import groups
+        from dpo_kernels.bench import groups, shared_prompt
 
-        _full_step("group", groups.run, {"groups": 1, "response": 4, "shape": groups.CPU_SHAPE}, args, device)
+        _full_step("group", groups.run, {"groups": 1, "response": 4, "shape": shared_prompt.CPU_SHAPE}, args, device)
     if not ops:
         return 0
     bad = [op for op in ops if op not in OPS]

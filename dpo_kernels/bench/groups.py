@@ -29,10 +29,8 @@ import torch
 
 from dpo_kernels.bench import report
 from dpo_kernels.bench.shared_prompt import (
-    CPU_SHAPE,
-    LLAMA_1B_SHAPE,
     ModelShape,
-    build_model,
+    StepSetting,
     config_line,
     mib,
     saved_activation_bytes,
@@ -208,16 +206,12 @@ def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, 
         response: int | None = None, sizes=GROUP_SIZES, ratios=RATIOS, attentions=None, layouts=LAYOUTS,
         dtype: torch.dtype | None = None, iterations=(2, 7)) -> dict:
     """Times every layout at each K and P:R; writes groups.json and groups.md into `out_dir`."""
-    cuda = device.type == "cuda"
-    shape = shape or (LLAMA_1B_SHAPE if cuda else CPU_SHAPE)
+    setting = StepSetting.on(device, shape, attentions, dtype)
+    shape, dtype, autocast_dtype = setting.shape, setting.dtype, setting.autocast_dtype
     groups = groups or 1
-    response = response or (128 if cuda else 16)
-    attentions = attentions or (("sdpa", "flex_attention") if cuda else ("sdpa",))
-    dtype = dtype or torch.float32
-    autocast_dtype = torch.bfloat16 if cuda else None
+    response = response or (128 if device.type == "cuda" else 16)
     rows = []
-    for attention in attentions:
-        model = build_model(shape, attention, dtype, device, max_positions=max(ratios) * response + 2 * response)
+    for attention, model in setting.models(device, max(ratios) * response + 2 * response):
         for K in sizes:
             for ratio in ratios:
                 prompt = ratio * response
@@ -229,8 +223,7 @@ def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, 
                                  "response": response, "groups": groups, **m,
                                  "ideal_ratio": base["positions"] / m["positions"],
                                  "measured_ratio": (base["ms"] / m["ms"]) if base["ms"] and m["ms"] else None})
-        del model
-        release_memory(device)
+        del model  # freed before the next attention's model is built (`StepSetting.models`)
         # Written after each attention: a run cut short by a time limit (the GPU slot's) keeps what it measured.
         payload = {"stamp": report.stamp(device), "model": shape.__dict__, "dtype": dtype, "autocast": autocast_dtype,
                    "rows": rows}

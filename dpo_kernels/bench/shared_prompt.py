@@ -130,20 +130,44 @@ def saved_activation_bytes(loss_fn) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class StepSetting:
+    """What a full-step bench runs on: the model's shape, the attentions, the weights' dtype and the autocast dtype
+    (CUDA: a Llama-3.2-1B shape in bf16 autocast, SDPA and FlexAttention; CPU: a tiny model in fp32, SDPA)."""
+
+    shape: ModelShape
+    attentions: tuple
+    dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+
+    @staticmethod
+    def on(device: torch.device, shape=None, attentions=None, dtype=None) -> StepSetting:
+        """The setting on `device`, with any of `shape`, `attentions`, `dtype` given instead of the default."""
+        cuda = device.type == "cuda"
+        return StepSetting(shape or (LLAMA_1B_SHAPE if cuda else CPU_SHAPE),
+                           tuple(attentions or (("sdpa", "flex_attention") if cuda else ("sdpa",))),
+                           dtype or torch.float32, torch.bfloat16 if cuda else None)
+
+    def models(self, device: torch.device, max_positions: int):
+        """`(attention, model)` for each attention, each model freed before the next one is built."""
+        for attention in self.attentions:
+            model = build_model(self.shape, attention, self.dtype, device, max_positions=max_positions)
+            yield attention, model
+            del model
+            release_memory(device)
+
+
 def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, pairs: int | None = None,
         response: int | None = None, ratios=RATIOS, attentions=None, dtype: torch.dtype | None = None,
         iterations=(2, 7)) -> dict:
     """Times both layouts at each P:R ratio; writes shared_prompt.json and shared_prompt.md into `out_dir`."""
     cuda = device.type == "cuda"
-    shape = shape or (LLAMA_1B_SHAPE if cuda else CPU_SHAPE)
+    setting = StepSetting.on(device, shape, attentions, dtype)
+    shape, dtype, autocast_dtype = setting.shape, setting.dtype, setting.autocast_dtype
     pairs = pairs or 4
     response = response or (256 if cuda else 32)
-    attentions = attentions or (("sdpa", "flex_attention") if cuda else ("sdpa",))
-    dtype = dtype or torch.float32
-    autocast_dtype = torch.bfloat16 if cuda else None
     rows = []
-    for attention in attentions:
-        model = build_model(shape, attention, dtype, device, max_positions=max(ratios) * response + 2 * response)
+    for attention, model in setting.models(device, max(ratios) * response + 2 * response):
         for ratio in ratios:
             prompt = ratio * response
             data = make_pairs(pairs, prompt, response, shape.vocab)
@@ -163,8 +187,7 @@ def run(out_dir: str, device: torch.device, *, shape: ModelShape | None = None, 
                          "shared_peak_bytes": ours.peak_extra_bytes if cuda else None,
                          "measured_ratio": base.median_ms / ours.median_ms,
                          "ideal_ratio": 2 * (prompt + response) / (prompt + 2 * response)})
-        del model
-        release_memory(device)
+        del model  # freed before the next attention's model is built (`StepSetting.models`)
     stamp = report.stamp(device)
     payload = {"stamp": stamp, "model": shape.__dict__, "dtype": dtype, "autocast": autocast_dtype, "rows": rows}
     return report.write_report(out_dir, "shared_prompt", payload, markdown_lines(payload))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_kernels import reference
-from dpo_kernels.bench import cli, groups
+from dpo_kernels.bench import cli, groups, shared_prompt
 from tests.helpers import assert_close_to_truth, unshared_rows_truth_and_baseline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,7 +73,7 @@ def test_group_by_prompt_holds_each_distinct_response_once():
 
 
 def test_every_layout_gives_the_loss_of_the_float64_unshared_rows():
-    model = groups.build_model(TINY, "sdpa", torch.float32, CPU, max_positions=64)
+    model = shared_prompt.build_model(TINY, "sdpa", torch.float32, CPU, max_positions=64)
     data = [([1, 5, 6], [[7, 8], [9, 10, 11, 12], [13], []]), ([2, 3, 4, 20, 21], [[14, 15, 16], [17], [18, 19]])]
     grouped = groups.group_by_prompt(groups.all_pairs(data))
     assert grouped.groups == data
